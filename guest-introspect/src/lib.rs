@@ -1,0 +1,10 @@
+//! `guest-introspect`: a read-only view of a Linux guest kernel.
+//!
+//! It reads guest memory through the small [`memory::PhysMemory`] trait, so
+//! the same code works on a live VM and on a snapshot file, and it knows
+//! nothing of KVM. Today it provides the page-table walk
+//! ([`paging::translate`]) the VMM and the tracer share; symbols, BTF types
+//! and task helpers build on top of it.
+
+pub mod memory;
+pub mod paging;

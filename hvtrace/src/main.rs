@@ -1,0 +1,35 @@
+//! `hvtrace`: boot Linux guests on KVM and trace them from outside.
+
+mod artifacts;
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+/// Command-line interface.
+#[derive(Parser)]
+#[command(name = "hvtrace", version, about = "Boot Linux guests on KVM and trace them from the hypervisor")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest (or restore its cached snapshot), run one command in it, exit with its status.
+    Run(cmd::run::RunArgs),
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => cmd::run::run(a),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("hvtrace: {e:#}");
+            std::process::exit(125);
+        }
+    }
+}

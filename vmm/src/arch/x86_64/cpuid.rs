@@ -1,0 +1,52 @@
+//! Per-vCPU CPUID: what KVM supports, with this vCPU's APIC id and topology.
+
+use kvm_bindings::CpuId;
+
+const LEAF_FEATURES: u32 = 1;
+const LEAF_EXT_TOPOLOGY: u32 = 0xb;
+const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
+const ECX_HYPERVISOR: u32 = 1 << 31;
+const EDX_HTT: u32 = 1 << 28;
+
+/// Adjusts KVM's supported CPUID for vCPU `id` of `count`: initial APIC id,
+/// logical processor count, hypervisor bit, x2APIC ids in the topology leaves.
+pub fn vcpu_cpuid(mut cpuid: CpuId, id: u8, count: u8) -> CpuId {
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            LEAF_FEATURES => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
+                e.ecx |= ECX_HYPERVISOR;
+                if count > 1 {
+                    e.edx |= EDX_HTT;
+                }
+            }
+            LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY => {
+                e.edx = u32::from(id);
+            }
+            _ => {}
+        }
+    }
+    cpuid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    #[test]
+    fn sets_apic_id_and_count() {
+        let c = CpuId::from_entries(&[
+            kvm_cpuid_entry2 { function: 1, ebx: 0xffff_0800, ..Default::default() },
+            kvm_cpuid_entry2 { function: 0xb, index: 1, edx: 7, ..Default::default() },
+        ])
+        .unwrap();
+        let c = vcpu_cpuid(c, 3, 4);
+        let e = c.as_slice();
+        assert_eq!(e[0].ebx >> 24, 3);
+        assert_eq!((e[0].ebx >> 16) & 0xff, 4);
+        assert_eq!(e[0].ebx & 0xffff, 0x0800);
+        assert_ne!(e[0].ecx & ECX_HYPERVISOR, 0);
+        assert_eq!(e[1].edx, 3);
+    }
+}

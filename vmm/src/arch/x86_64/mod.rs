@@ -1,0 +1,11 @@
+//! x86-64 machine facts, one per file: memory layout, GDT, boot page
+//! tables, boot registers, MSRs, CPUID, `boot_params`/e820 and the MP table.
+
+pub mod bootparams;
+pub mod cpuid;
+pub mod gdt;
+pub mod layout;
+pub mod mptable;
+pub mod msr;
+pub mod paging;
+pub mod regs;

@@ -1,0 +1,85 @@
+//! Which kind of KVM this host offers, and what each kind needs.
+//!
+//! Hardware KVM (VMX/SVM) runs guest kernel code natively and reports guest
+//! breakpoints as `KVM_EXIT_DEBUG`. PVM KVM (`kvm_pvm`, see
+//! docs/kvm-kinds.md) emulates guest ring-0 code, reports `int3` in ring 0
+//! as an emulation failure, and cannot complete a guest user-mode `syscall`
+//! without the VMM's help.
+
+use std::path::Path;
+
+/// The flavour of /dev/kvm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum KvmKind {
+    /// VMX or SVM hardware virtualization.
+    Hardware,
+    /// The pagetable-based virtual machine flavour (`kvm_pvm` module).
+    Pvm,
+}
+
+/// Kernel command-line options a non-PVM guest kernel needs to run on PVM:
+/// features the KVM instruction emulator cannot emulate in ring 0.
+pub const PVM_GUEST_CMDLINE: &str =
+    "noxsave clearcpuid=cx16,smap,popcnt,rdrand,rdseed,fsgsbase,pcid,invpcid";
+
+impl KvmKind {
+    /// Detects the kind from the loaded modules and CPU flags.
+    pub fn detect() -> Self {
+        Self::detect_from(Path::new("/sys/module"), Path::new("/proc/cpuinfo"))
+    }
+
+    /// Detection against explicit paths (for tests).
+    pub fn detect_from(sys_module: &Path, cpuinfo: &Path) -> Self {
+        if sys_module.join("kvm_pvm").exists() {
+            return Self::Pvm;
+        }
+        let flags = std::fs::read_to_string(cpuinfo).unwrap_or_default();
+        let hw = flags
+            .lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+        if hw {
+            Self::Hardware
+        } else {
+            // No VMX/SVM yet a working /dev/kvm: only PVM does that.
+            Self::Pvm
+        }
+    }
+
+    /// Command-line options this kind adds to every guest.
+    pub fn guest_cmdline(self) -> &'static str {
+        match self {
+            Self::Hardware => "",
+            Self::Pvm => PVM_GUEST_CMDLINE,
+        }
+    }
+
+    /// A short name for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hardware => "hardware KVM",
+            Self::Pvm => "PVM KVM",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_pvm_module_and_hardware_flags() {
+        let d = std::env::temp_dir().join(format!("hvtrace-kind-{}", std::process::id()));
+        let m = d.join("module");
+        std::fs::create_dir_all(&m).unwrap();
+        let cpu = d.join("cpuinfo");
+        std::fs::write(&cpu, "flags\t: fpu vme vmx sse\n").unwrap();
+        assert_eq!(KvmKind::detect_from(&m, &cpu), KvmKind::Hardware);
+        std::fs::write(&cpu, "flags\t: fpu vme sse\n").unwrap();
+        assert_eq!(KvmKind::detect_from(&m, &cpu), KvmKind::Pvm);
+        std::fs::create_dir_all(m.join("kvm_pvm")).unwrap();
+        std::fs::write(&cpu, "flags\t: fpu svm\n").unwrap();
+        assert_eq!(KvmKind::detect_from(&m, &cpu), KvmKind::Pvm);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

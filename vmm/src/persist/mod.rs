@@ -1,0 +1,1 @@
+//! Snapshots (see format.rs and state.rs).

@@ -1,0 +1,309 @@
+//! A guest session: boot (or restore) a VM whose init speaks the control
+//! protocol, wait until it is ready, run commands, and turn everything that
+//! can go wrong (panic, reset, stall, emulation failure) into one clear error.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+
+use crate::builder::{build, BuildError, Sinks, VmConfig};
+use crate::control::{run_request, ControlMessage};
+use crate::devices::serial::{ConsoleLog, LineSink, Sink};
+use crate::machine::{MachineError, RunningVm, VmEvent};
+use crate::vstate::vcpu::VcpuEvent;
+
+/// How long a guest may go without console or control output before the
+/// session reports it as stalled. Kernel code is emulated on PVM KVM, where
+/// the quietest stretch of a Debian kernel's boot lasts a few minutes.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Errors of a session.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The VM could not be built.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// The VM could not be driven.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    /// The guest kernel panicked.
+    #[error("guest kernel panicked: {0}")]
+    Panic(String),
+    /// The guest reset or powered off before finishing.
+    #[error("guest {what} before {during}; last console lines:\n{tail}")]
+    Ended {
+        /// "reset itself" or "powered off".
+        what: &'static str,
+        /// What the session was waiting for.
+        during: &'static str,
+        /// Console tail.
+        tail: String,
+    },
+    /// A vCPU stopped on an error the VMM cannot handle.
+    #[error("vCPU {vcpu} stopped: {message}; last console lines:\n{tail}")]
+    VcpuFailed {
+        /// Which vCPU.
+        vcpu: u8,
+        /// What happened.
+        message: String,
+        /// Console tail.
+        tail: String,
+    },
+    /// Nothing happened for too long.
+    #[error("guest made no progress for {0:?} while {1} (no console or control output); last console lines:\n{2}")]
+    Stalled(Duration, &'static str, String),
+    /// The guest's init reported an error.
+    #[error("guest init: {0}")]
+    Init(String),
+}
+
+/// Where a session's guest output goes.
+pub struct Outputs {
+    /// The command's stdout.
+    pub stdout: Sink,
+    /// The command's stderr.
+    pub stderr: Sink,
+    /// Echo the kernel console here as it arrives (e.g. host stderr), if set.
+    pub console_echo: Option<Sink>,
+}
+
+/// Moments of a session, for benchmarks.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    /// When the session began.
+    pub start: Option<Instant>,
+    /// First byte of command output (stdout or stderr).
+    pub first_output: Option<Instant>,
+}
+
+/// A running guest whose init speaks the control protocol.
+pub struct Session {
+    vm: RunningVm,
+    control: Receiver<ControlMessage>,
+    console: ConsoleLog,
+    last_progress: Arc<Mutex<Instant>>,
+    stall_timeout: Duration,
+    timings: Arc<Mutex<Timings>>,
+    ready: bool,
+    unexpected_errors: Vec<String>,
+}
+
+/// A sink that records the time of its first byte and forwards.
+struct TimedSink {
+    inner: Sink,
+    timings: Arc<Mutex<Timings>>,
+    progress: Arc<Mutex<Instant>>,
+}
+
+impl Write for TimedSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let now = Instant::now();
+        *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = now;
+        let mut t = self.timings.lock().unwrap_or_else(|e| e.into_inner());
+        t.first_output.get_or_insert(now);
+        drop(t);
+        self.inner.write_all(data)?;
+        self.inner.flush()?;
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+struct ConsoleSink {
+    log: ConsoleLog,
+    echo: Option<Sink>,
+    progress: Arc<Mutex<Instant>>,
+}
+
+impl Write for ConsoleSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.log.push(data);
+        if let Some(e) = &mut self.echo {
+            let _ = e.write_all(data);
+            let _ = e.flush();
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The serial sinks of a session and the receiving end of its control lines.
+pub struct SessionWiring {
+    /// Sinks to hand to the builder or restore.
+    pub sinks: Sinks,
+    control: Receiver<ControlMessage>,
+    console: ConsoleLog,
+    progress: Arc<Mutex<Instant>>,
+    timings: Arc<Mutex<Timings>>,
+}
+
+impl SessionWiring {
+    /// Wires `outputs` to the four UARTs.
+    pub fn new(outputs: Outputs) -> Self {
+        let progress = Arc::new(Mutex::new(Instant::now()));
+        let timings = Arc::new(Mutex::new(Timings { start: Some(Instant::now()), first_output: None }));
+        let console = ConsoleLog::default();
+        let (tx, rx): (Sender<ControlMessage>, Receiver<ControlMessage>) = unbounded();
+        let p = progress.clone();
+        let control = LineSink::new(move |line: &str| {
+            *p.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            let _ = tx.send(ControlMessage::parse(line));
+        });
+        let sinks = Sinks {
+            console: Box::new(ConsoleSink { log: console.clone(), echo: outputs.console_echo, progress: progress.clone() }),
+            control: Box::new(control),
+            stdout: Box::new(TimedSink { inner: outputs.stdout, timings: timings.clone(), progress: progress.clone() }),
+            stderr: Box::new(TimedSink { inner: outputs.stderr, timings: timings.clone(), progress: progress.clone() }),
+        };
+        Self { sinks, control: rx, console, progress, timings }
+    }
+}
+
+impl Session {
+    /// Builds and starts a VM for `config`.
+    pub fn boot(config: &VmConfig, outputs: Outputs, stall_timeout: Duration) -> Result<Self, SessionError> {
+        let wiring = SessionWiring::new(outputs);
+        let (sinks, rest) = wiring.split();
+        let machine = build(config, sinks)?;
+        let vm = machine.start()?;
+        Ok(rest.attach(vm, stall_timeout))
+    }
+
+    /// The running VM.
+    pub fn vm(&self) -> &RunningVm {
+        &self.vm
+    }
+
+    /// The console kept so far.
+    pub fn console(&self) -> &ConsoleLog {
+        &self.console
+    }
+
+    /// Session timings.
+    pub fn timings(&self) -> Timings {
+        self.timings.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// `HVTRACE-ERROR` lines init printed that no request caused.
+    pub fn init_errors(&self) -> &[String] {
+        &self.unexpected_errors
+    }
+
+    /// Marks the guest ready without waiting (a restored snapshot was taken
+    /// while init waited for a request).
+    pub fn assume_ready(&mut self) {
+        self.ready = true;
+    }
+
+    fn vm_ended(&self, event: VmEvent, during: &'static str) -> SessionError {
+        let tail = self.console.tail(30);
+        if let Some(line) = self.console.text().lines().find(|l| l.contains("Kernel panic - not syncing")) {
+            return SessionError::Panic(format!("{}\nlast console lines:\n{tail}", line.trim()));
+        }
+        match event {
+            VmEvent::Vcpu(VcpuEvent::Failed(vcpu, message)) => SessionError::VcpuFailed { vcpu, message, tail },
+            VmEvent::Vcpu(VcpuEvent::PowerOff(_)) => SessionError::Ended { what: "powered off", during, tail },
+            _ => SessionError::Ended { what: "reset itself", during, tail },
+        }
+    }
+
+    /// Waits for the next control message, watching for VM failure and stalls.
+    fn next_message(&mut self, during: &'static str) -> Result<ControlMessage, SessionError> {
+        loop {
+            if let Ok(m) = self.control.try_recv() {
+                return Ok(m);
+            }
+            if let Some(ev) = self.vm.next_event(Duration::from_millis(20)) {
+                if !matches!(ev, VmEvent::Vcpu(VcpuEvent::Finished(_))) {
+                    // Let the console drain what the guest printed last.
+                    std::thread::sleep(Duration::from_millis(50));
+                    return Err(self.vm_ended(ev, during));
+                }
+            }
+            let idle = self.last_progress.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+            if idle > self.stall_timeout {
+                return Err(SessionError::Stalled(self.stall_timeout, during, self.console.tail(30)));
+            }
+        }
+    }
+
+    /// Waits until init asks for a request.
+    pub fn wait_ready(&mut self) -> Result<(), SessionError> {
+        while !self.ready {
+            match self.next_message("the guest's init was ready")? {
+                ControlMessage::Ready => self.ready = true,
+                ControlMessage::Error(e) => self.unexpected_errors.push(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `argv` in the guest; returns its exit status.
+    pub fn run(&mut self, argv: &[String]) -> Result<i32, SessionError> {
+        self.wait_ready()?;
+        self.ready = false;
+        self.vm.send_control(run_request(argv).as_bytes());
+        loop {
+            match self.next_message("the guest command finished")? {
+                ControlMessage::Exit(code) => return Ok(code),
+                ControlMessage::Error(e) => return Err(SessionError::Init(e)),
+                _ => {}
+            }
+        }
+    }
+
+    /// Stops the VM (restoring every byte the VMM patched).
+    pub fn shutdown(self) -> RunningVmParts {
+        RunningVmParts { _fds: self.vm.shutdown() }
+    }
+
+    /// Gives up the session, returning the VM (for snapshots).
+    pub fn into_vm(self) -> RunningVm {
+        self.vm
+    }
+}
+
+/// What is left after a shutdown.
+pub struct RunningVmParts {
+    _fds: Vec<kvm_ioctls::VcpuFd>,
+}
+
+/// The wiring without its sinks (after they went to the builder).
+pub struct WiringRest {
+    control: Receiver<ControlMessage>,
+    console: ConsoleLog,
+    progress: Arc<Mutex<Instant>>,
+    timings: Arc<Mutex<Timings>>,
+}
+
+impl SessionWiring {
+    /// Separates the sinks (for the builder) from the rest.
+    pub fn split(self) -> (Sinks, WiringRest) {
+        (self.sinks, WiringRest { control: self.control, console: self.console, progress: self.progress, timings: self.timings })
+    }
+}
+
+impl WiringRest {
+    /// Completes the session around a started VM.
+    pub fn attach(self, vm: RunningVm, stall_timeout: Duration) -> Session {
+        *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        Session {
+            vm,
+            control: self.control,
+            console: self.console,
+            last_progress: self.progress,
+            stall_timeout,
+            timings: self.timings,
+            ready: false,
+            unexpected_errors: Vec::new(),
+        }
+    }
+}

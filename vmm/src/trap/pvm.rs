@@ -1,0 +1,264 @@
+//! What PVM KVM cannot do for a non-PVM guest kernel, done by the VMM.
+//!
+//! * The syscall fix-up: a guest user-mode `syscall` lands on
+//!   `entry_SYSCALL_64` still at CPL 3 and page-faults there. We trap the
+//!   kernel's page-fault entry (an `int3` over its `cld`); when the faulting
+//!   frame shows a CPL-3 fault at MSR_LSTAR, we finish the `syscall` by hand,
+//!   otherwise we emulate the displaced `cld` and let the fault proceed.
+//! * Instructions the KVM emulator lacks but that are no-ops for a guest in
+//!   our state (`fwait` with no x87 exception pending).
+//!
+//! Found without symbols: the page-fault entry is IDT vector 14.
+
+use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, Msrs, kvm_msr_entry};
+use kvm_ioctls::VcpuFd;
+
+use guest_introspect::memory::VirtAddr;
+use guest_introspect::paging::{read_virt, translate, AddressSpace, PagingLevels};
+
+use crate::vstate::memory::GuestRam;
+
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+const RFLAGS_DF: u64 = 1 << 10;
+const RFLAGS_FIXED: u64 = 1 << 1;
+const PAGE_FAULT_VECTOR: u64 = 14;
+
+/// The address space a vCPU currently runs in.
+pub fn address_space(sregs: &kvm_sregs) -> AddressSpace {
+    AddressSpace { cr3: sregs.cr3, levels: PagingLevels::from_cr4(sregs.cr4) }
+}
+
+/// Where the page-fault entry's `cld` is, once the kernel's IDT is final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageFaultEntry {
+    /// Guest-virtual address of the `cld`.
+    pub va: u64,
+    /// Guest-physical address of the `cld`.
+    pub pa: u64,
+}
+
+/// Result of looking for the page-fault entry.
+#[derive(Debug, PartialEq, Eq)]
+pub enum EntrySearch {
+    /// Found: plant here.
+    Found(PageFaultEntry),
+    /// The kernel has not installed its final IDT (or patched its entry) yet.
+    NotYet,
+    /// The entry does not look like Linux's `asm_exc_page_fault`.
+    Unrecognised(String),
+}
+
+/// Looks up IDT vector 14 and checks that it starts like Linux's idtentry:
+/// optional `endbr64`, the (NOP'd) `clac` slot, then `cld`.
+pub fn find_page_fault_entry(ram: &GuestRam, sregs: &kvm_sregs) -> EntrySearch {
+    if sregs.idt.limit < (PAGE_FAULT_VECTOR * 16 + 15) as u16 || sregs.cr0 & 0x8000_0000 == 0 {
+        return EntrySearch::NotYet;
+    }
+    let space = address_space(sregs);
+    let mut gate = [0u8; 16];
+    if read_virt(ram, space, VirtAddr(sregs.idt.base + PAGE_FAULT_VECTOR * 16), &mut gate).is_err() {
+        return EntrySearch::NotYet;
+    }
+    let handler = u64::from(u16::from_le_bytes([gate[0], gate[1]]))
+        | (u64::from(u16::from_le_bytes([gate[6], gate[7]])) << 16)
+        | (u64::from(u32::from_le_bytes([gate[8], gate[9], gate[10], gate[11]])) << 32);
+    let mut code = [0u8; 16];
+    if read_virt(ram, space, VirtAddr(handler), &mut code).is_err() {
+        return EntrySearch::NotYet;
+    }
+    let mut decoder = Decoder::with_ip(64, &code, handler, DecoderOptions::NONE);
+    for _ in 0..4 {
+        let insn = decoder.decode();
+        match insn.mnemonic() {
+            Mnemonic::Nop | Mnemonic::Endbr64 => continue,
+            Mnemonic::Cld => {
+                let va = insn.ip();
+                return match translate(ram, space, VirtAddr(va)) {
+                    Ok(pa) => EntrySearch::Found(PageFaultEntry { va, pa: pa.0 }),
+                    Err(_) => EntrySearch::NotYet,
+                };
+            }
+            // `clac` not yet patched away, or the early IDT's handlers.
+            _ => return EntrySearch::NotYet,
+        }
+    }
+    EntrySearch::Unrecognised(format!("IDT vector 14 handler {handler:#x} starts {code:02x?}"))
+}
+
+/// The syscall MSRs, read once per vCPU (Linux sets them once per CPU).
+#[derive(Debug, Clone, Copy)]
+pub struct SyscallMsrs {
+    /// MSR_STAR: selector bases.
+    pub star: u64,
+    /// MSR_LSTAR: 64-bit syscall entry.
+    pub lstar: u64,
+    /// MSR_SYSCALL_MASK: RFLAGS bits cleared on entry.
+    pub sfmask: u64,
+}
+
+impl SyscallMsrs {
+    /// Reads the three MSRs from the vCPU.
+    pub fn read(vcpu: &VcpuFd) -> Option<Self> {
+        let mut msrs = Msrs::from_entries(&[
+            kvm_msr_entry { index: MSR_STAR, ..Default::default() },
+            kvm_msr_entry { index: MSR_LSTAR, ..Default::default() },
+            kvm_msr_entry { index: MSR_SYSCALL_MASK, ..Default::default() },
+        ])
+        .ok()?;
+        if vcpu.get_msrs(&mut msrs).ok()? != 3 {
+            return None;
+        }
+        let e = msrs.as_slice();
+        Some(Self { star: e[0].data, lstar: e[1].data, sfmask: e[2].data })
+    }
+}
+
+/// What the page-fault trap found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageFaultOutcome {
+    /// A user `syscall` that failed at the entry; completed by hand.
+    SyscallCompleted,
+    /// An ordinary page fault; `cld` emulated, fault handling proceeds.
+    GenuineFault,
+}
+
+/// Errors of the page-fault trap.
+#[derive(Debug, thiserror::Error)]
+pub enum FixupError {
+    /// A register ioctl failed.
+    #[error("vCPU register access failed: {0}")]
+    Kvm(#[from] kvm_ioctls::Error),
+    /// The exception frame could not be read.
+    #[error("cannot read the page-fault frame at {rsp:#x}: {reason}")]
+    Frame {
+        /// Kernel stack pointer.
+        rsp: u64,
+        /// Why.
+        reason: String,
+    },
+    /// MSR read failed.
+    #[error("cannot read the syscall MSRs")]
+    Msrs,
+}
+
+/// Handles the trap on the page-fault entry's `cld` (vCPU stopped there).
+pub fn handle_page_fault_entry(vcpu: &VcpuFd, ram: &GuestRam, msrs: &mut Option<SyscallMsrs>) -> Result<PageFaultOutcome, FixupError> {
+    let mut regs = vcpu.get_regs()?;
+    let sregs = vcpu.get_sregs()?;
+    let mut frame = [0u8; 48];
+    read_virt(ram, address_space(&sregs), VirtAddr(regs.rsp), &mut frame)
+        .map_err(|e| FixupError::Frame { rsp: regs.rsp, reason: e.to_string() })?;
+    let word = |i: usize| u64::from_le_bytes(frame[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    let (fault_rip, fault_cs, fault_rflags, fault_rsp) = (word(1), word(2), word(3), word(4));
+    if fault_cs & 3 == 3 {
+        if msrs.is_none() {
+            *msrs = Some(SyscallMsrs::read(vcpu).ok_or(FixupError::Msrs)?);
+        }
+        let m = msrs.expect("just set");
+        if fault_rip == m.lstar {
+            complete_syscall(vcpu, &mut regs, sregs, m, fault_rflags, fault_rsp)?;
+            return Ok(PageFaultOutcome::SyscallCompleted);
+        }
+    }
+    regs.rflags &= !RFLAGS_DF;
+    regs.rip += 1;
+    vcpu.set_regs(&regs)?;
+    Ok(PageFaultOutcome::GenuineFault)
+}
+
+/// Finishes a `syscall` whose privilege switch failed: RCX and R11 already
+/// hold the user RIP and RFLAGS; load the kernel selectors from MSR_STAR,
+/// drop the page-fault frame and enter at LSTAR with masked flags.
+fn complete_syscall(vcpu: &VcpuFd, regs: &mut kvm_regs, mut sregs: kvm_sregs, m: SyscallMsrs, user_rflags: u64, user_rsp: u64) -> Result<(), FixupError> {
+    let kernel_cs = ((m.star >> 32) & 0xfffc) as u16;
+    sregs.cs = kernel_segment(kernel_cs, 0xb, true);
+    sregs.ss = kernel_segment(kernel_cs + 8, 0x3, false);
+    regs.rip = m.lstar;
+    regs.rsp = user_rsp;
+    regs.rflags = (user_rflags & !m.sfmask) | RFLAGS_FIXED;
+    vcpu.set_sregs(&sregs)?;
+    vcpu.set_regs(regs)?;
+    Ok(())
+}
+
+fn kernel_segment(selector: u16, type_: u8, code: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: u8::from(!code),
+        s: 1,
+        l: u8::from(code),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Reads up to 15 instruction bytes at the vCPU's RIP.
+pub fn instruction_bytes(vcpu: &VcpuFd, ram: &GuestRam) -> Option<(u64, Vec<u8>)> {
+    let regs = vcpu.get_regs().ok()?;
+    let sregs = vcpu.get_sregs().ok()?;
+    let space = address_space(&sregs);
+    let mut bytes = Vec::new();
+    for i in 0..15u64 {
+        let mut b = [0u8];
+        if read_virt(ram, space, VirtAddr(regs.rip + i), &mut b).is_err() {
+            break;
+        }
+        bytes.push(b[0]);
+    }
+    Some((regs.rip, bytes))
+}
+
+/// Length of an instruction the VMM may skip as a no-op on PVM, if `bytes`
+/// starts with one: `fwait` (no unmasked x87 exception can be pending in a
+/// kernel that dropped its FPU state).
+pub fn skippable_instruction(bytes: &[u8]) -> Option<u64> {
+    match bytes.first() {
+        Some(0x9b) => Some(1),
+        _ => None,
+    }
+}
+
+/// A human description of an instruction, for error reports.
+pub fn describe_instruction(rip: u64, bytes: &[u8]) -> String {
+    use iced_x86::{Formatter, IntelFormatter};
+    let mut decoder = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE);
+    let insn = decoder.decode();
+    let mut text = String::new();
+    IntelFormatter::new().format(&insn, &mut text);
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fwait_is_skippable_other_instructions_are_not() {
+        assert_eq!(skippable_instruction(&[0x9b, 0x90]), Some(1));
+        assert_eq!(skippable_instruction(&[0x0f, 0xc7, 0x0f]), None);
+        assert_eq!(skippable_instruction(&[]), None);
+    }
+
+    #[test]
+    fn describes_instructions() {
+        assert_eq!(describe_instruction(0, &[0xf3, 0x0f, 0xb8, 0xc0]), "popcnt eax,eax");
+    }
+
+    #[test]
+    fn kernel_code_segment_is_64bit_ring0() {
+        let s = kernel_segment(0x10, 0xb, true);
+        assert_eq!((s.l, s.db, s.dpl, s.selector), (1, 0, 0, 0x10));
+        let d = kernel_segment(0x18, 0x3, false);
+        assert_eq!((d.l, d.db, d.dpl), (0, 1, 0));
+    }
+}

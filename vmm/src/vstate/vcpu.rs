@@ -1,0 +1,387 @@
+//! One thread per vCPU, run as an explicit state machine.
+//!
+//! A vCPU is *Running* (inside `KVM_RUN` or handling an exit), *Paused*
+//! (parked on its command channel, registers and memory safe to touch) or
+//! *Finished*. Another thread pauses it by queueing [`VcpuCommand::Pause`]
+//! and kicking it with a signal: the signal handler sets `immediate_exit` in
+//! the vCPU's `kvm_run`, so `KVM_RUN` returns at the next instruction
+//! boundary even if the signal lands just before the ioctl.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::devices::bus::PortIoBus;
+use crate::kvm_kind::KvmKind;
+use crate::trap::pvm::{self, EntrySearch, PageFaultOutcome, SyscallMsrs};
+use crate::trap::{Breakpoint, TrapOwner, TrapResume, TrapTable, INT3};
+use crate::vstate::memory::GuestRam;
+
+/// Work another thread asks a vCPU thread to do.
+pub enum VcpuCommand {
+    /// Stop at the next instruction boundary and acknowledge on the pause channel.
+    Pause,
+    /// Leave the paused state.
+    Resume,
+    /// Run a closure on the (paused) vCPU; used for register access.
+    Exec(Box<dyn FnOnce(&mut VcpuFd) + Send>),
+    /// End the thread.
+    Finish,
+}
+
+/// What a vCPU thread reports to the VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// The guest requested a reset (triple fault or KVM system event).
+    Reset(u8),
+    /// The guest asked to power off.
+    PowerOff(u8),
+    /// The vCPU stopped on an error the VMM cannot handle.
+    Failed(u8, String),
+    /// The thread ended.
+    Finished(u8),
+}
+
+/// Counters a vCPU keeps about its exits (for benchmarks and reports).
+#[derive(Debug, Default)]
+pub struct VcpuStats {
+    /// Syscalls completed by the PVM fix-up.
+    pub syscall_fixups: std::sync::atomic::AtomicU64,
+    /// Genuine page faults passed through the trap.
+    pub page_faults: std::sync::atomic::AtomicU64,
+    /// Guest-owned int3 re-injected.
+    pub guest_breakpoints: std::sync::atomic::AtomicU64,
+    /// Port I/O exits.
+    pub pio_exits: std::sync::atomic::AtomicU64,
+    /// Instructions skipped for the emulator (`fwait`).
+    pub skipped_instructions: std::sync::atomic::AtomicU64,
+    /// Nanoseconds spent in KVM_RUN (vCPU 0 only measures its first entry).
+    pub first_run_at_ns: std::sync::atomic::AtomicU64,
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, for the kick signal handler.
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal used to kick a vCPU out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    KVM_RUN_PTR.with(|p| {
+        let run = p.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is this thread's own kvm_run mapping, set
+            // before the first KVM_RUN and cleared before the mapping goes
+            // away; a byte store is async-signal-safe.
+            unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+        }
+    });
+}
+
+/// Installs the kick signal handler (once per process).
+pub fn install_kick_handler() -> std::io::Result<()> {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    let mut result = Ok(());
+    DONE.call_once(|| {
+        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+    });
+    result
+}
+
+/// Everything a vCPU thread shares with the rest of the VMM.
+#[derive(Clone)]
+pub struct VcpuShared {
+    /// Guest RAM.
+    pub ram: GuestRam,
+    /// Port-I/O devices.
+    pub bus: Arc<std::sync::Mutex<PortIoBus>>,
+    /// Planted breakpoints.
+    pub traps: Arc<TrapTable>,
+    /// Kind of KVM.
+    pub kind: KvmKind,
+    /// Set once the PVM page-fault trap is planted.
+    pub pvm_trap_ready: Arc<AtomicBool>,
+    /// Exit counters, per vCPU.
+    pub stats: Arc<Vec<VcpuStats>>,
+    /// When the VM was started (for first-instruction timing).
+    pub started: Instant,
+}
+
+/// The state a vCPU thread owns.
+pub struct VcpuThread {
+    id: u8,
+    fd: VcpuFd,
+    shared: VcpuShared,
+    commands: Receiver<VcpuCommand>,
+    events: Sender<VcpuEvent>,
+    paused_acks: Sender<u8>,
+    msrs: Option<SyscallMsrs>,
+    last_entry_check: Option<Instant>,
+    entry_unrecognised_reported: bool,
+}
+
+/// How the run loop continues after an exit.
+enum Next {
+    Run,
+    Stop,
+}
+
+impl VcpuThread {
+    /// A vCPU thread body for `fd`.
+    pub fn new(
+        id: u8,
+        fd: VcpuFd,
+        shared: VcpuShared,
+        commands: Receiver<VcpuCommand>,
+        events: Sender<VcpuEvent>,
+        paused_acks: Sender<u8>,
+    ) -> Self {
+        Self { id, fd, shared, commands, events, paused_acks, msrs: None, last_entry_check: None, entry_unrecognised_reported: false }
+    }
+
+    /// Runs the vCPU until it finishes; returns the vCPU fd for teardown.
+    pub fn run(mut self) -> VcpuFd {
+        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN_PTR.with(|p| p.set(run_ptr));
+        let mut first = true;
+        loop {
+            if first && self.id == 0 {
+                let ns = self.shared.started.elapsed().as_nanos() as u64;
+                self.shared.stats[0].first_run_at_ns.store(ns, Ordering::Relaxed);
+                first = false;
+            }
+            let next = match self.fd.run() {
+                Ok(exit) => match exit {
+                    VcpuExit::IoOut(port, data) => {
+                        self.shared.stats[self.id as usize].pio_exits.fetch_add(1, Ordering::Relaxed);
+                        let data = data.to_vec();
+                        self.shared.bus.lock().unwrap_or_else(|e| e.into_inner()).write(port, &data);
+                        Next::Run
+                    }
+                    VcpuExit::IoIn(port, data) => {
+                        self.shared.stats[self.id as usize].pio_exits.fetch_add(1, Ordering::Relaxed);
+                        self.shared.bus.lock().unwrap_or_else(|e| e.into_inner()).read(port, data);
+                        Next::Run
+                    }
+                    VcpuExit::MmioRead(_, data) => {
+                        data.fill(0xff);
+                        Next::Run
+                    }
+                    VcpuExit::MmioWrite(..) | VcpuExit::Hlt | VcpuExit::IrqWindowOpen => Next::Run,
+                    VcpuExit::Shutdown => {
+                        let _ = self.events.send(VcpuEvent::Reset(self.id));
+                        Next::Stop
+                    }
+                    VcpuExit::SystemEvent(kind, _) => {
+                        let ev = if kind == kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN {
+                            VcpuEvent::PowerOff(self.id)
+                        } else {
+                            VcpuEvent::Reset(self.id)
+                        };
+                        let _ = self.events.send(ev);
+                        Next::Stop
+                    }
+                    VcpuExit::InternalError => self.on_internal_error(),
+                    VcpuExit::Debug(arch) => {
+                        let (exception, pc) = (arch.exception, arch.pc);
+                        self.on_debug_exit(exception, pc)
+                    }
+                    VcpuExit::FailEntry(reason, cpu) => {
+                        let what = format!("KVM_RUN failed to enter the guest (hardware reason {reason:#x}, cpu {cpu})");
+                        self.fail(what)
+                    }
+                    other => {
+                        let what = format!("unexpected KVM exit {other:?}");
+                        self.fail(what)
+                    }
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    self.on_kick()
+                }
+                Err(e) => self.fail(format!("KVM_RUN: {e}")),
+            };
+            if let Next::Stop = next {
+                break;
+            }
+            if self.id == 0 && self.shared.kind == KvmKind::Pvm && !self.shared.pvm_trap_ready.load(Ordering::Relaxed) {
+                self.try_plant_page_fault_trap();
+            }
+        }
+        KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+        let _ = self.events.send(VcpuEvent::Finished(self.id));
+        self.fd
+    }
+
+    fn fail(&mut self, msg: String) -> Next {
+        let _ = self.events.send(VcpuEvent::Failed(self.id, msg));
+        // Stay alive and paused so the VMM can still read state and shut down cleanly.
+        self.paused_loop()
+    }
+
+    /// Drains commands after a kick.
+    fn on_kick(&mut self) -> Next {
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                VcpuCommand::Pause => {
+                    if let Next::Stop = self.paused_loop() {
+                        return Next::Stop;
+                    }
+                }
+                VcpuCommand::Resume => {}
+                VcpuCommand::Exec(f) => f(&mut self.fd),
+                VcpuCommand::Finish => return Next::Stop,
+            }
+        }
+        Next::Run
+    }
+
+    /// Parks the vCPU until resumed or finished, serving `Exec` requests.
+    fn paused_loop(&mut self) -> Next {
+        // Tell the guest's kvmclock the vCPU was stopped by the host, so its
+        // soft-lockup watchdog does not fire; not every KVM kind supports it.
+        let _ = self.fd.kvmclock_ctrl();
+        let _ = self.paused_acks.send(self.id);
+        loop {
+            match self.commands.recv() {
+                Ok(VcpuCommand::Resume) => return Next::Run,
+                Ok(VcpuCommand::Pause) => {
+                    let _ = self.paused_acks.send(self.id);
+                }
+                Ok(VcpuCommand::Exec(f)) => f(&mut self.fd),
+                Ok(VcpuCommand::Finish) | Err(_) => return Next::Stop,
+            }
+        }
+    }
+
+    /// PVM: an emulation failure is either a breakpoint (ours or the
+    /// guest's), an instruction we can skip, or a fatal error.
+    fn on_internal_error(&mut self) -> Next {
+        let Some((rip, bytes)) = pvm::instruction_bytes(&self.fd, &self.shared.ram) else {
+            return self.fail("KVM internal error and the vCPU registers cannot be read".into());
+        };
+        if bytes.first() == Some(&INT3) {
+            return self.on_breakpoint(rip);
+        }
+        if let Some(len) = pvm::skippable_instruction(&bytes) {
+            self.shared.stats[self.id as usize].skipped_instructions.fetch_add(1, Ordering::Relaxed);
+            return self.advance_rip(len);
+        }
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the
+        // `internal` member of the union is the one KVM filled.
+        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        let insn = pvm::describe_instruction(rip, &bytes);
+        self.fail(format!(
+            "guest instruction cannot be emulated by {}: rip={rip:#x} bytes={} ({insn}), KVM internal error suberror {suberror}",
+            self.shared.kind.name(),
+            hex(&bytes)
+        ))
+    }
+
+    /// Hardware KVM: `#BP` (3) is a breakpoint; anything else is unexpected.
+    fn on_debug_exit(&mut self, exception: u32, pc: u64) -> Next {
+        if exception == 3 {
+            return self.on_breakpoint(pc);
+        }
+        self.fail(format!("unexpected debug exit: exception {exception} at {pc:#x}"))
+    }
+
+    fn on_breakpoint(&mut self, rip: u64) -> Next {
+        match self.shared.traps.classify(rip) {
+            Breakpoint::Ours(trap) => match trap.owner {
+                TrapOwner::PvmPageFaultEntry => {
+                    match pvm::handle_page_fault_entry(&self.fd, &self.shared.ram, &mut self.msrs) {
+                        Ok(PageFaultOutcome::SyscallCompleted) => {
+                            self.shared.stats[self.id as usize].syscall_fixups.fetch_add(1, Ordering::Relaxed);
+                            Next::Run
+                        }
+                        Ok(PageFaultOutcome::GenuineFault) => {
+                            self.shared.stats[self.id as usize].page_faults.fetch_add(1, Ordering::Relaxed);
+                            Next::Run
+                        }
+                        Err(e) => self.fail(format!("PVM page-fault trap at {rip:#x}: {e}")),
+                    }
+                }
+                TrapOwner::Tracer(ref handler) => match handler.on_trap(&self.fd, &self.shared.ram, &trap) {
+                    TrapResume::Continue => Next::Run,
+                },
+            },
+            Breakpoint::GuestOwned => {
+                self.shared.stats[self.id as usize].guest_breakpoints.fetch_add(1, Ordering::Relaxed);
+                self.reinject_breakpoint()
+            }
+        }
+    }
+
+    /// Delivers a guest-owned `int3` to the guest as the CPU would: RIP past
+    /// the `int3`, then #BP through the guest's IDT.
+    fn reinject_breakpoint(&mut self) -> Next {
+        let result = (|| -> Result<(), kvm_ioctls::Error> {
+            let mut regs = self.fd.get_regs()?;
+            regs.rip += 1;
+            self.fd.set_regs(&regs)?;
+            let mut events = self.fd.get_vcpu_events()?;
+            events.exception.injected = 1;
+            events.exception.nr = 3;
+            events.exception.has_error_code = 0;
+            events.exception.error_code = 0;
+            self.fd.set_vcpu_events(&events)
+        })();
+        match result {
+            Ok(()) => Next::Run,
+            Err(e) => self.fail(format!("cannot re-inject the guest's breakpoint: {e}")),
+        }
+    }
+
+    fn advance_rip(&mut self, len: u64) -> Next {
+        let result = self.fd.get_regs().and_then(|mut r| {
+            r.rip += len;
+            self.fd.set_regs(&r)
+        });
+        match result {
+            Ok(()) => Next::Run,
+            Err(e) => self.fail(format!("cannot advance RIP: {e}")),
+        }
+    }
+
+    /// PVM: plants the syscall fix-up trap as soon as the kernel's own IDT
+    /// page-fault entry is in place (checked at most every 20 ms).
+    fn try_plant_page_fault_trap(&mut self) {
+        if self.last_entry_check.is_some_and(|t| t.elapsed() < Duration::from_millis(20)) {
+            return;
+        }
+        self.last_entry_check = Some(Instant::now());
+        let Ok(sregs) = self.fd.get_sregs() else { return };
+        match pvm::find_page_fault_entry(&self.shared.ram, &sregs) {
+            EntrySearch::Found(entry) => {
+                match self.shared.traps.plant(&self.shared.ram, entry.va, entry.pa, TrapOwner::PvmPageFaultEntry) {
+                    Ok(()) => {
+                        log::debug!("PVM syscall fix-up trap planted at {:#x}", entry.va);
+                        self.shared.pvm_trap_ready.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => log::warn!("cannot plant the PVM page-fault trap: {e}"),
+                }
+            }
+            EntrySearch::NotYet => {}
+            EntrySearch::Unrecognised(what) => {
+                if !self.entry_unrecognised_reported {
+                    log::warn!("PVM syscall fix-up not planted: {what}");
+                    self.entry_unrecognised_reported = true;
+                }
+            }
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+}

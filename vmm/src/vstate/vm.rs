@@ -1,0 +1,70 @@
+//! The KVM VM object: memory slots, in-kernel irqchip and PIT, vCPU fds.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+
+use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
+use crate::vstate::memory::GuestRam;
+
+/// Errors creating the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm ({0}); hvtrace needs KVM: check that /dev/kvm exists and is readable and writable by this user")]
+    OpenKvm(kvm_ioctls::Error),
+    /// The KVM API version is not 12.
+    #[error("unsupported KVM API version {0} (need 12)")]
+    ApiVersion(i32),
+    /// A KVM ioctl failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        /// Which operation.
+        what: &'static str,
+        /// The ioctl error.
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Maps a KVM error to [`VmError::Kvm`] with context.
+pub fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Opens /dev/kvm and checks the API version.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let v = kvm.get_api_version();
+    if v != 12 {
+        return Err(VmError::ApiVersion(v));
+    }
+    Ok(kvm)
+}
+
+/// Creates a VM with `ram` registered, an in-kernel irqchip (PIC, IOAPIC,
+/// LAPICs) and PIT.
+pub fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    for (slot, (guest, host, len)) in ram.regions().into_iter().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: guest,
+            memory_size: len as u64,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: `host..host+len` is a live mapping owned by `ram`, which
+        // the VM keeps alive (every holder of the VM also holds `ram`) for as
+        // long as the VM fd exists.
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    Ok(vm)
+}
+
+/// Creates vCPU `id`.
+pub fn create_vcpu(vm: &VmFd, id: u8) -> Result<VcpuFd, VmError> {
+    vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))
+}
