@@ -2,6 +2,7 @@
 
 mod artifacts;
 mod cmd;
+mod snapcache;
 
 use clap::{Parser, Subcommand};
 

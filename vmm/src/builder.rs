@@ -123,6 +123,9 @@ pub enum BuildError {
     /// MP table error.
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
+    /// A saved device state is invalid.
+    #[error("saved device state is invalid: {0}")]
+    DeviceState(String),
     /// Host error creating an event fd.
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
@@ -277,35 +280,56 @@ pub fn build(config: &VmConfig, sinks: Sinks) -> Result<Machine, BuildError> {
         .map(|id| setup_vcpu(&kvm, &vm, kind, id, config.cpus, placement.entry))
         .collect::<Result<Vec<_>, _>>()?;
 
-    let (reset_tx, reset_rx) = mpsc::channel();
-    let mut sinks_by_port: Vec<Sink> = vec![sinks.console, sinks.control, sinks.stdout, sinks.stderr];
-    let mut uarts = Vec::new();
-    for (i, sink) in sinks_by_port.drain(..).enumerate() {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-        vm.register_irqfd(&evt, COM_IRQS[i]).map_err(kvm_err("KVM_IRQFD"))?;
-        uarts.push(Uart::new(evt, sink));
-    }
-    let bus = PortIoBus { uarts, i8042: I8042Device::new(ResetTrigger(reset_tx)) };
+    let (bus, reset_rx) = create_devices(&vm, sinks, None)?;
 
     Ok(Machine::new(kvm, vm, ram, kind, vcpus, Arc::new(Mutex::new(bus)), reset_rx, placement, cmdline))
+}
+
+/// Creates the UARTs (wired to their IRQs through irqfds) and the i8042,
+/// from saved UART states when restoring.
+pub(crate) fn create_devices(
+    vm: &VmFd,
+    sinks: Sinks,
+    states: Option<&[crate::devices::serial::UartState]>,
+) -> Result<(PortIoBus, mpsc::Receiver<()>), BuildError> {
+    let (reset_tx, reset_rx) = mpsc::channel();
+    let sinks_by_port: Vec<Sink> = vec![sinks.console, sinks.control, sinks.stdout, sinks.stderr];
+    let mut uarts = Vec::new();
+    for (i, sink) in sinks_by_port.into_iter().enumerate() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        vm.register_irqfd(&evt, COM_IRQS[i]).map_err(kvm_err("KVM_IRQFD"))?;
+        let uart = match states.and_then(|s| s.get(i)) {
+            Some(state) => Uart::from_state(state, evt, sink).map_err(BuildError::DeviceState)?,
+            None => Uart::new(evt, sink),
+        };
+        uarts.push(uart);
+    }
+    Ok((PortIoBus { uarts, i8042: I8042Device::new(ResetTrigger(reset_tx)) }, reset_rx))
+}
+
+/// Creates vCPU `id` of `count` with its CPUID and, on hardware KVM, with
+/// software breakpoints routed to the VMM.
+pub(crate) fn create_configured_vcpu(kvm: &Kvm, vm: &VmFd, kind: KvmKind, id: u8, count: u8) -> Result<VcpuFd, VmError> {
+    let vcpu = create_vcpu(vm, id)?;
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    vcpu.set_cpuid2(&cpuid::vcpu_cpuid(supported, id, count)).map_err(kvm_err("KVM_SET_CPUID2"))?;
+    if kind == KvmKind::Hardware {
+        let dbg = kvm_guest_debug { control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP, ..Default::default() };
+        vcpu.set_guest_debug(&dbg).map_err(kvm_err("KVM_SET_GUEST_DEBUG"))?;
+    }
+    Ok(vcpu)
 }
 
 /// Creates and initialises one vCPU; only the boot processor gets entry
 /// registers, the others wait for INIT/SIPI from the guest.
 fn setup_vcpu(kvm: &Kvm, vm: &VmFd, kind: KvmKind, id: u8, count: u8, entry: u64) -> Result<VcpuFd, VmError> {
-    let vcpu = create_vcpu(vm, id)?;
-    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    vcpu.set_cpuid2(&cpuid::vcpu_cpuid(supported, id, count)).map_err(kvm_err("KVM_SET_CPUID2"))?;
+    let vcpu = create_configured_vcpu(kvm, vm, kind, id, count)?;
     let msrs = Msrs::from_entries(&msr::boot_msrs()).expect("boot MSR list fits");
     vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
     let mut lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
     set_lvt(&mut lapic, 0x350, 0x700); // LINT0: ExtINT
     set_lvt(&mut lapic, 0x360, 0x400); // LINT1: NMI
     vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
-    if kind == KvmKind::Hardware {
-        let dbg = kvm_guest_debug { control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP, ..Default::default() };
-        vcpu.set_guest_debug(&dbg).map_err(kvm_err("KVM_SET_GUEST_DEBUG"))?;
-    }
     if id == 0 {
         vcpu.set_regs(&regs::boot_regs(entry, BOOT_PARAMS_START)).map_err(kvm_err("KVM_SET_REGS"))?;
         let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;

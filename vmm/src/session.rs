@@ -54,6 +54,9 @@ pub enum SessionError {
     /// Nothing happened for too long.
     #[error("guest made no progress for {0:?} while {1} (no console or control output); last console lines:\n{2}")]
     Stalled(Duration, &'static str, String),
+    /// Saving or restoring a snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] crate::persist::SnapshotError),
     /// The guest's init reported an error.
     #[error("guest init: {0}")]
     Init(String),
@@ -88,6 +91,7 @@ pub struct Session {
     timings: Arc<Mutex<Timings>>,
     ready: bool,
     unexpected_errors: Vec<String>,
+    rip_sampling: Option<(Duration, Instant)>,
 }
 
 /// A sink that records the time of its first byte and forwards.
@@ -167,6 +171,27 @@ impl SessionWiring {
 }
 
 impl Session {
+    /// Restores a snapshot (saved while init waited for a request) and
+    /// starts it; `expected_label` guards against a snapshot of another guest.
+    pub fn restore(
+        path: &std::path::Path,
+        expected_label: Option<&str>,
+        outputs: Outputs,
+        stall_timeout: Duration,
+    ) -> Result<Self, SessionError> {
+        let (sinks, rest) = SessionWiring::new(outputs).split();
+        let restored = crate::persist::restore(path, sinks, expected_label)?;
+        let vm = restored.machine.start_with(restored.traps, true)?;
+        let mut session = rest.attach(vm, stall_timeout);
+        session.assume_ready();
+        Ok(session)
+    }
+
+    /// Saves the VM to `path` under `label` (it keeps running afterwards).
+    pub fn snapshot(&self, path: &std::path::Path, label: &str) -> Result<u64, SessionError> {
+        Ok(crate::persist::save(&self.vm, path, label)?)
+    }
+
     /// Builds and starts a VM for `config`.
     pub fn boot(config: &VmConfig, outputs: Outputs, stall_timeout: Duration) -> Result<Self, SessionError> {
         let wiring = SessionWiring::new(outputs);
@@ -194,6 +219,27 @@ impl Session {
     /// `HVTRACE-ERROR` lines init printed that no request caused.
     pub fn init_errors(&self) -> &[String] {
         &self.unexpected_errors
+    }
+
+    /// Debugging aid: while the session waits, print vCPU 0's RIP and CR3
+    /// on stderr every `period` (pausing the vCPU briefly to read them).
+    pub fn sample_rip_every(&mut self, period: Duration) {
+        self.rip_sampling = Some((period, Instant::now()));
+    }
+
+    fn maybe_sample_rip(&mut self) {
+        let Some((period, last)) = self.rip_sampling else { return };
+        if last.elapsed() < period {
+            return;
+        }
+        self.rip_sampling = Some((period, Instant::now()));
+        if self.vm.pause(0).is_ok() {
+            let regs = self.vm.with_vcpu(0, |fd| (fd.get_regs().ok(), fd.get_sregs().ok()));
+            let _ = self.vm.resume(0);
+            if let Ok((Some(r), Some(s))) = regs {
+                eprintln!("[rip-sample] rip={:#x} rsp={:#x} cr3={:#x} cs={:#x}", r.rip, r.rsp, s.cr3, s.cs.selector);
+            }
+        }
     }
 
     /// Marks the guest ready without waiting (a restored snapshot was taken
@@ -227,6 +273,7 @@ impl Session {
                     return Err(self.vm_ended(ev, during));
                 }
             }
+            self.maybe_sample_rip();
             let idle = self.last_progress.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
             if idle > self.stall_timeout {
                 return Err(SessionError::Stalled(self.stall_timeout, during, self.console.tail(30)));
@@ -304,6 +351,7 @@ impl WiringRest {
             timings: self.timings,
             ready: false,
             unexpected_errors: Vec::new(),
+            rip_sampling: None,
         }
     }
 }

@@ -1,26 +1,29 @@
-//! `hvtrace run`: boot a guest, run one command, exit with its status.
+//! `hvtrace run`: boot a guest (or restore its cached snapshot), run one
+//! command, exit with its status.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
 use vmm::builder::{Kaslr, VmConfig};
+use vmm::kvm_kind::KvmKind;
 use vmm::session::{Outputs, Session};
 
-use crate::artifacts;
+use crate::{artifacts, snapcache};
 
 /// Default kernel command line; the VMM adds what the KVM kind needs.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 printk.time=1 tsc=reliable lpj=2000000";
 
-/// Arguments of `hvtrace run`.
-#[derive(Args, Debug)]
-pub struct RunArgs {
+/// How to define a guest (shared by `run` and `boot`).
+#[derive(Args, Debug, Clone)]
+pub struct GuestArgs {
     /// Kernel: `minimal` (default), `debian-6.1`, `debian-6.12`, or a path to a vmlinux/bzImage.
     #[arg(long)]
     pub kernel: Option<String>,
-    /// Initrd (cpio, optionally gzip); default: hvtrace's guest image.
+    /// Initrd (cpio, optionally gzip); repeat to concatenate. Default: hvtrace's guest image.
     #[arg(long)]
-    pub initrd: Vec<std::path::PathBuf>,
+    pub initrd: Vec<PathBuf>,
     /// Extra kernel command-line words.
     #[arg(long, default_value = "")]
     pub cmdline: String,
@@ -39,6 +42,48 @@ pub struct RunArgs {
     /// Seconds without guest output before the boot is reported as stalled.
     #[arg(long, default_value_t = 600)]
     pub stall_timeout: u64,
+}
+
+impl GuestArgs {
+    /// The VM configuration these arguments describe (building the default
+    /// kernel and image on first use).
+    pub fn config(&self) -> Result<VmConfig> {
+        let kernel = artifacts::kernel(self.kernel.as_deref())?;
+        let initrds = if self.initrd.is_empty() { vec![artifacts::default_image()?] } else { self.initrd.clone() };
+        Ok(VmConfig {
+            kernel,
+            initrds,
+            cmdline: format!("{DEFAULT_CMDLINE} {}", self.cmdline).trim().to_string(),
+            memory_mib: self.memory,
+            cpus: self.cpus,
+            kaslr: if self.no_kaslr { Kaslr::Off } else { Kaslr::Auto },
+        })
+    }
+
+    /// Outputs wired to the host's stdout and stderr.
+    pub fn outputs(&self) -> Outputs {
+        Outputs {
+            stdout: Box::new(std::io::stdout()),
+            stderr: Box::new(std::io::stderr()),
+            console_echo: if self.verbose { Some(Box::new(std::io::stderr())) } else { None },
+        }
+    }
+}
+
+/// Arguments of `hvtrace run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// Boot afresh instead of restoring (and refreshing) the cached snapshot.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Restore this snapshot instead of booting.
+    #[arg(long, conflicts_with_all = ["no_cache"])]
+    pub restore: Option<PathBuf>,
+    /// Debugging aid: print vCPU 0's RIP every N seconds on stderr.
+    #[arg(long, hide = true)]
+    pub sample_rip: Option<u64>,
     /// The command to run in the guest.
     #[arg(trailing_var_arg = true, required = true)]
     pub command: Vec<String>,
@@ -46,23 +91,42 @@ pub struct RunArgs {
 
 /// Runs the command; returns the guest command's exit status.
 pub fn run(args: RunArgs) -> Result<i32> {
-    let kernel = artifacts::kernel(args.kernel.as_deref())?;
-    let initrds = if args.initrd.is_empty() { vec![artifacts::default_image()?] } else { args.initrd.clone() };
-    let config = VmConfig {
-        kernel,
-        initrds,
-        cmdline: format!("{DEFAULT_CMDLINE} {}", args.cmdline),
-        memory_mib: args.memory,
-        cpus: args.cpus,
-        kaslr: if args.no_kaslr { Kaslr::Off } else { Kaslr::Auto },
+    let stall = Duration::from_secs(args.guest.stall_timeout);
+    let mut session = if let Some(snap) = &args.restore {
+        Session::restore(snap, None, args.guest.outputs(), stall)?
+    } else {
+        let config = args.guest.config()?;
+        let key = snapcache::key(&config, KvmKind::detect())?;
+        let cached = snapcache::path(&key);
+        if !args.no_cache && cached.exists() {
+            match Session::restore(&cached, Some(&key), args.guest.outputs(), stall) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("hvtrace: cached snapshot unusable ({e}); booting afresh");
+                    let _ = std::fs::remove_file(&cached);
+                    boot_and_cache(&args, &config, &key, &cached, stall)?
+                }
+            }
+        } else {
+            boot_and_cache(&args, &config, &key, &cached, stall)?
+        }
     };
-    let outputs = Outputs {
-        stdout: Box::new(std::io::stdout()),
-        stderr: Box::new(std::io::stderr()),
-        console_echo: if args.verbose { Some(Box::new(std::io::stderr())) } else { None },
-    };
-    let mut session = Session::boot(&config, outputs, Duration::from_secs(args.stall_timeout))?;
     let code = session.run(&args.command)?;
     session.shutdown();
     Ok(code)
+}
+
+fn boot_and_cache(args: &RunArgs, config: &VmConfig, key: &str, cached: &std::path::Path, stall: Duration) -> Result<Session> {
+    let mut session = Session::boot(config, args.guest.outputs(), stall)?;
+    if let Some(secs) = args.sample_rip {
+        session.sample_rip_every(Duration::from_secs(secs));
+    }
+    session.wait_ready()?;
+    if let Some(dir) = cached.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if let Err(e) = session.snapshot(cached, key) {
+        eprintln!("hvtrace: warning: cannot cache the booted guest: {e}");
+    }
+    Ok(session)
 }

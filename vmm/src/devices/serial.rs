@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -69,6 +69,59 @@ impl Uart {
         // Errors here are failed interrupt injections or sink writes; the
         // guest cannot act on them, so they are dropped like a lost byte.
         let _ = self.serial.write(offset, value);
+    }
+}
+
+/// A UART's state in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UartState {
+    /// DLL, DLH, IER, IIR, LCR, LSR, MCR, MSR, SCR.
+    pub registers: [u8; 9],
+    /// Bytes in the receive FIFO.
+    pub fifo: Vec<u8>,
+    /// Host input not yet in the FIFO.
+    pub pending_input: Vec<u8>,
+}
+
+impl Uart {
+    /// The UART's state, for a snapshot.
+    pub fn state(&self) -> UartState {
+        let s = self.serial.state();
+        UartState {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            fifo: s.in_buffer,
+            pending_input: self.pending_input.iter().copied().collect(),
+        }
+    }
+
+    /// A UART restored from `state`, raising `irq` and writing to `sink`.
+    /// A FIFO longer than the hardware's is refused.
+    pub fn from_state(state: &UartState, irq: EventFd, sink: Sink) -> Result<Self, String> {
+        let r = state.registers;
+        let s = SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: state.fifo.clone(),
+        };
+        let serial = Serial::from_state(&s, IrqFdTrigger(irq), NoEvents, sink).map_err(|e| format!("{e:?}"))?;
+        Ok(Self { serial, pending_input: state.pending_input.iter().copied().collect() })
     }
 }
 
@@ -153,6 +206,22 @@ mod tests {
         assert_eq!(c.tail(2), "b\nc");
         c.push(&vec![b'x'; 70_000]);
         assert_eq!(c.text().len(), 64 * 1024);
+    }
+
+    #[test]
+    fn uart_state_round_trips() {
+        let mut u = Uart::new(EventFd::new(0).unwrap(), Box::new(io::sink()));
+        u.write(3, 0x03); // LCR: 8N1
+        u.write(1, 0x01); // IER: RX interrupt
+        u.queue_input(&[b'x'; 100]);
+        let st = u.state();
+        assert_eq!(st.fifo.len(), 64);
+        assert_eq!(st.pending_input.len(), 36);
+        let v = Uart::from_state(&st, EventFd::new(0).unwrap(), Box::new(io::sink())).unwrap();
+        assert_eq!(v.state(), st);
+        let mut bad = st.clone();
+        bad.fifo = vec![0; 65];
+        assert!(Uart::from_state(&bad, EventFd::new(0).unwrap(), Box::new(io::sink())).is_err());
     }
 
     #[test]
