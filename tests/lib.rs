@@ -1,1 +1,228 @@
-//! integration tests
+//! Helpers for hvtrace's integration tests: run the `hvtrace` binary, find
+//! the guest kernels and image, and boot the same kernel and image under
+//! QEMU (TCG) as an independent oracle.
+//!
+//! Tests that need /dev/kvm call [`require_kvm`], which fails the test with
+//! a loud message when KVM is missing: they never pass by skipping.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+/// The hvtrace binary under test (`$HVTRACE_BIN`, else target/release or
+/// target/debug; build it first: scripts/test.sh does).
+pub fn hvtrace_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("HVTRACE_BIN") {
+        return PathBuf::from(p);
+    }
+    for profile in ["release", "debug"] {
+        let p = root().join("target").join(profile).join("hvtrace");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("hvtrace binary not found: run `cargo build --release -p hvtrace` (scripts/test.sh does) or set HVTRACE_BIN");
+}
+
+/// Fails the test unless /dev/kvm can be opened read-write.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!(
+            "\n\n*** THIS TEST NEEDS /dev/kvm AND CANNOT RUN: {e} ***\n\
+             *** hvtrace's guest tests boot real kernels; they do not skip. ***\n\n"
+        );
+    }
+}
+
+/// Runs hvtrace with `args`, capturing stdout and stderr.
+pub fn hvtrace(args: &[&str]) -> Output {
+    Command::new(hvtrace_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hvtrace")
+}
+
+/// stdout as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs one of the project's build scripts and returns the path it prints.
+pub fn script_path(script: &str, args: &[&str]) -> PathBuf {
+    let out = Command::new("bash")
+        .arg(root().join(script))
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run build script");
+    assert!(out.status.success(), "{script} failed");
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("a path")
+            .trim(),
+    )
+}
+
+/// The built-in kernels: `--kernel` name, and the file QEMU boots.
+pub fn kernel_for_qemu(name: &str) -> PathBuf {
+    match name {
+        "minimal" => script_path("kernel-config/build.sh", &[]).join("bzImage"),
+        "debian-6.1" => script_path("kernel-config/debian.sh", &["6.1"]),
+        "debian-6.12" => script_path("kernel-config/debian.sh", &["6.12"]),
+        other => panic!("unknown kernel {other}"),
+    }
+}
+
+/// The default guest image.
+pub fn default_image() -> PathBuf {
+    script_path("images/build.sh", &[])
+}
+
+/// What a guest command produced.
+#[derive(Debug)]
+pub struct GuestRun {
+    /// The command's stdout.
+    pub stdout: String,
+    /// Its exit status.
+    pub status: i32,
+}
+
+/// Boots `kernel` with `initrd` under QEMU in TCG mode, speaks the guest
+/// image's control protocol over a socket on ttyS1, runs `argv`, and returns
+/// what ttyS2 received. Independent of hvtrace's VMM.
+pub fn qemu_run(
+    kernel: &Path,
+    initrd: &Path,
+    cpus: u8,
+    argv: &[&str],
+    timeout: Duration,
+) -> GuestRun {
+    let dir = std::env::temp_dir().join(format!(
+        "hvtrace-qemu-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("ctl.sock");
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "256",
+            "-smp",
+            &cpus.to_string(),
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 panic=-1 printk.time=1"])
+        .arg("-serial")
+        .arg(format!("file:{}", dir.join("console.log").display()))
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=ctl,path={},server=on,wait=off",
+            sock.display()
+        ))
+        .args(["-serial", "chardev:ctl"])
+        .arg("-serial")
+        .arg(format!("file:{}", dir.join("stdout").display()))
+        .arg("-serial")
+        .arg(format!("file:{}", dir.join("stderr").display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-system-x86_64 is installed by scripts/setup.sh");
+    let deadline = Instant::now() + timeout;
+    let stream = loop {
+        if let Ok(s) = UnixStream::connect(&sock) {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "QEMU never opened its control socket"
+        );
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("QEMU exited early ({status})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut sent = false;
+    let status = loop {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU guest timed out; console:\n{}",
+            std::fs::read_to_string(dir.join("console.log")).unwrap_or_default()
+        );
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) => panic!("QEMU closed the control channel"),
+            Ok(_) => {}
+            Err(_) => continue,
+        }
+        let line = line.trim();
+        if line == "HVTRACE-READY" && !sent {
+            let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+            writer
+                .write_all(vmm::control::run_request(&argv).as_bytes())
+                .unwrap();
+            sent = true;
+        } else if let Some(code) = line.strip_prefix("HVTRACE-EXIT ") {
+            break code.parse().expect("numeric status");
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let stdout = std::fs::read_to_string(dir.join("stdout")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    GuestRun { stdout, status }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// A unique temporary path.
+pub fn temp_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "hvtrace-test-{}-{}-{name}",
+        std::process::id(),
+        rand_suffix()
+    ))
+}

@@ -47,7 +47,10 @@ pub trait PhysMemory {
 
 impl PhysMemory for [u8] {
     fn read_phys(&self, addr: PhysAddr, buf: &mut [u8]) -> Result<(), PhysReadError> {
-        let err = PhysReadError { addr: addr.0, len: buf.len() };
+        let err = PhysReadError {
+            addr: addr.0,
+            len: buf.len(),
+        };
         let start = usize::try_from(addr.0).map_err(|_| err)?;
         let end = start.checked_add(buf.len()).ok_or(err)?;
         buf.copy_from_slice(self.get(start..end).ok_or(err)?);

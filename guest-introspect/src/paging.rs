@@ -65,7 +65,11 @@ pub enum TranslateError {
 }
 
 /// Translates `va` in `space` to a guest-physical address.
-pub fn translate(mem: &(impl PhysMemory + ?Sized), space: AddressSpace, va: VirtAddr) -> Result<PhysAddr, TranslateError> {
+pub fn translate(
+    mem: &(impl PhysMemory + ?Sized),
+    space: AddressSpace,
+    va: VirtAddr,
+) -> Result<PhysAddr, TranslateError> {
     let top: u8 = match space.levels {
         PagingLevels::Four => 4,
         PagingLevels::Five => 5,
@@ -83,7 +87,9 @@ pub fn translate(mem: &(impl PhysMemory + ?Sized), space: AddressSpace, va: Virt
         let large = level <= 3 && level >= 2 && entry & PAGE_SIZE_BIT != 0;
         if large || level == 1 {
             let page_mask = (1u64 << shift) - 1;
-            return Ok(PhysAddr((entry & ADDR_MASK & !page_mask) | (va.0 & page_mask)));
+            return Ok(PhysAddr(
+                (entry & ADDR_MASK & !page_mask) | (va.0 & page_mask),
+            ));
         }
         table = entry & ADDR_MASK;
     }
@@ -103,7 +109,12 @@ pub enum VirtReadError {
 
 /// Fills `buf` from virtual `va`, page by page (ranges may cross pages that
 /// are not physically contiguous).
-pub fn read_virt(mem: &(impl PhysMemory + ?Sized), space: AddressSpace, va: VirtAddr, buf: &mut [u8]) -> Result<(), VirtReadError> {
+pub fn read_virt(
+    mem: &(impl PhysMemory + ?Sized),
+    space: AddressSpace,
+    va: VirtAddr,
+    buf: &mut [u8],
+) -> Result<(), VirtReadError> {
     let mut done = 0usize;
     while done < buf.len() {
         let cur = va.0.wrapping_add(done as u64);
@@ -148,27 +159,54 @@ mod tests {
         g.set(PT, 1, 0x30_0000 | 3);
         g.set(PD, 1, 0x20_0000 | 3 | PAGE_SIZE_BIT);
         g.set(PDPT, 1, 0x4000_0000 | 3 | PAGE_SIZE_BIT);
-        (g, AddressSpace { cr3: PML4, levels: PagingLevels::Four })
+        (
+            g,
+            AddressSpace {
+                cr3: PML4,
+                levels: PagingLevels::Four,
+            },
+        )
     }
 
     #[test]
     fn walks_4k_2m_and_1g_pages() {
         let (g, s) = four_level();
         let base = 0xffff_8880_0000_0000u64;
-        assert_eq!(translate(&g.0[..], s, VirtAddr(base + 0x123)), Ok(PhysAddr(0x10_0123)));
-        assert_eq!(translate(&g.0[..], s, VirtAddr(base + 0x1000)), Ok(PhysAddr(0x30_0000)));
-        assert_eq!(translate(&g.0[..], s, VirtAddr(base + 0x20_0000 + 0x1_2345)), Ok(PhysAddr(0x21_2345)));
-        assert_eq!(translate(&g.0[..], s, VirtAddr(base + 0x4000_0000 + 0x77)), Ok(PhysAddr(0x4000_0077)));
+        assert_eq!(
+            translate(&g.0[..], s, VirtAddr(base + 0x123)),
+            Ok(PhysAddr(0x10_0123))
+        );
+        assert_eq!(
+            translate(&g.0[..], s, VirtAddr(base + 0x1000)),
+            Ok(PhysAddr(0x30_0000))
+        );
+        assert_eq!(
+            translate(&g.0[..], s, VirtAddr(base + 0x20_0000 + 0x1_2345)),
+            Ok(PhysAddr(0x21_2345))
+        );
+        assert_eq!(
+            translate(&g.0[..], s, VirtAddr(base + 0x4000_0000 + 0x77)),
+            Ok(PhysAddr(0x4000_0077))
+        );
     }
 
     #[test]
     fn missing_entries_and_wild_tables_are_errors() {
         let (mut g, s) = four_level();
         let base = 0xffff_8880_0000_0000u64;
-        assert!(matches!(translate(&g.0[..], s, VirtAddr(base + 0x2000)), Err(TranslateError::NotPresent { level: 1, .. })));
-        assert!(matches!(translate(&g.0[..], s, VirtAddr(0x1000)), Err(TranslateError::NotPresent { level: 4, .. })));
+        assert!(matches!(
+            translate(&g.0[..], s, VirtAddr(base + 0x2000)),
+            Err(TranslateError::NotPresent { level: 1, .. })
+        ));
+        assert!(matches!(
+            translate(&g.0[..], s, VirtAddr(0x1000)),
+            Err(TranslateError::NotPresent { level: 4, .. })
+        ));
         g.set(PD, 2, 0xdead_0000_0000 | 3);
-        assert!(matches!(translate(&g.0[..], s, VirtAddr(base + 0x40_0000)), Err(TranslateError::TableOutsideRam { .. })));
+        assert!(matches!(
+            translate(&g.0[..], s, VirtAddr(base + 0x40_0000)),
+            Err(TranslateError::TableOutsideRam { .. })
+        ));
     }
 
     #[test]
@@ -181,8 +219,14 @@ mod tests {
         g.set(PDPT, (va >> 30) & 511, PD | 3);
         g.set(PD, (va >> 21) & 511, PT | 3);
         g.set(PT, (va >> 12) & 511, 0x12_3000 | 3);
-        let s = AddressSpace { cr3: pml5, levels: PagingLevels::from_cr4(CR4_LA57) };
-        assert_eq!(translate(&g.0[..], s, VirtAddr(va + 5)), Ok(PhysAddr(0x12_3005)));
+        let s = AddressSpace {
+            cr3: pml5,
+            levels: PagingLevels::from_cr4(CR4_LA57),
+        };
+        assert_eq!(
+            translate(&g.0[..], s, VirtAddr(va + 5)),
+            Ok(PhysAddr(0x12_3005))
+        );
     }
 
     #[test]

@@ -16,7 +16,10 @@ pub fn project_root() -> PathBuf {
 /// to our stderr.
 fn run_script(script: &Path, args: &[&str]) -> Result<PathBuf> {
     if !script.exists() {
-        bail!("{} is missing: hvtrace builds its default guest from its source tree", script.display());
+        bail!(
+            "{} is missing: hvtrace builds its default guest from its source tree",
+            script.display()
+        );
     }
     let out = Command::new("bash")
         .arg(script)
@@ -28,7 +31,12 @@ fn run_script(script: &Path, args: &[&str]) -> Result<PathBuf> {
     if !out.status.success() {
         bail!("{} failed ({})", script.display(), out.status);
     }
-    let path = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim().to_string();
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .trim()
+        .to_string();
     if path.is_empty() {
         bail!("{} printed no path", script.display());
     }
@@ -61,7 +69,9 @@ impl NamedKernel {
     pub fn image(self) -> Result<PathBuf> {
         let root = project_root();
         match self {
-            Self::Minimal => Ok(run_script(&root.join("kernel-config/build.sh"), &[])?.join("vmlinux")),
+            Self::Minimal => {
+                Ok(run_script(&root.join("kernel-config/build.sh"), &[])?.join("vmlinux"))
+            }
             Self::Debian61 => run_script(&root.join("kernel-config/debian.sh"), &["6.1"]),
             Self::Debian612 => run_script(&root.join("kernel-config/debian.sh"), &["6.12"]),
         }

@@ -1,5 +1,6 @@
 //! `hvtrace`: boot Linux guests on KVM and trace them from outside.
 
+mod api;
 mod artifacts;
 mod cmd;
 mod snapcache;
@@ -8,7 +9,11 @@ use clap::{Parser, Subcommand};
 
 /// Command-line interface.
 #[derive(Parser)]
-#[command(name = "hvtrace", version, about = "Boot Linux guests on KVM and trace them from the hypervisor")]
+#[command(
+    name = "hvtrace",
+    version,
+    about = "Boot Linux guests on KVM and trace them from the hypervisor"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,6 +23,10 @@ struct Cli {
 enum Command {
     /// Boot a guest (or restore its cached snapshot), run one command in it, exit with its status.
     Run(cmd::run::RunArgs),
+    /// Boot a long-running VM with a control socket; the guest console goes to stdout.
+    Boot(cmd::boot::BootArgs),
+    /// Save a running VM (see `boot`) to a snapshot file.
+    Snapshot(cmd::snapshot::SnapshotArgs),
 }
 
 fn main() {
@@ -25,6 +34,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => cmd::run::run(a),
+        Command::Boot(a) => cmd::boot::boot(a),
+        Command::Snapshot(a) => cmd::snapshot::snapshot(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -23,7 +23,8 @@ pub fn cache_root() -> PathBuf {
 }
 
 fn hash_file(h: &mut Sha256, path: &Path) -> Result<()> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf)?;
@@ -55,7 +56,10 @@ pub fn key(config: &VmConfig, kind: KvmKind) -> Result<String> {
         Kaslr::Off => "off".to_string(),
         Kaslr::Seed(s) => format!("seed {s}"),
     };
-    h.update(format!("cmdline {}\nmem {}\ncpus {}\nkaslr {kaslr}\nkind {kind:?}\n", config.cmdline, config.memory_mib, config.cpus));
+    h.update(format!(
+        "cmdline {}\nmem {}\ncpus {}\nkaslr {kaslr}\nkind {kind:?}\n",
+        config.cmdline, config.memory_mib, config.cpus
+    ));
     let d = h.finalize();
     Ok(d.iter().take(12).map(|b| format!("{b:02x}")).collect())
 }

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_guest_debug, Msrs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_SW_BP, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_guest_debug, Msrs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_SW_BP, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_superio::I8042Device;
 use vmm_sys_util::eventfd::EventFd;
@@ -145,7 +147,10 @@ pub struct KernelPlacement {
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, BuildError> {
-    std::fs::read(path).map_err(|source| BuildError::Read { path: path.clone(), source })
+    std::fs::read(path).map_err(|source| BuildError::Read {
+        path: path.clone(),
+        source,
+    })
 }
 
 /// A deterministic xorshift for placement (seeded from the clock in Auto).
@@ -171,14 +176,20 @@ pub fn build(config: &VmConfig, sinks: Sinks) -> Result<Machine, BuildError> {
     let kvm = open_kvm()?;
     let kind = KvmKind::detect();
     let kernel_bytes = read(&config.kernel)?;
-    let image = load_kernel_image(&kernel_bytes, MAX_KERNEL_SIZE)
-        .map_err(|source| BuildError::Kernel { path: config.kernel.clone(), source })?;
+    let image =
+        load_kernel_image(&kernel_bytes, MAX_KERNEL_SIZE).map_err(|source| BuildError::Kernel {
+            path: config.kernel.clone(),
+            source,
+        })?;
     drop(kernel_bytes);
 
     let mut initrd = Vec::new();
     for path in &config.initrds {
-        let bytes = prepare_initrd(read(path)?, MAX_INITRD_SIZE)
-            .map_err(|source| BuildError::Initrd { path: path.clone(), source })?;
+        let bytes =
+            prepare_initrd(read(path)?, MAX_INITRD_SIZE).map_err(|source| BuildError::Initrd {
+                path: path.clone(),
+                source,
+            })?;
         initrd.extend_from_slice(&bytes);
         while initrd.len() % 4 != 0 {
             initrd.push(0);
@@ -220,21 +231,38 @@ pub fn build(config: &VmConfig, sinks: Sinks) -> Result<Machine, BuildError> {
         Kaslr::Off => false,
         _ => image.relocs.is_some() && !cmdline.split_whitespace().any(|w| w == "nokaslr"),
     };
-    let mut placement = KernelPlacement { phys_start: link_phys, virt_offset: 0, phys_offset: 0, entry: image.elf.entry };
+    let mut placement = KernelPlacement {
+        phys_start: link_phys,
+        virt_offset: 0,
+        phys_offset: 0,
+        entry: image.elf.entry,
+    };
     if wants_kaslr {
         let mut seed = match config.kaslr {
             Kaslr::Seed(s) => s | 1,
-            _ => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1,
+            _ => {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+                    | 1
+            }
         };
         const ALIGN: u64 = 2 << 20;
         const KERNEL_IMAGE_SIZE: u64 = 1 << 30;
         let virt_slots = (KERNEL_IMAGE_SIZE - link_phys - image_len) / ALIGN;
         let virt_offset = (next_random(&mut seed) % virt_slots.max(1)) * ALIGN;
-        let phys_room = initrd_top.saturating_sub(initrd_len).saturating_sub(link_phys + image_len + (16 << 20));
+        let phys_room = initrd_top
+            .saturating_sub(initrd_len)
+            .saturating_sub(link_phys + image_len + (16 << 20));
         let phys_offset = (next_random(&mut seed) % (phys_room / ALIGN).max(1)) * ALIGN;
         let relocs = image.relocs.as_ref().expect("checked above");
-        crate::loader::apply_kaslr(&mut loaded, link_phys, relocs, virt_offset as i64)
-            .map_err(|e| BuildError::Kernel { path: config.kernel.clone(), source: LoaderError::from(e) })?;
+        crate::loader::apply_kaslr(&mut loaded, link_phys, relocs, virt_offset as i64).map_err(
+            |e| BuildError::Kernel {
+                path: config.kernel.clone(),
+                source: LoaderError::from(e),
+            },
+        )?;
         placement = KernelPlacement {
             phys_start: link_phys + phys_offset,
             virt_offset,
@@ -273,7 +301,10 @@ pub fn build(config: &VmConfig, sinks: Sinks) -> Result<Machine, BuildError> {
         e820: e820_map(mem_size),
     });
     ram.write(BOOT_PARAMS_START, &zero_page)?;
-    ram.write(MPTABLE_START, &mptable::build_mptable(MPTABLE_START, config.cpus)?)?;
+    ram.write(
+        MPTABLE_START,
+        &mptable::build_mptable(MPTABLE_START, config.cpus)?,
+    )?;
 
     let vm = create_vm(&kvm, &ram)?;
     let vcpus = (0..config.cpus)
@@ -282,7 +313,17 @@ pub fn build(config: &VmConfig, sinks: Sinks) -> Result<Machine, BuildError> {
 
     let (bus, reset_rx) = create_devices(&vm, sinks, None)?;
 
-    Ok(Machine::new(kvm, vm, ram, kind, vcpus, Arc::new(Mutex::new(bus)), reset_rx, placement, cmdline))
+    Ok(Machine::new(
+        kvm,
+        vm,
+        ram,
+        kind,
+        vcpus,
+        Arc::new(Mutex::new(bus)),
+        reset_rx,
+        placement,
+        cmdline,
+    ))
 }
 
 /// Creates the UARTs (wired to their IRQs through irqfds) and the i8042,
@@ -297,32 +338,59 @@ pub(crate) fn create_devices(
     let mut uarts = Vec::new();
     for (i, sink) in sinks_by_port.into_iter().enumerate() {
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-        vm.register_irqfd(&evt, COM_IRQS[i]).map_err(kvm_err("KVM_IRQFD"))?;
+        vm.register_irqfd(&evt, COM_IRQS[i])
+            .map_err(kvm_err("KVM_IRQFD"))?;
         let uart = match states.and_then(|s| s.get(i)) {
             Some(state) => Uart::from_state(state, evt, sink).map_err(BuildError::DeviceState)?,
             None => Uart::new(evt, sink),
         };
         uarts.push(uart);
     }
-    Ok((PortIoBus { uarts, i8042: I8042Device::new(ResetTrigger(reset_tx)) }, reset_rx))
+    Ok((
+        PortIoBus {
+            uarts,
+            i8042: I8042Device::new(ResetTrigger(reset_tx)),
+        },
+        reset_rx,
+    ))
 }
 
 /// Creates vCPU `id` of `count` with its CPUID and, on hardware KVM, with
 /// software breakpoints routed to the VMM.
-pub(crate) fn create_configured_vcpu(kvm: &Kvm, vm: &VmFd, kind: KvmKind, id: u8, count: u8) -> Result<VcpuFd, VmError> {
+pub(crate) fn create_configured_vcpu(
+    kvm: &Kvm,
+    vm: &VmFd,
+    kind: KvmKind,
+    id: u8,
+    count: u8,
+) -> Result<VcpuFd, VmError> {
     let vcpu = create_vcpu(vm, id)?;
-    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    vcpu.set_cpuid2(&cpuid::vcpu_cpuid(supported, id, count)).map_err(kvm_err("KVM_SET_CPUID2"))?;
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    vcpu.set_cpuid2(&cpuid::vcpu_cpuid(supported, id, count))
+        .map_err(kvm_err("KVM_SET_CPUID2"))?;
     if kind == KvmKind::Hardware {
-        let dbg = kvm_guest_debug { control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP, ..Default::default() };
-        vcpu.set_guest_debug(&dbg).map_err(kvm_err("KVM_SET_GUEST_DEBUG"))?;
+        let dbg = kvm_guest_debug {
+            control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP,
+            ..Default::default()
+        };
+        vcpu.set_guest_debug(&dbg)
+            .map_err(kvm_err("KVM_SET_GUEST_DEBUG"))?;
     }
     Ok(vcpu)
 }
 
 /// Creates and initialises one vCPU; only the boot processor gets entry
 /// registers, the others wait for INIT/SIPI from the guest.
-fn setup_vcpu(kvm: &Kvm, vm: &VmFd, kind: KvmKind, id: u8, count: u8, entry: u64) -> Result<VcpuFd, VmError> {
+fn setup_vcpu(
+    kvm: &Kvm,
+    vm: &VmFd,
+    kind: KvmKind,
+    id: u8,
+    count: u8,
+    entry: u64,
+) -> Result<VcpuFd, VmError> {
     let vcpu = create_configured_vcpu(kvm, vm, kind, id, count)?;
     let msrs = Msrs::from_entries(&msr::boot_msrs()).expect("boot MSR list fits");
     vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
@@ -331,17 +399,23 @@ fn setup_vcpu(kvm: &Kvm, vm: &VmFd, kind: KvmKind, id: u8, count: u8, entry: u64
     set_lvt(&mut lapic, 0x360, 0x400); // LINT1: NMI
     vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
     if id == 0 {
-        vcpu.set_regs(&regs::boot_regs(entry, BOOT_PARAMS_START)).map_err(kvm_err("KVM_SET_REGS"))?;
+        vcpu.set_regs(&regs::boot_regs(entry, BOOT_PARAMS_START))
+            .map_err(kvm_err("KVM_SET_REGS"))?;
         let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        vcpu.set_sregs(&regs::boot_sregs(sregs)).map_err(kvm_err("KVM_SET_SREGS"))?;
-        vcpu.set_fpu(&regs::boot_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
+        vcpu.set_sregs(&regs::boot_sregs(sregs))
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_fpu(&regs::boot_fpu())
+            .map_err(kvm_err("KVM_SET_FPU"))?;
     }
     Ok(vcpu)
 }
 
 /// Sets the delivery mode of a local APIC LVT register (bits 8..10).
 fn set_lvt(lapic: &mut kvm_bindings::kvm_lapic_state, offset: usize, mode: u32) {
-    let raw: Vec<u8> = lapic.regs[offset..offset + 4].iter().map(|b| *b as u8).collect();
+    let raw: Vec<u8> = lapic.regs[offset..offset + 4]
+        .iter()
+        .map(|b| *b as u8)
+        .collect();
     let v = u32::from_le_bytes(raw.try_into().expect("4 bytes"));
     let v = (v & !0x700) | mode;
     for (i, b) in v.to_le_bytes().iter().enumerate() {

@@ -59,7 +59,10 @@ pub fn shell_quote(arg: &str) -> String {
 pub fn run_request(argv: &[String]) -> String {
     let script: Vec<String> = argv.iter().map(|a| shell_quote(a)).collect();
     let script = format!("{}\n", script.join(" "));
-    format!("RUN {}\n", base64::engine::general_purpose::STANDARD.encode(script))
+    format!(
+        "RUN {}\n",
+        base64::engine::general_purpose::STANDARD.encode(script)
+    )
 }
 
 /// The request line that makes init power the guest off.
@@ -71,20 +74,48 @@ mod tests {
 
     #[test]
     fn parses_protocol_lines() {
-        assert_eq!(ControlMessage::parse("HVTRACE-READY"), ControlMessage::Ready);
-        assert_eq!(ControlMessage::parse("HVTRACE-EXIT 3"), ControlMessage::Exit(3));
-        assert_eq!(ControlMessage::parse("HVTRACE-BOOTED 12.5"), ControlMessage::Booted("12.5".into()));
-        assert_eq!(ControlMessage::parse("HVTRACE-ERROR bad base64"), ControlMessage::Error("bad base64".into()));
-        assert_eq!(ControlMessage::parse("HVTRACE-EXIT x"), ControlMessage::Other("HVTRACE-EXIT x".into()));
+        assert_eq!(
+            ControlMessage::parse("HVTRACE-READY"),
+            ControlMessage::Ready
+        );
+        assert_eq!(
+            ControlMessage::parse("HVTRACE-EXIT 3"),
+            ControlMessage::Exit(3)
+        );
+        assert_eq!(
+            ControlMessage::parse("HVTRACE-BOOTED 12.5"),
+            ControlMessage::Booted("12.5".into())
+        );
+        assert_eq!(
+            ControlMessage::parse("HVTRACE-ERROR bad base64"),
+            ControlMessage::Error("bad base64".into())
+        );
+        assert_eq!(
+            ControlMessage::parse("HVTRACE-EXIT x"),
+            ControlMessage::Other("HVTRACE-EXIT x".into())
+        );
     }
 
     #[test]
     fn run_request_round_trips_through_sh() {
-        let argv: Vec<String> = ["/bin/sh", "-c", "echo it's $((6*7))"].iter().map(|s| s.to_string()).collect();
+        // Quotes, $, spaces and a newline must reach the program unchanged.
+        let argv: Vec<String> = ["printf", "%s|", "it's", "$((6*7))", "a b\nc"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let line = run_request(&argv);
         let b64 = line.strip_prefix("RUN ").unwrap().trim_end();
-        let script = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
-        let out = std::process::Command::new("sh").arg("-c").arg(String::from_utf8(script).unwrap()).output().unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "it's 42\n");
+        let script = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(String::from_utf8(script).unwrap())
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "it's|$((6*7))|a b\nc|"
+        );
     }
 }

@@ -35,7 +35,8 @@ pub fn prepare_initrd(bytes: Vec<u8>, max_size: usize) -> Result<Vec<u8>, Initrd
     let data = if bytes.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         let mut d = flate2::read::MultiGzDecoder::new(&bytes[..]).take(max_size as u64 + 1);
-        d.read_to_end(&mut out).map_err(|e| InitrdError::Gzip(e.to_string()))?;
+        d.read_to_end(&mut out)
+            .map_err(|e| InitrdError::Gzip(e.to_string()))?;
         if out.len() > max_size {
             return Err(InitrdError::TooLarge(max_size >> 20));
         }
@@ -51,7 +52,8 @@ pub fn prepare_initrd(bytes: Vec<u8>, max_size: usize) -> Result<Vec<u8>, Initrd
 
 fn hex_field(h: &[u8], index: usize) -> Result<usize, InitrdError> {
     let start = 6 + index * 8;
-    let s = std::str::from_utf8(&h[start..start + 8]).map_err(|_| InitrdError::Cpio("non-ASCII header".into()))?;
+    let s = std::str::from_utf8(&h[start..start + 8])
+        .map_err(|_| InitrdError::Cpio("non-ASCII header".into()))?;
     usize::from_str_radix(s, 16).map_err(|_| InitrdError::Cpio(format!("bad header field {s:?}")))
 }
 
@@ -70,7 +72,9 @@ pub fn check_cpio(data: &[u8]) -> Result<usize, InitrdError> {
             off += 1; // padding between concatenated archives
             continue;
         }
-        let h = data.get(off..off + HEADER_LEN).ok_or_else(|| InitrdError::Cpio(format!("header at byte {off} is cut off")))?;
+        let h = data
+            .get(off..off + HEADER_LEN)
+            .ok_or_else(|| InitrdError::Cpio(format!("header at byte {off} is cut off")))?;
         if &h[..6] != NEWC_MAGIC && &h[..6] != CRC_MAGIC {
             return Err(InitrdError::Cpio(format!("no cpio header at byte {off}")));
         }
@@ -81,10 +85,14 @@ pub fn check_cpio(data: &[u8]) -> Result<usize, InitrdError> {
             .get(name_start..name_start + namesize)
             .ok_or_else(|| InitrdError::Cpio(format!("name of member at byte {off} is cut off")))?;
         let data_start = align4(name_start + namesize);
-        let data_end = data_start.checked_add(filesize).ok_or_else(|| InitrdError::Cpio("size overflow".into()))?;
+        let data_end = data_start
+            .checked_add(filesize)
+            .ok_or_else(|| InitrdError::Cpio("size overflow".into()))?;
         if data_end > data.len() {
             let n = String::from_utf8_lossy(name.strip_suffix(&[0]).unwrap_or(name)).into_owned();
-            return Err(InitrdError::Cpio(format!("member {n:?} needs {filesize} bytes but the file ends first")));
+            return Err(InitrdError::Cpio(format!(
+                "member {n:?} needs {filesize} bytes but the file ends first"
+            )));
         }
         saw_trailer = name == b"TRAILER!!!\0";
         if !saw_trailer {
@@ -93,7 +101,9 @@ pub fn check_cpio(data: &[u8]) -> Result<usize, InitrdError> {
         off = align4(data_end);
     }
     if !saw_trailer {
-        return Err(InitrdError::Cpio("archive has no TRAILER!!! entry (truncated)".into()));
+        return Err(InitrdError::Cpio(
+            "archive has no TRAILER!!! entry (truncated)".into(),
+        ));
     }
     Ok(members)
 }
@@ -104,11 +114,12 @@ mod tests {
     use std::io::Write;
 
     fn member(name: &str, body: &[u8]) -> Vec<u8> {
-        let mut v = format!(
+        let mut v =
+            format!(
             "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
             1, 0o100644, 0, 0, 1, 0, body.len(), 0, 0, 0, 0, name.len() + 1, 0
         )
-        .into_bytes();
+            .into_bytes();
         v.extend_from_slice(name.as_bytes());
         v.push(0);
         while v.len() % 4 != 0 {
@@ -140,7 +151,13 @@ mod tests {
     fn rejects_truncated_archives() {
         let a = archive();
         for cut in [10, 120, a.len() - 20] {
-            assert!(matches!(prepare_initrd(a[..cut].to_vec(), 1 << 20), Err(InitrdError::Cpio(_))), "cut {cut}");
+            assert!(
+                matches!(
+                    prepare_initrd(a[..cut].to_vec(), 1 << 20),
+                    Err(InitrdError::Cpio(_))
+                ),
+                "cut {cut}"
+            );
         }
         assert_eq!(prepare_initrd(vec![], 1 << 20), Err(InitrdError::Empty));
     }
@@ -151,8 +168,14 @@ mod tests {
         enc.write_all(&archive()).unwrap();
         let gz = enc.finish().unwrap();
         assert_eq!(prepare_initrd(gz.clone(), 1 << 20).unwrap(), archive());
-        assert!(matches!(prepare_initrd(gz[..gz.len() / 2].to_vec(), 1 << 20), Err(InitrdError::Gzip(_))));
-        assert!(matches!(prepare_initrd(gz, 16), Err(InitrdError::TooLarge(_))));
+        assert!(matches!(
+            prepare_initrd(gz[..gz.len() / 2].to_vec(), 1 << 20),
+            Err(InitrdError::Gzip(_))
+        ));
+        assert!(matches!(
+            prepare_initrd(gz, 16),
+            Err(InitrdError::TooLarge(_))
+        ));
     }
 
     #[test]

@@ -17,7 +17,9 @@ use crate::devices::bus::{PortIoBus, CONTROL_UART};
 use crate::kvm_kind::KvmKind;
 use crate::trap::TrapTable;
 use crate::vstate::memory::GuestRam;
-use crate::vstate::vcpu::{install_kick_handler, kick_signal, VcpuCommand, VcpuEvent, VcpuShared, VcpuStats, VcpuThread};
+use crate::vstate::vcpu::{
+    install_kick_handler, kick_signal, VcpuCommand, VcpuEvent, VcpuShared, VcpuStats, VcpuThread,
+};
 
 /// Errors driving a running VM.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +65,17 @@ impl Machine {
         placement: KernelPlacement,
         cmdline: String,
     ) -> Self {
-        Self { kvm, vm, ram, kind, vcpus, bus, reset_rx, placement, cmdline }
+        Self {
+            kvm,
+            vm,
+            ram,
+            kind,
+            vcpus,
+            bus,
+            reset_rx,
+            placement,
+            cmdline,
+        }
     }
 
     /// Guest RAM (to inspect or patch before start).
@@ -78,7 +90,11 @@ impl Machine {
 
     /// Starts with an existing trap table; `pvm_trap_ready` says whether
     /// the PVM page-fault trap is already in guest memory (restore).
-    pub fn start_with(self, traps: Arc<TrapTable>, pvm_trap_ready: bool) -> Result<RunningVm, MachineError> {
+    pub fn start_with(
+        self,
+        traps: Arc<TrapTable>,
+        pvm_trap_ready: bool,
+    ) -> Result<RunningVm, MachineError> {
         install_kick_handler().map_err(MachineError::Thread)?;
         let started = Instant::now();
         let count = self.vcpus.len();
@@ -98,12 +114,22 @@ impl Machine {
         let mut vcpus = Vec::new();
         for (id, fd) in self.vcpus.into_iter().enumerate() {
             let (cmd_tx, cmd_rx) = unbounded();
-            let t = VcpuThread::new(id as u8, fd, shared.clone(), cmd_rx, event_tx.clone(), ack_tx.clone());
+            let t = VcpuThread::new(
+                id as u8,
+                fd,
+                shared.clone(),
+                cmd_rx,
+                event_tx.clone(),
+                ack_tx.clone(),
+            );
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || t.run())
                 .map_err(MachineError::Thread)?;
-            vcpus.push(VcpuHandle { commands: cmd_tx, thread: Some(handle) });
+            vcpus.push(VcpuHandle {
+                commands: cmd_tx,
+                thread: Some(handle),
+            });
         }
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let ticker = if ready.load(Ordering::Relaxed) {
@@ -267,8 +293,13 @@ impl RunningVm {
 
     fn pause_set(&self, ids: &[u8]) -> Result<(), MachineError> {
         for &id in ids {
-            let v = self.vcpus.get(id as usize).ok_or(MachineError::NoSuchVcpu(id))?;
-            v.commands.send(VcpuCommand::Pause).map_err(|_| MachineError::VcpuGone(id))?;
+            let v = self
+                .vcpus
+                .get(id as usize)
+                .ok_or(MachineError::NoSuchVcpu(id))?;
+            v.commands
+                .send(VcpuCommand::Pause)
+                .map_err(|_| MachineError::VcpuGone(id))?;
             self.kick(id);
         }
         let deadline = Instant::now() + PAUSE_TIMEOUT;
@@ -285,8 +316,13 @@ impl RunningVm {
 
     /// Resumes vCPU `id`.
     pub fn resume(&self, id: u8) -> Result<(), MachineError> {
-        let v = self.vcpus.get(id as usize).ok_or(MachineError::NoSuchVcpu(id))?;
-        v.commands.send(VcpuCommand::Resume).map_err(|_| MachineError::VcpuGone(id))
+        let v = self
+            .vcpus
+            .get(id as usize)
+            .ok_or(MachineError::NoSuchVcpu(id))?;
+        v.commands
+            .send(VcpuCommand::Resume)
+            .map_err(|_| MachineError::VcpuGone(id))
     }
 
     /// Resumes every vCPU.
@@ -295,13 +331,22 @@ impl RunningVm {
     }
 
     /// Runs `f` on paused vCPU `id`'s thread and returns its result.
-    pub fn with_vcpu<R: Send + 'static>(&self, id: u8, f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static) -> Result<R, MachineError> {
-        let v = self.vcpus.get(id as usize).ok_or(MachineError::NoSuchVcpu(id))?;
+    pub fn with_vcpu<R: Send + 'static>(
+        &self,
+        id: u8,
+        f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
+    ) -> Result<R, MachineError> {
+        let v = self
+            .vcpus
+            .get(id as usize)
+            .ok_or(MachineError::NoSuchVcpu(id))?;
         let (tx, rx) = bounded(1);
         let job: Box<dyn FnOnce(&mut VcpuFd) + Send> = Box::new(move |fd| {
             let _ = tx.send(f(fd));
         });
-        v.commands.send(VcpuCommand::Exec(job)).map_err(|_| MachineError::VcpuGone(id))?;
+        v.commands
+            .send(VcpuCommand::Exec(job))
+            .map_err(|_| MachineError::VcpuGone(id))?;
         rx.recv().map_err(|_| MachineError::VcpuGone(id))
     }
 

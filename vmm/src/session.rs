@@ -152,7 +152,10 @@ impl SessionWiring {
     /// Wires `outputs` to the four UARTs.
     pub fn new(outputs: Outputs) -> Self {
         let progress = Arc::new(Mutex::new(Instant::now()));
-        let timings = Arc::new(Mutex::new(Timings { start: Some(Instant::now()), first_output: None }));
+        let timings = Arc::new(Mutex::new(Timings {
+            start: Some(Instant::now()),
+            first_output: None,
+        }));
         let console = ConsoleLog::default();
         let (tx, rx): (Sender<ControlMessage>, Receiver<ControlMessage>) = unbounded();
         let p = progress.clone();
@@ -161,12 +164,30 @@ impl SessionWiring {
             let _ = tx.send(ControlMessage::parse(line));
         });
         let sinks = Sinks {
-            console: Box::new(ConsoleSink { log: console.clone(), echo: outputs.console_echo, progress: progress.clone() }),
+            console: Box::new(ConsoleSink {
+                log: console.clone(),
+                echo: outputs.console_echo,
+                progress: progress.clone(),
+            }),
             control: Box::new(control),
-            stdout: Box::new(TimedSink { inner: outputs.stdout, timings: timings.clone(), progress: progress.clone() }),
-            stderr: Box::new(TimedSink { inner: outputs.stderr, timings: timings.clone(), progress: progress.clone() }),
+            stdout: Box::new(TimedSink {
+                inner: outputs.stdout,
+                timings: timings.clone(),
+                progress: progress.clone(),
+            }),
+            stderr: Box::new(TimedSink {
+                inner: outputs.stderr,
+                timings: timings.clone(),
+                progress: progress.clone(),
+            }),
         };
-        Self { sinks, control: rx, console, progress, timings }
+        Self {
+            sinks,
+            control: rx,
+            console,
+            progress,
+            timings,
+        }
     }
 }
 
@@ -193,11 +214,23 @@ impl Session {
     }
 
     /// Builds and starts a VM for `config`.
-    pub fn boot(config: &VmConfig, outputs: Outputs, stall_timeout: Duration) -> Result<Self, SessionError> {
+    pub fn boot(
+        config: &VmConfig,
+        outputs: Outputs,
+        stall_timeout: Duration,
+    ) -> Result<Self, SessionError> {
         let wiring = SessionWiring::new(outputs);
         let (sinks, rest) = wiring.split();
         let machine = build(config, sinks)?;
         let vm = machine.start()?;
+        let p = vm.placement();
+        log::info!(
+            "kernel at physical {:#x}, virtual KASLR offset {:#x}, entry {:#x}; cmdline: {}",
+            p.phys_start,
+            p.virt_offset,
+            p.entry,
+            vm.cmdline()
+        );
         Ok(rest.attach(vm, stall_timeout))
     }
 
@@ -213,7 +246,10 @@ impl Session {
 
     /// Session timings.
     pub fn timings(&self) -> Timings {
-        self.timings.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.timings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// `HVTRACE-ERROR` lines init printed that no request caused.
@@ -228,16 +264,23 @@ impl Session {
     }
 
     fn maybe_sample_rip(&mut self) {
-        let Some((period, last)) = self.rip_sampling else { return };
+        let Some((period, last)) = self.rip_sampling else {
+            return;
+        };
         if last.elapsed() < period {
             return;
         }
         self.rip_sampling = Some((period, Instant::now()));
         if self.vm.pause(0).is_ok() {
-            let regs = self.vm.with_vcpu(0, |fd| (fd.get_regs().ok(), fd.get_sregs().ok()));
+            let regs = self
+                .vm
+                .with_vcpu(0, |fd| (fd.get_regs().ok(), fd.get_sregs().ok()));
             let _ = self.vm.resume(0);
             if let Ok((Some(r), Some(s))) = regs {
-                eprintln!("[rip-sample] rip={:#x} rsp={:#x} cr3={:#x} cs={:#x}", r.rip, r.rsp, s.cr3, s.cs.selector);
+                eprintln!(
+                    "[rip-sample] rip={:#x} rsp={:#x} cr3={:#x} cs={:#x}",
+                    r.rip, r.rsp, s.cr3, s.cs.selector
+                );
             }
         }
     }
@@ -250,13 +293,30 @@ impl Session {
 
     fn vm_ended(&self, event: VmEvent, during: &'static str) -> SessionError {
         let tail = self.console.tail(30);
-        if let Some(line) = self.console.text().lines().find(|l| l.contains("Kernel panic - not syncing")) {
+        if let Some(line) = self
+            .console
+            .text()
+            .lines()
+            .find(|l| l.contains("Kernel panic - not syncing"))
+        {
             return SessionError::Panic(format!("{}\nlast console lines:\n{tail}", line.trim()));
         }
         match event {
-            VmEvent::Vcpu(VcpuEvent::Failed(vcpu, message)) => SessionError::VcpuFailed { vcpu, message, tail },
-            VmEvent::Vcpu(VcpuEvent::PowerOff(_)) => SessionError::Ended { what: "powered off", during, tail },
-            _ => SessionError::Ended { what: "reset itself", during, tail },
+            VmEvent::Vcpu(VcpuEvent::Failed(vcpu, message)) => SessionError::VcpuFailed {
+                vcpu,
+                message,
+                tail,
+            },
+            VmEvent::Vcpu(VcpuEvent::PowerOff(_)) => SessionError::Ended {
+                what: "powered off",
+                during,
+                tail,
+            },
+            _ => SessionError::Ended {
+                what: "reset itself",
+                during,
+                tail,
+            },
         }
     }
 
@@ -274,10 +334,34 @@ impl Session {
                 }
             }
             self.maybe_sample_rip();
-            let idle = self.last_progress.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+            let idle = self
+                .last_progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .elapsed();
             if idle > self.stall_timeout {
-                return Err(SessionError::Stalled(self.stall_timeout, during, self.console.tail(30)));
+                return Err(SessionError::Stalled(
+                    self.stall_timeout,
+                    during,
+                    self.console.tail(30),
+                ));
             }
+        }
+    }
+
+    /// Returns an error if the VM has ended (reset, power-off, vCPU failure);
+    /// otherwise drains control messages. For long-running VMs.
+    pub fn check_running(&mut self) -> Result<(), SessionError> {
+        while let Ok(m) = self.control.try_recv() {
+            match m {
+                ControlMessage::Ready => self.ready = true,
+                ControlMessage::Error(e) => self.unexpected_errors.push(e),
+                _ => {}
+            }
+        }
+        match self.vm.next_event(Duration::from_millis(1)) {
+            Some(VmEvent::Vcpu(VcpuEvent::Finished(_))) | None => Ok(()),
+            Some(ev) => Err(self.vm_ended(ev, "the VM was asked to stop")),
         }
     }
 
@@ -309,7 +393,9 @@ impl Session {
 
     /// Stops the VM (restoring every byte the VMM patched).
     pub fn shutdown(self) -> RunningVmParts {
-        RunningVmParts { _fds: self.vm.shutdown() }
+        RunningVmParts {
+            _fds: self.vm.shutdown(),
+        }
     }
 
     /// Gives up the session, returning the VM (for snapshots).
@@ -334,7 +420,15 @@ pub struct WiringRest {
 impl SessionWiring {
     /// Separates the sinks (for the builder) from the rest.
     pub fn split(self) -> (Sinks, WiringRest) {
-        (self.sinks, WiringRest { control: self.control, console: self.console, progress: self.progress, timings: self.timings })
+        (
+            self.sinks,
+            WiringRest {
+                control: self.control,
+                console: self.console,
+                progress: self.progress,
+                timings: self.timings,
+            },
+        )
     }
 }
 

@@ -1,3 +1,5 @@
 //! One module per subcommand.
 
+pub mod boot;
 pub mod run;
+pub mod snapshot;

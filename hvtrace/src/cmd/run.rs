@@ -13,7 +13,8 @@ use vmm::session::{Outputs, Session};
 use crate::{artifacts, snapcache};
 
 /// Default kernel command line; the VMM adds what the KVM kind needs.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 printk.time=1 tsc=reliable lpj=2000000";
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 printk.time=1 tsc=reliable lpj=2000000";
 
 /// How to define a guest (shared by `run` and `boot`).
 #[derive(Args, Debug, Clone)]
@@ -49,14 +50,24 @@ impl GuestArgs {
     /// kernel and image on first use).
     pub fn config(&self) -> Result<VmConfig> {
         let kernel = artifacts::kernel(self.kernel.as_deref())?;
-        let initrds = if self.initrd.is_empty() { vec![artifacts::default_image()?] } else { self.initrd.clone() };
+        let initrds = if self.initrd.is_empty() {
+            vec![artifacts::default_image()?]
+        } else {
+            self.initrd.clone()
+        };
         Ok(VmConfig {
             kernel,
             initrds,
-            cmdline: format!("{DEFAULT_CMDLINE} {}", self.cmdline).trim().to_string(),
+            cmdline: format!("{DEFAULT_CMDLINE} {}", self.cmdline)
+                .trim()
+                .to_string(),
             memory_mib: self.memory,
             cpus: self.cpus,
-            kaslr: if self.no_kaslr { Kaslr::Off } else { Kaslr::Auto },
+            kaslr: if self.no_kaslr {
+                Kaslr::Off
+            } else {
+                Kaslr::Auto
+            },
         })
     }
 
@@ -65,7 +76,11 @@ impl GuestArgs {
         Outputs {
             stdout: Box::new(std::io::stdout()),
             stderr: Box::new(std::io::stderr()),
-            console_echo: if self.verbose { Some(Box::new(std::io::stderr())) } else { None },
+            console_echo: if self.verbose {
+                Some(Box::new(std::io::stderr()))
+            } else {
+                None
+            },
         }
     }
 }
@@ -116,7 +131,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
     Ok(code)
 }
 
-fn boot_and_cache(args: &RunArgs, config: &VmConfig, key: &str, cached: &std::path::Path, stall: Duration) -> Result<Session> {
+fn boot_and_cache(
+    args: &RunArgs,
+    config: &VmConfig,
+    key: &str,
+    cached: &std::path::Path,
+    stall: Duration,
+) -> Result<Session> {
     let mut session = Session::boot(config, args.guest.outputs(), stall)?;
     if let Some(secs) = args.sample_rip {
         session.sample_rip_every(Duration::from_secs(secs));

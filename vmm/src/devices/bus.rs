@@ -38,7 +38,9 @@ pub struct PortIoBus {
 impl PortIoBus {
     /// The UART whose 8 registers include `port`, with the register offset.
     fn uart_at(&mut self, port: u16) -> Option<(&mut Uart, u8)> {
-        let i = COM_PORTS.iter().position(|b| (*b..*b + 8).contains(&port))?;
+        let i = COM_PORTS
+            .iter()
+            .position(|b| (*b..*b + 8).contains(&port))?;
         let offset = (port - COM_PORTS[i]) as u8;
         self.uarts.get_mut(i).map(|u| (u, offset))
     }

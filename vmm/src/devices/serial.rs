@@ -37,7 +37,10 @@ pub struct Uart {
 impl Uart {
     /// A UART raising `irq` and writing to `sink`.
     pub fn new(irq: EventFd, sink: Sink) -> Self {
-        Self { serial: Serial::new(IrqFdTrigger(irq), sink), pending_input: VecDeque::new() }
+        Self {
+            serial: Serial::new(IrqFdTrigger(irq), sink),
+            pending_input: VecDeque::new(),
+        }
     }
 
     /// Queues bytes for the guest to read; they enter the FIFO as it drains.
@@ -120,8 +123,12 @@ impl Uart {
             scratch: r[8],
             in_buffer: state.fifo.clone(),
         };
-        let serial = Serial::from_state(&s, IrqFdTrigger(irq), NoEvents, sink).map_err(|e| format!("{e:?}"))?;
-        Ok(Self { serial, pending_input: state.pending_input.iter().copied().collect() })
+        let serial = Serial::from_state(&s, IrqFdTrigger(irq), NoEvents, sink)
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(Self {
+            serial,
+            pending_input: state.pending_input.iter().copied().collect(),
+        })
     }
 }
 
@@ -134,7 +141,10 @@ pub struct LineSink<F: FnMut(&str) + Send> {
 impl<F: FnMut(&str) + Send> LineSink<F> {
     /// A sink calling `on_line` for every complete line (without the newline).
     pub fn new(on_line: F) -> Self {
-        Self { buf: Vec::new(), on_line }
+        Self {
+            buf: Vec::new(),
+            on_line,
+        }
     }
 }
 
@@ -142,7 +152,9 @@ impl<F: FnMut(&str) + Send> Write for LineSink<F> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         for &b in data {
             if b == b'\n' {
-                let line = String::from_utf8_lossy(&self.buf).trim_end_matches('\r').to_string();
+                let line = String::from_utf8_lossy(&self.buf)
+                    .trim_end_matches('\r')
+                    .to_string();
                 (self.on_line)(&line);
                 self.buf.clear();
             } else if self.buf.len() < 64 * 1024 {
@@ -196,7 +208,10 @@ mod tests {
         let mut s = LineSink::new(move |l: &str| g.lock().unwrap().push(l.to_string()));
         s.write_all(b"HVTRACE-READY\r\nHVTRACE-EX").unwrap();
         s.write_all(b"IT 3\npartial").unwrap();
-        assert_eq!(*got.lock().unwrap(), vec!["HVTRACE-READY", "HVTRACE-EXIT 3"]);
+        assert_eq!(
+            *got.lock().unwrap(),
+            vec!["HVTRACE-READY", "HVTRACE-EXIT 3"]
+        );
     }
 
     #[test]

@@ -58,8 +58,15 @@ pub enum FormatError {
 }
 
 /// Writes a snapshot: `state` (already encoded) and the memory `regions`.
-pub fn write_snapshot(out: &mut impl Write, state: &[u8], regions: &[&[u8]]) -> Result<(), FormatError> {
-    let mut w = CrcWriter { inner: out, crc: crc32fast::Hasher::new() };
+pub fn write_snapshot(
+    out: &mut impl Write,
+    state: &[u8],
+    regions: &[&[u8]],
+) -> Result<(), FormatError> {
+    let mut w = CrcWriter {
+        inner: out,
+        crc: crc32fast::Hasher::new(),
+    };
     w.write_all(MAGIC)?;
     w.write_all(&FORMAT_VERSION.to_le_bytes())?;
     w.write_all(&0u32.to_le_bytes())?;
@@ -115,11 +122,16 @@ pub fn read_snapshot(input: &mut impl Read) -> Result<SnapshotFile, FormatError>
     }
     body.truncate(crc_at);
     let state_len = u64::from_le_bytes(body[16..24].try_into().expect("8 bytes"));
-    let state_end = 24usize.checked_add(usize::try_from(state_len).map_err(|_| FormatError::Truncated("state"))?)
+    let state_end = 24usize
+        .checked_add(usize::try_from(state_len).map_err(|_| FormatError::Truncated("state"))?)
         .filter(|e| *e <= body.len())
         .ok_or(FormatError::Truncated("state"))?;
     let state = body[24..state_end].to_vec();
-    Ok(SnapshotFile { state, body, memory_start: state_end })
+    Ok(SnapshotFile {
+        state,
+        body,
+        memory_start: state_end,
+    })
 }
 
 impl SnapshotFile {
@@ -130,7 +142,9 @@ impl SnapshotFile {
         let body = &self.body;
         for region in regions.iter_mut() {
             let pages = region.len().div_ceil(PAGE);
-            let bitmap = body.get(off..off + pages.div_ceil(8)).ok_or_else(|| FormatError::Memory("bitmap cut short".into()))?;
+            let bitmap = body
+                .get(off..off + pages.div_ceil(8))
+                .ok_or_else(|| FormatError::Memory("bitmap cut short".into()))?;
             off += bitmap.len();
             for i in 0..pages {
                 if bitmap[i / 8] & (1 << (i % 8)) == 0 {
@@ -138,13 +152,18 @@ impl SnapshotFile {
                 }
                 let start = i * PAGE;
                 let len = PAGE.min(region.len() - start);
-                let src = body.get(off..off + len).ok_or_else(|| FormatError::Memory("page data cut short".into()))?;
+                let src = body
+                    .get(off..off + len)
+                    .ok_or_else(|| FormatError::Memory("page data cut short".into()))?;
                 region[start..start + len].copy_from_slice(src);
                 off += len;
             }
         }
         if off != body.len() {
-            return Err(FormatError::Memory(format!("{} bytes left over after the last region", body.len() - off)));
+            return Err(FormatError::Memory(format!(
+                "{} bytes left over after the last region",
+                body.len() - off
+            )));
         }
         Ok(())
     }
@@ -206,13 +225,28 @@ mod tests {
         let file = encode();
         let mut bad = file.clone();
         bad[40] ^= 1;
-        assert!(matches!(read_snapshot(&mut &bad[..]), Err(FormatError::Checksum { .. })));
-        assert!(matches!(read_snapshot(&mut &file[..file.len() - 10][..]), Err(FormatError::Checksum { .. })));
-        assert!(matches!(read_snapshot(&mut &b"ELF\x7f....."[..]), Err(FormatError::BadMagic)));
-        assert!(matches!(read_snapshot(&mut &file[..12]), Err(FormatError::Truncated(_))));
+        assert!(matches!(
+            read_snapshot(&mut &bad[..]),
+            Err(FormatError::Checksum { .. })
+        ));
+        assert!(matches!(
+            read_snapshot(&mut &file[..file.len() - 10][..]),
+            Err(FormatError::Checksum { .. })
+        ));
+        assert!(matches!(
+            read_snapshot(&mut &b"ELF\x7f....."[..]),
+            Err(FormatError::BadMagic)
+        ));
+        assert!(matches!(
+            read_snapshot(&mut &file[..12]),
+            Err(FormatError::Truncated(_))
+        ));
         let mut v2 = file.clone();
         v2[8] = 2;
-        assert!(matches!(read_snapshot(&mut &v2[..]), Err(FormatError::Version { found: 2 })));
+        assert!(matches!(
+            read_snapshot(&mut &v2[..]),
+            Err(FormatError::Version { found: 2 })
+        ));
     }
 
     #[test]
@@ -220,7 +254,10 @@ mod tests {
         let file = encode();
         let snap = read_snapshot(&mut &file[..]).unwrap();
         let mut a = vec![0u8; PAGE];
-        assert!(matches!(snap.fill_memory(&mut [&mut a]), Err(FormatError::Memory(_))));
+        assert!(matches!(
+            snap.fill_memory(&mut [&mut a]),
+            Err(FormatError::Memory(_))
+        ));
         let mut big = vec![0u8; 64 * PAGE];
         let mut b = vec![0u8; 64 * PAGE];
         assert!(snap.fill_memory(&mut [&mut big, &mut b]).is_err());
@@ -233,6 +270,9 @@ mod tests {
         let n = file.len() - 4;
         let crc = crc32fast::hash(&file[..n]);
         file[n..].copy_from_slice(&crc.to_le_bytes());
-        assert!(matches!(read_snapshot(&mut &file[..]), Err(FormatError::Truncated(_))));
+        assert!(matches!(
+            read_snapshot(&mut &file[..]),
+            Err(FormatError::Truncated(_))
+        ));
     }
 }

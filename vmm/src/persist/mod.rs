@@ -57,22 +57,39 @@ pub fn save(vm: &RunningVm, path: &Path, label: &str) -> Result<u64, SnapshotErr
 }
 
 fn save_paused(vm: &RunningVm, path: &Path, label: &str) -> Result<u64, SnapshotError> {
-    let fmt_err = |source| SnapshotError::Format { path: path.display().to_string(), source };
-    let indices: Vec<u32> = kvm_ioctls::Kvm::new()
-        .and_then(|k| k.get_msr_index_list())
+    let fmt_err = |source| SnapshotError::Format {
+        path: path.display().to_string(),
+        source,
+    };
+    let indices: Vec<u32> = open_kvm()
+        .map_err(BuildError::from)?
+        .get_msr_index_list()
         .map_err(|e| SnapshotError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?
         .as_slice()
         .to_vec();
     let mut vcpus = Vec::new();
     for id in 0..vm.vcpu_count() {
         let idx = indices.clone();
-        let s = vm.with_vcpu(id, move |fd| capture_vcpu(fd, &idx))?.map_err(|e| SnapshotError::Kvm("vCPU state", e))?;
+        let s = vm
+            .with_vcpu(id, move |fd| capture_vcpu(fd, &idx))?
+            .map_err(|e| SnapshotError::Kvm("vCPU state", e))?;
         vcpus.push(s);
     }
-    let (irqchips, pit, clock) = capture_vm(vm.vm_fd()).map_err(|e| SnapshotError::Kvm("VM state", e))?;
-    let uarts = vm.bus().lock().unwrap_or_else(|e| e.into_inner()).uarts.iter().map(|u| u.state()).collect();
+    let (irqchips, pit, clock) =
+        capture_vm(vm.vm_fd()).map_err(|e| SnapshotError::Kvm("VM state", e))?;
+    let uarts = vm
+        .bus()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .uarts
+        .iter()
+        .map(|u| u.state())
+        .collect();
     let removed = vm.traps().remove_all(vm.ram());
-    let pvm_trap = removed.iter().find(|t| matches!(t.owner, TrapOwner::PvmPageFaultEntry)).map(|t| (t.va, t.pa));
+    let pvm_trap = removed
+        .iter()
+        .find(|t| matches!(t.owner, TrapOwner::PvmPageFaultEntry))
+        .map(|t| (t.va, t.pa));
     let state = MachineState {
         label: label.to_string(),
         kind: vm.kind(),
@@ -124,28 +141,55 @@ pub struct Restored {
 
 /// Restores a snapshot into a new VM. With `expected_label`, a snapshot
 /// saved under another label is refused.
-pub fn restore(path: &Path, sinks: Sinks, expected_label: Option<&str>) -> Result<Restored, SnapshotError> {
+pub fn restore(
+    path: &Path,
+    sinks: Sinks,
+    expected_label: Option<&str>,
+) -> Result<Restored, SnapshotError> {
     let p = path.display().to_string();
-    let fmt_err = |source| SnapshotError::Format { path: p.clone(), source };
-    let mut f = std::io::BufReader::new(std::fs::File::open(path).map_err(|e| fmt_err(FormatError::Io(e)))?);
+    let fmt_err = |source| SnapshotError::Format {
+        path: p.clone(),
+        source,
+    };
+    let mut f = std::io::BufReader::new(
+        std::fs::File::open(path).map_err(|e| fmt_err(FormatError::Io(e)))?,
+    );
     let file = read_snapshot(&mut f).map_err(fmt_err)?;
-    let state: MachineState =
-        bincode::deserialize(&file.state).map_err(|e| fmt_err(FormatError::State(e.to_string())))?;
-    let mismatch = |what: String| SnapshotError::Mismatch { path: p.clone(), what };
+    let state: MachineState = bincode::deserialize(&file.state)
+        .map_err(|e| fmt_err(FormatError::State(e.to_string())))?;
+    let mismatch = |what: String| SnapshotError::Mismatch {
+        path: p.clone(),
+        what,
+    };
     if let Some(want) = expected_label {
         if state.label != want {
-            return Err(mismatch(format!("saved for {:?}, wanted {:?}", state.label, want)));
+            return Err(mismatch(format!(
+                "saved for {:?}, wanted {:?}",
+                state.label, want
+            )));
         }
     }
     let kind = crate::kvm_kind::KvmKind::detect();
     if state.kind != kind {
-        return Err(mismatch(format!("saved on {}, this host has {}", state.kind.name(), kind.name())));
+        return Err(mismatch(format!(
+            "saved on {}, this host has {}",
+            state.kind.name(),
+            kind.name()
+        )));
     }
-    if state.vcpus.is_empty() || state.vcpus.len() > crate::builder::MAX_CPUS as usize || state.uarts.len() != 4 {
-        return Err(fmt_err(FormatError::State("vCPU or device count out of range".into())));
+    if state.vcpus.is_empty()
+        || state.vcpus.len() > crate::builder::MAX_CPUS as usize
+        || state.uarts.len() != 4
+    {
+        return Err(fmt_err(FormatError::State(
+            "vCPU or device count out of range".into(),
+        )));
     }
     if state.memory_size < (crate::builder::MIN_MEMORY_MIB << 20) || state.memory_size > (1 << 40) {
-        return Err(fmt_err(FormatError::State(format!("implausible memory size {}", state.memory_size))));
+        return Err(fmt_err(FormatError::State(format!(
+            "implausible memory size {}",
+            state.memory_size
+        ))));
     }
     let kvm = open_kvm().map_err(BuildError::from)?;
     let ram = GuestRam::new(state.memory_size).map_err(BuildError::from)?;
@@ -160,11 +204,13 @@ pub fn restore(path: &Path, sinks: Sinks, expected_label: Option<&str>) -> Resul
     }
     drop(file);
     let vm = create_vm(&kvm, &ram).map_err(BuildError::from)?;
-    restore_vm(&vm, &state.irqchips, &state.pit, &state.clock).map_err(|(w, e)| SnapshotError::Kvm(w, e))?;
+    restore_vm(&vm, &state.irqchips, &state.pit, &state.clock)
+        .map_err(|(w, e)| SnapshotError::Kvm(w, e))?;
     let count = state.vcpus.len() as u8;
     let mut vcpus = Vec::new();
     for (id, s) in state.vcpus.iter().enumerate() {
-        let fd = create_configured_vcpu(&kvm, &vm, kind, id as u8, count).map_err(BuildError::from)?;
+        let fd =
+            create_configured_vcpu(&kvm, &vm, kind, id as u8, count).map_err(BuildError::from)?;
         restore_vcpu(&fd, s).map_err(|(w, e)| SnapshotError::Kvm(w, e))?;
         vcpus.push(fd);
     }
@@ -175,6 +221,20 @@ pub fn restore(path: &Path, sinks: Sinks, expected_label: Option<&str>) -> Resul
             .plant(&ram, va, pa, TrapOwner::PvmPageFaultEntry)
             .map_err(|e| fmt_err(FormatError::State(format!("PVM trap address: {e}"))))?;
     }
-    let machine = Machine::new(kvm, vm, ram, kind, vcpus, Arc::new(Mutex::new(bus)), reset_rx, state.placement, state.cmdline);
-    Ok(Restored { machine, traps, label: state.label })
+    let machine = Machine::new(
+        kvm,
+        vm,
+        ram,
+        kind,
+        vcpus,
+        Arc::new(Mutex::new(bus)),
+        reset_rx,
+        state.placement,
+        state.cmdline,
+    );
+    Ok(Restored {
+        machine,
+        traps,
+        label: state.label,
+    })
 }

@@ -2,8 +2,9 @@
 //! FPU, MSRs, LAPIC, events), in-kernel irqchip, PIT, clock, and devices.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, Msrs,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 
@@ -68,7 +69,13 @@ pub struct MachineState {
 pub fn capture_vcpu(fd: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, kvm_ioctls::Error> {
     let mut msrs = Vec::new();
     for chunk in msr_indices.chunks(64) {
-        let entries: Vec<kvm_msr_entry> = chunk.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let entries: Vec<kvm_msr_entry> = chunk
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
         let mut m = Msrs::from_entries(&entries).expect("64 entries fit");
         let n = fd.get_msrs(&mut m)?;
         if n == chunk.len() {
@@ -76,7 +83,11 @@ pub fn capture_vcpu(fd: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, kvm_i
         } else {
             // Some MSR in this chunk is not readable: go one by one.
             for &index in chunk {
-                let mut one = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }]).expect("1 entry");
+                let mut one = Msrs::from_entries(&[kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                }])
+                .expect("1 entry");
                 if fd.get_msrs(&mut one).unwrap_or(0) == 1 {
                     msrs.push((index, one.as_slice()[0].data));
                 }
@@ -98,30 +109,48 @@ pub fn capture_vcpu(fd: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, kvm_i
 
 /// Writes a vCPU's state back (CPUID must already be set).
 pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), (&'static str, kvm_ioctls::Error)> {
-    fd.set_mp_state(s.mp_state).map_err(|e| ("KVM_SET_MP_STATE", e))?;
+    fd.set_mp_state(s.mp_state)
+        .map_err(|e| ("KVM_SET_MP_STATE", e))?;
     fd.set_regs(&s.regs).map_err(|e| ("KVM_SET_REGS", e))?;
     fd.set_sregs(&s.sregs).map_err(|e| ("KVM_SET_SREGS", e))?;
     fd.set_fpu(&s.fpu).map_err(|e| ("KVM_SET_FPU", e))?;
     if let Some(x) = &s.xcrs {
         fd.set_xcrs(x).map_err(|e| ("KVM_SET_XCRS", e))?;
     }
-    fd.set_debug_regs(&s.debugregs).map_err(|e| ("KVM_SET_DEBUGREGS", e))?;
+    fd.set_debug_regs(&s.debugregs)
+        .map_err(|e| ("KVM_SET_DEBUGREGS", e))?;
     fd.set_lapic(&s.lapic).map_err(|e| ("KVM_SET_LAPIC", e))?;
     for chunk in s.msrs.chunks(64) {
-        let entries: Vec<kvm_msr_entry> =
-            chunk.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
+        let entries: Vec<kvm_msr_entry> = chunk
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
         let m = Msrs::from_entries(&entries).expect("64 entries fit");
         fd.set_msrs(&m).map_err(|e| ("KVM_SET_MSRS", e))?;
     }
-    fd.set_vcpu_events(&s.events).map_err(|e| ("KVM_SET_VCPU_EVENTS", e))?;
+    fd.set_vcpu_events(&s.events)
+        .map_err(|e| ("KVM_SET_VCPU_EVENTS", e))?;
     Ok(())
 }
 
 /// Reads the in-kernel irqchip, PIT and clock.
-pub fn capture_vm(vm: &VmFd) -> Result<(Vec<kvm_irqchip>, kvm_pit_state2, kvm_clock_data), kvm_ioctls::Error> {
+pub fn capture_vm(
+    vm: &VmFd,
+) -> Result<(Vec<kvm_irqchip>, kvm_pit_state2, kvm_clock_data), kvm_ioctls::Error> {
     let mut chips = Vec::new();
-    for chip_id in [KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC] {
-        let mut c = kvm_irqchip { chip_id, ..Default::default() };
+    for chip_id in [
+        KVM_IRQCHIP_PIC_MASTER,
+        KVM_IRQCHIP_PIC_SLAVE,
+        KVM_IRQCHIP_IOAPIC,
+    ] {
+        let mut c = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
         vm.get_irqchip(&mut c)?;
         chips.push(c);
     }
@@ -129,7 +158,12 @@ pub fn capture_vm(vm: &VmFd) -> Result<(Vec<kvm_irqchip>, kvm_pit_state2, kvm_cl
 }
 
 /// Writes the in-kernel irqchip, PIT and clock back.
-pub fn restore_vm(vm: &VmFd, chips: &[kvm_irqchip], pit: &kvm_pit_state2, clock: &kvm_clock_data) -> Result<(), (&'static str, kvm_ioctls::Error)> {
+pub fn restore_vm(
+    vm: &VmFd,
+    chips: &[kvm_irqchip],
+    pit: &kvm_pit_state2,
+    clock: &kvm_clock_data,
+) -> Result<(), (&'static str, kvm_ioctls::Error)> {
     vm.set_pit2(pit).map_err(|e| ("KVM_SET_PIT2", e))?;
     let mut clock = *clock;
     // Only the clock value is restored; KVM rejects flags it did not report.
@@ -149,7 +183,12 @@ mod fpu_bytes {
     pub fn serialize<S: Serializer>(fpu: &kvm_fpu, s: S) -> Result<S::Ok, S::Error> {
         // SAFETY: kvm_fpu is a repr(C) struct of integers and byte arrays
         // with no padding-dependent invariants; viewing it as bytes is sound.
-        let bytes = unsafe { std::slice::from_raw_parts((fpu as *const kvm_fpu).cast::<u8>(), std::mem::size_of::<kvm_fpu>()) };
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (fpu as *const kvm_fpu).cast::<u8>(),
+                std::mem::size_of::<kvm_fpu>(),
+            )
+        };
         bytes.serialize(s)
     }
 
@@ -161,7 +200,13 @@ mod fpu_bytes {
         let mut fpu = kvm_fpu::default();
         // SAFETY: the sizes match and every bit pattern is a valid kvm_fpu
         // (it holds only integers and byte arrays).
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut fpu as *mut kvm_fpu).cast::<u8>(), bytes.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                (&mut fpu as *mut kvm_fpu).cast::<u8>(),
+                bytes.len(),
+            )
+        };
         Ok(fpu)
     }
 }

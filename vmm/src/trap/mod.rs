@@ -95,7 +95,13 @@ impl TrapTable {
     /// Plants `int3` at `va` (physical `pa`), remembering the displaced byte.
     /// A single-byte write is atomic with respect to the other vCPUs: they
     /// see either the old instruction or the trap, never half of either.
-    pub fn plant(&self, ram: &GuestRam, va: u64, pa: u64, owner: TrapOwner) -> Result<(), TrapError> {
+    pub fn plant(
+        &self,
+        ram: &GuestRam,
+        va: u64,
+        pa: u64,
+        owner: TrapOwner,
+    ) -> Result<(), TrapError> {
         let mut traps = self.traps.lock().unwrap_or_else(|e| e.into_inner());
         if traps.contains_key(&va) {
             return Err(TrapError::AlreadyPlanted(va));
@@ -103,14 +109,24 @@ impl TrapTable {
         let mut original = [0u8];
         ram.read(pa, &mut original)?;
         ram.write(pa, &[INT3])?;
-        traps.insert(va, Trap { va, pa, original: original[0], owner });
+        traps.insert(
+            va,
+            Trap {
+                va,
+                pa,
+                original: original[0],
+                owner,
+            },
+        );
         Ok(())
     }
 
     /// Removes the trap at `va`, restoring the original byte.
     pub fn remove(&self, ram: &GuestRam, va: u64) -> Result<Option<Trap>, TrapError> {
         let mut traps = self.traps.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(t) = traps.remove(&va) else { return Ok(None) };
+        let Some(t) = traps.remove(&va) else {
+            return Ok(None);
+        };
         ram.write(t.pa, &[t.original])?;
         Ok(Some(t))
     }
@@ -172,14 +188,31 @@ mod tests {
         let ram = GuestRam::new(1 << 20).unwrap();
         ram.write(0x5000, &[0xfc]).unwrap();
         let t = TrapTable::default();
-        t.plant(&ram, 0xffff_ffff_8100_5000, 0x5000, TrapOwner::PvmPageFaultEntry).unwrap();
+        t.plant(
+            &ram,
+            0xffff_ffff_8100_5000,
+            0x5000,
+            TrapOwner::PvmPageFaultEntry,
+        )
+        .unwrap();
         let mut b = [0u8];
         ram.read(0x5000, &mut b).unwrap();
         assert_eq!(b[0], INT3);
-        assert!(matches!(t.classify(0xffff_ffff_8100_5000), Breakpoint::Ours(_)));
-        assert!(matches!(t.classify(0xffff_ffff_8100_5001), Breakpoint::GuestOwned));
         assert!(matches!(
-            t.plant(&ram, 0xffff_ffff_8100_5000, 0x5000, TrapOwner::PvmPageFaultEntry),
+            t.classify(0xffff_ffff_8100_5000),
+            Breakpoint::Ours(_)
+        ));
+        assert!(matches!(
+            t.classify(0xffff_ffff_8100_5001),
+            Breakpoint::GuestOwned
+        ));
+        assert!(matches!(
+            t.plant(
+                &ram,
+                0xffff_ffff_8100_5000,
+                0x5000,
+                TrapOwner::PvmPageFaultEntry
+            ),
             Err(TrapError::AlreadyPlanted(_))
         ));
         let removed = t.remove_all(&ram);
@@ -195,7 +228,9 @@ mod tests {
     fn planting_outside_ram_is_an_error() {
         let ram = GuestRam::new(1 << 20).unwrap();
         let t = TrapTable::default();
-        assert!(t.plant(&ram, 1, 0x10_0000_0000, TrapOwner::PvmPageFaultEntry).is_err());
+        assert!(t
+            .plant(&ram, 1, 0x10_0000_0000, TrapOwner::PvmPageFaultEntry)
+            .is_err());
         assert!(t.is_empty());
     }
 }

@@ -11,7 +11,7 @@
 //! Found without symbols: the page-fault entry is IDT vector 14.
 
 use iced_x86::{Decoder, DecoderOptions, Mnemonic};
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, Msrs, kvm_msr_entry};
+use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 
 use guest_introspect::memory::VirtAddr;
@@ -28,7 +28,10 @@ const PAGE_FAULT_VECTOR: u64 = 14;
 
 /// The address space a vCPU currently runs in.
 pub fn address_space(sregs: &kvm_sregs) -> AddressSpace {
-    AddressSpace { cr3: sregs.cr3, levels: PagingLevels::from_cr4(sregs.cr4) }
+    AddressSpace {
+        cr3: sregs.cr3,
+        levels: PagingLevels::from_cr4(sregs.cr4),
+    }
 }
 
 /// Where the page-fault entry's `cld` is, once the kernel's IDT is final.
@@ -59,7 +62,14 @@ pub fn find_page_fault_entry(ram: &GuestRam, sregs: &kvm_sregs) -> EntrySearch {
     }
     let space = address_space(sregs);
     let mut gate = [0u8; 16];
-    if read_virt(ram, space, VirtAddr(sregs.idt.base + PAGE_FAULT_VECTOR * 16), &mut gate).is_err() {
+    if read_virt(
+        ram,
+        space,
+        VirtAddr(sregs.idt.base + PAGE_FAULT_VECTOR * 16),
+        &mut gate,
+    )
+    .is_err()
+    {
         return EntrySearch::NotYet;
     }
     let handler = u64::from(u16::from_le_bytes([gate[0], gate[1]]))
@@ -85,7 +95,9 @@ pub fn find_page_fault_entry(ram: &GuestRam, sregs: &kvm_sregs) -> EntrySearch {
             _ => return EntrySearch::NotYet,
         }
     }
-    EntrySearch::Unrecognised(format!("IDT vector 14 handler {handler:#x} starts {code:02x?}"))
+    EntrySearch::Unrecognised(format!(
+        "IDT vector 14 handler {handler:#x} starts {code:02x?}"
+    ))
 }
 
 /// The syscall MSRs, read once per vCPU (Linux sets them once per CPU).
@@ -103,16 +115,29 @@ impl SyscallMsrs {
     /// Reads the three MSRs from the vCPU.
     pub fn read(vcpu: &VcpuFd) -> Option<Self> {
         let mut msrs = Msrs::from_entries(&[
-            kvm_msr_entry { index: MSR_STAR, ..Default::default() },
-            kvm_msr_entry { index: MSR_LSTAR, ..Default::default() },
-            kvm_msr_entry { index: MSR_SYSCALL_MASK, ..Default::default() },
+            kvm_msr_entry {
+                index: MSR_STAR,
+                ..Default::default()
+            },
+            kvm_msr_entry {
+                index: MSR_LSTAR,
+                ..Default::default()
+            },
+            kvm_msr_entry {
+                index: MSR_SYSCALL_MASK,
+                ..Default::default()
+            },
         ])
         .ok()?;
         if vcpu.get_msrs(&mut msrs).ok()? != 3 {
             return None;
         }
         let e = msrs.as_slice();
-        Some(Self { star: e[0].data, lstar: e[1].data, sfmask: e[2].data })
+        Some(Self {
+            star: e[0].data,
+            lstar: e[1].data,
+            sfmask: e[2].data,
+        })
     }
 }
 
@@ -145,12 +170,20 @@ pub enum FixupError {
 }
 
 /// Handles the trap on the page-fault entry's `cld` (vCPU stopped there).
-pub fn handle_page_fault_entry(vcpu: &VcpuFd, ram: &GuestRam, msrs: &mut Option<SyscallMsrs>) -> Result<PageFaultOutcome, FixupError> {
+pub fn handle_page_fault_entry(
+    vcpu: &VcpuFd,
+    ram: &GuestRam,
+    msrs: &mut Option<SyscallMsrs>,
+) -> Result<PageFaultOutcome, FixupError> {
     let mut regs = vcpu.get_regs()?;
     let sregs = vcpu.get_sregs()?;
     let mut frame = [0u8; 48];
-    read_virt(ram, address_space(&sregs), VirtAddr(regs.rsp), &mut frame)
-        .map_err(|e| FixupError::Frame { rsp: regs.rsp, reason: e.to_string() })?;
+    read_virt(ram, address_space(&sregs), VirtAddr(regs.rsp), &mut frame).map_err(|e| {
+        FixupError::Frame {
+            rsp: regs.rsp,
+            reason: e.to_string(),
+        }
+    })?;
     let word = |i: usize| u64::from_le_bytes(frame[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
     let (fault_rip, fault_cs, fault_rflags, fault_rsp) = (word(1), word(2), word(3), word(4));
     if fault_cs & 3 == 3 {
@@ -172,7 +205,14 @@ pub fn handle_page_fault_entry(vcpu: &VcpuFd, ram: &GuestRam, msrs: &mut Option<
 /// Finishes a `syscall` whose privilege switch failed: RCX and R11 already
 /// hold the user RIP and RFLAGS; load the kernel selectors from MSR_STAR,
 /// drop the page-fault frame and enter at LSTAR with masked flags.
-fn complete_syscall(vcpu: &VcpuFd, regs: &mut kvm_regs, mut sregs: kvm_sregs, m: SyscallMsrs, user_rflags: u64, user_rsp: u64) -> Result<(), FixupError> {
+fn complete_syscall(
+    vcpu: &VcpuFd,
+    regs: &mut kvm_regs,
+    mut sregs: kvm_sregs,
+    m: SyscallMsrs,
+    user_rflags: u64,
+    user_rsp: u64,
+) -> Result<(), FixupError> {
     let kernel_cs = ((m.star >> 32) & 0xfffc) as u16;
     sregs.cs = kernel_segment(kernel_cs, 0xb, true);
     sregs.ss = kernel_segment(kernel_cs + 8, 0x3, false);
@@ -251,7 +291,10 @@ mod tests {
 
     #[test]
     fn describes_instructions() {
-        assert_eq!(describe_instruction(0, &[0xf3, 0x0f, 0xb8, 0xc0]), "popcnt eax,eax");
+        assert_eq!(
+            describe_instruction(0, &[0xf3, 0x0f, 0xb8, 0xc0]),
+            "popcnt eax,eax"
+        );
     }
 
     #[test]

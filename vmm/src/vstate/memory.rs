@@ -40,11 +40,19 @@ impl GuestRam {
     /// Maps `size` bytes of anonymous memory as guest RAM (with the 32-bit
     /// MMIO hole left out above 3 GiB).
     pub fn new(size: u64) -> Result<Self, MemoryError> {
-        let ranges: Vec<(GuestAddress, usize)> =
-            ram_ranges(size).into_iter().map(|(a, s)| (GuestAddress(a), s as usize)).collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges)
-            .map_err(|source| MemoryError::Allocate { mib: size >> 20, source })?;
-        Ok(Self { mem: Arc::new(mem), size })
+        let ranges: Vec<(GuestAddress, usize)> = ram_ranges(size)
+            .into_iter()
+            .map(|(a, s)| (GuestAddress(a), s as usize))
+            .collect();
+        let mem =
+            GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Allocate {
+                mib: size >> 20,
+                source,
+            })?;
+        Ok(Self {
+            mem: Arc::new(mem),
+            size,
+        })
     }
 
     /// Bytes of RAM the guest has.
@@ -62,7 +70,9 @@ impl GuestRam {
     pub fn regions(&self) -> Vec<(u64, *mut u8, usize)> {
         GuestMemoryBackend::iter(&*self.mem)
             .map(|r| {
-                let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).expect("region start is mapped");
+                let host = r
+                    .get_host_address(vm_memory::MemoryRegionAddress(0))
+                    .expect("region start is mapped");
                 (r.start_addr().0, host, r.len() as usize)
             })
             .collect()
@@ -72,19 +82,28 @@ impl GuestRam {
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
         self.mem
             .write_slice(data, GuestAddress(addr))
-            .map_err(|_| MemoryError::OutOfRange { addr, len: data.len() })
+            .map_err(|_| MemoryError::OutOfRange {
+                addr,
+                len: data.len(),
+            })
     }
 
     /// Reads `buf.len()` bytes from guest-physical `addr`.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         self.mem
             .read_slice(buf, GuestAddress(addr))
-            .map_err(|_| MemoryError::OutOfRange { addr, len: buf.len() })
+            .map_err(|_| MemoryError::OutOfRange {
+                addr,
+                len: buf.len(),
+            })
     }
 }
 
 impl PhysMemory for GuestRam {
     fn read_phys(&self, addr: PhysAddr, buf: &mut [u8]) -> Result<(), PhysReadError> {
-        self.read(addr.0, buf).map_err(|_| PhysReadError { addr: addr.0, len: buf.len() })
+        self.read(addr.0, buf).map_err(|_| PhysReadError {
+            addr: addr.0,
+            len: buf.len(),
+        })
     }
 }

@@ -145,7 +145,17 @@ impl VcpuThread {
         events: Sender<VcpuEvent>,
         paused_acks: Sender<u8>,
     ) -> Self {
-        Self { id, fd, shared, commands, events, paused_acks, msrs: None, last_entry_check: None, entry_unrecognised_reported: false }
+        Self {
+            id,
+            fd,
+            shared,
+            commands,
+            events,
+            paused_acks,
+            msrs: None,
+            last_entry_check: None,
+            entry_unrecognised_reported: false,
+        }
     }
 
     /// Runs the vCPU until it finishes; returns the vCPU fd for teardown.
@@ -156,20 +166,34 @@ impl VcpuThread {
         loop {
             if first && self.id == 0 {
                 let ns = self.shared.started.elapsed().as_nanos() as u64;
-                self.shared.stats[0].first_run_at_ns.store(ns, Ordering::Relaxed);
+                self.shared.stats[0]
+                    .first_run_at_ns
+                    .store(ns, Ordering::Relaxed);
                 first = false;
             }
             let next = match self.fd.run() {
                 Ok(exit) => match exit {
                     VcpuExit::IoOut(port, data) => {
-                        self.shared.stats[self.id as usize].pio_exits.fetch_add(1, Ordering::Relaxed);
+                        self.shared.stats[self.id as usize]
+                            .pio_exits
+                            .fetch_add(1, Ordering::Relaxed);
                         let data = data.to_vec();
-                        self.shared.bus.lock().unwrap_or_else(|e| e.into_inner()).write(port, &data);
+                        self.shared
+                            .bus
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .write(port, &data);
                         Next::Run
                     }
                     VcpuExit::IoIn(port, data) => {
-                        self.shared.stats[self.id as usize].pio_exits.fetch_add(1, Ordering::Relaxed);
-                        self.shared.bus.lock().unwrap_or_else(|e| e.into_inner()).read(port, data);
+                        self.shared.stats[self.id as usize]
+                            .pio_exits
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.shared
+                            .bus
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .read(port, data);
                         Next::Run
                     }
                     VcpuExit::MmioRead(_, data) => {
@@ -213,7 +237,10 @@ impl VcpuThread {
             if let Next::Stop = next {
                 break;
             }
-            if self.id == 0 && self.shared.kind == KvmKind::Pvm && !self.shared.pvm_trap_ready.load(Ordering::Relaxed) {
+            if self.id == 0
+                && self.shared.kind == KvmKind::Pvm
+                && !self.shared.pvm_trap_ready.load(Ordering::Relaxed)
+            {
                 self.try_plant_page_fault_trap();
             }
         }
@@ -273,7 +300,9 @@ impl VcpuThread {
             return self.on_breakpoint(rip);
         }
         if let Some(len) = pvm::skippable_instruction(&bytes) {
-            self.shared.stats[self.id as usize].skipped_instructions.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats[self.id as usize]
+                .skipped_instructions
+                .fetch_add(1, Ordering::Relaxed);
             return self.advance_rip(len);
         }
         // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the
@@ -292,7 +321,9 @@ impl VcpuThread {
         if exception == 3 {
             return self.on_breakpoint(pc);
         }
-        self.fail(format!("unexpected debug exit: exception {exception} at {pc:#x}"))
+        self.fail(format!(
+            "unexpected debug exit: exception {exception} at {pc:#x}"
+        ))
     }
 
     fn on_breakpoint(&mut self, rip: u64) -> Next {
@@ -301,22 +332,30 @@ impl VcpuThread {
                 TrapOwner::PvmPageFaultEntry => {
                     match pvm::handle_page_fault_entry(&self.fd, &self.shared.ram, &mut self.msrs) {
                         Ok(PageFaultOutcome::SyscallCompleted) => {
-                            self.shared.stats[self.id as usize].syscall_fixups.fetch_add(1, Ordering::Relaxed);
+                            self.shared.stats[self.id as usize]
+                                .syscall_fixups
+                                .fetch_add(1, Ordering::Relaxed);
                             Next::Run
                         }
                         Ok(PageFaultOutcome::GenuineFault) => {
-                            self.shared.stats[self.id as usize].page_faults.fetch_add(1, Ordering::Relaxed);
+                            self.shared.stats[self.id as usize]
+                                .page_faults
+                                .fetch_add(1, Ordering::Relaxed);
                             Next::Run
                         }
                         Err(e) => self.fail(format!("PVM page-fault trap at {rip:#x}: {e}")),
                     }
                 }
-                TrapOwner::Tracer(ref handler) => match handler.on_trap(&self.fd, &self.shared.ram, &trap) {
-                    TrapResume::Continue => Next::Run,
-                },
+                TrapOwner::Tracer(ref handler) => {
+                    match handler.on_trap(&self.fd, &self.shared.ram, &trap) {
+                        TrapResume::Continue => Next::Run,
+                    }
+                }
             },
             Breakpoint::GuestOwned => {
-                self.shared.stats[self.id as usize].guest_breakpoints.fetch_add(1, Ordering::Relaxed);
+                self.shared.stats[self.id as usize]
+                    .guest_breakpoints
+                    .fetch_add(1, Ordering::Relaxed);
                 self.reinject_breakpoint()
             }
         }
@@ -356,14 +395,24 @@ impl VcpuThread {
     /// PVM: plants the syscall fix-up trap as soon as the kernel's own IDT
     /// page-fault entry is in place (checked at most every 20 ms).
     fn try_plant_page_fault_trap(&mut self) {
-        if self.last_entry_check.is_some_and(|t| t.elapsed() < Duration::from_millis(20)) {
+        if self
+            .last_entry_check
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(20))
+        {
             return;
         }
         self.last_entry_check = Some(Instant::now());
-        let Ok(sregs) = self.fd.get_sregs() else { return };
+        let Ok(sregs) = self.fd.get_sregs() else {
+            return;
+        };
         match pvm::find_page_fault_entry(&self.shared.ram, &sregs) {
             EntrySearch::Found(entry) => {
-                match self.shared.traps.plant(&self.shared.ram, entry.va, entry.pa, TrapOwner::PvmPageFaultEntry) {
+                match self.shared.traps.plant(
+                    &self.shared.ram,
+                    entry.va,
+                    entry.pa,
+                    TrapOwner::PvmPageFaultEntry,
+                ) {
                     Ok(()) => {
                         log::debug!("PVM syscall fix-up trap planted at {:#x}", entry.va);
                         self.shared.pvm_trap_ready.store(true, Ordering::Relaxed);
@@ -383,5 +432,9 @@ impl VcpuThread {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -10,8 +10,13 @@ use crate::vstate::memory::GuestRam;
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     /// /dev/kvm could not be opened.
-    #[error("cannot open /dev/kvm ({0}); hvtrace needs KVM: check that /dev/kvm exists and is readable and writable by this user")]
-    OpenKvm(kvm_ioctls::Error),
+    #[error("cannot open {path} ({source}); hvtrace needs KVM: check that the device exists and is readable and writable by this user")]
+    OpenKvm {
+        /// The device path.
+        path: String,
+        /// Cause.
+        source: kvm_ioctls::Error,
+    },
     /// The KVM API version is not 12.
     #[error("unsupported KVM API version {0} (need 12)")]
     ApiVersion(i32),
@@ -30,9 +35,20 @@ pub fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError 
     move |source| VmError::Kvm { what, source }
 }
 
-/// Opens /dev/kvm and checks the API version.
+/// The KVM device: /dev/kvm, or `$HVTRACE_KVM_DEVICE` (for tests of the
+/// missing-device error).
+pub fn kvm_device_path() -> String {
+    std::env::var("HVTRACE_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".to_string())
+}
+
+/// Opens the KVM device and checks the API version.
 pub fn open_kvm() -> Result<Kvm, VmError> {
-    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let path = kvm_device_path();
+    let c_path = std::ffi::CString::new(path.clone()).map_err(|_| VmError::OpenKvm {
+        path: path.clone(),
+        source: kvm_ioctls::Error::new(libc::EINVAL),
+    })?;
+    let kvm = Kvm::new_with_path(&c_path).map_err(|source| VmError::OpenKvm { path, source })?;
     let v = kvm.get_api_version();
     if v != 12 {
         return Err(VmError::ApiVersion(v));
@@ -44,7 +60,8 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 /// LAPICs) and PIT.
 pub fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    vm.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     for (slot, (guest, host, len)) in ram.regions().into_iter().enumerate() {
         let region = kvm_userspace_memory_region {
             slot: slot as u32,
@@ -56,15 +73,21 @@ pub fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
         // SAFETY: `host..host+len` is a live mapping owned by `ram`, which
         // the VM keeps alive (every holder of the VM also holds `ram`) for as
         // long as the VM fd exists.
-        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
-    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
     Ok(vm)
 }
 
 /// Creates vCPU `id`.
 pub fn create_vcpu(vm: &VmFd, id: u8) -> Result<VcpuFd, VmError> {
-    vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))
+    vm.create_vcpu(u64::from(id))
+        .map_err(kvm_err("KVM_CREATE_VCPU"))
 }

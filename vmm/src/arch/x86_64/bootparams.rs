@@ -4,9 +4,7 @@
 //! Documentation/x86/zero-page.rst. The page is built as bytes so it can be
 //! checked without a VM.
 
-use super::layout::{
-    EBDA_END, HIMEM_START, MMIO_HOLE_END, MMIO_HOLE_START, MPTABLE_START,
-};
+use super::layout::{EBDA_END, HIMEM_START, MMIO_HOLE_END, MMIO_HOLE_START, MPTABLE_START};
 
 /// Size of `struct boot_params`.
 pub const BOOT_PARAMS_SIZE: usize = 4096;
@@ -62,7 +60,10 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
     if mem_size <= MMIO_HOLE_START {
         vec![(0, mem_size)]
     } else {
-        vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, mem_size - MMIO_HOLE_START)]
+        vec![
+            (0, MMIO_HOLE_START),
+            (MMIO_HOLE_END, mem_size - MMIO_HOLE_START),
+        ]
     }
 }
 
@@ -70,14 +71,26 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
 /// the MP table, a reserved MP table, and RAM from 1 MiB on.
 pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
     let mut map = vec![
-        E820Entry { addr: 0, size: MPTABLE_START, kind: E820Type::Ram },
-        E820Entry { addr: MPTABLE_START, size: EBDA_END - MPTABLE_START, kind: E820Type::Reserved },
+        E820Entry {
+            addr: 0,
+            size: MPTABLE_START,
+            kind: E820Type::Ram,
+        },
+        E820Entry {
+            addr: MPTABLE_START,
+            size: EBDA_END - MPTABLE_START,
+            kind: E820Type::Reserved,
+        },
     ];
     for (start, size) in ram_ranges(mem_size) {
         let start_hi = start.max(HIMEM_START);
         let end = start + size;
         if end > start_hi {
-            map.push(E820Entry { addr: start_hi, size: end - start_hi, kind: E820Type::Ram });
+            map.push(E820Entry {
+                addr: start_hi,
+                size: end - start_hi,
+                kind: E820Type::Ram,
+            });
         }
     }
     map
@@ -127,7 +140,11 @@ pub fn build_boot_params(cfg: &BootParamsConfig<'_>) -> Vec<u8> {
         page[LOADFLAGS_OFF] &= !KASLR_FLAG;
     }
     put_u32(&mut page, CMD_LINE_PTR_OFF, cfg.cmdline_addr as u32);
-    put_u32(&mut page, EXT_CMD_LINE_PTR_OFF, (cfg.cmdline_addr >> 32) as u32);
+    put_u32(
+        &mut page,
+        EXT_CMD_LINE_PTR_OFF,
+        (cfg.cmdline_addr >> 32) as u32,
+    );
     if let Some((addr, size)) = cfg.initrd {
         put_u32(&mut page, RAMDISK_IMAGE_OFF, addr as u32);
         put_u32(&mut page, RAMDISK_SIZE_OFF, size as u32);
@@ -153,7 +170,14 @@ mod tests {
     fn small_guest_has_one_high_ram_range() {
         let m = e820_map(256 << 20);
         assert_eq!(m.len(), 3);
-        assert_eq!(m[2], E820Entry { addr: HIMEM_START, size: (256 << 20) - HIMEM_START, kind: E820Type::Ram });
+        assert_eq!(
+            m[2],
+            E820Entry {
+                addr: HIMEM_START,
+                size: (256 << 20) - HIMEM_START,
+                kind: E820Type::Ram
+            }
+        );
         assert_eq!(m[1].kind, E820Type::Reserved);
     }
 
@@ -163,7 +187,9 @@ mod tests {
         let last = m.last().unwrap();
         assert_eq!(last.addr, MMIO_HOLE_END);
         assert_eq!(last.size, (4u64 << 30) - MMIO_HOLE_START);
-        assert!(m.iter().all(|e| e.addr + e.size <= MMIO_HOLE_START || e.addr >= MMIO_HOLE_END));
+        assert!(m
+            .iter()
+            .all(|e| e.addr + e.size <= MMIO_HOLE_START || e.addr >= MMIO_HOLE_END));
     }
 
     #[test]
@@ -176,12 +202,24 @@ mod tests {
             e820: e820_map(128 << 20),
         });
         assert_eq!(&p[0x202..0x206], b"HdrS");
-        assert_eq!(u32::from_le_bytes(p[0x228..0x22c].try_into().unwrap()), 0x20000);
-        assert_eq!(u32::from_le_bytes(p[0x218..0x21c].try_into().unwrap()), 0x7000_0000);
-        assert_eq!(u32::from_le_bytes(p[0x21c..0x220].try_into().unwrap()), 0x1234);
+        assert_eq!(
+            u32::from_le_bytes(p[0x228..0x22c].try_into().unwrap()),
+            0x20000
+        );
+        assert_eq!(
+            u32::from_le_bytes(p[0x218..0x21c].try_into().unwrap()),
+            0x7000_0000
+        );
+        assert_eq!(
+            u32::from_le_bytes(p[0x21c..0x220].try_into().unwrap()),
+            0x1234
+        );
         assert_eq!(p[0x211] & KASLR_FLAG, KASLR_FLAG);
         assert_eq!(p[0x1e8], 3);
-        assert_eq!(u32::from_le_bytes(p[0x2d0 + 16..0x2d0 + 20].try_into().unwrap()), 1);
+        assert_eq!(
+            u32::from_le_bytes(p[0x2d0 + 16..0x2d0 + 20].try_into().unwrap()),
+            1
+        );
     }
 
     #[test]
@@ -189,7 +227,10 @@ mod tests {
         let mut hdr = vec![0u8; 0x80];
         hdr[0x211 - 0x1f1] = KASLR_FLAG;
         hdr[0x202 - 0x1f1..0x206 - 0x1f1].copy_from_slice(b"HdrS");
-        let p = build_boot_params(&BootParamsConfig { setup_header: Some(&hdr), ..Default::default() });
+        let p = build_boot_params(&BootParamsConfig {
+            setup_header: Some(&hdr),
+            ..Default::default()
+        });
         assert_eq!(&p[0x202..0x206], b"HdrS");
         assert_eq!(p[0x211] & KASLR_FLAG, 0);
         assert_eq!(p[0x210], 0xff);

@@ -37,8 +37,17 @@ mod tests {
     #[test]
     fn sets_apic_id_and_count() {
         let c = CpuId::from_entries(&[
-            kvm_cpuid_entry2 { function: 1, ebx: 0xffff_0800, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xb, index: 1, edx: 7, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0xffff_0800,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 1,
+                edx: 7,
+                ..Default::default()
+            },
         ])
         .unwrap();
         let c = vcpu_cpuid(c, 3, 4);

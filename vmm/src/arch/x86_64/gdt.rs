@@ -76,7 +76,7 @@ mod tests {
 
     #[test]
     fn entry_round_trips_base_and_limit() {
-        let e = gdt_entry(0x808b, 0x1234_5678, 0x6_7890);
+        let e = gdt_entry(0x008b, 0x1234_5678, 0x6_7890); // byte granular
         let s = kvm_segment_from_gdt(e, 0x20);
         assert_eq!(s.base, 0x1234_5678);
         assert_eq!(s.limit, 0x6_7890);

@@ -36,7 +36,10 @@ const ISA_BUS_ID: u8 = 0;
 const LEGACY_IRQS: u8 = 16;
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// Returns the MP floating pointer followed by the configuration table, for
@@ -127,7 +130,11 @@ mod tests {
         let len = u16::from_le_bytes([cfg[4], cfg[5]]) as usize;
         assert_eq!(len, cfg.len());
         assert_eq!(sum(cfg), 0);
-        let cpus: Vec<_> = cfg[44..].chunks(20).take(2).map(|e| (e[0], e[1], e[3])).collect();
+        let cpus: Vec<_> = cfg[44..]
+            .chunks(20)
+            .take(2)
+            .map(|e| (e[0], e[1], e[3]))
+            .collect();
         assert_eq!(cpus, vec![(0, 0, 3), (0, 1, 1)]);
     }
 

@@ -40,14 +40,24 @@ mod tests {
     fn translate(tables: &[(u64, Vec<u8>)], va: u64) -> Option<u64> {
         let read = |base: u64, idx: u64| -> u64 {
             let (_, t) = tables.iter().find(|(a, _)| *a == base).unwrap();
-            u64::from_le_bytes(t[(idx * 8) as usize..(idx * 8 + 8) as usize].try_into().unwrap())
+            u64::from_le_bytes(
+                t[(idx * 8) as usize..(idx * 8 + 8) as usize]
+                    .try_into()
+                    .unwrap(),
+            )
         };
         let e4 = read(PML4_START, (va >> 39) & 511);
-        if e4 & 1 == 0 { return None; }
+        if e4 & 1 == 0 {
+            return None;
+        }
         let e3 = read(e4 & !0xfff, (va >> 30) & 511);
-        if e3 & 1 == 0 { return None; }
+        if e3 & 1 == 0 {
+            return None;
+        }
         let e2 = read(e3 & !0xfff, (va >> 21) & 511);
-        if e2 & 1 == 0 { return None; }
+        if e2 & 1 == 0 {
+            return None;
+        }
         assert!(e2 & PAGE_SIZE_2M != 0);
         Some((e2 & !0x1f_ffff & 0x000f_ffff_ffff_f000) | (va & 0x1f_ffff))
     }

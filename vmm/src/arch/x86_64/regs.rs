@@ -21,7 +21,12 @@ pub const EFER_LMA: u64 = 0x400;
 /// General registers at kernel entry: RIP at the 64-bit entry point, RSI at
 /// `boot_params`.
 pub fn boot_regs(entry: u64, boot_params: u64) -> kvm_regs {
-    kvm_regs { rip: entry, rsi: boot_params, rflags: 0x2, ..Default::default() }
+    kvm_regs {
+        rip: entry,
+        rsi: boot_params,
+        rflags: 0x2,
+        ..Default::default()
+    }
 }
 
 /// Special registers at kernel entry: long mode, identity paging, boot GDT.
@@ -49,7 +54,11 @@ pub fn boot_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
 
 /// FPU state at reset: x87 control word 0x37f, MXCSR 0x1f80.
 pub fn boot_fpu() -> kvm_fpu {
-    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
+    kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]

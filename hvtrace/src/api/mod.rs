@@ -1,0 +1,90 @@
+//! The control socket of a running VM: JSON lines over a Unix socket.
+//!
+//! Protocol version 1. Each request is one JSON object on one line; each
+//! gets exactly one reply line. Requests:
+//!
+//! * `{"v":1,"op":"ping"}` -> `{"v":1,"ok":true,"kind":"PVM KVM","vcpus":1}`
+//! * `{"v":1,"op":"snapshot","path":"/abs/file.snap"}` -> `{"v":1,"ok":true,"bytes":N}`
+//! * `{"v":1,"op":"shutdown"}` -> `{"v":1,"ok":true}`, then the VM stops
+//!
+//! A request may carry an `"id"`, echoed in its reply. A malformed request
+//! or an unknown op gets `{"v":1,"ok":false,"error":"..."}` and the
+//! connection stays usable. The socket is created with mode 0600 and only
+//! peers with the server's uid (or root) are served.
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Liveness and facts.
+    Ping,
+    /// Save the VM to a file.
+    Snapshot {
+        /// Destination path (on the server's filesystem).
+        path: String,
+    },
+    /// Stop the VM.
+    Shutdown,
+}
+
+/// A request line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Protocol version.
+    pub v: u32,
+    /// Optional request id, echoed back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    /// The operation.
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+/// Parses a request line, checking the version.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    let req: Request = serde_json::from_str(line).map_err(|e| format!("malformed request: {e}"))?;
+    if req.v != PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version {} not supported (server speaks {PROTOCOL_VERSION})",
+            req.v
+        ));
+    }
+    Ok(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_requests_and_rejects_bad_ones() {
+        assert_eq!(
+            parse_request(r#"{"v":1,"op":"ping"}"#).unwrap().op,
+            Op::Ping
+        );
+        let r = parse_request(r#"{"v":1,"id":7,"op":"snapshot","path":"/tmp/x"}"#).unwrap();
+        assert_eq!(
+            (r.id, r.op),
+            (
+                Some(7),
+                Op::Snapshot {
+                    path: "/tmp/x".into()
+                }
+            )
+        );
+        assert!(parse_request("not json").unwrap_err().contains("malformed"));
+        assert!(parse_request(r#"{"v":1,"op":"fly"}"#).is_err());
+        assert!(parse_request(r#"{"v":2,"op":"ping"}"#)
+            .unwrap_err()
+            .contains("version"));
+        assert!(parse_request(r#"{"v":1,"op":"snapshot"}"#).is_err());
+    }
+}

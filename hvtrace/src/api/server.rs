@@ -1,0 +1,139 @@
+//! Serving the control socket: one thread accepts and reads connections and
+//! hands each request to the VM's owner over a channel.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use serde_json::{json, Value};
+
+use super::{parse_request, Op, PROTOCOL_VERSION};
+
+/// A request waiting for the VM owner's answer.
+pub struct Pending {
+    /// The operation.
+    pub op: Op,
+    /// Where the answer goes: Ok(extra fields) or Err(message).
+    pub reply: Sender<Result<Value, String>>,
+}
+
+/// A listening control socket; removed when dropped.
+pub struct ApiServer {
+    path: PathBuf,
+    /// Requests from clients.
+    pub requests: Receiver<Pending>,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn peer_allowed(stream: &UnixStream) -> bool {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a properly
+    // sized and aligned ucred, for a socket fd we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: getuid has no preconditions.
+    let me = unsafe { libc::getuid() };
+    rc == 0 && (cred.uid == me || cred.uid == 0)
+}
+
+fn serve(stream: UnixStream, tx: Sender<Pending>) {
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut out = stream;
+    for line in BufReader::new(read_half).lines() {
+        let Ok(line) = line else { return };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = match parse_request(&line) {
+            Err(e) => json!({"v": PROTOCOL_VERSION, "ok": false, "error": e}),
+            Ok(req) => {
+                let (rtx, rrx) = bounded(1);
+                let answer = if tx
+                    .send(Pending {
+                        op: req.op,
+                        reply: rtx,
+                    })
+                    .is_err()
+                {
+                    Err("the VM is shutting down".to_string())
+                } else {
+                    rrx.recv()
+                        .unwrap_or_else(|_| Err("the VM is shutting down".to_string()))
+                };
+                let mut v = match answer {
+                    Ok(Value::Object(extra)) => {
+                        let mut m = serde_json::Map::new();
+                        m.insert("ok".into(), Value::Bool(true));
+                        m.extend(extra);
+                        Value::Object(m)
+                    }
+                    Ok(_) => json!({"ok": true}),
+                    Err(e) => json!({"ok": false, "error": e}),
+                };
+                v["v"] = json!(PROTOCOL_VERSION);
+                if let Some(id) = req.id {
+                    v["id"] = json!(id);
+                }
+                v
+            }
+        };
+        if writeln!(out, "{reply}").is_err() {
+            return;
+        }
+    }
+}
+
+impl ApiServer {
+    /// Binds `path` (mode 0600) and starts accepting connections.
+    pub fn bind(path: &Path) -> Result<Self> {
+        if path.exists() {
+            // A stale socket from a VMM that died; refuse to steal a live one.
+            if UnixStream::connect(path).is_ok() {
+                anyhow::bail!("{} is in use by another running VM", path.display());
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove stale {}", path.display()))?;
+        }
+        let listener =
+            UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        std::thread::Builder::new().name("api-accept".into()).spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if !peer_allowed(&stream) {
+                    let mut s = stream;
+                    let _ = writeln!(s, "{}", json!({"v": PROTOCOL_VERSION, "ok": false, "error": "permission denied"}));
+                    continue;
+                }
+                let tx = tx.clone();
+                let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || serve(stream, tx));
+            }
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            requests: rx,
+        })
+    }
+}
