@@ -391,6 +391,32 @@ impl Session {
         }
     }
 
+    /// Figures about this session for `--report`: setup time before the
+    /// first guest instruction, time to the command's first output, exit
+    /// counters, and the VMM's memory beyond guest RAM.
+    pub fn report(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let t = self.timings();
+        let start = t.start.unwrap_or_else(Instant::now);
+        let stats = self.vm.stats();
+        let sum = |f: &dyn Fn(&crate::vstate::vcpu::VcpuStats) -> u64| stats.iter().map(f).sum::<u64>();
+        let (rss_kib, guest_kib) = memory_use(&self.vm);
+        serde_json::json!({
+            "kind": self.vm.kind().name(),
+            "vmm_setup_ms": (self.vm.started() - start).as_secs_f64() * 1e3
+                + stats[0].first_run_at_ns.load(Relaxed) as f64 / 1e6,
+            "first_output_ms": t.first_output.map(|f| (f - start).as_secs_f64() * 1e3),
+            "elapsed_ms": start.elapsed().as_secs_f64() * 1e3,
+            "syscall_fixups": sum(&|s| s.syscall_fixups.load(Relaxed)),
+            "page_faults_trapped": sum(&|s| s.page_faults.load(Relaxed)),
+            "guest_breakpoints_reinjected": sum(&|s| s.guest_breakpoints.load(Relaxed)),
+            "pio_exits": sum(&|s| s.pio_exits.load(Relaxed)),
+            "vmm_rss_kib": rss_kib,
+            "guest_ram_resident_kib": guest_kib,
+            "vmm_rss_beyond_guest_ram_kib": rss_kib.saturating_sub(guest_kib),
+        })
+    }
+
     /// Stops the VM (restoring every byte the VMM patched).
     pub fn shutdown(self) -> RunningVmParts {
         RunningVmParts {
@@ -448,4 +474,24 @@ impl WiringRest {
             rip_sampling: None,
         }
     }
+}
+
+/// (process RSS, resident guest RAM) in KiB; guest residency from mincore.
+fn memory_use(vm: &RunningVm) -> (u64, u64) {
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0);
+    let mut guest_pages = 0u64;
+    for (_, host, len) in vm.ram().regions() {
+        let pages = len.div_ceil(4096);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `host..host+len` is a live, page-aligned mapping owned by
+        // the VM's RAM, and `vec` has one byte per page as mincore requires.
+        let rc = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
+        if rc == 0 {
+            guest_pages += vec.iter().filter(|b| *b & 1 == 1).count() as u64;
+        }
+    }
+    (rss, guest_pages * 4)
 }

@@ -99,6 +99,9 @@ pub struct RunArgs {
     /// Debugging aid: print vCPU 0's RIP every N seconds on stderr.
     #[arg(long, hide = true)]
     pub sample_rip: Option<u64>,
+    /// Print timing and memory figures as one JSON line on stderr at the end.
+    #[arg(long)]
+    pub report: bool,
     /// The command to run in the guest.
     #[arg(trailing_var_arg = true, required = true)]
     pub command: Vec<String>,
@@ -107,6 +110,7 @@ pub struct RunArgs {
 /// Runs the command; returns the guest command's exit status.
 pub fn run(args: RunArgs) -> Result<i32> {
     let stall = Duration::from_secs(args.guest.stall_timeout);
+    let mut restored = true;
     let mut session = if let Some(snap) = &args.restore {
         Session::restore(snap, None, args.guest.outputs(), stall)?
     } else {
@@ -119,14 +123,21 @@ pub fn run(args: RunArgs) -> Result<i32> {
                 Err(e) => {
                     eprintln!("hvtrace: cached snapshot unusable ({e}); booting afresh");
                     let _ = std::fs::remove_file(&cached);
+                    restored = false;
                     boot_and_cache(&args, &config, &key, &cached, stall)?
                 }
             }
         } else {
+            restored = false;
             boot_and_cache(&args, &config, &key, &cached, stall)?
         }
     };
     let code = session.run(&args.command)?;
+    if args.report {
+        let mut r = session.report();
+        r["restored"] = serde_json::Value::Bool(restored);
+        eprintln!("hvtrace-report {r}");
+    }
     session.shutdown();
     Ok(code)
 }
