@@ -92,6 +92,7 @@ pub struct Session {
     ready: bool,
     unexpected_errors: Vec<String>,
     rip_sampling: Option<(Duration, Instant)>,
+    symbols: Option<guest_introspect::symbols::SymbolMap>,
 }
 
 /// A sink that records the time of its first byte and forwards.
@@ -224,6 +225,12 @@ impl Session {
         let machine = build(config, sinks)?;
         let vm = machine.start()?;
         let p = vm.placement();
+        // A System.map beside the kernel (as kernel-config/build.sh leaves
+        // it) lets error reports name the kernel function.
+        let map = config.kernel.with_file_name("System.map");
+        let symbols = std::fs::read_to_string(&map)
+            .ok()
+            .and_then(|t| guest_introspect::symbols::SymbolMap::parse_system_map(&t).ok());
         log::info!(
             "kernel at physical {:#x}, virtual KASLR offset {:#x}, entry {:#x}; cmdline: {}",
             p.phys_start,
@@ -231,7 +238,9 @@ impl Session {
             p.entry,
             vm.cmdline()
         );
-        Ok(rest.attach(vm, stall_timeout))
+        let mut session = rest.attach(vm, stall_timeout);
+        session.symbols = symbols;
+        Ok(session)
     }
 
     /// The running VM.
@@ -302,11 +311,17 @@ impl Session {
             return SessionError::Panic(format!("{}\nlast console lines:\n{tail}", line.trim()));
         }
         match event {
-            VmEvent::Vcpu(VcpuEvent::Failed(vcpu, message)) => SessionError::VcpuFailed {
-                vcpu,
-                message,
-                tail,
-            },
+            VmEvent::Vcpu(VcpuEvent::Failed(vcpu, message)) => {
+                let message = match self.symbolize_rip(&message) {
+                    Some(sym) => format!("{message} in {sym}"),
+                    None => message,
+                };
+                SessionError::VcpuFailed {
+                    vcpu,
+                    message,
+                    tail,
+                }
+            }
             VmEvent::Vcpu(VcpuEvent::PowerOff(_)) => SessionError::Ended {
                 what: "powered off",
                 during,
@@ -318,6 +333,18 @@ impl Session {
                 tail,
             },
         }
+    }
+
+    /// Names the kernel function of the first `rip=0x...` in `message`.
+    fn symbolize_rip(&self, message: &str) -> Option<String> {
+        let map = self.symbols.as_ref()?;
+        let hex = message
+            .split("rip=0x")
+            .nth(1)?
+            .split(|c: char| !c.is_ascii_hexdigit())
+            .next()?;
+        let rip = u64::from_str_radix(hex, 16).ok()?;
+        map.symbolize(rip.wrapping_sub(self.vm.placement().virt_offset))
     }
 
     /// Waits for the next control message, watching for VM failure and stalls.
@@ -399,7 +426,8 @@ impl Session {
         let t = self.timings();
         let start = t.start.unwrap_or_else(Instant::now);
         let stats = self.vm.stats();
-        let sum = |f: &dyn Fn(&crate::vstate::vcpu::VcpuStats) -> u64| stats.iter().map(f).sum::<u64>();
+        let sum =
+            |f: &dyn Fn(&crate::vstate::vcpu::VcpuStats) -> u64| stats.iter().map(f).sum::<u64>();
         let (rss_kib, guest_kib) = memory_use(&self.vm);
         serde_json::json!({
             "kind": self.vm.kind().name(),
@@ -472,6 +500,7 @@ impl WiringRest {
             ready: false,
             unexpected_errors: Vec::new(),
             rip_sampling: None,
+            symbols: None,
         }
     }
 }
@@ -480,7 +509,11 @@ impl WiringRest {
 fn memory_use(vm: &RunningVm) -> (u64, u64) {
     let rss = std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0);
     let mut guest_pages = 0u64;
     for (_, host, len) in vm.ram().regions() {

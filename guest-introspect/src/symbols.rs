@@ -1,0 +1,130 @@
+//! Kernel symbols from a System.map (`address type name` per line).
+//!
+//! The map is untrusted input: malformed lines are counted and skipped, and
+//! a file with no usable symbol is an error.
+
+/// One symbol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Symbol {
+    /// Link-time address.
+    pub addr: u64,
+    /// nm-style type letter (`T`, `t`, `D`, ...).
+    pub kind: char,
+    /// Name.
+    pub name: String,
+}
+
+/// Why a symbol file is unusable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SymbolError {
+    /// No line parsed as a symbol.
+    #[error("no symbols found ({bad_lines} malformed lines): not a System.map")]
+    Empty {
+        /// Lines that did not parse.
+        bad_lines: usize,
+    },
+}
+
+/// Symbols sorted by address, for address-to-name lookups.
+#[derive(Debug, Clone, Default)]
+pub struct SymbolMap {
+    symbols: Vec<Symbol>,
+}
+
+impl SymbolMap {
+    /// Parses System.map text.
+    pub fn parse_system_map(text: &str) -> Result<Self, SymbolError> {
+        let mut symbols = Vec::new();
+        let mut bad_lines = 0;
+        for line in text.lines() {
+            let mut it = line.split_whitespace();
+            let (Some(a), Some(k), Some(n), None) = (it.next(), it.next(), it.next(), it.next())
+            else {
+                bad_lines += 1;
+                continue;
+            };
+            let (Ok(addr), Some(kind)) = (u64::from_str_radix(a, 16), k.chars().next()) else {
+                bad_lines += 1;
+                continue;
+            };
+            if k.len() != 1 || n.len() > 512 {
+                bad_lines += 1;
+                continue;
+            }
+            symbols.push(Symbol {
+                addr,
+                kind,
+                name: n.to_string(),
+            });
+        }
+        if symbols.is_empty() {
+            return Err(SymbolError::Empty { bad_lines });
+        }
+        symbols.sort_by_key(|s| s.addr);
+        Ok(Self { symbols })
+    }
+
+    /// Number of symbols.
+    pub fn len(&self) -> usize {
+        self.symbols.len()
+    }
+
+    /// Whether the map is empty.
+    pub fn is_empty(&self) -> bool {
+        self.symbols.is_empty()
+    }
+
+    /// The address of `name`, if present.
+    pub fn lookup(&self, name: &str) -> Option<u64> {
+        self.symbols.iter().find(|s| s.name == name).map(|s| s.addr)
+    }
+
+    /// The text symbol containing link-time address `addr`, with the offset
+    /// into it (`name+0x12`); None outside the kernel text.
+    pub fn symbolize(&self, addr: u64) -> Option<String> {
+        let i = self
+            .symbols
+            .partition_point(|s| s.addr <= addr)
+            .checked_sub(1)?;
+        let s = &self.symbols[i];
+        if !matches!(s.kind, 'T' | 't' | 'W' | 'w') || addr - s.addr > 1 << 20 {
+            return None;
+        }
+        Some(format!("{}+{:#x}", s.name, addr - s.addr))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAP: &str = "ffffffff81000000 T _text\nffffffff81000100 t helper\nffffffff81001000 T do_exit\nffffffff82000000 D init_task\n";
+
+    #[test]
+    fn parses_and_symbolizes() {
+        let m = SymbolMap::parse_system_map(MAP).unwrap();
+        assert_eq!(m.len(), 4);
+        assert_eq!(m.lookup("do_exit"), Some(0xffffffff81001000));
+        assert_eq!(
+            m.symbolize(0xffffffff81001005).as_deref(),
+            Some("do_exit+0x5")
+        );
+        assert_eq!(
+            m.symbolize(0xffffffff81000104).as_deref(),
+            Some("helper+0x4")
+        );
+        assert_eq!(m.symbolize(0xffffffff82000008), None, "data is not code");
+        assert_eq!(m.symbolize(0x1000), None);
+    }
+
+    #[test]
+    fn garbage_is_an_error_and_bad_lines_are_skipped() {
+        assert_eq!(
+            SymbolMap::parse_system_map("\x7fELF garbage\n\n"),
+            Err(SymbolError::Empty { bad_lines: 2 })
+        );
+        let m = SymbolMap::parse_system_map("zzzz T x\nffffffff81000000 T ok\nffffffff81 TT y\n")
+            .unwrap();
+        assert_eq!(m.len(), 1);
+    }
+}
