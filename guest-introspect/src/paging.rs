@@ -84,7 +84,7 @@ pub fn translate(
         if entry & PRESENT == 0 {
             return Err(TranslateError::NotPresent { va, level });
         }
-        let large = level <= 3 && level >= 2 && entry & PAGE_SIZE_BIT != 0;
+        let large = (2..=3).contains(&level) && entry & PAGE_SIZE_BIT != 0;
         if large || level == 1 {
             let page_mask = (1u64 << shift) - 1;
             return Ok(PhysAddr(

@@ -120,8 +120,8 @@ mod tests {
     #[test]
     fn garbage_is_an_error_and_bad_lines_are_skipped() {
         assert_eq!(
-            SymbolMap::parse_system_map("\x7fELF garbage\n\n"),
-            Err(SymbolError::Empty { bad_lines: 2 })
+            SymbolMap::parse_system_map("\x7fELF garbage\n\n").unwrap_err(),
+            SymbolError::Empty { bad_lines: 2 }
         );
         let m = SymbolMap::parse_system_map("zzzz T x\nffffffff81000000 T ok\nffffffff81 TT y\n")
             .unwrap();

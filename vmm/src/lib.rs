@@ -15,7 +15,7 @@
 //!   relocations and KASLR; [`initrd`]: initrd checks.
 //! * [`devices`]: 16550 UARTs and the i8042 reset line.
 //! * [`control`]: the host end of the guest image's control protocol.
-//! * [`persist`]: snapshots.
+//! * [`persist`] saves and restores snapshots.
 //! * [`kvm_kind`]: hardware vs PVM KVM.
 
 pub mod arch;

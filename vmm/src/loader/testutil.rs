@@ -15,7 +15,7 @@ pub fn synthetic_payload(len: usize) -> Vec<u8> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 4 == 0 {
+        if x.is_multiple_of(4) {
             out.extend_from_slice(&x.to_le_bytes());
         } else {
             out.extend_from_slice(b"mov %rax, 0x10(%rsp); call startup_64\n");
