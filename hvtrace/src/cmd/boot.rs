@@ -34,7 +34,7 @@ pub fn boot(args: BootArgs) -> Result<i32> {
         stderr: Box::new(std::io::stderr()),
         console_echo: Some(Box::new(std::io::stdout())),
     };
-    let stall = Duration::from_secs(args.guest.stall_timeout);
+    let stall = args.guest.stall();
     let mut session = match &args.restore {
         Some(p) => Session::restore(p, None, outputs, stall)?,
         None => Session::boot(&args.guest.config()?, outputs, stall)?,

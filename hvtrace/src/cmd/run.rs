@@ -40,9 +40,10 @@ pub struct GuestArgs {
     /// Show the guest kernel console on stderr.
     #[arg(short, long)]
     pub verbose: bool,
-    /// Seconds without guest output before the boot is reported as stalled.
-    #[arg(long, default_value_t = 600)]
-    pub stall_timeout: u64,
+    /// Seconds without guest output before the guest is reported as stalled
+    /// [default: 2400 on PVM KVM, where kernel code is emulated; 120 on hardware KVM].
+    #[arg(long)]
+    pub stall_timeout: Option<u64>,
 }
 
 impl GuestArgs {
@@ -69,6 +70,11 @@ impl GuestArgs {
                 Kaslr::Auto
             },
         })
+    }
+
+    /// The stall timeout: as given, or the default for this host's KVM kind.
+    pub fn stall(&self) -> Duration {
+        self.stall_timeout.map(Duration::from_secs).unwrap_or_else(|| vmm::session::default_stall_timeout(KvmKind::detect()))
     }
 
     /// Outputs wired to the host's stdout and stderr.
@@ -109,7 +115,7 @@ pub struct RunArgs {
 
 /// Runs the command; returns the guest command's exit status.
 pub fn run(args: RunArgs) -> Result<i32> {
-    let stall = Duration::from_secs(args.guest.stall_timeout);
+    let stall = args.guest.stall();
     let mut restored = true;
     let mut session = if let Some(snap) = &args.restore {
         Session::restore(snap, None, args.guest.outputs(), stall)?
