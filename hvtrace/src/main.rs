@@ -27,6 +27,8 @@ enum Command {
     Boot(cmd::boot::BootArgs),
     /// Save a running VM (see `boot`) to a snapshot file.
     Snapshot(cmd::snapshot::SnapshotArgs),
+    /// Print the path of the snapshot `run` cached for a guest definition.
+    CachedSnapshot(cmd::cached::CachedArgs),
 }
 
 fn main() {
@@ -36,6 +38,7 @@ fn main() {
         Command::Run(a) => cmd::run::run(a),
         Command::Boot(a) => cmd::boot::boot(a),
         Command::Snapshot(a) => cmd::snapshot::snapshot(a),
+        Command::CachedSnapshot(a) => cmd::cached::cached(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -16,12 +16,9 @@ fn snapshot_restores_twice_into_fresh_processes() {
     assert!(warm.status.success(), "{}", stderr(&warm));
     let sock = temp_path("vm.sock");
     let snap = temp_path("booted.snap");
-    let cached = std::fs::read_dir(dirs_snapshots())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "snap"))
-        .expect("a cached snapshot");
+    let found = hvtrace(&["cached-snapshot"]);
+    assert!(found.status.success(), "{}", stderr(&found));
+    let cached = stdout(&found).trim().to_string();
     let mut vm = Command::new(hvtrace_bin())
         .args(["boot", "--api-sock"])
         .arg(&sock)
@@ -88,13 +85,4 @@ fn snapshot_restores_twice_into_fresh_processes() {
     for p in [&snap, &bad] {
         let _ = std::fs::remove_file(p);
     }
-}
-
-fn dirs_snapshots() -> std::path::PathBuf {
-    let base = std::env::var_os("HVTRACE_CACHE")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/hvtrace")
-        });
-    base.join("snapshots")
 }
