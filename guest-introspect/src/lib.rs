@@ -7,6 +7,7 @@
 //! symbols ([`symbols::SymbolMap`]); kallsyms, BTF types
 //! and task helpers build on top of it.
 
+pub mod kallsyms;
 pub mod memory;
 pub mod paging;
 pub mod symbols;

@@ -146,55 +146,74 @@ impl Write for ConsoleSink {
     }
 }
 
-/// The serial sinks of a session and the receiving end of its control lines.
-pub struct SessionWiring {
-    /// Sinks to hand to the builder or restore.
-    pub sinks: Sinks,
+/// The parts of a session that exist before its VM: the receiving end of
+/// the control lines, the console log, and the progress and timing clocks
+/// the UART sinks update.
+struct Wiring {
     control: Receiver<ControlMessage>,
     console: ConsoleLog,
     progress: Arc<Mutex<Instant>>,
     timings: Arc<Mutex<Timings>>,
 }
 
-impl SessionWiring {
-    /// Wires `outputs` to the four UARTs.
-    pub fn new(outputs: Outputs) -> Self {
-        let progress = Arc::new(Mutex::new(Instant::now()));
-        let timings = Arc::new(Mutex::new(Timings {
-            start: Some(Instant::now()),
-            first_output: None,
-        }));
-        let console = ConsoleLog::default();
-        let (tx, rx): (Sender<ControlMessage>, Receiver<ControlMessage>) = unbounded();
-        let p = progress.clone();
-        let control = LineSink::new(move |line: &str| {
-            *p.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-            let _ = tx.send(ControlMessage::parse(line));
-        });
-        let sinks = Sinks {
-            console: Box::new(ConsoleSink {
-                log: console.clone(),
-                echo: outputs.console_echo,
-                progress: progress.clone(),
-            }),
-            control: Box::new(control),
-            stdout: Box::new(TimedSink {
-                inner: outputs.stdout,
-                timings: timings.clone(),
-                progress: progress.clone(),
-            }),
-            stderr: Box::new(TimedSink {
-                inner: outputs.stderr,
-                timings: timings.clone(),
-                progress: progress.clone(),
-            }),
-        };
-        Self {
-            sinks,
+/// Wires `outputs` to the four UARTs: returns the sinks (for the builder or
+/// restore) and the session's ends of them.
+fn wire(outputs: Outputs) -> (Sinks, Wiring) {
+    let progress = Arc::new(Mutex::new(Instant::now()));
+    let timings = Arc::new(Mutex::new(Timings {
+        start: Some(Instant::now()),
+        first_output: None,
+    }));
+    let console = ConsoleLog::default();
+    let (tx, rx): (Sender<ControlMessage>, Receiver<ControlMessage>) = unbounded();
+    let p = progress.clone();
+    let control = LineSink::new(move |line: &str| {
+        *p.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        let _ = tx.send(ControlMessage::parse(line));
+    });
+    let timed = |inner: Sink| -> Sink {
+        Box::new(TimedSink {
+            inner,
+            timings: timings.clone(),
+            progress: progress.clone(),
+        })
+    };
+    let sinks = Sinks {
+        console: Box::new(ConsoleSink {
+            log: console.clone(),
+            echo: outputs.console_echo,
+            progress: progress.clone(),
+        }),
+        control: Box::new(control),
+        stdout: timed(outputs.stdout),
+        stderr: timed(outputs.stderr),
+    };
+    (
+        sinks,
+        Wiring {
             control: rx,
             console,
             progress,
             timings,
+        },
+    )
+}
+
+impl Wiring {
+    /// Completes the session around a started VM.
+    fn attach(self, vm: RunningVm, stall_timeout: Duration) -> Session {
+        *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        Session {
+            vm,
+            control: self.control,
+            console: self.console,
+            last_progress: self.progress,
+            stall_timeout,
+            timings: self.timings,
+            ready: false,
+            unexpected_errors: Vec::new(),
+            rip_sampling: None,
+            symbols: None,
         }
     }
 }
@@ -208,7 +227,7 @@ impl Session {
         outputs: Outputs,
         stall_timeout: Duration,
     ) -> Result<Self, SessionError> {
-        let (sinks, rest) = SessionWiring::new(outputs).split();
+        let (sinks, rest) = wire(outputs);
         let restored = crate::persist::restore(path, sinks, expected_label)?;
         let vm = restored.machine.start_with(restored.traps, true)?;
         let mut session = rest.attach(vm, stall_timeout);
@@ -227,8 +246,7 @@ impl Session {
         outputs: Outputs,
         stall_timeout: Duration,
     ) -> Result<Self, SessionError> {
-        let wiring = SessionWiring::new(outputs);
-        let (sinks, rest) = wiring.split();
+        let (sinks, rest) = wire(outputs);
         let machine = build(config, sinks)?;
         let vm = machine.start()?;
         let p = vm.placement();
@@ -453,62 +471,8 @@ impl Session {
     }
 
     /// Stops the VM (restoring every byte the VMM patched).
-    pub fn shutdown(self) -> RunningVmParts {
-        RunningVmParts {
-            _fds: self.vm.shutdown(),
-        }
-    }
-
-    /// Gives up the session, returning the VM (for snapshots).
-    pub fn into_vm(self) -> RunningVm {
-        self.vm
-    }
-}
-
-/// What is left after a shutdown.
-pub struct RunningVmParts {
-    _fds: Vec<kvm_ioctls::VcpuFd>,
-}
-
-/// The wiring without its sinks (after they went to the builder).
-pub struct WiringRest {
-    control: Receiver<ControlMessage>,
-    console: ConsoleLog,
-    progress: Arc<Mutex<Instant>>,
-    timings: Arc<Mutex<Timings>>,
-}
-
-impl SessionWiring {
-    /// Separates the sinks (for the builder) from the rest.
-    pub fn split(self) -> (Sinks, WiringRest) {
-        (
-            self.sinks,
-            WiringRest {
-                control: self.control,
-                console: self.console,
-                progress: self.progress,
-                timings: self.timings,
-            },
-        )
-    }
-}
-
-impl WiringRest {
-    /// Completes the session around a started VM.
-    pub fn attach(self, vm: RunningVm, stall_timeout: Duration) -> Session {
-        *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-        Session {
-            vm,
-            control: self.control,
-            console: self.console,
-            last_progress: self.progress,
-            stall_timeout,
-            timings: self.timings,
-            ready: false,
-            unexpected_errors: Vec::new(),
-            rip_sampling: None,
-            symbols: None,
-        }
+    pub fn shutdown(self) {
+        self.vm.shutdown();
     }
 }
 

@@ -20,7 +20,10 @@ pub fn cached(args: CachedArgs) -> Result<i32> {
     let config = args.guest.config()?;
     let path = snapcache::path(&snapcache::key(&config, KvmKind::detect())?);
     if !path.exists() {
-        bail!("no cached snapshot for this guest yet (expected at {}); `hvtrace run` makes it", path.display());
+        bail!(
+            "no cached snapshot for this guest yet (expected at {}); `hvtrace run` makes it",
+            path.display()
+        );
     }
     println!("{}", path.display());
     Ok(0)

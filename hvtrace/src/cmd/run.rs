@@ -74,7 +74,9 @@ impl GuestArgs {
 
     /// The stall timeout: as given, or the default for this host's KVM kind.
     pub fn stall(&self) -> Duration {
-        self.stall_timeout.map(Duration::from_secs).unwrap_or_else(|| vmm::session::default_stall_timeout(KvmKind::detect()))
+        self.stall_timeout
+            .map(Duration::from_secs)
+            .unwrap_or_else(|| vmm::session::default_stall_timeout(KvmKind::detect()))
     }
 
     /// Outputs wired to the host's stdout and stderr.

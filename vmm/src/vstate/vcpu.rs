@@ -60,7 +60,7 @@ pub struct VcpuStats {
     pub pio_exits: std::sync::atomic::AtomicU64,
     /// Instructions skipped for the emulator (`fwait`).
     pub skipped_instructions: std::sync::atomic::AtomicU64,
-    /// Nanoseconds spent in KVM_RUN (vCPU 0 only measures its first entry).
+    /// Nanoseconds from the VM's start to vCPU 0's first KVM_RUN.
     pub first_run_at_ns: std::sync::atomic::AtomicU64,
 }
 
