@@ -528,7 +528,9 @@ mod tests {
 
     fn filler(img: &mut Vec<u8>, n: usize, seed: &mut u64) {
         for _ in 0..n {
-            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            *seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             img.push((*seed >> 33) as u8);
         }
     }
@@ -536,27 +538,54 @@ mod tests {
     /// `percpu` absolute per-cpu symbols, then `n` others (pairs share an address).
     fn sample_syms(n: usize, percpu: usize) -> Vec<Symbol> {
         let sym = |addr, kind, name| Symbol { addr, kind, name };
-        let mut v: Vec<Symbol> = (0..percpu).map(|i| sym(0x1000 * i as u64, 'A', format!("percpu_var{i}"))).collect();
+        let mut v: Vec<Symbol> = (0..percpu)
+            .map(|i| sym(0x1000 * i as u64, 'A', format!("percpu_var{i}")))
+            .collect();
         v.extend((0..n).map(|i| {
-            let name = if i == 5 { format!("long_{}", "q".repeat(300)) } else { format!("func_{i}") };
-            sym(0xffff_ffff_8100_0000 + 0x40 * (i as u64 & !1), ['T', 't', 'D', 'd', 'b', 'R', 'W', '?'][i % 8], name)
+            let name = if i == 5 {
+                format!("long_{}", "q".repeat(300))
+            } else {
+                format!("func_{i}")
+            };
+            sym(
+                0xffff_ffff_8100_0000 + 0x40 * (i as u64 & !1),
+                ['T', 't', 'D', 'd', 'b', 'R', 'W', '?'][i % 8],
+                name,
+            )
         }));
         v
     }
 
     fn raw(s: &Symbol) -> Vec<u8> {
-        std::iter::once(s.kind as u8).chain(s.name.bytes()).collect()
+        std::iter::once(s.kind as u8)
+            .chain(s.name.bytes())
+            .collect()
     }
 
     /// Parts in memory order and where each starts: the kernel's arrays.
-    fn build(syms: &[Symbol], percpu: bool, names_first: bool, seqs: bool) -> (Vec<u8>, Vec<usize>) {
+    fn build(
+        syms: &[Symbol],
+        percpu: bool,
+        names_first: bool,
+        seqs: bool,
+    ) -> (Vec<u8>, Vec<usize>) {
         let mut tok = vec![Vec::new(); 256];
-        syms.iter().flat_map(raw).for_each(|b| tok[usize::from(b)] = vec![b]);
-        let mut free = (0..256).rev().filter(|&i| tok[i].is_empty()).collect::<Vec<_>>().into_iter();
+        syms.iter()
+            .flat_map(raw)
+            .for_each(|b| tok[usize::from(b)] = vec![b]);
+        let mut free = (0..256)
+            .rev()
+            .filter(|&i| tok[i].is_empty())
+            .collect::<Vec<_>>()
+            .into_iter();
         for m in ["Tfunc_", "func_", "var", "percpu_", "_1", "00"] {
             tok[free.next().unwrap()] = m.as_bytes().to_vec();
         }
-        let base = syms.iter().find(|s| !(percpu && s.kind == 'A')).unwrap().addr;
+        let base = syms
+            .iter()
+            .find(|s| !(percpu && s.kind == 'A'))
+            .unwrap()
+            .addr;
         let mut offsets = Vec::new();
         let (mut names, mut markers) = (Vec::new(), Vec::new());
         for (i, s) in syms.iter().enumerate() {
@@ -572,7 +601,9 @@ mod tests {
             let (r, mut c, mut j) = (raw(s), Vec::new(), 0);
             while j < r.len() {
                 let multi = (0..256).filter(|&t| tok[t].len() > 1 && r[j..].starts_with(&tok[t]));
-                let t = multi.max_by_key(|&t| tok[t].len()).unwrap_or(usize::from(r[j]));
+                let t = multi
+                    .max_by_key(|&t| tok[t].len())
+                    .unwrap_or(usize::from(r[j]));
                 c.push(t as u8);
                 j += tok[t].len();
             }
@@ -589,8 +620,13 @@ mod tests {
             tt.extend(t.iter().copied().chain([0]));
         }
         let n = syms.len();
-        let sq: Vec<u8> = (0..n).flat_map(|i| ((i * 7919) % n).to_be_bytes()[5..].to_vec()).collect();
-        let (num, rb) = ((n as u32).to_le_bytes().to_vec(), base.to_le_bytes().to_vec());
+        let sq: Vec<u8> = (0..n)
+            .flat_map(|i| ((i * 7919) % n).to_be_bytes()[5..].to_vec())
+            .collect();
+        let (num, rb) = (
+            (n as u32).to_le_bytes().to_vec(),
+            base.to_le_bytes().to_vec(),
+        );
         let parts = match (names_first, seqs) {
             (true, _) => vec![num, names, markers, tt, ti, offsets, rb, sq],
             (false, true) => vec![offsets, rb, num, names, markers, sq, tt, ti],
@@ -609,17 +645,31 @@ mod tests {
 
     #[test]
     fn synthetic_tables_decode_in_all_layouts() {
-        for (percpu, names_first, seqs) in [(true, false, true), (true, false, false), (false, true, true), (true, true, true)] {
+        for (percpu, names_first, seqs) in [
+            (true, false, true),
+            (true, false, false),
+            (false, true, true),
+            (true, true, true),
+        ] {
             let syms = sample_syms(700, if percpu { 40 } else { 0 });
             let (img, starts) = build(&syms, percpu, names_first, seqs);
-            let t = find_kallsyms(&img, VADDR).unwrap_or_else(|e| panic!("{percpu} {names_first} {seqs}: {e}"));
+            let t = find_kallsyms(&img, VADDR)
+                .unwrap_or_else(|e| panic!("{percpu} {names_first} {seqs}: {e}"));
             assert_eq!(t.num_syms, syms.len());
             assert_eq!(t.symbols, syms);
             assert_eq!(t.absolute_percpu, percpu);
             assert_eq!(t.relative_base, 0xffff_ffff_8100_0000);
-            let layout = if names_first { KallsymsLayout::NamesFirst } else { KallsymsLayout::OffsetsFirst };
+            let layout = if names_first {
+                KallsymsLayout::NamesFirst
+            } else {
+                KallsymsLayout::OffsetsFirst
+            };
             assert_eq!(t.layout, layout);
-            let tt = if names_first { starts[3] } else { starts[starts.len() - 2] };
+            let tt = if names_first {
+                starts[3]
+            } else {
+                starts[starts.len() - 2]
+            };
             assert_eq!(t.token_table_vaddr, VADDR + tt as u64);
         }
     }
@@ -650,24 +700,40 @@ mod tests {
         let (img, _) = build(&syms, true, false, true);
         let t = find_kallsyms_in_elf(&elf_with(&img, VADDR)).unwrap();
         assert_eq!(t.symbols, syms);
-        assert!(matches!(find_kallsyms_in_elf(b"\x7fELF\x01\x01"), Err(KallsymsError::BadElf(_))));
-        assert!(matches!(find_kallsyms_in_elf(&[0x7f, b'E', b'L', b'F', 2, 1, 0]), Err(KallsymsError::BadElf(_))));
+        assert!(matches!(
+            find_kallsyms_in_elf(b"\x7fELF\x01\x01"),
+            Err(KallsymsError::BadElf(_))
+        ));
+        assert!(matches!(
+            find_kallsyms_in_elf(&[0x7f, b'E', b'L', b'F', 2, 1, 0]),
+            Err(KallsymsError::BadElf(_))
+        ));
         let e = elf_with(&[0u8; 100], VADDR);
-        assert_eq!(find_kallsyms_in_elf(&e).unwrap_err(), KallsymsError::NoTokenTable);
+        assert_eq!(
+            find_kallsyms_in_elf(&e).unwrap_err(),
+            KallsymsError::NoTokenTable
+        );
         assert!(find_kallsyms_in_elf(&e[..0x50]).is_err());
     }
 
     fn quick_err(img: &[u8], vaddr: u64) -> KallsymsError {
         let t0 = Instant::now();
         let r = find_kallsyms(img, vaddr);
-        assert!(t0.elapsed() < Duration::from_secs(20), "took {:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "took {:?}",
+            t0.elapsed()
+        );
         r.expect_err("garbage decoded")
     }
 
     #[test]
     fn hostile_inputs_fail_quickly_without_panicking() {
         assert_eq!(quick_err(&[], 0), KallsymsError::NoTokenTable);
-        assert_eq!(quick_err(&vec![0u8; 4 << 20], 0), KallsymsError::NoTokenTable);
+        assert_eq!(
+            quick_err(&vec![0u8; 4 << 20], 0),
+            KallsymsError::NoTokenTable
+        );
         let mut noise = Vec::new();
         filler(&mut noise, 4 << 20, &mut 7);
         quick_err(&noise, VADDR);
@@ -682,13 +748,19 @@ mod tests {
         };
         for n in [0x8000_0000u32, u32::MAX, 0, 1000 + 256] {
             let e = quick_err(&patched(s[2], &n.to_le_bytes()), VADDR);
-            assert!(matches!(e, KallsymsError::NoNames { .. }), "num_syms {n}: {e}");
+            assert!(
+                matches!(e, KallsymsError::NoNames { .. }),
+                "num_syms {n}: {e}"
+            );
         }
         for (i, v) in [(200usize, 0xffffu16), (1, 0), (255, 2)] {
             let e = quick_err(&patched(s[7] + 2 * i, &v.to_le_bytes()), VADDR);
             assert_eq!(e, KallsymsError::NoTokenTable, "token index {i}");
         }
-        assert!(matches!(quick_err(&patched(s[3], &[0xff; 64]), VADDR), KallsymsError::NoNames { .. }));
+        assert!(matches!(
+            quick_err(&patched(s[3], &[0xff; 64]), VADDR),
+            KallsymsError::NoNames { .. }
+        ));
         // Markers going backwards (a cycle) or past the names.
         for m in [0u32, 0x7fff_ffff] {
             quick_err(&patched(s[4] + 4, &m.to_le_bytes()), VADDR);
@@ -737,30 +809,63 @@ mod tests {
                 || n.len() >= 512
                 || KALLSYMS_ARRAYS.contains(&n)
                 || ["_SDA_BASE_", "_SDA2_BASE_"].contains(&n)
-                || ["__efistub_", "__kvm_nvhe_$", "__kvm_nvhe_.L", "__AArch64ADRPThunk_", "__ARMV5PILongThunk_",
-                    "__ARMV7PILongThunk_", "__ThumbV7PILongThunk_", "__LA25Thunk_", "__microLA25Thunk_", "__kcfi_typeid_"]
+                || [
+                    "__efistub_",
+                    "__kvm_nvhe_$",
+                    "__kvm_nvhe_.L",
+                    "__AArch64ADRPThunk_",
+                    "__ARMV5PILongThunk_",
+                    "__ARMV7PILongThunk_",
+                    "__ThumbV7PILongThunk_",
+                    "__LA25Thunk_",
+                    "__microLA25Thunk_",
+                    "__kcfi_typeid_",
+                ]
+                .iter()
+                .any(|p| n.starts_with(p))
+                || ["_from_arm", "_from_thumb", "_veneer"]
                     .iter()
-                    .any(|p| n.starts_with(p))
-                || ["_from_arm", "_from_thumb", "_veneer"].iter().any(|s| n.ends_with(s))
+                    .any(|s| n.ends_with(s))
                 || n.contains(".long_branch.")
                 || n.contains(".plt_branch.")
         };
         let mut v: Vec<_> = lines
             .iter()
             .filter(|&&(_, k, n)| !ignored(n, k))
-            .map(|&(a, k, n)| (a, if absolute_percpu && pcpu.contains(&a) { 'A' } else { k }, n.to_string()))
+            .map(|&(a, k, n)| {
+                (
+                    a,
+                    if absolute_percpu && pcpu.contains(&a) {
+                        'A'
+                    } else {
+                        k
+                    },
+                    n.to_string(),
+                )
+            })
             .collect();
         v.sort();
         v
     }
 
     const KALLSYMS_ARRAYS: [&str; 9] = [
-        "kallsyms_addresses", "kallsyms_offsets", "kallsyms_relative_base", "kallsyms_num_syms", "kallsyms_names",
-        "kallsyms_markers", "kallsyms_token_table", "kallsyms_token_index", "kallsyms_seqs_of_names",
+        "kallsyms_addresses",
+        "kallsyms_offsets",
+        "kallsyms_relative_base",
+        "kallsyms_num_syms",
+        "kallsyms_names",
+        "kallsyms_markers",
+        "kallsyms_token_table",
+        "kallsyms_token_index",
+        "kallsyms_seqs_of_names",
     ];
 
     fn sorted(t: &KallsymsTable) -> Vec<(u64, char, String)> {
-        let mut v: Vec<_> = t.symbols.iter().map(|s| (s.addr, s.kind, s.name.clone())).collect();
+        let mut v: Vec<_> = t
+            .symbols
+            .iter()
+            .map(|s| (s.addr, s.kind, s.name.clone()))
+            .collect();
         v.sort();
         v
     }
@@ -771,7 +876,10 @@ mod tests {
             .ok()?
             .flatten()
             .map(|e| e.path())
-            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("minimal-6.1-")))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("minimal-6.1-"))
+            })
             .filter(|p| p.join("vmlinux").is_file() && p.join("System.map").is_file())
             .collect();
         found.sort();
@@ -790,15 +898,36 @@ mod tests {
         let t = find_kallsyms_in_elf(&elf).unwrap();
         eprintln!(
             "{}: {} kallsyms in {:?}, relative_base {:#x}, {:?}, absolute_percpu {}",
-            dir.display(), t.num_syms, t0.elapsed(), t.relative_base, t.layout, t.absolute_percpu
+            dir.display(),
+            t.num_syms,
+            t0.elapsed(),
+            t.relative_base,
+            t.layout,
+            t.absolute_percpu
         );
         assert_eq!(t.symbols.len(), t.num_syms);
         assert!(t.symbols.windows(2).all(|w| w[0].addr <= w[1].addr));
         let (got, want) = (sorted(&t), kallsyms_view(&map, t.absolute_percpu));
-        let missing: Vec<_> = want.iter().filter(|w| got.binary_search(w).is_err()).collect();
-        let extra: Vec<_> = got.iter().filter(|g| want.binary_search(g).is_err()).collect();
-        eprintln!("System.map lines {}, expected in kallsyms {}, found {}", map.lines().count(), want.len(), got.len());
-        assert!(missing.is_empty() && extra.is_empty(), "missing {:?}\nextra {:?}", &missing[..missing.len().min(20)], &extra[..extra.len().min(20)]);
+        let missing: Vec<_> = want
+            .iter()
+            .filter(|w| got.binary_search(w).is_err())
+            .collect();
+        let extra: Vec<_> = got
+            .iter()
+            .filter(|g| want.binary_search(g).is_err())
+            .collect();
+        eprintln!(
+            "System.map lines {}, expected in kallsyms {}, found {}",
+            map.lines().count(),
+            want.len(),
+            got.len()
+        );
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "missing {:?}\nextra {:?}",
+            &missing[..missing.len().min(20)],
+            &extra[..extra.len().min(20)]
+        );
         for k in "TtDdBbRr".chars() {
             let n = want.iter().filter(|w| w.1 == k).count();
             eprintln!("  {k}: {n} in System.map view, all present");
@@ -815,13 +944,26 @@ mod tests {
             .lines()
             .filter_map(|l| {
                 let mut it = l.split_whitespace();
-                Some((u64::from_str_radix(it.next()?, 16).ok()?, it.next()?.chars().next()?, it.next()?.to_string()))
+                Some((
+                    u64::from_str_radix(it.next()?, 16).ok()?,
+                    it.next()?.chars().next()?,
+                    it.next()?.to_string(),
+                ))
             })
             .collect();
         theirs.sort();
         let ours = sorted(&t);
-        let diff = ours.iter().filter(|o| theirs.binary_search(o).is_err()).count();
-        eprintln!("{vmlinux}: ours {} ({:?}, base {:#x}), kallsyms-finder {}, ours not in theirs {diff}", ours.len(), t.layout, t.relative_base, theirs.len());
+        let diff = ours
+            .iter()
+            .filter(|o| theirs.binary_search(o).is_err())
+            .count();
+        eprintln!(
+            "{vmlinux}: ours {} ({:?}, base {:#x}), kallsyms-finder {}, ours not in theirs {diff}",
+            ours.len(),
+            t.layout,
+            t.relative_base,
+            theirs.len()
+        );
         assert_eq!(ours.len(), theirs.len());
         assert_eq!(diff, 0);
     }
@@ -840,10 +982,18 @@ mod tests {
             return;
         };
         let t = find_kallsyms_in_elf(&elf).unwrap();
-        eprintln!("6.12: {} symbols, base {:#x}, {:?}, percpu {}", t.num_syms, t.relative_base, t.layout, t.absolute_percpu);
+        eprintln!(
+            "6.12: {} symbols, base {:#x}, {:?}, percpu {}",
+            t.num_syms, t.relative_base, t.layout, t.absolute_percpu
+        );
         assert_eq!(t.layout, KallsymsLayout::NamesFirst);
         assert!(t.num_syms > 50_000);
-        let find = |n: &str| t.symbols.iter().find(|s| s.name == n).map(|s| (s.addr, s.kind));
+        let find = |n: &str| {
+            t.symbols
+                .iter()
+                .find(|s| s.name == n)
+                .map(|s| (s.addr, s.kind))
+        };
         assert_eq!(find("_text"), Some((0xffff_ffff_8100_0000, 'T')));
         assert_eq!(find("start_kernel").map(|s| s.1), Some('T'));
         assert_eq!(find("init_task").map(|s| s.1), Some('D'));

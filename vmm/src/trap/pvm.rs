@@ -80,7 +80,9 @@ pub fn find_page_fault_entry(ram: &GuestRam, sregs: &kvm_sregs) -> EntrySearch {
         return EntrySearch::NotYet;
     }
     let mut decoder = Decoder::with_ip(64, &code, handler, DecoderOptions::NONE);
-    for _ in 0..4 {
+    // endbr64 + up to three one-byte NOPs (the `clac` slot before the
+    // kernel optimizes its NOPs, as 6.12 boots) + cld: at most 5 decodes.
+    for _ in 0..8 {
         let insn = decoder.decode();
         match insn.mnemonic() {
             Mnemonic::Nop | Mnemonic::Endbr64 => continue,
@@ -281,6 +283,57 @@ pub fn describe_instruction(rip: u64, bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A guest with identity-mapped low memory, an IDT whose vector 14
+    /// points at `handler`, and `code` there.
+    fn guest_with_pf_handler(code: &[u8]) -> (GuestRam, kvm_sregs) {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        ram.write(0x1000, &(0x2000u64 | 3).to_le_bytes()).unwrap(); // PML4[0]
+        ram.write(0x2000, &(0x3000u64 | 3).to_le_bytes()).unwrap(); // PDPT[0]
+        ram.write(0x3000, &(0x83u64).to_le_bytes()).unwrap(); // PD[0]: 2 MiB at 0
+        let handler: u64 = 0x2_0000;
+        let mut gate = [0u8; 16];
+        gate[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
+        gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
+        ram.write(0x1_0000 + 14 * 16, &gate).unwrap();
+        ram.write(handler, code).unwrap();
+        let mut sregs = kvm_sregs::default();
+        sregs.cr0 = 0x8000_0001;
+        sregs.cr3 = 0x1000;
+        sregs.idt.base = 0x1_0000;
+        sregs.idt.limit = 0xfff;
+        (ram, sregs)
+    }
+
+    #[test]
+    fn finds_cld_after_endbr_and_the_clac_slot() {
+        // 6.1 after NOP optimization, and 6.12 before it (three 0x90).
+        for code in [
+            &[0xf3, 0x0f, 0x1e, 0xfa, 0x0f, 0x1f, 0x00, 0xfc, 0xe8][..],
+            &[0xf3, 0x0f, 0x1e, 0xfa, 0x90, 0x90, 0x90, 0xfc, 0xe8],
+        ] {
+            let (ram, sregs) = guest_with_pf_handler(code);
+            assert_eq!(
+                find_page_fault_entry(&ram, &sregs),
+                EntrySearch::Found(PageFaultEntry {
+                    va: 0x2_0007,
+                    pa: 0x2_0007
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn waits_while_clac_is_live_or_paging_is_off() {
+        let (ram, sregs) = guest_with_pf_handler(&[0x0f, 0x01, 0xca, 0xfc]);
+        assert_eq!(find_page_fault_entry(&ram, &sregs), EntrySearch::NotYet);
+        let (ram, mut sregs) = guest_with_pf_handler(&[0xfc]);
+        sregs.cr0 = 1;
+        assert_eq!(find_page_fault_entry(&ram, &sregs), EntrySearch::NotYet);
+        let (ram, mut sregs) = guest_with_pf_handler(&[0xfc]);
+        sregs.idt.base = 0x7fff_ffff_0000; // unmapped IDT
+        assert_eq!(find_page_fault_entry(&ram, &sregs), EntrySearch::NotYet);
+    }
 
     #[test]
     fn fwait_is_skippable_other_instructions_are_not() {
