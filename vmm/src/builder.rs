@@ -199,10 +199,8 @@ pub fn build(config: &VmConfig, sinks: Sinks) -> Result<Machine, BuildError> {
     let mem_size = config.memory_mib << 20;
     let low_end = mem_size.min(MMIO_HOLE_START);
     let mut cmdline = config.cmdline.trim().to_string();
-    let extra = kind.guest_cmdline();
-    if !extra.is_empty() {
-        cmdline = format!("{cmdline} {extra}");
-    }
+    let (before, after) = (kind.guest_cmdline_defaults(), kind.guest_cmdline());
+    cmdline = format!("{before} {cmdline} {after}").trim().to_string();
     if cmdline.len() + 1 > CMDLINE_MAX_SIZE {
         return Err(BuildError::CmdlineTooLong(cmdline.len()));
     }

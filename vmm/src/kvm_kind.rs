@@ -17,10 +17,19 @@ pub enum KvmKind {
     Pvm,
 }
 
-/// Kernel command-line options a non-PVM guest kernel needs to run on PVM:
-/// features the KVM instruction emulator cannot emulate in ring 0.
+/// Kernel command-line options a non-PVM guest kernel needs on PVM: they
+/// hide features the KVM instruction emulator cannot emulate in ring 0.
+/// Appended after the user's command line.
 pub const PVM_GUEST_CMDLINE: &str =
     "noxsave clearcpuid=cx16,smap,popcnt,rdrand,rdseed,fsgsbase,pcid,invpcid";
+
+/// Defaults that save emulated time on PVM, where every ring-0 instruction
+/// is emulated: `mitigations=off` drops the speculation mitigations' MSR
+/// writes on every kernel entry and the return thunk on every `ret`, and
+/// `cryptomgr.notests` skips the crypto self-tests a distribution kernel
+/// runs at boot. Put before the user's command line, so a user's
+/// `mitigations=auto` (the kernel takes the last value) wins.
+pub const PVM_GUEST_CMDLINE_DEFAULTS: &str = "mitigations=off cryptomgr.notests";
 
 impl KvmKind {
     /// Detects the kind from the loaded modules and CPU flags.
@@ -46,11 +55,19 @@ impl KvmKind {
         }
     }
 
-    /// Command-line options this kind adds to every guest.
+    /// Command-line options this kind adds after every guest's own.
     pub fn guest_cmdline(self) -> &'static str {
         match self {
             Self::Hardware => "",
             Self::Pvm => PVM_GUEST_CMDLINE,
+        }
+    }
+
+    /// Command-line defaults this kind puts before every guest's own.
+    pub fn guest_cmdline_defaults(self) -> &'static str {
+        match self {
+            Self::Hardware => "",
+            Self::Pvm => PVM_GUEST_CMDLINE_DEFAULTS,
         }
     }
 
