@@ -57,8 +57,9 @@ pub struct KallsymsTable {
     pub token_table_vaddr: u64,
 }
 
-/// Why no kallsyms table could be recovered.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+/// Why no kallsyms table could be recovered; ordered by how far the search
+/// got, so the most informative of several failures is the maximum.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq, PartialOrd, Ord)]
 pub enum KallsymsError {
     /// The ELF container is unusable.
     #[error("not a usable ELF64 little-endian kernel: {0}")]
@@ -89,25 +90,6 @@ pub enum KallsymsError {
         /// Index of the symbol.
         index: usize,
     },
-}
-
-impl KallsymsError {
-    /// The error of the search that got further (variants are in order).
-    fn further(self, other: Self) -> Self {
-        let rank = |e: &Self| match e {
-            Self::BadElf(_) => 0,
-            Self::NoTokenTable => 1,
-            Self::Budget => 2,
-            Self::NoNames { .. } => 3,
-            Self::NoOffsets { .. } => 4,
-            Self::BadName { .. } => 5,
-        };
-        if rank(&other) >= rank(&self) {
-            other
-        } else {
-            self
-        }
-    }
 }
 
 const DIGITS: &[u8] = b"0\x001\x002\x003\x004\x005\x006\x007\x008\x009\x00";
@@ -427,7 +409,7 @@ pub fn find_kallsyms(image: &[u8], image_vaddr: u64) -> Result<KallsymsTable, Ka
         match scan.decode(tokens) {
             Ok(table) => return Ok(table),
             Err(_) if scan.budget == 0 => return Err(KallsymsError::Budget),
-            Err(e) => best = best.further(e),
+            Err(e) => best = best.max(e),
         }
     }
     Err(best)
@@ -463,7 +445,7 @@ pub fn find_kallsyms_in_elf(elf: &[u8]) -> Result<KallsymsTable, KallsymsError> 
         if let (Some(1), Some(seg), Some(vaddr)) = (u32_at(elf, ph), seg, u64_at(elf, ph + 16)) {
             match find_kallsyms(seg, vaddr) {
                 Ok(table) => return Ok(table),
-                Err(e) => best = best.further(e),
+                Err(e) => best = best.max(e),
             }
         }
     }
@@ -481,9 +463,8 @@ mod tests {
 
     fn noise(n: usize, seed: u64) -> Vec<u8> {
         let k = 0x9e37_79b9_7f4a_7c15u64;
-        (seed..seed + n as u64)
-            .map(|i| (i.wrapping_mul(k) >> 56) as u8)
-            .collect()
+        let byte = |i: u64| (i.wrapping_mul(k) >> 56) as u8;
+        (seed..seed + n as u64).map(byte).collect()
     }
 
     /// `percpu` absolute per-cpu symbols, then `n` others (pairs share an address).
@@ -491,13 +472,8 @@ mod tests {
         let sym = |addr, kind, name| Symbol { addr, kind, name };
         let pcpu = (0..percpu).map(|i| sym(0x1000 * i as u64, 'A', format!("percpu_var{i}")));
         let kinds = ['T', 't', 'D', 'd', 'b', 'R', 'W', '?'];
-        let others = (0..n).map(|i| {
-            sym(
-                TEXT + 0x40 * (i & !1) as u64,
-                kinds[i % 8],
-                format!("func_{i}"),
-            )
-        });
+        let addr = |i: usize| TEXT + 0x40 * (i & !1) as u64;
+        let others = (0..n).map(|i| sym(addr(i), kinds[i % 8], format!("func_{i}")));
         let mut v: Vec<Symbol> = pcpu.chain(others).collect();
         v[percpu + 5].name = format!("long_{}", "q".repeat(300)); // > 127 bytes: 2-byte length
         v
@@ -509,26 +485,19 @@ mod tests {
 
     /// A blob laid out like scripts/kallsyms.c output (`.balign 8` arrays)
     /// amid noise; returns it and where each array starts, in memory order.
-    fn build(
-        syms: &[Symbol],
-        (percpu, names_first, seqs): (bool, bool, bool),
-    ) -> (Vec<u8>, Vec<usize>) {
+    fn build(syms: &[Symbol], cfg: (bool, bool, bool)) -> (Vec<u8>, Vec<usize>) {
+        let (percpu, names_first, seqs) = cfg;
         let mut tok = vec![Vec::new(); 256];
         for b in syms.iter().flat_map(raw) {
             tok[usize::from(b)] = vec![b];
         }
         let free: Vec<usize> = (0..256).rev().filter(|&i| tok[i].is_empty()).collect();
-        for (m, &i) in ["Tfunc_", "func_", "var", "percpu_", "_1", "00"]
-            .iter()
-            .zip(&free)
-        {
+        let multi = ["Tfunc_", "func_", "var", "percpu_", "_1", "00"];
+        for (m, &i) in multi.iter().zip(&free) {
             tok[i] = m.as_bytes().to_vec();
         }
-        let base = syms
-            .iter()
-            .find(|s| !(percpu && s.kind == 'A'))
-            .unwrap()
-            .addr;
+        let relative = |s: &&Symbol| !(percpu && s.kind == 'A');
+        let base = syms.iter().find(relative).unwrap().addr;
         let (mut offsets, mut names, mut markers) = (Vec::new(), Vec::new(), Vec::new());
         for (i, s) in syms.iter().enumerate() {
             let v = match (percpu, s.kind) {
@@ -559,13 +528,10 @@ mod tests {
             tt.extend(t.iter().chain(&[0]));
         }
         let n = syms.len();
-        let sq = (0..n)
-            .flat_map(|i| ((i * 7919) % n).to_be_bytes()[5..].to_vec())
-            .collect();
-        let (num, rb) = (
-            (n as u32).to_le_bytes().to_vec(),
-            base.to_le_bytes().to_vec(),
-        );
+        let seq = |i: usize| ((i * 7919) % n).to_be_bytes()[5..].to_vec();
+        let sq = (0..n).flat_map(seq).collect();
+        let num = (n as u32).to_le_bytes().to_vec();
+        let rb = base.to_le_bytes().to_vec();
         let parts = match (names_first, seqs) {
             (true, _) => vec![num, names, markers, tt, ti, offsets, rb, sq],
             (false, true) => vec![offsets, rb, num, names, markers, sq, tt, ti],
@@ -583,12 +549,9 @@ mod tests {
 
     #[test]
     fn synthetic_tables_decode_in_all_layouts() {
-        let cfgs = [
-            (true, false, true),
-            (true, false, false),
-            (false, true, true),
-        ];
-        for cfg @ (percpu, names_first, _) in cfgs.into_iter().chain([(true, true, true)]) {
+        let t = true;
+        let cfgs = [(t, false, t), (t, false, false), (false, t, t), (t, t, t)];
+        for cfg @ (percpu, names_first, _) in cfgs {
             let syms = sample_syms(700, if percpu { 40 } else { 0 });
             let (img, starts) = build(&syms, cfg);
             let t = find_kallsyms(&img, VADDR).unwrap_or_else(|e| panic!("{cfg:?}: {e}"));
