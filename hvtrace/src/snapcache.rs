@@ -36,16 +36,21 @@ fn hash_file(h: &mut Sha256, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The cache key of a guest: kernel and initrd contents, command line,
-/// memory, vCPUs, KASLR mode, KVM kind, and this hvtrace's version and
-/// snapshot format.
+/// The cache key of a guest: kernel and initrd contents, the effective
+/// command line (with what the KVM kind adds), memory, vCPUs, KASLR mode,
+/// KVM kind, and this hvtrace's version, snapshot format and machine
+/// revision.
 pub fn key(config: &VmConfig, kind: KvmKind) -> Result<String> {
     let mut h = Sha256::new();
     h.update(format!(
-        "hvtrace {} snapshot-format {}\n",
+        "hvtrace {} snapshot-format {} machine {}\n",
         env!("CARGO_PKG_VERSION"),
-        vmm::persist::format::FORMAT_VERSION
+        vmm::persist::format::FORMAT_VERSION,
+        vmm::builder::MACHINE_REVISION,
     ));
+    // What the VMM adds to the command line on this KVM kind is part of
+    // the guest too.
+    h.update(format!("kind-cmdline {} | {}\n", kind.guest_cmdline_defaults(), kind.guest_cmdline()));
     hash_file(&mut h, &config.kernel)?;
     for i in &config.initrds {
         h.update(b"initrd\n");

@@ -25,6 +25,12 @@ use crate::machine::Machine;
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vm::{create_vcpu, create_vm, kvm_err, open_kvm, VmError};
 
+/// Revision of the virtual machine the builder assembles (memory layout,
+/// tables, devices, boot registers). Bump it whenever a change would make a
+/// guest booted by an older build differ from one booted now: the run
+/// snapshot cache keys on it, so no stale snapshot is served.
+pub const MACHINE_REVISION: u32 = 1;
+
 /// Largest kernel image (decompressed) the VMM accepts.
 pub const MAX_KERNEL_SIZE: usize = 512 << 20;
 /// Largest initrd (decompressed) the VMM accepts.
