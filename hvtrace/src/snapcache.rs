@@ -50,7 +50,11 @@ pub fn key(config: &VmConfig, kind: KvmKind) -> Result<String> {
     ));
     // What the VMM adds to the command line on this KVM kind is part of
     // the guest too.
-    h.update(format!("kind-cmdline {} | {}\n", kind.guest_cmdline_defaults(), kind.guest_cmdline()));
+    h.update(format!(
+        "kind-cmdline {} | {}\n",
+        kind.guest_cmdline_defaults(),
+        kind.guest_cmdline()
+    ));
     hash_file(&mut h, &config.kernel)?;
     for i in &config.initrds {
         h.update(b"initrd\n");

@@ -476,26 +476,37 @@ impl Session {
     }
 }
 
-/// (process RSS, resident guest RAM) in KiB; guest residency from mincore.
+/// (process RSS, resident guest RAM) in KiB, from /proc/self/smaps: the
+/// guest's share is the Rss of the mappings that back its RAM regions.
 fn memory_use(vm: &RunningVm) -> (u64, u64) {
-    let rss = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0);
-    let mut guest_pages = 0u64;
-    for (_, host, len) in vm.ram().regions() {
-        let pages = len.div_ceil(4096);
-        let mut vec = vec![0u8; pages];
-        // SAFETY: `host..host+len` is a live, page-aligned mapping owned by
-        // the VM's RAM, and `vec` has one byte per page as mincore requires.
-        let rc = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
-        if rc == 0 {
-            guest_pages += vec.iter().filter(|b| *b & 1 == 1).count() as u64;
+    let starts: Vec<u64> = vm
+        .ram()
+        .regions()
+        .iter()
+        .map(|(_, host, _)| *host as u64)
+        .collect();
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let (mut total, mut guest) = (0u64, 0u64);
+    let mut in_guest = false;
+    for line in smaps.lines() {
+        if let Some(rss) = line.strip_prefix("Rss:") {
+            let kib: u64 = rss
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            total += kib;
+            if in_guest {
+                guest += kib;
+            }
+        } else if let Some((range, _)) = line.split_once(' ') {
+            if let Some((start, _)) = range.split_once('-') {
+                if let Ok(start) = u64::from_str_radix(start, 16) {
+                    in_guest = starts.contains(&start);
+                }
+            }
         }
     }
-    (rss, guest_pages * 4)
+    (total, guest)
 }
