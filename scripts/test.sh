@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # hvtrace's test command (README): sets up everything a fresh machine lacks,
 # builds, prepares the guest kernels and image (cached by content hash under
-# ~/.cache/hvtrace), then runs every test. Guest tests need /dev/kvm and fail
+# ~/.cache/hvtrace), boots each guest the tests use once (caching a
+# snapshot), then runs every test. Guest tests need /dev/kvm and fail
 # loudly without it.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,15 +20,16 @@ if [ ! -e /dev/kvm ]; then
 fi
 step "building hvtrace"
 cargo build --release --workspace --all-targets
-step "guest kernels and image"
-kernel-config/build.sh >/dev/null
+step "guest image and Debian kernels"
+images/build.sh >/dev/null
 kernel-config/debian.sh 6.1 >/dev/null
 kernel-config/debian.sh 6.12 >/dev/null
-images/build.sh >/dev/null
-step "booting each guest once in parallel (snapshots cached for the tests)"
-# A cold boot is minutes of emulated kernel code on PVM KVM; each guest
-# definition the tests use is booted once here, side by side (one vCPU
-# thread each), and every test after restores its snapshot.
+
+# A cold boot is minutes of emulated kernel code on PVM KVM (tens of minutes
+# for Debian's kernels). Each guest definition the tests use is booted once
+# here, in the background, side by side with the minimal kernel's build, and
+# every test afterwards restores its snapshot. A warm cache makes these
+# boots no-ops.
 logs=$(mktemp -d)
 pids=()
 names=()
@@ -35,11 +37,14 @@ warm() { # name, hvtrace run arguments...
     local name=$1; shift
     target/release/hvtrace run "$@" -- true >"$logs/$name.log" 2>&1 &
     pids+=($!); names+=("$name")
+    step "booting guest $name in the background"
 }
-warm minimal
-warm minimal-2cpu --cpus 2
 warm debian-6.1 --kernel debian-6.1
 warm debian-6.12 --kernel debian-6.12
+step "minimal kernel"
+kernel-config/build.sh >/dev/null
+warm minimal
+warm minimal-2cpu --cpus 2
 fail=0
 for i in "${!pids[@]}"; do
     if wait "${pids[$i]}"; then
@@ -49,8 +54,8 @@ for i in "${!pids[@]}"; do
     fi
 done
 [ $fail -eq 0 ] || exit 1
+
 step "running tests"
-# One test at a time: each guest test occupies a CPU, the machine has two,
-# and the first test of each kernel boots it once for the others to restore.
+# One test at a time: each guest test occupies a CPU and the machine has two.
 cargo test --release --workspace -- --test-threads=1 "$@"
 step "done"
