@@ -2,9 +2,19 @@
 
 use hvtrace_tests::*;
 
-fn run_with(args: &[&str]) -> (i32, String) {
+/// Runs hvtrace and checks it failed with a message containing `needle`.
+fn expect_refusal(args: &[&str], needle: &str) {
     let out = hvtrace(args);
-    (out.status.code().unwrap_or(-1), stderr(&out))
+    let err = stderr(&out);
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "hvtrace {args:?} should fail; stderr: {err}"
+    );
+    assert!(
+        err.contains(needle),
+        "hvtrace {args:?}: expected {needle:?} in: {err}"
+    );
 }
 
 #[test]
@@ -16,34 +26,31 @@ fn a_file_that_is_not_a_kernel_is_refused() {
         b"#!/bin/sh\necho this is a shell script, not a kernel\n",
     )
     .unwrap();
-    let (code, err) = run_with(&[
-        "run",
-        "--no-cache",
-        "--kernel",
-        p.to_str().unwrap(),
-        "--",
-        "true",
-    ]);
-    assert_ne!(code, 0);
-    assert!(
-        err.contains("is not a bootable x86-64 Linux kernel"),
-        "{err}"
+    let refused = "is not a bootable x86-64 Linux kernel";
+    expect_refusal(
+        &[
+            "run",
+            "--no-cache",
+            "--kernel",
+            p.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+        refused,
     );
     // A real kernel cut in half is refused too.
     let real = std::fs::read(kernel_for_qemu("minimal")).unwrap();
     std::fs::write(&p, &real[..real.len() / 2]).unwrap();
-    let (code, err) = run_with(&[
-        "run",
-        "--no-cache",
-        "--kernel",
-        p.to_str().unwrap(),
-        "--",
-        "true",
-    ]);
-    assert_ne!(code, 0);
-    assert!(
-        err.contains("is not a bootable x86-64 Linux kernel"),
-        "{err}"
+    expect_refusal(
+        &[
+            "run",
+            "--no-cache",
+            "--kernel",
+            p.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+        refused,
     );
     let _ = std::fs::remove_file(&p);
 }
@@ -54,28 +61,33 @@ fn a_truncated_initrd_is_refused() {
     let img = std::fs::read(default_image()).unwrap();
     let p = temp_path("truncated.cpio");
     std::fs::write(&p, &img[..img.len() - 5000]).unwrap();
-    let (code, err) = run_with(&[
-        "run",
-        "--no-cache",
-        "--initrd",
-        p.to_str().unwrap(),
-        "--",
-        "true",
-    ]);
-    assert_ne!(code, 0);
-    assert!(err.contains("initrd is truncated"), "{err}");
+    expect_refusal(
+        &[
+            "run",
+            "--no-cache",
+            "--initrd",
+            p.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+        "initrd is truncated",
+    );
     let _ = std::fs::remove_file(&p);
 }
 
 #[test]
 fn too_little_memory_is_refused() {
     require_kvm();
-    let (code, err) = run_with(&["run", "--no-cache", "--memory", "16", "--", "true"]);
-    assert_ne!(code, 0);
-    assert!(err.contains("MiB of guest memory is too little"), "{err}");
-    let (code, err) = run_with(&["run", "--no-cache", "--memory", "40", "--", "true"]);
-    assert_ne!(code, 0);
-    assert!(err.contains("MiB of guest memory is too little"), "{err}");
+    let too_little = "MiB of guest memory is too little";
+    // Below the floor, and too small for the kernel and image to fit.
+    expect_refusal(
+        &["run", "--no-cache", "--memory", "16", "--", "true"],
+        too_little,
+    );
+    expect_refusal(
+        &["run", "--no-cache", "--memory", "40", "--", "true"],
+        too_little,
+    );
 }
 
 #[test]
@@ -109,15 +121,18 @@ fn a_kernel_that_panics_is_reported_with_its_panic_line() {
         .status()
         .unwrap();
     assert!(status.success());
-    let (code, err) = run_with(&[
+    let args = [
         "run",
         "--no-cache",
         "--initrd",
         cpio.to_str().unwrap(),
         "--",
         "true",
-    ]);
-    assert_ne!(code, 0);
+    ];
+    let out = hvtrace(&args);
+    let err = stderr(&out);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    // The kernel's own words, as the console printed them.
     assert!(err.contains("guest kernel panicked"), "{err}");
     assert!(err.contains("No working init found"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
