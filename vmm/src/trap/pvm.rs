@@ -270,6 +270,94 @@ pub fn skippable_instruction(bytes: &[u8]) -> Option<u64> {
     }
 }
 
+/// An instruction the KVM emulator lacks that the VMM performs itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MxcsrAccess {
+    /// `ldmxcsr m32`: load MXCSR from memory.
+    Load,
+    /// `stmxcsr m32`: store MXCSR to memory.
+    Store,
+}
+
+/// Decodes `bytes` at `rip`: an `ldmxcsr`/`stmxcsr` with its effective
+/// address (flat segments as in a 64-bit kernel, FS/GS bases honoured) and
+/// length. Distribution kernels use them in `kernel_fpu_begin`.
+pub fn decode_mxcsr_access(rip: u64, bytes: &[u8], regs: &kvm_regs, sregs: &kvm_sregs) -> Option<(MxcsrAccess, u64, u64)> {
+    use iced_x86::{OpKind, Register};
+    let mut decoder = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE);
+    let insn = decoder.decode();
+    let access = match insn.mnemonic() {
+        Mnemonic::Ldmxcsr => MxcsrAccess::Load,
+        Mnemonic::Stmxcsr => MxcsrAccess::Store,
+        _ => return None,
+    };
+    if insn.op0_kind() != OpKind::Memory {
+        return None;
+    }
+    let reg = |r: Register| -> Option<u64> {
+        Some(match r {
+            Register::None => 0,
+            Register::RAX => regs.rax,
+            Register::RBX => regs.rbx,
+            Register::RCX => regs.rcx,
+            Register::RDX => regs.rdx,
+            Register::RSI => regs.rsi,
+            Register::RDI => regs.rdi,
+            Register::RSP => regs.rsp,
+            Register::RBP => regs.rbp,
+            Register::R8 => regs.r8,
+            Register::R9 => regs.r9,
+            Register::R10 => regs.r10,
+            Register::R11 => regs.r11,
+            Register::R12 => regs.r12,
+            Register::R13 => regs.r13,
+            Register::R14 => regs.r14,
+            Register::R15 => regs.r15,
+            _ => return None,
+        })
+    };
+    // RIP-relative operands: iced already folded RIP into the displacement.
+    let base = if insn.memory_base() == Register::RIP { 0 } else { reg(insn.memory_base())? };
+    let index = reg(insn.memory_index())?.wrapping_mul(u64::from(insn.memory_index_scale()));
+    let seg = match insn.memory_segment() {
+        Register::FS => sregs.fs.base,
+        Register::GS => sregs.gs.base,
+        _ => 0,
+    };
+    let ea = seg.wrapping_add(base).wrapping_add(index).wrapping_add(insn.memory_displacement64());
+    Some((access, ea, insn.len() as u64))
+}
+
+/// Performs an `ldmxcsr`/`stmxcsr` the KVM emulator could not, on the
+/// stopped vCPU: moves the 32-bit value between guest memory and the vCPU's
+/// MXCSR and steps past the instruction. Returns false if `bytes` is not one.
+pub fn emulate_mxcsr_access(vcpu: &VcpuFd, ram: &GuestRam, rip: u64, bytes: &[u8]) -> Result<bool, String> {
+    let mut regs = vcpu.get_regs().map_err(|e| e.to_string())?;
+    let sregs = vcpu.get_sregs().map_err(|e| e.to_string())?;
+    let Some((access, ea, len)) = decode_mxcsr_access(rip, bytes, &regs, &sregs) else { return Ok(false) };
+    let space = address_space(&sregs);
+    let mut fpu = vcpu.get_fpu().map_err(|e| e.to_string())?;
+    match access {
+        MxcsrAccess::Load => {
+            let mut v = [0u8; 4];
+            read_virt(ram, space, VirtAddr(ea), &mut v).map_err(|e| format!("ldmxcsr operand: {e}"))?;
+            fpu.mxcsr = u32::from_le_bytes(v);
+            vcpu.set_fpu(&fpu).map_err(|e| e.to_string())?;
+        }
+        MxcsrAccess::Store => {
+            // A 4-byte aligned operand never crosses a page; check anyway.
+            if ea & 0xfff > 0xffc {
+                return Err(format!("stmxcsr operand {ea:#x} crosses a page"));
+            }
+            let pa = translate(ram, space, VirtAddr(ea)).map_err(|e| format!("stmxcsr operand: {e}"))?;
+            ram.write(pa.0, &fpu.mxcsr.to_le_bytes()).map_err(|e| e.to_string())?;
+        }
+    }
+    regs.rip = rip + len;
+    vcpu.set_regs(&regs).map_err(|e| e.to_string())?;
+    Ok(true)
+}
+
 /// A human description of an instruction, for error reports.
 pub fn describe_instruction(rip: u64, bytes: &[u8]) -> String {
     use iced_x86::{Formatter, IntelFormatter};
@@ -340,6 +428,21 @@ mod tests {
         assert_eq!(skippable_instruction(&[0x9b, 0x90]), Some(1));
         assert_eq!(skippable_instruction(&[0x0f, 0xc7, 0x0f]), None);
         assert_eq!(skippable_instruction(&[]), None);
+    }
+
+    #[test]
+    fn decodes_mxcsr_accesses_with_their_operand() {
+        let regs = kvm_regs { rsp: 0xffff_c900_0001_3e00, rbx: 0x1000, ..Default::default() };
+        let sregs = kvm_sregs::default();
+        // ldmxcsr [rsp+4], as Debian's kernel_fpu_begin_mask has it.
+        let bytes = [0x0f, 0xae, 0x54, 0x24, 0x04, 0x83, 0xe3];
+        assert_eq!(
+            decode_mxcsr_access(0xffff_ffff_8100_0000, &bytes, &regs, &sregs),
+            Some((MxcsrAccess::Load, 0xffff_c900_0001_3e04, 5))
+        );
+        // stmxcsr [rbx+0x10]
+        assert_eq!(decode_mxcsr_access(0, &[0x0f, 0xae, 0x5b, 0x10], &regs, &sregs), Some((MxcsrAccess::Store, 0x1010, 4)));
+        assert_eq!(decode_mxcsr_access(0, &[0x9b], &regs, &sregs), None);
     }
 
     #[test]
