@@ -62,7 +62,9 @@ done
 
 step "running tests"
 # One test at a time: each guest test occupies a CPU and the machine has two.
-cargo test --release --workspace -- --test-threads=1 "$@"
+# --lib --bins --tests: no doc-test binaries (the crates have no doc tests),
+# so the run closes on a real test binary's summary.
+cargo test --release --workspace --lib --bins --tests -- --test-threads=1 "$@"
 if [ $debian -eq 1 ]; then
     step "Debian kernel tests"
     cargo test --release -p hvtrace-tests --test boot_matches_qemu -- --ignored --test-threads=1
