@@ -291,8 +291,8 @@ impl Session {
         &self.unexpected_errors
     }
 
-    /// Debugging aid: while the session waits, print vCPU 0's RIP and CR3
-    /// on stderr every `period` (pausing the vCPU briefly to read them).
+    /// Debugging aid: while the session waits, print every vCPU's RIP and
+    /// CR3 on stderr every `period` (pausing each vCPU briefly to read them).
     pub fn sample_rip_every(&mut self, period: Duration) {
         self.rip_sampling = Some((period, Instant::now()));
     }
@@ -305,14 +305,17 @@ impl Session {
             return;
         }
         self.rip_sampling = Some((period, Instant::now()));
-        if self.vm.pause(0).is_ok() {
+        for id in 0..self.vm.vcpu_count() {
+            if self.vm.pause(id).is_err() {
+                continue;
+            }
             let regs = self
                 .vm
-                .with_vcpu(0, |fd| (fd.get_regs().ok(), fd.get_sregs().ok()));
-            let _ = self.vm.resume(0);
+                .with_vcpu(id, |fd| (fd.get_regs().ok(), fd.get_sregs().ok()));
+            let _ = self.vm.resume(id);
             if let Ok((Some(r), Some(s))) = regs {
                 eprintln!(
-                    "[rip-sample] rip={:#x} rsp={:#x} cr3={:#x} cs={:#x}",
+                    "[rip-sample] vcpu={id} rip={:#x} rsp={:#x} cr3={:#x} cs={:#x}",
                     r.rip, r.rsp, s.cr3, s.cs.selector
                 );
             }

@@ -104,7 +104,7 @@ pub struct RunArgs {
     /// Restore this snapshot instead of booting.
     #[arg(long, conflicts_with_all = ["no_cache"])]
     pub restore: Option<PathBuf>,
-    /// Debugging aid: print vCPU 0's RIP every N seconds on stderr.
+    /// Debugging aid: print every vCPU's RIP every N seconds on stderr.
     #[arg(long, hide = true)]
     pub sample_rip: Option<u64>,
     /// Print timing and memory figures as one JSON line on stderr at the end.

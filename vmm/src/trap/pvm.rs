@@ -282,7 +282,12 @@ pub enum MxcsrAccess {
 /// Decodes `bytes` at `rip`: an `ldmxcsr`/`stmxcsr` with its effective
 /// address (flat segments as in a 64-bit kernel, FS/GS bases honoured) and
 /// length. Distribution kernels use them in `kernel_fpu_begin`.
-pub fn decode_mxcsr_access(rip: u64, bytes: &[u8], regs: &kvm_regs, sregs: &kvm_sregs) -> Option<(MxcsrAccess, u64, u64)> {
+pub fn decode_mxcsr_access(
+    rip: u64,
+    bytes: &[u8],
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+) -> Option<(MxcsrAccess, u64, u64)> {
     use iced_x86::{OpKind, Register};
     let mut decoder = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE);
     let insn = decoder.decode();
@@ -317,30 +322,45 @@ pub fn decode_mxcsr_access(rip: u64, bytes: &[u8], regs: &kvm_regs, sregs: &kvm_
         })
     };
     // RIP-relative operands: iced already folded RIP into the displacement.
-    let base = if insn.memory_base() == Register::RIP { 0 } else { reg(insn.memory_base())? };
+    let base = if insn.memory_base() == Register::RIP {
+        0
+    } else {
+        reg(insn.memory_base())?
+    };
     let index = reg(insn.memory_index())?.wrapping_mul(u64::from(insn.memory_index_scale()));
     let seg = match insn.memory_segment() {
         Register::FS => sregs.fs.base,
         Register::GS => sregs.gs.base,
         _ => 0,
     };
-    let ea = seg.wrapping_add(base).wrapping_add(index).wrapping_add(insn.memory_displacement64());
+    let ea = seg
+        .wrapping_add(base)
+        .wrapping_add(index)
+        .wrapping_add(insn.memory_displacement64());
     Some((access, ea, insn.len() as u64))
 }
 
 /// Performs an `ldmxcsr`/`stmxcsr` the KVM emulator could not, on the
 /// stopped vCPU: moves the 32-bit value between guest memory and the vCPU's
 /// MXCSR and steps past the instruction. Returns false if `bytes` is not one.
-pub fn emulate_mxcsr_access(vcpu: &VcpuFd, ram: &GuestRam, rip: u64, bytes: &[u8]) -> Result<bool, String> {
+pub fn emulate_mxcsr_access(
+    vcpu: &VcpuFd,
+    ram: &GuestRam,
+    rip: u64,
+    bytes: &[u8],
+) -> Result<bool, String> {
     let mut regs = vcpu.get_regs().map_err(|e| e.to_string())?;
     let sregs = vcpu.get_sregs().map_err(|e| e.to_string())?;
-    let Some((access, ea, len)) = decode_mxcsr_access(rip, bytes, &regs, &sregs) else { return Ok(false) };
+    let Some((access, ea, len)) = decode_mxcsr_access(rip, bytes, &regs, &sregs) else {
+        return Ok(false);
+    };
     let space = address_space(&sregs);
     let mut fpu = vcpu.get_fpu().map_err(|e| e.to_string())?;
     match access {
         MxcsrAccess::Load => {
             let mut v = [0u8; 4];
-            read_virt(ram, space, VirtAddr(ea), &mut v).map_err(|e| format!("ldmxcsr operand: {e}"))?;
+            read_virt(ram, space, VirtAddr(ea), &mut v)
+                .map_err(|e| format!("ldmxcsr operand: {e}"))?;
             fpu.mxcsr = u32::from_le_bytes(v);
             vcpu.set_fpu(&fpu).map_err(|e| e.to_string())?;
         }
@@ -349,8 +369,10 @@ pub fn emulate_mxcsr_access(vcpu: &VcpuFd, ram: &GuestRam, rip: u64, bytes: &[u8
             if ea & 0xfff > 0xffc {
                 return Err(format!("stmxcsr operand {ea:#x} crosses a page"));
             }
-            let pa = translate(ram, space, VirtAddr(ea)).map_err(|e| format!("stmxcsr operand: {e}"))?;
-            ram.write(pa.0, &fpu.mxcsr.to_le_bytes()).map_err(|e| e.to_string())?;
+            let pa =
+                translate(ram, space, VirtAddr(ea)).map_err(|e| format!("stmxcsr operand: {e}"))?;
+            ram.write(pa.0, &fpu.mxcsr.to_le_bytes())
+                .map_err(|e| e.to_string())?;
         }
     }
     regs.rip = rip + len;
@@ -432,7 +454,11 @@ mod tests {
 
     #[test]
     fn decodes_mxcsr_accesses_with_their_operand() {
-        let regs = kvm_regs { rsp: 0xffff_c900_0001_3e00, rbx: 0x1000, ..Default::default() };
+        let regs = kvm_regs {
+            rsp: 0xffff_c900_0001_3e00,
+            rbx: 0x1000,
+            ..Default::default()
+        };
         let sregs = kvm_sregs::default();
         // ldmxcsr [rsp+4], as Debian's kernel_fpu_begin_mask has it.
         let bytes = [0x0f, 0xae, 0x54, 0x24, 0x04, 0x83, 0xe3];
@@ -441,7 +467,10 @@ mod tests {
             Some((MxcsrAccess::Load, 0xffff_c900_0001_3e04, 5))
         );
         // stmxcsr [rbx+0x10]
-        assert_eq!(decode_mxcsr_access(0, &[0x0f, 0xae, 0x5b, 0x10], &regs, &sregs), Some((MxcsrAccess::Store, 0x1010, 4)));
+        assert_eq!(
+            decode_mxcsr_access(0, &[0x0f, 0xae, 0x5b, 0x10], &regs, &sregs),
+            Some((MxcsrAccess::Store, 0x1010, 4))
+        );
         assert_eq!(decode_mxcsr_access(0, &[0x9b], &regs, &sregs), None);
     }
 
