@@ -29,7 +29,7 @@ use crate::vstate::vm::{create_vcpu, create_vm, kvm_err, open_kvm, VmError};
 /// tables, devices, boot registers). Bump it whenever a change would make a
 /// guest booted by an older build differ from one booted now: the run
 /// snapshot cache keys on it, so no stale snapshot is served.
-pub const MACHINE_REVISION: u32 = 1;
+pub const MACHINE_REVISION: u32 = 2;
 
 /// Largest kernel image (decompressed) the VMM accepts.
 pub const MAX_KERNEL_SIZE: usize = 512 << 20;
@@ -372,8 +372,13 @@ pub(crate) fn create_configured_vcpu(
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    vcpu.set_cpuid2(&cpuid::vcpu_cpuid(supported, id, count))
-        .map_err(kvm_err("KVM_SET_CPUID2"))?;
+    vcpu.set_cpuid2(&cpuid::vcpu_cpuid(
+        supported,
+        id,
+        count,
+        kind == KvmKind::Pvm,
+    ))
+    .map_err(kvm_err("KVM_SET_CPUID2"))?;
     if kind == KvmKind::Hardware {
         let dbg = kvm_guest_debug {
             control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP,

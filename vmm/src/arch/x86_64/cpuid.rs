@@ -7,12 +7,19 @@ const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+/// KVM paravirt features that work through `vmcall` hypercalls (PV_UNHALT
+/// kicks, PV_TLB_FLUSH, PV_SEND_IPI, PV_SCHED_YIELD). On PVM KVM a guest
+/// kernel's `vmcall` does not complete: a 2-vCPU guest hung with CPU 1 at
+/// the `vmcall` of its first PV IPI. Hidden there, the guest uses the APIC.
+pub const KVM_HYPERCALL_FEATURES: u32 = (1 << 7) | (1 << 9) | (1 << 11) | (1 << 13);
 
 /// Adjusts KVM's supported CPUID for vCPU `id` of `count`: initial APIC id,
 /// logical processor count, hypervisor bit, x2APIC ids in the topology leaves.
-pub fn vcpu_cpuid(mut cpuid: CpuId, id: u8, count: u8) -> CpuId {
+pub fn vcpu_cpuid(mut cpuid: CpuId, id: u8, count: u8, hide_hypercalls: bool) -> CpuId {
     for e in cpuid.as_mut_slice() {
         match e.function {
+            LEAF_KVM_FEATURES if hide_hypercalls => e.eax &= !KVM_HYPERCALL_FEATURES,
             LEAF_FEATURES => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
                 e.ecx |= ECX_HYPERVISOR;
@@ -50,7 +57,7 @@ mod tests {
             },
         ])
         .unwrap();
-        let c = vcpu_cpuid(c, 3, 4);
+        let c = vcpu_cpuid(c, 3, 4, true);
         let e = c.as_slice();
         assert_eq!(e[0].ebx >> 24, 3);
         assert_eq!((e[0].ebx >> 16) & 0xff, 4);
