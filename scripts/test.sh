@@ -50,6 +50,7 @@ fi
 step "minimal kernel"
 kernel-config/build.sh >/dev/null
 warm minimal
+warm minimal-2cpu --cpus 2
 fail=0
 for i in "${!pids[@]}"; do
     if wait "${pids[$i]}"; then

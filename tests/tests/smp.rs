@@ -2,12 +2,7 @@
 
 use hvtrace_tests::*;
 
-// Known failure on PVM KVM: with two vCPUs the boot processor spins in
-// queued_spin_lock_slowpath right after "x86: Booting SMP configuration:"
-// and never brings CPU 1 up (seen with the minimal kernel, --no-kaslr).
-// Under investigation; see docs/limitations.md.
 #[test]
-#[ignore = "known failure on PVM: the 2-vCPU boot hangs while bringing up CPU 1 (docs/limitations.md)"]
 fn two_vcpu_guest_sees_and_uses_two_cpus() {
     require_kvm();
     let out = hvtrace(&[
