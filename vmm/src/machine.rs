@@ -291,15 +291,18 @@ impl RunningVm {
         self.pause_set(&ids)
     }
 
+    /// Queues `cmd` for vCPU `id`'s thread.
+    fn send(&self, id: u8, cmd: VcpuCommand) -> Result<(), MachineError> {
+        let v = self
+            .vcpus
+            .get(id as usize)
+            .ok_or(MachineError::NoSuchVcpu(id))?;
+        v.commands.send(cmd).map_err(|_| MachineError::VcpuGone(id))
+    }
+
     fn pause_set(&self, ids: &[u8]) -> Result<(), MachineError> {
         for &id in ids {
-            let v = self
-                .vcpus
-                .get(id as usize)
-                .ok_or(MachineError::NoSuchVcpu(id))?;
-            v.commands
-                .send(VcpuCommand::Pause)
-                .map_err(|_| MachineError::VcpuGone(id))?;
+            self.send(id, VcpuCommand::Pause)?;
             self.kick(id);
         }
         let deadline = Instant::now() + PAUSE_TIMEOUT;
@@ -316,13 +319,7 @@ impl RunningVm {
 
     /// Resumes vCPU `id`.
     pub fn resume(&self, id: u8) -> Result<(), MachineError> {
-        let v = self
-            .vcpus
-            .get(id as usize)
-            .ok_or(MachineError::NoSuchVcpu(id))?;
-        v.commands
-            .send(VcpuCommand::Resume)
-            .map_err(|_| MachineError::VcpuGone(id))
+        self.send(id, VcpuCommand::Resume)
     }
 
     /// Resumes every vCPU.
@@ -336,17 +333,11 @@ impl RunningVm {
         id: u8,
         f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
     ) -> Result<R, MachineError> {
-        let v = self
-            .vcpus
-            .get(id as usize)
-            .ok_or(MachineError::NoSuchVcpu(id))?;
         let (tx, rx) = bounded(1);
         let job: Box<dyn FnOnce(&mut VcpuFd) + Send> = Box::new(move |fd| {
             let _ = tx.send(f(fd));
         });
-        v.commands
-            .send(VcpuCommand::Exec(job))
-            .map_err(|_| MachineError::VcpuGone(id))?;
+        self.send(id, VcpuCommand::Exec(job))?;
         rx.recv().map_err(|_| MachineError::VcpuGone(id))
     }
 
