@@ -25,13 +25,30 @@ pub enum SymbolError {
     },
 }
 
-/// Symbols sorted by address, for address-to-name lookups.
+/// Symbols sorted by address, for address-to-name lookups, with a name
+/// index (the first symbol of a name wins, as in `kallsyms_lookup_name`).
 #[derive(Debug, Clone, Default)]
 pub struct SymbolMap {
     symbols: Vec<Symbol>,
+    by_name: std::collections::HashMap<String, u64>,
 }
 
 impl SymbolMap {
+    /// A map of `symbols` (any order).
+    pub fn from_symbols(mut symbols: Vec<Symbol>) -> Self {
+        symbols.sort_by_key(|s| s.addr);
+        let mut by_name = std::collections::HashMap::with_capacity(symbols.len());
+        for s in &symbols {
+            by_name.entry(s.name.clone()).or_insert(s.addr);
+        }
+        Self { symbols, by_name }
+    }
+
+    /// Every symbol, by address.
+    pub fn iter(&self) -> impl Iterator<Item = &Symbol> {
+        self.symbols.iter()
+    }
+
     /// Parses System.map text.
     pub fn parse_system_map(text: &str) -> Result<Self, SymbolError> {
         let mut symbols = Vec::new();
@@ -60,8 +77,7 @@ impl SymbolMap {
         if symbols.is_empty() {
             return Err(SymbolError::Empty { bad_lines });
         }
-        symbols.sort_by_key(|s| s.addr);
-        Ok(Self { symbols })
+        Ok(Self::from_symbols(symbols))
     }
 
     /// Number of symbols.
@@ -76,7 +92,7 @@ impl SymbolMap {
 
     /// The address of `name`, if present.
     pub fn lookup(&self, name: &str) -> Option<u64> {
-        self.symbols.iter().find(|s| s.name == name).map(|s| s.addr)
+        self.by_name.get(name).copied()
     }
 
     /// The text symbol containing link-time address `addr`, with the offset

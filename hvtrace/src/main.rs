@@ -3,6 +3,7 @@
 mod api;
 mod artifacts;
 mod cmd;
+mod introspect;
 mod snapcache;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +30,14 @@ enum Command {
     Snapshot(cmd::snapshot::SnapshotArgs),
     /// Print the path of the snapshot `run` cached for a guest definition.
     CachedSnapshot(cmd::cached::CachedArgs),
+    /// List a guest's processes and threads, read from outside (like `ps -eLo pid,tid,ppid,stat,comm`).
+    Ps(cmd::ps::PsArgs),
+    /// Show one guest task in detail: state, parent, creds, flags, user registers, executable.
+    Inspect(cmd::ps::InspectArgs),
+    /// Print a kernel's symbols (System.map format) from the best source available.
+    Symbols(cmd::symbols::SymbolsArgs),
+    /// Print struct layouts from a kernel's BTF.
+    Types(cmd::symbols::TypesArgs),
 }
 
 fn main() {
@@ -39,6 +48,10 @@ fn main() {
         Command::Boot(a) => cmd::boot::boot(a),
         Command::Snapshot(a) => cmd::snapshot::snapshot(a),
         Command::CachedSnapshot(a) => cmd::cached::cached(a),
+        Command::Ps(a) => cmd::ps::ps(a),
+        Command::Inspect(a) => cmd::ps::inspect(a),
+        Command::Symbols(a) => cmd::symbols::symbols(a),
+        Command::Types(a) => cmd::symbols::types(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

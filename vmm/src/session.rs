@@ -434,9 +434,7 @@ impl Session {
 
     /// Runs `argv` in the guest; returns its exit status.
     pub fn run(&mut self, argv: &[String]) -> Result<i32, SessionError> {
-        self.wait_ready()?;
-        self.ready = false;
-        self.vm.send_control(run_request(argv).as_bytes());
+        self.start(argv)?;
         loop {
             match self.next_message("waiting for the guest command to finish")? {
                 ControlMessage::Exit(code) => return Ok(code),
@@ -444,6 +442,38 @@ impl Session {
                 _ => {}
             }
         }
+    }
+
+    /// Starts `argv` in the guest without waiting for it; poll with
+    /// [`Session::poll_exit`].
+    pub fn start(&mut self, argv: &[String]) -> Result<(), SessionError> {
+        self.wait_ready()?;
+        self.ready = false;
+        self.vm.send_control(run_request(argv).as_bytes());
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the command started with
+    /// [`Session::start`]: its exit status once it has ended, None while it
+    /// runs. VM failures and stalls are errors, as in [`Session::run`].
+    pub fn poll_exit(&mut self, timeout: Duration) -> Result<Option<i32>, SessionError> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            match self.control.try_recv() {
+                Ok(ControlMessage::Exit(code)) => return Ok(Some(code)),
+                Ok(ControlMessage::Error(e)) => return Err(SessionError::Init(e)),
+                Ok(_) => continue,
+                Err(_) => {}
+            }
+            if let Some(ev) = self.vm.next_event(Duration::from_millis(20)) {
+                if !matches!(ev, VmEvent::Vcpu(VcpuEvent::Finished(_))) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    return Err(self.vm_ended(ev, "waiting for the guest command to finish"));
+                }
+            }
+            self.maybe_sample_rip();
+        }
+        Ok(None)
     }
 
     /// Figures about this session for `--report`: setup time before the

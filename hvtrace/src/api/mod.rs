@@ -6,6 +6,10 @@
 //! * `{"v":1,"op":"ping"}` -> `{"v":1,"ok":true,"kind":"PVM KVM","vcpus":1}`
 //! * `{"v":1,"op":"snapshot","path":"/abs/file.snap"}` -> `{"v":1,"ok":true,"bytes":N}`
 //! * `{"v":1,"op":"shutdown"}` -> `{"v":1,"ok":true}`, then the VM stops
+//! * `{"v":1,"op":"ps"}` -> `{"v":1,"ok":true,"kernel":{..},"tasks":[{"pid":1,"tid":1,"ppid":0,"comm":"init","state":"S",..},..]}`;
+//!   optional `"kernel"` and `"system_map"` paths choose the symbol/type source
+//!   (default: the VM's own kernel file, or guest memory for a restored VM)
+//! * `{"v":1,"op":"inspect","pid":N}` -> `{"v":1,"ok":true,"task":{..},"exe":"/bin/sleep","user_regs":{..},"syscall":{"nr":35,"args":[..]}}`
 //!
 //! A request may carry an `"id"`, echoed in its reply. A malformed request
 //! or an unknown op gets `{"v":1,"ok":false,"error":"..."}` and the
@@ -13,6 +17,7 @@
 //! peers with the server's uid (or root) are served.
 
 pub mod client;
+pub mod handler;
 pub mod server;
 
 use serde::{Deserialize, Serialize};
@@ -33,6 +38,26 @@ pub enum Op {
     },
     /// Stop the VM.
     Shutdown,
+    /// List every task (vCPUs paused for the duration of the walk).
+    Ps {
+        /// Kernel file for symbols and types, instead of the default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kernel: Option<String>,
+        /// System.map to use with `kernel`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        system_map: Option<String>,
+    },
+    /// Details of one task.
+    Inspect {
+        /// Thread id.
+        pid: i32,
+        /// Kernel file for symbols and types, instead of the default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kernel: Option<String>,
+        /// System.map to use with `kernel`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        system_map: Option<String>,
+    },
 }
 
 /// A request line.

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use serde_json::json;
 use vmm::session::{Outputs, Session};
 
+use crate::api::handler::Handler;
 use crate::api::server::ApiServer;
 use crate::api::Op;
 use crate::cmd::run::GuestArgs;
+use crate::introspect::KernelSource;
 
 /// Arguments of `hvtrace boot`.
 #[derive(Args, Debug)]
@@ -35,29 +36,31 @@ pub fn boot(args: BootArgs) -> Result<i32> {
         console_echo: Some(Box::new(std::io::stdout())),
     };
     let stall = args.guest.stall();
-    let mut session = match &args.restore {
-        Some(p) => Session::restore(p, None, outputs, stall)?,
-        None => Session::boot(&args.guest.config()?, outputs, stall)?,
+    // Symbols and types for ps/inspect: the booted kernel file, or for a
+    // restored VM (whose kernel file we do not know) its own memory.
+    let (mut session, default_source) = match &args.restore {
+        Some(p) => (Session::restore(p, None, outputs, stall)?, KernelSource::Memory),
+        None => {
+            let config = args.guest.config()?;
+            let source = KernelSource::Files {
+                kernel: std::path::absolute(&config.kernel)?,
+                system_map: None,
+            };
+            (Session::boot(&config, outputs, stall)?, source)
+        }
     };
+    let mut handler = Handler::new(default_source);
     loop {
         session.check_running()?;
         let Ok(req) = server.requests.recv_timeout(Duration::from_millis(100)) else {
             continue;
         };
-        let answer = match req.op {
-            Op::Ping => {
-                Ok(json!({"kind": session.vm().kind().name(), "vcpus": session.vm().vcpu_count()}))
-            }
-            Op::Snapshot { path } => session
-                .snapshot(std::path::Path::new(&path), "hvtrace boot")
-                .map(|bytes| json!({ "bytes": bytes }))
-                .map_err(|e| e.to_string()),
-            Op::Shutdown => {
-                let _ = req.reply.send(Ok(json!({})));
-                session.shutdown();
-                return Ok(0);
-            }
-        };
+        if req.op == Op::Shutdown {
+            let _ = req.reply.send(Ok(serde_json::json!({})));
+            session.shutdown();
+            return Ok(0);
+        }
+        let answer = handler.handle(&session, req.op);
         let _ = req.reply.send(answer);
     }
 }

@@ -2,5 +2,7 @@
 
 pub mod boot;
 pub mod cached;
+pub mod ps;
 pub mod run;
 pub mod snapshot;
+pub mod symbols;

@@ -10,6 +10,10 @@ use vmm::builder::{Kaslr, VmConfig};
 use vmm::kvm_kind::KvmKind;
 use vmm::session::{Outputs, Session};
 
+use crate::api::handler::Handler;
+use crate::api::server::ApiServer;
+use crate::api::Op;
+use crate::introspect::KernelSource;
 use crate::{artifacts, snapcache};
 
 /// Default kernel command line; the VMM adds what the KVM kind needs.
@@ -110,6 +114,10 @@ pub struct RunArgs {
     /// Print timing and memory figures as one JSON line on stderr at the end.
     #[arg(long)]
     pub report: bool,
+    /// Serve a control socket (as `hvtrace boot` does) while the command
+    /// runs, so `hvtrace ps`/`inspect`/`snapshot` can look at the guest.
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
     /// The command to run in the guest.
     #[arg(trailing_var_arg = true, required = true)]
     pub command: Vec<String>,
@@ -140,7 +148,22 @@ pub fn run(args: RunArgs) -> Result<i32> {
             boot_and_cache(&args, &config, &key, &cached, stall)?
         }
     };
-    let code = session.run(&args.command)?;
+    let code = match &args.api_sock {
+        None => session.run(&args.command)?,
+        Some(sock) => {
+            let source = match &args.restore {
+                Some(_) => KernelSource::Memory,
+                None => KernelSource::Files {
+                    kernel: std::path::absolute(args.guest.config()?.kernel)?,
+                    system_map: None,
+                },
+            };
+            match serve_while_running(&mut session, sock, source, &args.command)? {
+                Some(code) => code,
+                None => SHUTDOWN_STATUS,
+            }
+        }
+    };
     if args.report {
         let mut r = session.report();
         r["restored"] = serde_json::Value::Bool(restored);
@@ -148,6 +171,36 @@ pub fn run(args: RunArgs) -> Result<i32> {
     }
     session.shutdown();
     Ok(code)
+}
+
+/// Exit status of `run` when a socket client shut the VM down before the
+/// command finished (as if the command had been killed by SIGTERM).
+const SHUTDOWN_STATUS: i32 = 128 + 15;
+
+/// Runs `argv` while answering socket requests; None if a client asked for
+/// a shutdown first.
+fn serve_while_running(
+    session: &mut Session,
+    sock: &std::path::Path,
+    source: KernelSource,
+    argv: &[String],
+) -> Result<Option<i32>> {
+    let server = ApiServer::bind(sock)?;
+    let mut handler = Handler::new(source);
+    session.start(argv)?;
+    loop {
+        if let Some(code) = session.poll_exit(Duration::from_millis(50))? {
+            return Ok(Some(code));
+        }
+        while let Ok(req) = server.requests.try_recv() {
+            if req.op == Op::Shutdown {
+                let _ = req.reply.send(Ok(serde_json::json!({})));
+                return Ok(None);
+            }
+            let answer = handler.handle(session, req.op);
+            let _ = req.reply.send(answer);
+        }
+    }
 }
 
 fn boot_and_cache(

@@ -135,6 +135,30 @@ pub fn load_kernel_image(bytes: &[u8], max_size: usize) -> Result<KernelImage, L
     })
 }
 
+/// The vmlinux ELF inside a kernel file: the file itself for an ELF, the
+/// decompressed payload for a bzImage (for symbol and BTF recovery).
+pub fn kernel_elf(bytes: &[u8], max_size: usize) -> Result<std::borrow::Cow<'_, [u8]>, LoaderError> {
+    if payload::is_elf(bytes) {
+        return Ok(std::borrow::Cow::Borrowed(bytes));
+    }
+    if bytes.get(0x202..0x206) != Some(b"HdrS") {
+        // Neither ELF nor bzImage: the full loader words the precise error
+        // (it cannot succeed on such a file).
+        return Err(load_kernel_image(bytes, max_size)
+            .err()
+            .unwrap_or(LoaderError::Empty));
+    }
+    let bz = bzimage::parse_bzimage(bytes)?;
+    let out = decompress::decompress(bz.payload, max_size)?;
+    if !payload::is_elf(&out.data) {
+        return Err(PayloadError::NotElf {
+            first_bytes: decompress::hex_prefix(&out.data),
+        }
+        .into());
+    }
+    Ok(std::borrow::Cow::Owned(out.data))
+}
+
 fn from_elf(
     elf_bytes: &[u8],
     setup_header: Option<SetupHeader>,

@@ -129,6 +129,65 @@ fn save_paused(vm: &RunningVm, path: &Path, label: &str) -> Result<u64, Snapshot
     written.map_err(fmt_err)
 }
 
+/// A snapshot read for inspection only: its state and memory, no KVM.
+pub struct OfflineSnapshot {
+    /// Machine state (vCPU registers, label, placement, ...).
+    pub state: MachineState,
+    /// Guest RAM as saved (the VMM's breakpoints are never in it).
+    pub ram: GuestRam,
+}
+
+/// Reads a snapshot file without creating a VM (for `hvtrace ps` and
+/// `inspect` on a saved guest). Works on any host, KVM or not.
+pub fn load_offline(path: &Path) -> Result<OfflineSnapshot, SnapshotError> {
+    let p = path.display().to_string();
+    let fmt_err = |source| SnapshotError::Format {
+        path: p.clone(),
+        source,
+    };
+    let mut f = std::io::BufReader::new(
+        std::fs::File::open(path).map_err(|e| fmt_err(FormatError::Io(e)))?,
+    );
+    let file = read_snapshot(&mut f).map_err(fmt_err)?;
+    let state: MachineState = bincode::deserialize(&file.state)
+        .map_err(|e| fmt_err(FormatError::State(e.to_string())))?;
+    check_plausible(&state).map_err(fmt_err)?;
+    let ram = GuestRam::new(state.memory_size).map_err(BuildError::from)?;
+    fill_ram(&ram, &file).map_err(fmt_err)?;
+    Ok(OfflineSnapshot { state, ram })
+}
+
+/// Refuses states no hvtrace writes (counts and sizes out of range).
+fn check_plausible(state: &MachineState) -> Result<(), FormatError> {
+    if state.vcpus.is_empty()
+        || state.vcpus.len() > crate::builder::MAX_CPUS as usize
+        || state.uarts.len() != 4
+    {
+        return Err(FormatError::State(
+            "vCPU or device count out of range".into(),
+        ));
+    }
+    if state.memory_size < (crate::builder::MIN_MEMORY_MIB << 20) || state.memory_size > (1 << 40) {
+        return Err(FormatError::State(format!(
+            "implausible memory size {}",
+            state.memory_size
+        )));
+    }
+    Ok(())
+}
+
+/// Copies the snapshot's pages into fresh RAM.
+fn fill_ram(ram: &GuestRam, file: &format::SnapshotFile) -> Result<(), FormatError> {
+    let regions = ram.regions();
+    let mut slices: Vec<&mut [u8]> = regions
+        .iter()
+        // SAFETY: fresh, exclusively owned mappings; no vCPU exists yet, and
+        // `slices` is dropped before `ram` can be shared.
+        .map(|(_, host, len)| unsafe { std::slice::from_raw_parts_mut(*host, *len) })
+        .collect();
+    file.fill_memory(&mut slices)
+}
+
 /// A restored machine, not yet running.
 pub struct Restored {
     /// The machine; start it with [`Machine::start_with`] and `traps`.
@@ -177,31 +236,10 @@ pub fn restore(
             kind.name()
         )));
     }
-    if state.vcpus.is_empty()
-        || state.vcpus.len() > crate::builder::MAX_CPUS as usize
-        || state.uarts.len() != 4
-    {
-        return Err(fmt_err(FormatError::State(
-            "vCPU or device count out of range".into(),
-        )));
-    }
-    if state.memory_size < (crate::builder::MIN_MEMORY_MIB << 20) || state.memory_size > (1 << 40) {
-        return Err(fmt_err(FormatError::State(format!(
-            "implausible memory size {}",
-            state.memory_size
-        ))));
-    }
+    check_plausible(&state).map_err(fmt_err)?;
     let kvm = open_kvm().map_err(BuildError::from)?;
     let ram = GuestRam::new(state.memory_size).map_err(BuildError::from)?;
-    {
-        let regions = ram.regions();
-        let mut slices: Vec<&mut [u8]> = regions
-            .iter()
-            // SAFETY: fresh, exclusively owned mappings; no vCPU exists yet.
-            .map(|(_, host, len)| unsafe { std::slice::from_raw_parts_mut(*host, *len) })
-            .collect();
-        file.fill_memory(&mut slices).map_err(fmt_err)?;
-    }
+    fill_ram(&ram, &file).map_err(fmt_err)?;
     drop(file);
     let vm = create_vm(&kvm, &ram).map_err(BuildError::from)?;
     restore_vm(&vm, &state.irqchips, &state.pit, &state.clock)

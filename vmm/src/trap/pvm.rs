@@ -61,20 +61,11 @@ pub fn find_page_fault_entry(ram: &GuestRam, sregs: &kvm_sregs) -> EntrySearch {
         return EntrySearch::NotYet;
     }
     let space = address_space(sregs);
-    let mut gate = [0u8; 16];
-    if read_virt(
-        ram,
-        space,
-        VirtAddr(sregs.idt.base + PAGE_FAULT_VECTOR * 16),
-        &mut gate,
-    )
-    .is_err()
-    {
+    let Ok(handler) =
+        guest_introspect::kernel::idt_handler(ram, space, sregs.idt.base, PAGE_FAULT_VECTOR)
+    else {
         return EntrySearch::NotYet;
-    }
-    let handler = u64::from(u16::from_le_bytes([gate[0], gate[1]]))
-        | (u64::from(u16::from_le_bytes([gate[6], gate[7]])) << 16)
-        | (u64::from(u32::from_le_bytes([gate[8], gate[9], gate[10], gate[11]])) << 32);
+    };
     let mut code = [0u8; 16];
     if read_virt(ram, space, VirtAddr(handler), &mut code).is_err() {
         return EntrySearch::NotYet;
@@ -407,9 +398,11 @@ mod tests {
         gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
         ram.write(0x1_0000 + 14 * 16, &gate).unwrap();
         ram.write(handler, code).unwrap();
-        let mut sregs = kvm_sregs::default();
-        sregs.cr0 = 0x8000_0001;
-        sregs.cr3 = 0x1000;
+        let mut sregs = kvm_sregs {
+            cr0: 0x8000_0001,
+            cr3: 0x1000,
+            ..Default::default()
+        };
         sregs.idt.base = 0x1_0000;
         sregs.idt.limit = 0xfff;
         (ram, sregs)

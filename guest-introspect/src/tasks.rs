@@ -1,0 +1,502 @@
+//! Every process and thread of a running kernel, decoded from its
+//! `task_struct`s with offsets from BTF.
+//!
+//! Processes are the `init_task.tasks` ring; the threads of a process are
+//! `signal->thread_head` (Linux 6.7 and later) or the leader's
+//! `thread_group` ring (earlier). The guest writes these lists, so every walk
+//! is bounded by [`WalkLimits`], remembers the tasks it has seen (a cycle
+//! that skips the head is an error, not a hang) and checks every pointer.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::error::{IntrospectError, Result};
+use crate::kernel::{c_string, RunningKernel};
+use crate::memory::PhysMemory;
+
+/// `PF_KTHREAD`: the task is a kernel thread.
+pub const PF_KTHREAD: u32 = 0x0020_0000;
+/// `PF_WQ_WORKER`: the task is a workqueue worker.
+pub const PF_WQ_WORKER: u32 = 0x0000_0020;
+/// Longest name /proc shows (`proc_task_name`'s buffer, less the NUL).
+const PROC_NAME_MAX: usize = 63;
+/// `TASK_COMM_LEN`.
+const COMM_LEN: usize = 16;
+/// `ps` state letters in `task_state_index` order.
+const STATE_LETTERS: &[u8; 9] = b"RSDTtXZPI";
+/// Highest pid Linux allows (`PID_MAX_LIMIT` on 64-bit).
+const PID_MAX_LIMIT: i64 = 4 * 1024 * 1024;
+/// Longest path rebuilt for `exe`, in components.
+const PATH_MAX_COMPONENTS: usize = 256;
+/// `NAME_MAX`.
+const NAME_MAX: usize = 255;
+
+/// Bounds on one walk of guest lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalkLimits {
+    /// Most tasks (processes plus threads) accepted.
+    pub max_tasks: usize,
+}
+
+impl Default for WalkLimits {
+    fn default() -> Self {
+        // The kernel cannot have more tasks than pids.
+        Self {
+            max_tasks: PID_MAX_LIMIT as usize,
+        }
+    }
+}
+
+/// One task (a process's leader or one of its threads).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Task {
+    /// Address of the `task_struct`.
+    pub addr: u64,
+    /// Thread id (the kernel's `pid`).
+    pub tid: i32,
+    /// Process id (the kernel's `tgid`).
+    pub pid: i32,
+    /// Parent's process id (`real_parent->tgid`); 0 for pid 1 and kthreadd.
+    pub ppid: i32,
+    /// Command name (`comm`, at most 15 bytes).
+    pub comm: String,
+    /// The name /proc and `ps` show: `comm`, or for kernel threads their
+    /// full name, and for workqueue workers `comm` plus `+`/`-` and the
+    /// work description (as `proc_task_name` builds it).
+    pub name: String,
+    /// `ps` state letter (R, S, D, T, t, X, Z, P, I).
+    pub state: char,
+    /// Raw `__state` (`state` before 5.14).
+    pub state_raw: u32,
+    /// Raw `exit_state`.
+    pub exit_state: u32,
+    /// `flags` (PF_*).
+    pub flags: u32,
+    /// Real uid and gid, effective uid (from `real_cred`).
+    pub uid: u32,
+    /// Real gid.
+    pub gid: u32,
+    /// Effective uid.
+    pub euid: u32,
+    /// `thread_info.flags` (TIF_*).
+    pub ti_flags: u64,
+    /// `thread_info.syscall_work` (SYSCALL_WORK_*), where the kernel has it.
+    pub syscall_work: Option<u64>,
+    /// The CPU this task is current on, if any.
+    pub cpu: Option<u32>,
+}
+
+impl Task {
+    /// Whether this is a kernel thread.
+    pub fn is_kernel_thread(&self) -> bool {
+        self.flags & PF_KTHREAD != 0
+    }
+}
+
+/// The `ps` letter for a task's `__state` and `exit_state`, as the kernel's
+/// `task_state_index` computes it.
+pub fn state_letter(state: u32, exit_state: u32) -> char {
+    const TASK_REPORT: u32 = 0x7f;
+    const TASK_IDLE: u32 = 0x402;
+    const TASK_RTLOCK_WAIT: u32 = 0x1000;
+    let mut s = (state | exit_state) & TASK_REPORT;
+    if state == TASK_IDLE {
+        s = TASK_REPORT + 1;
+    } else if state == TASK_RTLOCK_WAIT {
+        s = 2;
+    }
+    let index = (32 - s.leading_zeros()) as usize; // fls()
+    char::from(STATE_LETTERS[index.min(STATE_LETTERS.len() - 1)])
+}
+
+/// Decodes tasks of one kernel; holds the offsets it needs.
+pub struct TaskReader<'k, 'a, M: PhysMemory + ?Sized> {
+    k: &'k RunningKernel<'a, M>,
+    tasks_off: u64,
+    /// `thread_node` + `signal_struct.thread_head`, or `thread_group`.
+    threads: ThreadLinks,
+    current: HashMap<u64, u32>,
+}
+
+enum ThreadLinks {
+    /// 6.7+: `task.thread_node` in `task.signal->thread_head`.
+    SignalList { node: u64, signal: u64, head: u64 },
+    /// Before 6.7: the `task.thread_group` ring.
+    GroupRing { ring: u64 },
+}
+
+impl<'k, 'a, M: PhysMemory + ?Sized> TaskReader<'k, 'a, M> {
+    /// Prepares to read tasks of `k`: resolves the offsets and which task is
+    /// current on each CPU.
+    pub fn new(k: &'k RunningKernel<'a, M>) -> Result<Self> {
+        let t = k.types();
+        let tasks_off = t.member("task_struct", "tasks")?.offset;
+        let threads = if t.has_member("task_struct", "thread_node")
+            && t.has_member("signal_struct", "thread_head")
+        {
+            ThreadLinks::SignalList {
+                node: t.member("task_struct", "thread_node")?.offset,
+                signal: t.member("task_struct", "signal")?.offset,
+                head: t.member("signal_struct", "thread_head")?.offset,
+            }
+        } else {
+            ThreadLinks::GroupRing {
+                ring: t.member("task_struct", "thread_group")?.offset,
+            }
+        };
+        let current = k
+            .current_tasks()?
+            .into_iter()
+            .enumerate()
+            .map(|(cpu, task)| (task, cpu as u32))
+            .collect();
+        Ok(Self {
+            k,
+            tasks_off,
+            threads,
+            current,
+        })
+    }
+
+    /// Follows a `list_head` ring from `head` (itself not an entry), calling
+    /// `f` with each entry's address; bounded by `seen` and `limits`.
+    fn walk_ring(
+        &self,
+        head: u64,
+        what: &str,
+        limit: usize,
+        mut f: impl FnMut(u64) -> Result<()>,
+    ) -> Result<()> {
+        let mut seen = HashSet::new();
+        let mut cur = self.k.read_u64(head, what)?;
+        while cur != head {
+            if !seen.insert(cur) {
+                return Err(IntrospectError::Corrupt(format!(
+                    "{what} has a cycle that does not return to its head ({cur:#x} seen twice)"
+                )));
+            }
+            if seen.len() > limit {
+                return Err(IntrospectError::Corrupt(format!(
+                    "{what} has more than {limit} entries"
+                )));
+            }
+            f(cur)?;
+            cur = self.k.read_u64(cur, what)?;
+        }
+        Ok(())
+    }
+
+    /// Every process leader except the idle task (pid 0), in list order.
+    pub fn processes(&self, limits: WalkLimits) -> Result<Vec<u64>> {
+        let init = self.k.symbol("init_task")?;
+        let mut out = Vec::new();
+        self.walk_ring(
+            init + self.tasks_off,
+            "the task list (init_task.tasks)",
+            limits.max_tasks,
+            |node| {
+                out.push(node.wrapping_sub(self.tasks_off));
+                Ok(())
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// The threads of the process led by `leader`, leader first.
+    pub fn threads(&self, leader: u64, limits: WalkLimits) -> Result<Vec<u64>> {
+        let mut out = vec![leader];
+        match self.threads {
+            ThreadLinks::SignalList { node, signal, head } => {
+                let sig = self.k.read_u64(leader + signal, "task_struct.signal")?;
+                out.clear();
+                self.walk_ring(
+                    sig + head,
+                    "a thread list (signal->thread_head)",
+                    limits.max_tasks,
+                    |n| {
+                        out.push(n.wrapping_sub(node));
+                        Ok(())
+                    },
+                )?;
+                // Leader first, as ps lists it.
+                if let Some(i) = out.iter().position(|&t| t == leader) {
+                    out[..=i].rotate_right(1);
+                }
+            }
+            ThreadLinks::GroupRing { ring } => {
+                self.walk_ring(
+                    leader + ring,
+                    "a thread group (task_struct.thread_group)",
+                    limits.max_tasks,
+                    |n| {
+                        out.push(n.wrapping_sub(ring));
+                        Ok(())
+                    },
+                )?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Decodes the `task_struct` at `addr`.
+    pub fn task(&self, addr: u64) -> Result<Task> {
+        let k = self.k;
+        let f = |path: &str| k.field(addr, "task_struct", path);
+        let state_path = if k.types().has_member("task_struct", "__state") {
+            "__state"
+        } else {
+            "state"
+        };
+        let tid = f("pid")? as u32 as i32;
+        let pid = f("tgid")? as u32 as i32;
+        for (name, v) in [("pid", tid), ("tgid", pid)] {
+            if !(0..=PID_MAX_LIMIT as i32).contains(&v) {
+                return Err(IntrospectError::Corrupt(format!(
+                    "task_struct at {addr:#x} has {name} {v}"
+                )));
+            }
+        }
+        let state_raw = f(state_path)? as u32;
+        let exit_state = f("exit_state")? as u32;
+        let parent = f("real_parent")?;
+        let ppid = if parent == 0 {
+            0
+        } else {
+            k.field(parent, "task_struct", "tgid")? as u32 as i32
+        };
+        let comm_off = k.types().member("task_struct", "comm")?.offset;
+        let mut comm = [0u8; COMM_LEN];
+        k.read(addr + comm_off, &mut comm, "task_struct.comm")?;
+        let cred = f("real_cred")?;
+        let c = |path: &str| k.field(cred, "cred", path).map(|v| v as u32);
+        let syscall_work = if k.types().has_member("thread_info", "syscall_work") {
+            Some(f("thread_info.syscall_work")?)
+        } else {
+            None
+        };
+        let comm = c_string(&comm);
+        let flags = f("flags")? as u32;
+        Ok(Task {
+            addr,
+            tid,
+            pid,
+            ppid,
+            name: self.proc_name(addr, flags, &comm),
+            comm,
+            state: state_letter(state_raw, exit_state),
+            state_raw,
+            exit_state,
+            flags,
+            uid: c("uid")?,
+            gid: c("gid")?,
+            euid: c("euid")?,
+            ti_flags: f("thread_info.flags")?,
+            syscall_work,
+            cpu: self.current.get(&addr).copied(),
+        })
+    }
+
+    /// The name /proc shows for a task (see [`Task::name`]). Kernel-thread
+    /// extras are best effort: if the kernel's `struct kthread` or `struct
+    /// worker` are not in its BTF, or their pointers do not read, `comm`.
+    fn proc_name(&self, addr: u64, flags: u32, comm: &str) -> String {
+        if flags & PF_KTHREAD == 0 {
+            return comm.to_string();
+        }
+        let k = self.k;
+        let extra = || -> Result<Option<String>> {
+            let kthread = k.field(addr, "task_struct", "worker_private")?;
+            if kthread == 0 {
+                return Ok(None);
+            }
+            if flags & PF_WQ_WORKER != 0 {
+                let worker = k.field(kthread, "kthread", "data")?;
+                let desc_off = k.types().member("worker", "desc")?.offset;
+                let mut desc = [0u8; 32];
+                k.read(worker + desc_off, &mut desc[..24], "worker.desc")?;
+                let desc = c_string(&desc);
+                if desc.is_empty() {
+                    return Ok(None);
+                }
+                let busy = k.field(worker, "worker", "current_work")? != 0;
+                return Ok(Some(format!("{comm}{}{desc}", if busy { '+' } else { '-' })));
+            }
+            let full = k.field(kthread, "kthread", "full_name")?;
+            if full == 0 {
+                return Ok(None);
+            }
+            Ok(Some(k.read_cstr(full, PROC_NAME_MAX, "kthread.full_name")?))
+        };
+        let mut name = extra().ok().flatten().unwrap_or_else(|| comm.to_string());
+        if name.len() > PROC_NAME_MAX {
+            let mut cut = PROC_NAME_MAX;
+            while !name.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            name.truncate(cut);
+        }
+        name
+    }
+
+    /// Every task: each process's leader followed by its other threads.
+    pub fn all_tasks(&self, limits: WalkLimits) -> Result<Vec<Task>> {
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for leader in self.processes(limits)? {
+            for t in self.threads(leader, limits)? {
+                if !seen.insert(t) {
+                    return Err(IntrospectError::Corrupt(format!(
+                        "task_struct at {t:#x} appears twice in the task lists"
+                    )));
+                }
+                if seen.len() > limits.max_tasks {
+                    return Err(IntrospectError::Corrupt(format!(
+                        "more than {} tasks",
+                        limits.max_tasks
+                    )));
+                }
+                out.push(self.task(t)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The saved user-mode registers of a user task (`pt_regs` at the top of
+    /// its kernel stack), or None for a kernel thread. The stack size and the
+    /// padding above `pt_regs` differ by config (16 or 32 KiB; 16 bytes with
+    /// FRED), so each candidate is tried and the one holding user-mode
+    /// segment selectors wins.
+    pub fn user_regs(&self, task: &Task) -> Result<Option<UserRegs>> {
+        let k = self.k;
+        if task.is_kernel_thread() || k.field(task.addr, "task_struct", "mm")? == 0 {
+            return Ok(None);
+        }
+        let stack = k.field(task.addr, "task_struct", "stack")?;
+        let size = k.types().struct_size("pt_regs")?;
+        let names = UserRegs::NAMES;
+        for thread_size in [16u64 << 10, 32 << 10] {
+            for pad in [0u64, 16] {
+                let regs = stack.wrapping_add(thread_size - pad - size);
+                let get = |n: &str| k.field(regs, "pt_regs", n);
+                let (Ok(cs), Ok(ss)) = (get("cs"), get("ss")) else {
+                    continue;
+                };
+                // __USER_CS / __USER32_CS, __USER_DS with RPL 3.
+                if !matches!(cs & 0xffff, 0x33 | 0x23) || ss & 0xffff != 0x2b {
+                    continue;
+                }
+                let mut values = [0u64; UserRegs::NAMES.len()];
+                for (v, n) in values.iter_mut().zip(names) {
+                    *v = get(n)?;
+                }
+                return Ok(Some(UserRegs { addr: regs, values }));
+            }
+        }
+        Err(IntrospectError::Corrupt(format!(
+            "no user-mode pt_regs at the top of pid {}'s kernel stack ({stack:#x})",
+            task.tid
+        )))
+    }
+
+    /// The executable's path (`mm->exe_file`), rebuilt from dentries and
+    /// mounts; None for kernel threads.
+    pub fn exe_path(&self, task: &Task) -> Result<Option<String>> {
+        let k = self.k;
+        let mm = k.field(task.addr, "task_struct", "mm")?;
+        if mm == 0 {
+            return Ok(None);
+        }
+        let file = k.field(mm, "mm_struct", "exe_file")?;
+        if file == 0 {
+            return Ok(None);
+        }
+        let t = k.types();
+        let path_off = t.member("file", "f_path")?.offset;
+        let mut dentry = k.field(file + path_off, "path", "dentry")?;
+        let vfsmount = k.field(file + path_off, "path", "mnt")?;
+        let mnt_in_mount = t.member("mount", "mnt")?.offset;
+        let mut mount = vfsmount.wrapping_sub(mnt_in_mount);
+        let mut parts = Vec::new();
+        for _ in 0..PATH_MAX_COMPONENTS {
+            let root = k.field(mount + mnt_in_mount, "vfsmount", "mnt_root")?;
+            if dentry == root {
+                let parent = k.field(mount, "mount", "mnt_parent")?;
+                if parent == mount || parent == 0 {
+                    parts.reverse();
+                    return Ok(Some(format!("/{}", parts.join("/"))));
+                }
+                dentry = k.field(mount, "mount", "mnt_mountpoint")?;
+                mount = parent;
+                continue;
+            }
+            let parent = k.field(dentry, "dentry", "d_parent")?;
+            let name_off = t.member("dentry", "d_name")?.offset;
+            let name_ptr = k.field(dentry + name_off, "qstr", "name")?;
+            parts.push(k.read_cstr(name_ptr, NAME_MAX + 1, "dentry name")?);
+            if parent == dentry {
+                parts.reverse();
+                return Ok(Some(format!("/{}", parts.join("/"))));
+            }
+            dentry = parent;
+        }
+        Err(IntrospectError::Corrupt(format!(
+            "the path of pid {}'s executable has more than {PATH_MAX_COMPONENTS} components",
+            task.tid
+        )))
+    }
+}
+
+/// Saved user-mode registers (`struct pt_regs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRegs {
+    /// Where the `pt_regs` lies.
+    pub addr: u64,
+    /// Values in [`UserRegs::NAMES`] order.
+    pub values: [u64; 21],
+}
+
+impl UserRegs {
+    /// Register names, as `struct pt_regs` spells them.
+    pub const NAMES: [&'static str; 21] = [
+        "r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx", "dx", "si",
+        "di", "orig_ax", "ip", "cs", "flags", "sp", "ss",
+    ];
+
+    /// The value of register `name`.
+    pub fn get(&self, name: &str) -> Option<u64> {
+        Self::NAMES
+            .iter()
+            .position(|n| *n == name)
+            .map(|i| self.values[i])
+    }
+
+    /// The system call this task entered, if it is in one: number and the
+    /// six arguments (di, si, dx, r10, r8, r9).
+    pub fn syscall(&self) -> Option<(u64, [u64; 6])> {
+        let nr = self.get("orig_ax")?;
+        if nr as i64 == -1 {
+            return None;
+        }
+        let a = |n| self.get(n).unwrap_or(0);
+        Some((nr, [a("di"), a("si"), a("dx"), a("r10"), a("r8"), a("r9")]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_letters_follow_task_state_index() {
+        assert_eq!(state_letter(0, 0), 'R');
+        assert_eq!(state_letter(1, 0), 'S');
+        assert_eq!(state_letter(0x2001, 0), 'S', "freezable sleep");
+        assert_eq!(state_letter(2, 0), 'D');
+        assert_eq!(state_letter(0x402, 0), 'I', "TASK_IDLE");
+        assert_eq!(state_letter(4, 0), 'T');
+        assert_eq!(state_letter(8, 0), 't');
+        assert_eq!(state_letter(0x80, 0x20), 'Z', "TASK_DEAD with EXIT_ZOMBIE");
+        assert_eq!(state_letter(0x80, 0x10), 'X');
+        assert_eq!(state_letter(0x40, 0), 'P');
+        assert_eq!(state_letter(0x1000, 0), 'D', "rtlock wait");
+    }
+}

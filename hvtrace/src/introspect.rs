@@ -1,0 +1,209 @@
+//! `ps` and `inspect` over any guest: a live VM (the `boot` process answers
+//! socket requests with these) or a snapshot file. Decoding lives in
+//! guest-introspect; this module picks the kernel information source,
+//! gathers vCPU state and shapes the JSON replies and the text output.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use guest_introspect::image::KernelInfo;
+use guest_introspect::kernel::{RunningKernel, VcpuView};
+use guest_introspect::memory::PhysMemory;
+use guest_introspect::tasks::{TaskReader, UserRegs, WalkLimits};
+use kvm_bindings::kvm_sregs;
+use serde_json::{json, Value};
+
+/// Where a kernel's symbols and types come from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KernelSource {
+    /// A kernel file (vmlinux or bzImage) and optionally its System.map.
+    Files {
+        /// vmlinux or bzImage.
+        kernel: PathBuf,
+        /// System.map, which then takes precedence for symbols.
+        system_map: Option<PathBuf>,
+    },
+    /// The running guest's memory alone (kallsyms and BTF found in it).
+    Memory,
+}
+
+/// What introspection needs of a vCPU, from KVM's special registers.
+pub fn vcpu_view(sregs: &kvm_sregs) -> VcpuView {
+    VcpuView {
+        cr3: sregs.cr3,
+        cr4: sregs.cr4,
+        idt_base: sregs.idt.base,
+        idt_limit: sregs.idt.limit,
+    }
+}
+
+/// Loads a kernel file's information.
+pub fn info_from_files(kernel: &Path, system_map: Option<&Path>) -> Result<KernelInfo> {
+    let bytes = std::fs::read(kernel).with_context(|| format!("cannot read {}", kernel.display()))?;
+    let elf = vmm::loader::kernel_elf(&bytes, vmm::loader::DEFAULT_MAX_OUTPUT)
+        .with_context(|| format!("{}", kernel.display()))?;
+    let map = system_map
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display())))
+        .transpose()?;
+    KernelInfo::from_files(&elf, map.as_deref())
+        .with_context(|| format!("{}", kernel.display()))
+}
+
+/// Loads kernel information from `source`, reading guest memory if asked.
+pub fn load_info(
+    source: &KernelSource,
+    mem: &(impl PhysMemory + ?Sized),
+    vcpu: &VcpuView,
+) -> Result<KernelInfo> {
+    match source {
+        KernelSource::Files { kernel, system_map } => {
+            info_from_files(kernel, system_map.as_deref())
+        }
+        KernelSource::Memory => {
+            KernelInfo::from_memory(mem, vcpu).context("recovering symbols and types from guest memory")
+        }
+    }
+}
+
+fn attach<'a, M: PhysMemory + ?Sized>(
+    mem: &'a M,
+    vcpus: &[VcpuView],
+    info: &'a KernelInfo,
+) -> Result<RunningKernel<'a, M>> {
+    let Some(v0) = vcpus.first() else {
+        bail!("the guest has no vCPU state");
+    };
+    Ok(RunningKernel::attach(
+        mem,
+        v0,
+        &info.symbols,
+        &info.types,
+        info.banner.as_deref(),
+    )?)
+}
+
+fn kernel_facts<M: PhysMemory + ?Sized>(k: &RunningKernel<'_, M>, info: &KernelInfo) -> Value {
+    let p = k.placement();
+    json!({
+        "banner": k.banner().trim_end(),
+        "symbols": info.symbol_source.describe(),
+        "symbol_count": info.symbols.len(),
+        "btf_types": info.types.type_count(),
+        "text": format!("{:#x}", p.text),
+        "text_phys": format!("{:#x}", p.text_phys),
+        "kaslr_offset": format!("{:#x}", p.virt_offset),
+    })
+}
+
+/// Every task of the guest, with facts about the kernel, as JSON.
+pub fn ps_json(
+    mem: &(impl PhysMemory + ?Sized),
+    vcpus: &[VcpuView],
+    info: &KernelInfo,
+) -> Result<Value> {
+    let k = attach(mem, vcpus, info)?;
+    let reader = TaskReader::new(&k)?;
+    let tasks = reader.all_tasks(WalkLimits::default())?;
+    Ok(json!({ "kernel": kernel_facts(&k, info), "tasks": tasks }))
+}
+
+/// Details of the task with thread id `tid`, as JSON.
+pub fn inspect_json(
+    mem: &(impl PhysMemory + ?Sized),
+    vcpus: &[VcpuView],
+    info: &KernelInfo,
+    tid: i32,
+) -> Result<Value> {
+    let k = attach(mem, vcpus, info)?;
+    let reader = TaskReader::new(&k)?;
+    let task = reader
+        .all_tasks(WalkLimits::default())?
+        .into_iter()
+        .find(|t| t.tid == tid)
+        .with_context(|| format!("no task with pid {tid} in the guest"))?;
+    let regs = reader.user_regs(&task)?;
+    let exe = reader.exe_path(&task)?;
+    let regs_json = regs.as_ref().map(|r: &UserRegs| {
+        let m: serde_json::Map<String, Value> = UserRegs::NAMES
+            .iter()
+            .zip(r.values)
+            .map(|(n, v)| (n.to_string(), json!(format!("{v:#x}"))))
+            .collect();
+        Value::Object(m)
+    });
+    let syscall = regs.as_ref().and_then(|r| r.syscall()).map(|(nr, args)| {
+        json!({"nr": nr, "args": args.iter().map(|a| format!("{a:#x}")).collect::<Vec<_>>()})
+    });
+    Ok(json!({
+        "kernel": kernel_facts(&k, info),
+        "task": task,
+        "exe": exe,
+        "user_regs": regs_json,
+        "syscall": syscall,
+    }))
+}
+
+/// Prints a `ps` reply the way `ps -eLo pid,tid,ppid,stat,comm` does.
+pub fn print_ps(reply: &Value) {
+    println!("{:>5} {:>5} {:>5} {:<4} COMMAND", "PID", "TID", "PPID", "STAT");
+    for t in reply["tasks"].as_array().into_iter().flatten() {
+        println!(
+            "{:>5} {:>5} {:>5} {:<4} {}",
+            t["pid"].as_i64().unwrap_or(-1),
+            t["tid"].as_i64().unwrap_or(-1),
+            t["ppid"].as_i64().unwrap_or(-1),
+            t["state"].as_str().unwrap_or("?"),
+            t["name"].as_str().unwrap_or("")
+        );
+    }
+}
+
+/// Prints an `inspect` reply as `key: value` lines.
+pub fn print_inspect(reply: &Value) {
+    let t = &reply["task"];
+    let s = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    println!("pid:          {}", s(&t["pid"]));
+    println!("tid:          {}", s(&t["tid"]));
+    println!("ppid:         {}", s(&t["ppid"]));
+    println!("comm:         {}", s(&t["comm"]));
+    println!("name:         {}", s(&t["name"]));
+    println!(
+        "state:        {} (__state {:#x}, exit_state {:#x})",
+        s(&t["state"]),
+        t["state_raw"].as_u64().unwrap_or(0),
+        t["exit_state"].as_u64().unwrap_or(0)
+    );
+    println!("flags:        {:#x}", t["flags"].as_u64().unwrap_or(0));
+    println!(
+        "uid/gid:      {} / {} (euid {})",
+        s(&t["uid"]),
+        s(&t["gid"]),
+        s(&t["euid"])
+    );
+    println!("thread flags: {:#x}", t["ti_flags"].as_u64().unwrap_or(0));
+    match t["syscall_work"].as_u64() {
+        Some(w) => println!("syscall_work: {w:#x}"),
+        None => println!("syscall_work: - (not in this kernel)"),
+    }
+    println!("cpu:          {}", s(&t["cpu"]));
+    println!("exe:          {}", s(&reply["exe"]));
+    if let Some(sc) = reply["syscall"].as_object() {
+        let args: Vec<String> = sc["args"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| a.as_str().unwrap_or("?").to_string())
+            .collect();
+        println!("syscall:      {} ({})", sc["nr"], args.join(", "));
+    }
+    if let Some(regs) = reply["user_regs"].as_object() {
+        println!("user registers:");
+        for n in UserRegs::NAMES {
+            println!("  {:<8} {}", n, regs[n].as_str().unwrap_or("?"));
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Introspection against oracles the project did not write: the guest's own
+//! /proc (read by `hv-procs` inside the guest at the same instant),
+//! `pahole` for types (guest-introspect's own tests), and the kernel's
+//! System.map for symbols.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hvtrace_tests::*;
+use serde_json::Value;
+
+/// One task as (pid, tid, ppid, state, comm).
+type Row = (i64, i64, i64, String, String);
+
+/// A guest running `hv-procs` with a control socket, stopped at its
+/// "ready" line; shut down when dropped.
+struct ProcsGuest {
+    child: Child,
+    sock: PathBuf,
+    /// Tasks as the guest's /proc listed them, by tid.
+    guest: BTreeMap<i64, Row>,
+    /// hv-procs's pid, the fd and count of the read() it blocks in.
+    ready: (i64, u64, u64),
+    exe: String,
+}
+
+impl Drop for ProcsGuest {
+    fn drop(&mut self) {
+        let _ = api_call(&self.sock, r#"{"v":1,"op":"shutdown"}"#);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn api_call(sock: &Path, line: &str) -> std::io::Result<Value> {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock)?;
+    writeln!(s, "{line}")?;
+    let mut reply = String::new();
+    BufReader::new(&s).read_line(&mut reply)?;
+    Ok(serde_json::from_str(&reply).unwrap_or(Value::Null))
+}
+
+fn start_procs_guest(extra: &[&str], children: u32, threads: u32) -> ProcsGuest {
+    require_kvm();
+    let dir = std::env::temp_dir().join(format!("hvtrace-introspect-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join(format!("vm-{children}-{threads}.sock"));
+    let mut args: Vec<String> = vec!["run".into(), "--api-sock".into(), sock.display().to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend([
+        "--".into(),
+        "hv-procs".into(),
+        children.to_string(),
+        threads.to_string(),
+    ]);
+    let mut child = Command::new(hvtrace_bin())
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start hvtrace run");
+    let mut guest = BTreeMap::new();
+    let mut exe = String::new();
+    let mut ready = None;
+    let out = BufReader::new(child.stdout.take().unwrap());
+    for line in out.lines() {
+        let line = line.expect("guest output");
+        let w: Vec<&str> = line.split_whitespace().collect();
+        match w.as_slice() {
+            ["exe:", path] => exe = path.to_string(),
+            ["task", pid, tid, ppid, state, comm @ ..] => {
+                let n = |s: &str| s.parse::<i64>().unwrap();
+                guest.insert(
+                    n(tid),
+                    (n(pid), n(tid), n(ppid), state.to_string(), comm.join(" ")),
+                );
+            }
+            ["hv-procs:", "ready", pid, fd, count] => {
+                ready = Some((pid.parse().unwrap(), fd.parse().unwrap(), count.parse().unwrap()));
+                break;
+            }
+            _ => {}
+        }
+    }
+    let ready = ready.unwrap_or_else(|| {
+        let status = child.wait();
+        panic!("hv-procs never became ready (hvtrace: {status:?})")
+    });
+    ProcsGuest {
+        child,
+        sock,
+        guest,
+        ready,
+        exe,
+    }
+}
+
+fn hvtrace_json(args: &[&str]) -> Value {
+    let out = hvtrace(args);
+    assert!(
+        out.status.success(),
+        "hvtrace {args:?} failed: {}",
+        stderr(&out)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+fn rows(reply: &Value) -> BTreeMap<i64, Row> {
+    reply["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .map(|t| {
+            let tid = t["tid"].as_i64().unwrap();
+            (
+                tid,
+                (
+                    t["pid"].as_i64().unwrap(),
+                    tid,
+                    t["ppid"].as_i64().unwrap(),
+                    t["state"].as_str().unwrap().to_string(),
+                    t["name"].as_str().unwrap().to_string(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The same tasks with the same pids, tids, ppids, names and states, except
+/// the state of hv-procs's main thread, which ran while it read /proc.
+fn assert_same_tasks(guest: &BTreeMap<i64, Row>, host: &BTreeMap<i64, Row>, reporter: i64) {
+    let strip = |m: &BTreeMap<i64, Row>| -> BTreeMap<i64, Row> {
+        m.iter()
+            .map(|(k, r)| {
+                let mut r = r.clone();
+                if *k == reporter {
+                    r.3 = "-".into();
+                }
+                (*k, r)
+            })
+            .collect()
+    };
+    let (g, h) = (strip(guest), strip(host));
+    let only_guest: Vec<_> = g.iter().filter(|(k, v)| h.get(k) != Some(v)).collect();
+    let only_host: Vec<_> = h.iter().filter(|(k, v)| g.get(k) != Some(v)).collect();
+    assert!(
+        only_guest.is_empty() && only_host.is_empty(),
+        "guest /proc and hvtrace ps differ\nonly in the guest: {only_guest:#?}\nonly in hvtrace: {only_host:#?}"
+    );
+}
+
+#[test]
+fn ps_matches_the_guests_own_proc_and_inspect_shows_the_blocked_read() {
+    let g = start_procs_guest(&[], 20, 10);
+    let sock = g.sock.display().to_string();
+    let (pid, fd, count) = g.ready;
+    assert!(g.guest.len() >= 30, "hv-procs listed too few tasks: {:?}", g.guest);
+
+    let live = hvtrace_json(&["ps", "--api-sock", &sock, "--json"]);
+    assert_same_tasks(&g.guest, &rows(&live), pid);
+    assert_eq!(
+        live["kernel"]["symbols"], "vmlinux ELF symbol table",
+        "the minimal kernel is an ELF vmlinux with its symbol table"
+    );
+
+    // The same from guest memory alone (kallsyms + BTF found in the guest).
+    let snap = g.sock.with_extension("snap");
+    let snapshot = hvtrace(&["snapshot", "--api-sock", &sock, "-o", snap.to_str().unwrap()]);
+    assert!(snapshot.status.success(), "{}", stderr(&snapshot));
+    let offline = hvtrace_json(&["ps", "--snapshot", snap.to_str().unwrap(), "--json"]);
+    assert_eq!(offline["kernel"]["symbols"], "kallsyms recovered from guest memory");
+    assert_same_tasks(&g.guest, &rows(&offline), pid);
+    assert_eq!(
+        offline["kernel"]["kaslr_offset"], live["kernel"]["kaslr_offset"],
+        "both sources place the kernel at the same address"
+    );
+
+    // hv-procs's main thread is blocked in read(fd, buf, count).
+    let insp = hvtrace_json(&["inspect", "--api-sock", &sock, "--pid", &pid.to_string(), "--json"]);
+    let sc = &insp["syscall"];
+    assert_eq!(sc["nr"], 0, "read is x86-64 syscall 0: {insp:#}");
+    let arg = |i: usize| u64::from_str_radix(sc["args"][i].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+    assert_eq!((arg(0), arg(2)), (fd, count), "read's fd and count: {insp:#}");
+    assert_eq!(insp["exe"].as_str(), Some(g.exe.as_str()), "exe as /proc/self/exe says");
+    assert_eq!(insp["task"]["uid"], 0);
+    let _ = std::fs::remove_file(snap);
+}
+
+#[test]
+fn a_wrong_system_map_is_refused() {
+    // A System.map of "another build": the text is where it was, but
+    // everything after it moved by a page (as when a rebuild changes the
+    // text size), so linux_banner is not where the map says.
+    let dir = script_path("kernel-config/build.sh", &[]);
+    let map = std::fs::read_to_string(dir.join("System.map")).unwrap();
+    let etext = map
+        .lines()
+        .find(|l| l.ends_with(" _etext"))
+        .and_then(|l| u64::from_str_radix(&l[..16], 16).ok())
+        .expect("_etext in System.map");
+    let shifted: String = map
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let (a, k, n) = (w.next()?, w.next()?, w.next()?);
+            let a = u64::from_str_radix(a, 16).ok()?;
+            let a = if a > etext { a + 4096 } else { a };
+            Some(format!("{a:016x} {k} {n}\n"))
+        })
+        .collect();
+    let g = start_procs_guest(&[], 2, 1);
+    let bad = std::env::temp_dir().join(format!("hvtrace-bad-map-{}", std::process::id()));
+    std::fs::write(&bad, shifted).unwrap();
+    let kernel = dir.join("vmlinux");
+    let out = hvtrace(&[
+        "ps",
+        "--api-sock",
+        g.sock.to_str().unwrap(),
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--system-map",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "a wrong System.map was accepted");
+    assert!(
+        stderr(&out).contains("does not match the running kernel"),
+        "unclear error: {}",
+        stderr(&out)
+    );
+    // The right one is accepted, and reports its source.
+    let good = hvtrace_json(&[
+        "ps",
+        "--api-sock",
+        g.sock.to_str().unwrap(),
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--system-map",
+        dir.join("System.map").to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(good["kernel"]["symbols"], "System.map");
+    let _ = std::fs::remove_file(bad);
+}
