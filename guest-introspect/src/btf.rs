@@ -14,6 +14,8 @@
 use std::cmp::Ordering;
 use std::fmt;
 
+use crate::le::{u16_at as read_u16, u32_at as read_u32};
+
 /// Longest typedef/qualifier/array chain and deepest anonymous-member
 /// nesting followed before the BTF is declared malformed (a cycle).
 const MAX_DEPTH: u32 = 32;
@@ -208,21 +210,6 @@ struct Outer<'a> {
     name: &'a str,
 }
 
-fn read_u16(b: &[u8], off: usize) -> Option<u16> {
-    let bytes = b.get(off..off.checked_add(2)?)?;
-    Some(u16::from_le_bytes(bytes.try_into().ok()?))
-}
-
-fn read_u32(b: &[u8], off: usize) -> Option<u32> {
-    let bytes = b.get(off..off.checked_add(4)?)?;
-    Some(u32::from_le_bytes(bytes.try_into().ok()?))
-}
-
-fn read_u64(b: &[u8], off: usize) -> Option<u64> {
-    let bytes = b.get(off..off.checked_add(8)?)?;
-    Some(u64::from_le_bytes(bytes.try_into().ok()?))
-}
-
 /// Size of a kind's data after the common 12-byte header.
 fn extra_len(kind: u32, vlen: u32) -> Option<usize> {
     let vlen = vlen as usize;
@@ -372,7 +359,9 @@ impl KernelTypes {
             return Err(bad("the .BTF section has no contents (SHT_NOBITS)"));
         }
         if btf.flags & crate::elf::SHF_COMPRESSED != 0 {
-            return Err(bad("the .BTF section is compressed, which is not supported"));
+            return Err(bad(
+                "the .BTF section is compressed, which is not supported",
+            ));
         }
         let data = elf
             .get(btf.offset..btf.offset.saturating_add(btf.size))

@@ -2,6 +2,7 @@
 //! its symbol table. Bounded: every offset and count is checked against the
 //! file, so a malformed or hostile file gives `None`/an error, not a panic.
 
+use crate::le::{u16_at, u32_at, u64_at};
 use crate::symbols::Symbol;
 
 /// One section header.
@@ -33,16 +34,6 @@ pub const SHF_COMPRESSED: u64 = 0x800;
 /// More sections than any kernel has.
 const MAX_SECTIONS: usize = 1 << 16;
 
-fn u16_at(b: &[u8], o: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(o..o.checked_add(2)?)?.try_into().ok()?))
-}
-fn u32_at(b: &[u8], o: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(o..o.checked_add(4)?)?.try_into().ok()?))
-}
-fn u64_at(b: &[u8], o: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(o..o.checked_add(8)?)?.try_into().ok()?))
-}
-
 /// Whether `b` starts like an ELF64 little-endian file.
 pub fn is_elf64(b: &[u8]) -> bool {
     b.starts_with(b"\x7fELF") && b.get(4..6) == Some(&[2, 1][..])
@@ -67,38 +58,33 @@ pub fn sections(elf: &[u8]) -> Option<Vec<Section>> {
     if entsize < 64 || count == 0 || count > MAX_SECTIONS || strndx >= count {
         return None;
     }
-    let raw = |i: usize| -> Option<(u32, u32, u64, u64, usize, usize, u32, u64)> {
+    let header = |i: usize| -> Option<Section> {
         let h = shoff.checked_add(i.checked_mul(entsize)?)?;
         elf.get(h..h.checked_add(64)?)?;
-        Some((
-            u32_at(elf, h)?,
-            u32_at(elf, h + 4)?,
-            u64_at(elf, h + 8)?,
-            u64_at(elf, h + 0x10)?,
-            usize::try_from(u64_at(elf, h + 0x18)?).ok()?,
-            usize::try_from(u64_at(elf, h + 0x20)?).ok()?,
-            u32_at(elf, h + 0x28)?,
-            u64_at(elf, h + 0x38)?,
-        ))
+        Some(Section {
+            name: String::new(),
+            kind: u32_at(elf, h + 4)?,
+            flags: u64_at(elf, h + 8)?,
+            addr: u64_at(elf, h + 0x10)?,
+            offset: usize::try_from(u64_at(elf, h + 0x18)?).ok()?,
+            size: usize::try_from(u64_at(elf, h + 0x20)?).ok()?,
+            link: u32_at(elf, h + 0x28)?,
+            entsize: u64_at(elf, h + 0x38)?,
+        })
     };
-    let (_, _, _, _, str_off, str_size, _, _) = raw(strndx)?;
-    let names = elf.get(str_off..str_off.checked_add(str_size)?)?;
+    let name_offset = |i: usize| u32_at(elf, shoff + i * entsize);
+    let strtab = header(strndx)?;
+    let names = elf.get(strtab.offset..strtab.offset.checked_add(strtab.size)?)?;
     (0..count)
         .map(|i| {
-            let (name, kind, flags, addr, offset, size, link, entsize) = raw(i)?;
-            if kind != SHT_NOBITS {
-                elf.get(offset..offset.checked_add(size)?)?;
+            let mut s = header(i)?;
+            if s.kind != SHT_NOBITS {
+                elf.get(s.offset..s.offset.checked_add(s.size)?)?;
             }
-            Some(Section {
-                name: c_str_at(names, name as usize).unwrap_or("").to_string(),
-                kind,
-                flags,
-                addr,
-                offset,
-                size,
-                link,
-                entsize,
-            })
+            s.name = c_str_at(names, name_offset(i)? as usize)
+                .unwrap_or("")
+                .to_string();
+            Some(s)
         })
         .collect()
 }

@@ -28,6 +28,7 @@
 //! <= 256 symbols, `kallsyms_addresses` (non base-relative) kernels, the 7.0
 //! PC-relative offsets, big-endian or 32-bit kernels.
 
+use crate::le::{u16_at, u32_at, u64_at};
 use crate::symbols::Symbol;
 
 /// Which order the kallsyms arrays were emitted in.
@@ -106,22 +107,6 @@ const MAX_MARKER_TRIES: usize = 16;
 /// Elementary steps (words scanned, names walked) per `find_kallsyms`; a
 /// 155k-symbol 6.12 kernel takes 0.5M.
 const BUDGET: u64 = 8_000_000;
-
-fn rd<const N: usize>(b: &[u8], off: usize) -> Option<[u8; N]> {
-    b.get(off..off.checked_add(N)?)?.try_into().ok()
-}
-
-fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-    rd(b, off).map(u16::from_le_bytes)
-}
-
-fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    rd(b, off).map(u32::from_le_bytes)
-}
-
-fn u64_at(b: &[u8], off: usize) -> Option<u64> {
-    rd(b, off).map(u64::from_le_bytes)
-}
 
 /// The first `"0\0".."9\0"` run at or after `from`.
 fn find_digits(img: &[u8], mut from: usize) -> Option<usize> {

@@ -77,7 +77,12 @@ pub fn idt_handler(
     vector: u64,
 ) -> std::result::Result<u64, crate::paging::VirtReadError> {
     let mut gate = [0u8; 16];
-    read_virt(mem, space, VirtAddr(idt_base.wrapping_add(vector * 16)), &mut gate)?;
+    read_virt(
+        mem,
+        space,
+        VirtAddr(idt_base.wrapping_add(vector * 16)),
+        &mut gate,
+    )?;
     Ok(u64::from(u16::from_le_bytes([gate[0], gate[1]]))
         | (u64::from(u16::from_le_bytes([gate[6], gate[7]])) << 16)
         | (u64::from(u32::from_le_bytes([gate[8], gate[9], gate[10], gate[11]])) << 32))
@@ -127,7 +132,9 @@ impl<'a, M: PhysMemory + ?Sized> RunningKernel<'a, M> {
             .ok_or_else(|| IntrospectError::MissingSymbol("_text".into()))?;
         let text = text_link.wrapping_add(virt_offset as u64);
         let text_phys = translate(mem, space, VirtAddr(text))
-            .map_err(|e| IntrospectError::Mismatch(format!("_text at {text:#x} is not mapped: {e}")))?
+            .map_err(|e| {
+                IntrospectError::Mismatch(format!("_text at {text:#x} is not mapped: {e}"))
+            })?
             .0;
         let mut k = RunningKernel {
             mem,

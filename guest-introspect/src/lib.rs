@@ -19,6 +19,7 @@ pub mod error;
 pub mod image;
 pub mod kallsyms;
 pub mod kernel;
+pub mod le;
 pub mod memory;
 pub mod paging;
 pub mod symbols;

@@ -318,13 +318,20 @@ impl<'k, 'a, M: PhysMemory + ?Sized> TaskReader<'k, 'a, M> {
                     return Ok(None);
                 }
                 let busy = k.field(worker, "worker", "current_work")? != 0;
-                return Ok(Some(format!("{comm}{}{desc}", if busy { '+' } else { '-' })));
+                return Ok(Some(format!(
+                    "{comm}{}{desc}",
+                    if busy { '+' } else { '-' }
+                )));
             }
             let full = k.field(kthread, "kthread", "full_name")?;
             if full == 0 {
                 return Ok(None);
             }
-            Ok(Some(k.read_cstr(full, PROC_NAME_MAX, "kthread.full_name")?))
+            Ok(Some(k.read_cstr(
+                full,
+                PROC_NAME_MAX,
+                "kthread.full_name",
+            )?))
         };
         let mut name = extra().ok().flatten().unwrap_or_else(|| comm.to_string());
         if name.len() > PROC_NAME_MAX {

@@ -39,14 +39,14 @@ pub fn vcpu_view(sregs: &kvm_sregs) -> VcpuView {
 
 /// Loads a kernel file's information.
 pub fn info_from_files(kernel: &Path, system_map: Option<&Path>) -> Result<KernelInfo> {
-    let bytes = std::fs::read(kernel).with_context(|| format!("cannot read {}", kernel.display()))?;
+    let bytes =
+        std::fs::read(kernel).with_context(|| format!("cannot read {}", kernel.display()))?;
     let elf = vmm::loader::kernel_elf(&bytes, vmm::loader::DEFAULT_MAX_OUTPUT)
         .with_context(|| format!("{}", kernel.display()))?;
     let map = system_map
         .map(|p| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display())))
         .transpose()?;
-    KernelInfo::from_files(&elf, map.as_deref())
-        .with_context(|| format!("{}", kernel.display()))
+    KernelInfo::from_files(&elf, map.as_deref()).with_context(|| format!("{}", kernel.display()))
 }
 
 /// Loads kernel information from `source`, reading guest memory if asked.
@@ -59,9 +59,8 @@ pub fn load_info(
         KernelSource::Files { kernel, system_map } => {
             info_from_files(kernel, system_map.as_deref())
         }
-        KernelSource::Memory => {
-            KernelInfo::from_memory(mem, vcpu).context("recovering symbols and types from guest memory")
-        }
+        KernelSource::Memory => KernelInfo::from_memory(mem, vcpu)
+            .context("recovering symbols and types from guest memory"),
     }
 }
 
@@ -145,7 +144,10 @@ pub fn inspect_json(
 
 /// Prints a `ps` reply the way `ps -eLo pid,tid,ppid,stat,comm` does.
 pub fn print_ps(reply: &Value) {
-    println!("{:>5} {:>5} {:>5} {:<4} COMMAND", "PID", "TID", "PPID", "STAT");
+    println!(
+        "{:>5} {:>5} {:>5} {:<4} COMMAND",
+        "PID", "TID", "PPID", "STAT"
+    );
     for t in reply["tasks"].as_array().into_iter().flatten() {
         println!(
             "{:>5} {:>5} {:>5} {:<4} {}",

@@ -56,7 +56,11 @@ fn start_procs_guest(extra: &[&str], children: u32, threads: u32) -> ProcsGuest 
     let dir = std::env::temp_dir().join(format!("hvtrace-introspect-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join(format!("vm-{children}-{threads}.sock"));
-    let mut args: Vec<String> = vec!["run".into(), "--api-sock".into(), sock.display().to_string()];
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--api-sock".into(),
+        sock.display().to_string(),
+    ];
     args.extend(extra.iter().map(|s| s.to_string()));
     args.extend([
         "--".into(),
@@ -88,7 +92,11 @@ fn start_procs_guest(extra: &[&str], children: u32, threads: u32) -> ProcsGuest 
                 );
             }
             ["hv-procs:", "ready", pid, fd, count] => {
-                ready = Some((pid.parse().unwrap(), fd.parse().unwrap(), count.parse().unwrap()));
+                ready = Some((
+                    pid.parse().unwrap(),
+                    fd.parse().unwrap(),
+                    count.parse().unwrap(),
+                ));
                 break;
             }
             _ => {}
@@ -166,7 +174,11 @@ fn ps_matches_the_guests_own_proc_and_inspect_shows_the_blocked_read() {
     let g = start_procs_guest(&[], 20, 10);
     let sock = g.sock.display().to_string();
     let (pid, fd, count) = g.ready;
-    assert!(g.guest.len() >= 30, "hv-procs listed too few tasks: {:?}", g.guest);
+    assert!(
+        g.guest.len() >= 30,
+        "hv-procs listed too few tasks: {:?}",
+        g.guest
+    );
 
     let live = hvtrace_json(&["ps", "--api-sock", &sock, "--json"]);
     assert_same_tasks(&g.guest, &rows(&live), pid);
@@ -177,10 +189,19 @@ fn ps_matches_the_guests_own_proc_and_inspect_shows_the_blocked_read() {
 
     // The same from guest memory alone (kallsyms + BTF found in the guest).
     let snap = g.sock.with_extension("snap");
-    let snapshot = hvtrace(&["snapshot", "--api-sock", &sock, "-o", snap.to_str().unwrap()]);
+    let snapshot = hvtrace(&[
+        "snapshot",
+        "--api-sock",
+        &sock,
+        "-o",
+        snap.to_str().unwrap(),
+    ]);
     assert!(snapshot.status.success(), "{}", stderr(&snapshot));
     let offline = hvtrace_json(&["ps", "--snapshot", snap.to_str().unwrap(), "--json"]);
-    assert_eq!(offline["kernel"]["symbols"], "kallsyms recovered from guest memory");
+    assert_eq!(
+        offline["kernel"]["symbols"],
+        "kallsyms recovered from guest memory"
+    );
     assert_same_tasks(&g.guest, &rows(&offline), pid);
     assert_eq!(
         offline["kernel"]["kaslr_offset"], live["kernel"]["kaslr_offset"],
@@ -188,12 +209,29 @@ fn ps_matches_the_guests_own_proc_and_inspect_shows_the_blocked_read() {
     );
 
     // hv-procs's main thread is blocked in read(fd, buf, count).
-    let insp = hvtrace_json(&["inspect", "--api-sock", &sock, "--pid", &pid.to_string(), "--json"]);
+    let insp = hvtrace_json(&[
+        "inspect",
+        "--api-sock",
+        &sock,
+        "--pid",
+        &pid.to_string(),
+        "--json",
+    ]);
     let sc = &insp["syscall"];
     assert_eq!(sc["nr"], 0, "read is x86-64 syscall 0: {insp:#}");
-    let arg = |i: usize| u64::from_str_radix(sc["args"][i].as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
-    assert_eq!((arg(0), arg(2)), (fd, count), "read's fd and count: {insp:#}");
-    assert_eq!(insp["exe"].as_str(), Some(g.exe.as_str()), "exe as /proc/self/exe says");
+    let arg = |i: usize| {
+        u64::from_str_radix(sc["args"][i].as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+    };
+    assert_eq!(
+        (arg(0), arg(2)),
+        (fd, count),
+        "read's fd and count: {insp:#}"
+    );
+    assert_eq!(
+        insp["exe"].as_str(),
+        Some(g.exe.as_str()),
+        "exe as /proc/self/exe says"
+    );
     assert_eq!(insp["task"]["uid"], 0);
     let _ = std::fs::remove_file(snap);
 }

@@ -33,7 +33,9 @@ impl Handler {
     /// Answers `op` (everything but `shutdown`, which the owner handles).
     pub fn handle(&mut self, session: &Session, op: Op) -> Result<Value, String> {
         match op {
-            Op::Ping => Ok(json!({"kind": session.vm().kind().name(), "vcpus": session.vm().vcpu_count()})),
+            Op::Ping => {
+                Ok(json!({"kind": session.vm().kind().name(), "vcpus": session.vm().vcpu_count()}))
+            }
             Op::Snapshot { path } => session
                 .snapshot(std::path::Path::new(&path), "hvtrace boot")
                 .map(|bytes| json!({ "bytes": bytes }))

@@ -39,7 +39,10 @@ pub fn boot(args: BootArgs) -> Result<i32> {
     // Symbols and types for ps/inspect: the booted kernel file, or for a
     // restored VM (whose kernel file we do not know) its own memory.
     let (mut session, default_source) = match &args.restore {
-        Some(p) => (Session::restore(p, None, outputs, stall)?, KernelSource::Memory),
+        Some(p) => (
+            Session::restore(p, None, outputs, stall)?,
+            KernelSource::Memory,
+        ),
         None => {
             let config = args.guest.config()?;
             let source = KernelSource::Files {

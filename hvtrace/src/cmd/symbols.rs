@@ -31,8 +31,7 @@ pub fn symbols(args: SymbolsArgs) -> Result<i32> {
         .as_ref()
         .map(std::fs::read_to_string)
         .transpose()?;
-    let (symbols, source) =
-        guest_introspect::image::symbols_from_files(&elf, map.as_deref())?;
+    let (symbols, source) = guest_introspect::image::symbols_from_files(&elf, map.as_deref())?;
     eprintln!(
         "hvtrace: {} symbols from the {} of {}",
         symbols.len(),
@@ -83,7 +82,10 @@ pub fn types(args: TypesArgs) -> Result<i32> {
     println!("    /* offset  size */");
     for m in members {
         let (bits, width) = if m.bit_size > 0 {
-            (format!(":{}", m.bit_offset - m.offset * 8), format!(" : {}", m.bit_size))
+            (
+                format!(":{}", m.bit_offset - m.offset * 8),
+                format!(" : {}", m.bit_size),
+            )
         } else {
             (String::new(), String::new())
         };

@@ -137,7 +137,10 @@ pub fn load_kernel_image(bytes: &[u8], max_size: usize) -> Result<KernelImage, L
 
 /// The vmlinux ELF inside a kernel file: the file itself for an ELF, the
 /// decompressed payload for a bzImage (for symbol and BTF recovery).
-pub fn kernel_elf(bytes: &[u8], max_size: usize) -> Result<std::borrow::Cow<'_, [u8]>, LoaderError> {
+pub fn kernel_elf(
+    bytes: &[u8],
+    max_size: usize,
+) -> Result<std::borrow::Cow<'_, [u8]>, LoaderError> {
     if payload::is_elf(bytes) {
         return Ok(std::borrow::Cow::Borrowed(bytes));
     }
