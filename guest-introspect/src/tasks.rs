@@ -349,7 +349,21 @@ impl<'k, 'a, M: PhysMemory + ?Sized> TaskReader<'k, 'a, M> {
         let mut out = Vec::new();
         let mut seen = HashSet::new();
         for leader in self.processes(limits)? {
+            // Every entry must be what the list claims: a leader leads
+            // itself, a thread is led by its leader. This catches pointers
+            // into the wrong place that would otherwise decode as tasks.
+            let led_by = |t: u64| self.k.field(t, "task_struct", "group_leader");
+            if led_by(leader)? != leader {
+                return Err(IntrospectError::Corrupt(format!(
+                    "the task list holds {leader:#x}, which is not a process leader"
+                )));
+            }
             for t in self.threads(leader, limits)? {
+                if led_by(t)? != leader {
+                    return Err(IntrospectError::Corrupt(format!(
+                        "the thread list of the process at {leader:#x} holds {t:#x}, which is not one of its threads"
+                    )));
+                }
                 if !seen.insert(t) {
                     return Err(IntrospectError::Corrupt(format!(
                         "task_struct at {t:#x} appears twice in the task lists"

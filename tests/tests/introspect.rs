@@ -291,3 +291,114 @@ fn a_wrong_system_map_is_refused() {
     assert_eq!(good["kernel"]["symbols"], "System.map");
     let _ = std::fs::remove_file(bad);
 }
+
+/// Writes `value` at kernel virtual `va` of a snapshot's memory.
+fn poke(
+    snap: &vmm::persist::OfflineSnapshot,
+    space: guest_introspect::paging::AddressSpace,
+    va: u64,
+    value: u64,
+) {
+    let pa = guest_introspect::paging::translate(
+        &snap.ram,
+        space,
+        guest_introspect::memory::VirtAddr(va),
+    )
+    .expect("address maps");
+    snap.ram.write(pa.0, &value.to_le_bytes()).expect("write");
+}
+
+/// Runs `hvtrace ps` on a corrupted snapshot: it must fail, quickly, with a
+/// message that says what is wrong.
+fn assert_ps_refuses(snap: &Path, expect: &str) {
+    let t = Instant::now();
+    let out = hvtrace(&["ps", "--snapshot", snap.to_str().unwrap()]);
+    let took = t.elapsed();
+    assert!(
+        !out.status.success(),
+        "ps accepted a corrupt task list:\n{}",
+        stdout(&out)
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains(expect),
+        "expected an error about {expect:?}, got: {err}"
+    );
+    assert!(
+        took < Duration::from_secs(60),
+        "ps took {took:?} on a corrupt guest"
+    );
+}
+
+#[test]
+fn hostile_task_lists_end_with_a_clear_error() {
+    use guest_introspect::image::KernelInfo;
+    use guest_introspect::kernel::{RunningKernel, VcpuView};
+    use guest_introspect::tasks::{TaskReader, WalkLimits};
+
+    let g = start_procs_guest(&[], 4, 1);
+    let dir = std::env::temp_dir();
+    let good = dir.join(format!("hvtrace-hostile-{}.snap", std::process::id()));
+    let out = hvtrace(&[
+        "snapshot",
+        "--api-sock",
+        g.sock.to_str().unwrap(),
+        "-o",
+        good.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    drop(g);
+
+    // Find two processes' task-list nodes with the library itself.
+    let snap = vmm::persist::load_offline(&good).unwrap();
+    let s = &snap.state.vcpus[0].sregs;
+    let vcpu = VcpuView {
+        cr3: s.cr3,
+        cr4: s.cr4,
+        idt_base: s.idt.base,
+        idt_limit: s.idt.limit,
+    };
+    let info = KernelInfo::from_memory(&snap.ram, &vcpu).unwrap();
+    let k = RunningKernel::attach(&snap.ram, &vcpu, &info.symbols, &info.types, None).unwrap();
+    let procs = TaskReader::new(&k)
+        .unwrap()
+        .processes(WalkLimits::default())
+        .unwrap();
+    assert!(procs.len() > 10);
+    let tasks_off = info.types.member("task_struct", "tasks").unwrap().offset;
+    let space = vcpu.kernel_space();
+    let (early, late) = (procs[3] + tasks_off, procs[procs.len() - 2] + tasks_off);
+    let late_next = k.read_u64(late, "late.next").unwrap();
+    drop(k);
+
+    // A cycle that never returns to init_task: late.next = early.
+    poke(&snap, space, late, early);
+    let cyclic = dir.join(format!("hvtrace-hostile-cycle-{}.snap", std::process::id()));
+    vmm::persist::save_offline(&snap, &cyclic).unwrap();
+    assert_ps_refuses(&cyclic, "cycle");
+
+    // A wild pointer: late.next points nowhere.
+    poke(&snap, space, late, 0xdead_0000_0000_0000);
+    let wild = dir.join(format!("hvtrace-hostile-wild-{}.snap", std::process::id()));
+    vmm::persist::save_offline(&snap, &wild).unwrap();
+    assert_ps_refuses(&wild, "cannot read the task list");
+
+    // A process whose thread ring points into itself at an odd offset.
+    // The list hvtrace walks: signal->thread_head where the kernel has it.
+    let t = &info.types;
+    let ring_name = if t.has_member("signal_struct", "thread_head") {
+        "thread_node"
+    } else {
+        "thread_group"
+    };
+    let ring = t.member("task_struct", ring_name).unwrap().offset;
+    poke(&snap, space, late, late_next); // the process list is sound again
+    poke(&snap, space, procs[5] + ring, procs[5] + ring + 8);
+    let odd = dir.join(format!("hvtrace-hostile-odd-{}.snap", std::process::id()));
+    vmm::persist::save_offline(&snap, &odd).unwrap();
+    assert_ps_refuses(&odd, "thread");
+
+    for f in [good, cyclic, wild, odd] {
+        let _ = std::fs::remove_file(f);
+    }
+}

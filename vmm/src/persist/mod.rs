@@ -157,6 +157,28 @@ pub fn load_offline(path: &Path) -> Result<OfflineSnapshot, SnapshotError> {
     Ok(OfflineSnapshot { state, ram })
 }
 
+/// Writes `snapshot` (possibly edited) back to a file, for tools and tests
+/// that prepare guests offline (e.g. a deliberately corrupted task list).
+pub fn save_offline(snapshot: &OfflineSnapshot, path: &Path) -> Result<(), SnapshotError> {
+    let fmt_err = |source| SnapshotError::Format {
+        path: path.display().to_string(),
+        source,
+    };
+    let encoded = bincode::serialize(&snapshot.state).expect("state serializes");
+    let regions = snapshot.ram.regions();
+    let slices: Vec<&[u8]> = regions
+        .iter()
+        // SAFETY: the mappings belong to `snapshot.ram`, which no vCPU uses
+        // and which outlives `slices`; we only read.
+        .map(|(_, host, len)| unsafe { std::slice::from_raw_parts(*host as *const u8, *len) })
+        .collect();
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(path).map_err(|e| fmt_err(FormatError::Io(e)))?,
+    );
+    write_snapshot(&mut f, &encoded, &slices).map_err(fmt_err)?;
+    std::io::Write::flush(&mut f).map_err(|e| fmt_err(FormatError::Io(e)))
+}
+
 /// Refuses states no hvtrace writes (counts and sizes out of range).
 fn check_plausible(state: &MachineState) -> Result<(), FormatError> {
     if state.vcpus.is_empty()
