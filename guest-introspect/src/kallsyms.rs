@@ -715,34 +715,4 @@ mod tests {
             eprintln!("  {k}: all {count} present");
         }
     }
-
-    #[test]
-    #[ignore = "needs the temporary /tmp/deb61.vmlinux and its kallsyms-finder listing"]
-    fn debian_6_1_matches_kallsyms_finder() {
-        let elf = std::fs::read("/tmp/deb61.vmlinux").unwrap();
-        let theirs = parse_listing(&std::fs::read_to_string("/tmp/deb61.kallsyms").unwrap());
-        let ours = sorted(&find_kallsyms_in_elf(&elf).unwrap());
-        let (n, m, diff) = (ours.len(), theirs.len(), minus(&ours, &theirs).len());
-        eprintln!("deb 6.1: ours {n}, kallsyms-finder {m}, differing {diff}");
-        assert_eq!((n, diff), (m, 0));
-    }
-
-    #[test]
-    #[ignore = "needs /tmp/gi-deb612.vmlinux (the zstd payload of Debian's 6.12 vmlinuz)"]
-    fn debian_6_12_names_first_layout() {
-        let t = find_kallsyms_in_elf(&std::fs::read("/tmp/gi-deb612.vmlinux").unwrap()).unwrap();
-        let (n, base) = (t.num_syms, t.relative_base);
-        eprintln!("deb 6.12: {n} symbols, base {base:#x}, {:?}", t.layout);
-        assert_eq!(t.layout, KallsymsLayout::NamesFirst);
-        assert!(t.absolute_percpu && n > 50_000);
-        let find = |n: &str| t.symbols.iter().find(|s| s.name == n).cloned();
-        let sym = |addr, kind, name: &str| Symbol {
-            addr,
-            kind,
-            name: name.into(),
-        };
-        assert_eq!(find("_text"), Some(sym(TEXT, 'T', "_text")));
-        assert_eq!(find("start_kernel").map(|s| s.kind), Some('T'));
-        assert_eq!(find("init_task").map(|s| s.kind), Some('D'));
-    }
 }
