@@ -172,6 +172,26 @@ impl<'a, M: PhysMemory + ?Sized> RunningKernel<'a, M> {
         Ok(k)
     }
 
+    /// A kernel whose placement the caller already knows (no IDT lookup and
+    /// no banner check): for fuzzing and for tools that located it another
+    /// way. Reads are exactly as checked as after [`RunningKernel::attach`].
+    pub fn assume(
+        mem: &'a M,
+        space: AddressSpace,
+        symbols: &'a SymbolMap,
+        types: &'a KernelTypes,
+        placement: KernelPlacement,
+    ) -> Self {
+        RunningKernel {
+            mem,
+            space,
+            symbols,
+            types,
+            placement,
+            banner: String::new(),
+        }
+    }
+
     /// Where the kernel runs.
     pub fn placement(&self) -> KernelPlacement {
         self.placement
