@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs every Debian package hvtrace's builds and tests need (idempotent).
 # The kernel and image scripts install their own build dependencies too;
-# this adds the test oracles and the host compressors the loader tests use.
+# this adds the test oracles (QEMU, strace, pahole, vmlinux-to-elf in a
+# cached venv) and the host compressors the loader tests use.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/lib.sh"
@@ -10,3 +11,4 @@ hv_apt_install \
     linux-source-6.1 busybox-static libc6-dev \
     qemu-system-x86 strace \
     gzip bzip2 xz-utils lzop lz4 zstd
+"$here/python-tools.sh" >/dev/null
