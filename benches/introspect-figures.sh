@@ -8,7 +8,9 @@
 #  - BTF: `hvtrace types` (decompression + BTF parse) per kernel;
 #  - `hvtrace ps` against a guest with N threads (default 1000): first call
 #    (loads the kernel's symbols and BTF) and repeated calls (cached).
-# Usage: benches/introspect-figures.sh [threads]
+# hvtrace is given the kernel files by path (a --kernel name would add the
+# apt check of kernel-config/debian.sh to its time).
+# Usage: benches/introspect-figures.sh [threads]   (threads 0: skip ps)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -32,24 +34,28 @@ best_ms() {
     echo "$best"
 }
 
+# vmlinux-to-elf exits 0 even when it gives up: success means an output file.
+v2e() { rm -f "$2"; "$tools/vmlinux-to-elf" "$1" "$2" && [ -s "$2" ]; }
+
 tar -C "$tmp" -xf /usr/src/linux-source-6.1.tar.xz linux-source-6.1/scripts/extract-vmlinux
 printf '%-12s %-10s %16s %20s %18s %10s %14s\n' kernel input hvtrace_symbols_ms kallsyms_finder_ms vmlinux_to_elf_ms ratio hvtrace_btf_ms
 for k in debian-6.1 debian-6.12; do
     z=$(kernel-config/debian.sh "${k#debian-}" 2>/dev/null)
     sh "$tmp/linux-source-6.1/scripts/extract-vmlinux" "$z" > "$tmp/$k.elf"
-    ours=$(best_ms "$hv" symbols --kernel "$k")
-    btf=$(best_ms "$hv" types --kernel "$k" task_struct pid)
+    ours=$(best_ms "$hv" symbols --kernel "$z")
+    btf=$(best_ms "$hv" types --kernel "$z" task_struct pid)
     for input in vmlinuz elf; do
         f=$z; [ $input = elf ] && f=$tmp/$k.elf
         ours_in=$ours; [ $input = elf ] && ours_in=$(best_ms "$hv" symbols --kernel "$f")
         kf=$(best_ms "$tools/kallsyms-finder" "$f" || echo fail)
-        v2e=$(best_ms "$tools/vmlinux-to-elf" "$f" "$tmp/out.elf" || echo fail)
+        v2e=$(best_ms v2e "$f" "$tmp/out.elf" || echo fail)
         ratio=-
         [ "$kf" != fail ] && ratio=$(awk -v a="$kf" -v b="$ours_in" 'BEGIN{printf "%.1fx", a/b}')
         printf '%-12s %-10s %16s %20s %18s %10s %14s\n' "$k" "$input" "$ours_in" "$kf" "$v2e" "$ratio" "$btf"
     done
 done
 
+[ "$threads" -gt 0 ] || exit 0
 echo
 echo "hvtrace ps on the minimal kernel's guest with hv-procs 2 $threads:"
 sock=$tmp/vm.sock
