@@ -40,7 +40,15 @@ fn main() {
     };
     go("kallsyms", &targets::kallsyms(vaddr), &[region]);
     go("btf", &targets::btf, std::slice::from_ref(&btf));
-    go("paging", &targets::paging, std::slice::from_ref(&guest.seed));
-    go("tasks", &|d| guest.walk(d), std::slice::from_ref(&guest.seed));
+    go(
+        "paging",
+        &targets::paging,
+        std::slice::from_ref(&guest.seed),
+    );
+    go(
+        "tasks",
+        &|d| guest.walk(d),
+        std::slice::from_ref(&guest.seed),
+    );
     std::process::exit(i32::from(failed));
 }

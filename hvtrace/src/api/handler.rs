@@ -34,7 +34,18 @@ impl Handler {
     pub fn handle(&mut self, session: &Session, op: Op) -> Result<Value, String> {
         match op {
             Op::Ping => {
-                Ok(json!({"kind": session.vm().kind().name(), "vcpus": session.vm().vcpu_count()}))
+                let vm = session.vm();
+                let p = vm.placement();
+                Ok(json!({
+                    "kind": vm.kind().name(),
+                    "vcpus": vm.vcpu_count(),
+                    // Where the VMM loaded the kernel (its own KASLR choice):
+                    // ground truth for what introspection detects.
+                    "placement": {
+                        "virt_offset": format!("{:#x}", p.virt_offset),
+                        "phys_start": format!("{:#x}", p.phys_start),
+                    },
+                }))
             }
             Op::Snapshot { path } => session
                 .snapshot(std::path::Path::new(&path), "hvtrace boot")

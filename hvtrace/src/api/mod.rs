@@ -3,7 +3,7 @@
 //! Protocol version 1. Each request is one JSON object on one line; each
 //! gets exactly one reply line. Requests:
 //!
-//! * `{"v":1,"op":"ping"}` -> `{"v":1,"ok":true,"kind":"PVM KVM","vcpus":1}`
+//! * `{"v":1,"op":"ping"}` -> `{"v":1,"ok":true,"kind":"PVM KVM","vcpus":1,"placement":{"virt_offset":"0x..","phys_start":"0x.."}}`
 //! * `{"v":1,"op":"snapshot","path":"/abs/file.snap"}` -> `{"v":1,"ok":true,"bytes":N}`
 //! * `{"v":1,"op":"shutdown"}` -> `{"v":1,"ok":true}`, then the VM stops
 //! * `{"v":1,"op":"ps"}` -> `{"v":1,"ok":true,"kernel":{..},"tasks":[{"pid":1,"tid":1,"ppid":0,"comm":"init","state":"S",..},..]}`;
