@@ -69,8 +69,11 @@ impl NamedKernel {
     pub fn image(self) -> Result<PathBuf> {
         let root = project_root();
         match self {
+            // The bzImage, not the vmlinux: only the bzImage carries the
+            // relocation table, so only it boots with KASLR, as a user's
+            // kernel would (the VMM decompresses it on the host).
             Self::Minimal => {
-                Ok(run_script(&root.join("kernel-config/build.sh"), &[])?.join("vmlinux"))
+                Ok(run_script(&root.join("kernel-config/build.sh"), &[])?.join("bzImage"))
             }
             Self::Debian61 => run_script(&root.join("kernel-config/debian.sh"), &["6.1"]),
             Self::Debian612 => run_script(&root.join("kernel-config/debian.sh"), &["6.12"]),

@@ -142,15 +142,30 @@ pub fn inspect_json(
     }))
 }
 
-/// Prints a `ps` reply the way `ps -eLo pid,tid,ppid,stat,comm` does.
-pub fn print_ps(reply: &Value) {
-    println!(
-        "{:>5} {:>5} {:>5} {:<4} COMMAND",
+/// Writes `text` to stdout; a closed pipe (`hvtrace ps | head`) ends the
+/// process quietly instead of panicking. (SIGPIPE stays ignored: the VMM
+/// must survive clients that disconnect from its socket.)
+pub fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("hvtrace: cannot write output: {e}");
+        std::process::exit(125);
+    }
+}
+
+/// Formats a `ps` reply the way `ps -eLo pid,tid,ppid,stat,comm` prints.
+pub fn format_ps(reply: &Value) -> String {
+    let mut out = format!(
+        "{:>5} {:>5} {:>5} {:<4} COMMAND\n",
         "PID", "TID", "PPID", "STAT"
     );
     for t in reply["tasks"].as_array().into_iter().flatten() {
-        println!(
-            "{:>5} {:>5} {:>5} {:<4} {}",
+        out += &format!(
+            "{:>5} {:>5} {:>5} {:<4} {}\n",
             t["pid"].as_i64().unwrap_or(-1),
             t["tid"].as_i64().unwrap_or(-1),
             t["ppid"].as_i64().unwrap_or(-1),
@@ -158,41 +173,45 @@ pub fn print_ps(reply: &Value) {
             t["name"].as_str().unwrap_or("")
         );
     }
+    out
 }
 
-/// Prints an `inspect` reply as `key: value` lines.
-pub fn print_inspect(reply: &Value) {
+/// Formats an `inspect` reply as `key: value` lines.
+pub fn format_inspect(reply: &Value) -> String {
     let t = &reply["task"];
     let s = |v: &Value| match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
         other => other.to_string(),
     };
-    println!("pid:          {}", s(&t["pid"]));
-    println!("tid:          {}", s(&t["tid"]));
-    println!("ppid:         {}", s(&t["ppid"]));
-    println!("comm:         {}", s(&t["comm"]));
-    println!("name:         {}", s(&t["name"]));
-    println!(
-        "state:        {} (__state {:#x}, exit_state {:#x})",
-        s(&t["state"]),
-        t["state_raw"].as_u64().unwrap_or(0),
-        t["exit_state"].as_u64().unwrap_or(0)
-    );
-    println!("flags:        {:#x}", t["flags"].as_u64().unwrap_or(0));
-    println!(
-        "uid/gid:      {} / {} (euid {})",
-        s(&t["uid"]),
-        s(&t["gid"]),
-        s(&t["euid"])
-    );
-    println!("thread flags: {:#x}", t["ti_flags"].as_u64().unwrap_or(0));
-    match t["syscall_work"].as_u64() {
-        Some(w) => println!("syscall_work: {w:#x}"),
-        None => println!("syscall_work: - (not in this kernel)"),
-    }
-    println!("cpu:          {}", s(&t["cpu"]));
-    println!("exe:          {}", s(&reply["exe"]));
+    let hex = |v: &Value| format!("{:#x}", v.as_u64().unwrap_or(0));
+    let mut lines = vec![
+        format!("pid:          {}", s(&t["pid"])),
+        format!("tid:          {}", s(&t["tid"])),
+        format!("ppid:         {}", s(&t["ppid"])),
+        format!("comm:         {}", s(&t["comm"])),
+        format!("name:         {}", s(&t["name"])),
+        format!(
+            "state:        {} (__state {}, exit_state {})",
+            s(&t["state"]),
+            hex(&t["state_raw"]),
+            hex(&t["exit_state"])
+        ),
+        format!("flags:        {}", hex(&t["flags"])),
+        format!(
+            "uid/gid:      {} / {} (euid {})",
+            s(&t["uid"]),
+            s(&t["gid"]),
+            s(&t["euid"])
+        ),
+        format!("thread flags: {}", hex(&t["ti_flags"])),
+        match t["syscall_work"].as_u64() {
+            Some(w) => format!("syscall_work: {w:#x}"),
+            None => "syscall_work: - (not in this kernel)".to_string(),
+        },
+        format!("cpu:          {}", s(&t["cpu"])),
+        format!("exe:          {}", s(&reply["exe"])),
+    ];
     if let Some(sc) = reply["syscall"].as_object() {
         let args: Vec<String> = sc["args"]
             .as_array()
@@ -200,12 +219,13 @@ pub fn print_inspect(reply: &Value) {
             .flatten()
             .map(|a| a.as_str().unwrap_or("?").to_string())
             .collect();
-        println!("syscall:      {} ({})", sc["nr"], args.join(", "));
+        lines.push(format!("syscall:      {} ({})", sc["nr"], args.join(", ")));
     }
     if let Some(regs) = reply["user_regs"].as_object() {
-        println!("user registers:");
+        lines.push("user registers:".into());
         for n in UserRegs::NAMES {
-            println!("  {:<8} {}", n, regs[n].as_str().unwrap_or("?"));
+            lines.push(format!("  {:<8} {}", n, regs[n].as_str().unwrap_or("?")));
         }
     }
+    lines.join("\n") + "\n"
 }

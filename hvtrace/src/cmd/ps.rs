@@ -101,9 +101,9 @@ pub struct PsArgs {
 pub fn ps(args: PsArgs) -> Result<i32> {
     let reply = args.target.ask(None)?;
     if args.target.json {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
+        introspect::emit(&format!("{}\n", serde_json::to_string_pretty(&reply)?));
     } else {
-        introspect::print_ps(&reply);
+        introspect::emit(&introspect::format_ps(&reply));
     }
     Ok(0)
 }
@@ -122,9 +122,9 @@ pub struct InspectArgs {
 pub fn inspect(args: InspectArgs) -> Result<i32> {
     let reply = args.target.ask(Some(args.pid))?;
     if args.target.json {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
+        introspect::emit(&format!("{}\n", serde_json::to_string_pretty(&reply)?));
     } else {
-        introspect::print_inspect(&reply);
+        introspect::emit(&introspect::format_inspect(&reply));
     }
     Ok(0)
 }

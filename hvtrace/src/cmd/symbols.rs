@@ -74,12 +74,11 @@ pub fn types(args: TypesArgs) -> Result<i32> {
             .map(|m| types.member(&args.name, m))
             .collect::<Result<Vec<_>, _>>()?
     };
-    println!(
-        "struct {} {{ /* size {} bytes */",
+    let mut out = format!(
+        "struct {} {{ /* size {} bytes */\n    /* offset  size */\n",
         args.name,
         types.struct_size(&args.name)?
     );
-    println!("    /* offset  size */");
     for m in members {
         let (bits, width) = if m.bit_size > 0 {
             (
@@ -89,11 +88,12 @@ pub fn types(args: TypesArgs) -> Result<i32> {
         } else {
             (String::new(), String::new())
         };
-        println!(
-            "    {:>8}{:<3} {:>5}  {} {}{};",
+        out += &format!(
+            "    {:>8}{:<3} {:>5}  {} {}{};\n",
             m.offset, bits, m.size, m.type_name, m.name, width
         );
     }
-    println!("}};");
+    out += "};\n";
+    crate::introspect::emit(&out);
     Ok(0)
 }
