@@ -196,10 +196,26 @@ fn ps_matches_the_guests_own_proc_and_inspect_shows_the_blocked_read() {
         live["kernel"]["kaslr_offset"], ping["placement"]["virt_offset"],
         "detected vs applied KASLR offset"
     );
-    assert_eq!(
-        live["kernel"]["symbols"], "vmlinux ELF symbol table",
-        "the minimal kernel is an ELF vmlinux with its symbol table"
+    assert_ne!(
+        ping["placement"]["virt_offset"], "0x0",
+        "the guest runs with KASLR"
     );
+    assert_eq!(
+        live["kernel"]["symbols"], "kallsyms recovered from the kernel image",
+        "the minimal kernel boots from its stripped bzImage"
+    );
+    // Its vmlinux (with an ELF symbol table) describes the same kernel.
+    let vmlinux = script_path("kernel-config/build.sh", &[]).join("vmlinux");
+    let elf = hvtrace_json(&[
+        "ps",
+        "--api-sock",
+        &sock,
+        "--kernel",
+        vmlinux.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(elf["kernel"]["symbols"], "vmlinux ELF symbol table");
+    assert_same_tasks(&g.guest, &rows(&elf), pid);
 
     // The same from guest memory alone (kallsyms + BTF found in the guest).
     let snap = g.sock.with_extension("snap");

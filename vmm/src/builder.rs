@@ -254,8 +254,14 @@ pub fn build(config: &VmConfig, sinks: Sinks) -> Result<Machine, BuildError> {
         };
         const ALIGN: u64 = 2 << 20;
         const KERNEL_IMAGE_SIZE: u64 = 1 << 30;
+        // Slot 0 (the link address) is left out: a randomized kernel that
+        // sits where an unrandomized one would is indistinguishable from
+        // KASLR being off, to users and to introspection tests alike.
         let virt_slots = (KERNEL_IMAGE_SIZE - link_phys - image_len) / ALIGN;
-        let virt_offset = (next_random(&mut seed) % virt_slots.max(1)) * ALIGN;
+        let virt_offset = match virt_slots {
+            0 | 1 => 0,
+            n => (1 + next_random(&mut seed) % (n - 1)) * ALIGN,
+        };
         let phys_room = initrd_top
             .saturating_sub(initrd_len)
             .saturating_sub(link_phys + image_len + (16 << 20));
