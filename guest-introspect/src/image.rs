@@ -70,7 +70,16 @@ pub struct KernelInfo {
     pub types: KernelTypes,
     /// `linux_banner` of the image, when known.
     pub banner: Option<String>,
+    /// How far `symbols` lie from link-time addresses: 0 for symbols from
+    /// files; for symbols recovered from guest memory (already at runtime
+    /// addresses) the runtime `_text` minus [`DEFAULT_START_KERNEL`], so
+    /// that the KASLR offset can still be reported.
+    pub symbols_shift: i64,
 }
+
+/// Link-time `_text` of an x86-64 kernel built with the default
+/// `CONFIG_PHYSICAL_START` (16 MiB), as Debian's and hvtrace's are.
+pub const DEFAULT_START_KERNEL: u64 = 0xffff_ffff_8100_0000;
 
 /// Finds the `Linux version ...` banner string in an image.
 pub fn find_banner(image: &[u8]) -> Option<String> {
@@ -136,6 +145,7 @@ impl KernelInfo {
             symbol_source,
             types: KernelTypes::from_elf(elf_image)?,
             banner,
+            symbols_shift: 0,
         })
     }
 
@@ -146,9 +156,25 @@ impl KernelInfo {
         mem: &(impl PhysMemory + ?Sized),
         vcpu: &VcpuView,
     ) -> Result<Self, ImageError> {
+        let mut first_error = None;
+        for space in vcpu.kernel_spaces() {
+            match Self::from_memory_in(mem, vcpu, space) {
+                Ok(info) => return Ok(info),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.expect("at least one address space"))
+    }
+
+    fn from_memory_in(
+        mem: &(impl PhysMemory + ?Sized),
+        vcpu: &VcpuView,
+        space: crate::paging::AddressSpace,
+    ) -> Result<Self, ImageError> {
         const STEP: u64 = 2 << 20;
         const MAX_IMAGE: u64 = 512 << 20;
-        let space = vcpu.kernel_space();
         let handler = idt_handler(mem, space, vcpu.idt_base, 14)
             .map_err(|e| ImageError::Memory(format!("no IDT: {e}")))?;
         let mapped = |va: u64| translate(mem, space, VirtAddr(va)).is_ok();
@@ -181,7 +207,9 @@ impl KernelInfo {
             .and_then(|(a, b)| image.get(a as usize..b as usize))
             .ok_or_else(|| ImageError::Memory("BTF blob outside the kernel image".into()))?;
         let types = KernelTypes::from_btf_bytes(blob)?;
+        let text = symbols.lookup("_text").unwrap_or(start);
         Ok(Self {
+            symbols_shift: text.wrapping_sub(DEFAULT_START_KERNEL) as i64,
             // The banner in memory is the running kernel's by definition.
             banner: None,
             symbols,

@@ -37,14 +37,27 @@ pub struct VcpuView {
 }
 
 impl VcpuView {
-    /// The kernel address space this vCPU is in. With page-table isolation
-    /// the user half of the 8 KiB PGD pair is selected by bit 12; the
-    /// kernel half (bit clear) maps everything.
-    pub fn kernel_space(&self) -> AddressSpace {
-        AddressSpace {
-            cr3: self.cr3 & !0x1fff & 0x000f_ffff_ffff_f000,
-            levels: PagingLevels::from_cr4(self.cr4),
+    /// The address spaces that may map the whole kernel, best first: the
+    /// vCPU's CR3 as it is, then (page-table isolation) with bit 12 clear,
+    /// which selects the kernel half of an 8 KiB PGD pair when the vCPU is
+    /// on the user half. Without PTI a PGD is any 4 KiB page, so bit 12
+    /// cannot simply be cleared.
+    pub fn kernel_spaces(&self) -> Vec<AddressSpace> {
+        let levels = PagingLevels::from_cr4(self.cr4);
+        let base = self.cr3 & 0x000f_ffff_ffff_f000;
+        let mut out = vec![AddressSpace { cr3: base, levels }];
+        if base & 0x1000 != 0 {
+            out.push(AddressSpace {
+                cr3: base & !0x1000,
+                levels,
+            });
         }
+        out
+    }
+
+    /// The first of [`VcpuView::kernel_spaces`].
+    pub fn kernel_space(&self) -> AddressSpace {
+        self.kernel_spaces()[0]
     }
 }
 
@@ -107,7 +120,26 @@ impl<'a, M: PhysMemory + ?Sized> RunningKernel<'a, M> {
         types: &'a KernelTypes,
         expected_banner: Option<&str>,
     ) -> Result<Self> {
-        let space = vcpu.kernel_space();
+        let mut first_error = None;
+        for space in vcpu.kernel_spaces() {
+            match Self::attach_in(mem, vcpu, space, symbols, types, expected_banner) {
+                Ok(k) => return Ok(k),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.expect("at least one address space"))
+    }
+
+    fn attach_in(
+        mem: &'a M,
+        vcpu: &VcpuView,
+        space: AddressSpace,
+        symbols: &'a SymbolMap,
+        types: &'a KernelTypes,
+        expected_banner: Option<&str>,
+    ) -> Result<Self> {
         if u64::from(vcpu.idt_limit) < PAGE_FAULT_VECTOR * 16 + 15 {
             return Err(IntrospectError::Kaslr(
                 "the vCPU has no IDT yet (the kernel has not started)".into(),

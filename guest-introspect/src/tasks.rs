@@ -11,7 +11,8 @@ use std::collections::{HashMap, HashSet};
 
 use crate::error::{IntrospectError, Result};
 use crate::kernel::{c_string, RunningKernel};
-use crate::memory::PhysMemory;
+use crate::memory::{PhysMemory, VirtAddr};
+use crate::paging::{read_virt, translate, AddressSpace};
 
 /// `PF_KTHREAD`: the task is a kernel thread.
 pub const PF_KTHREAD: u32 = 0x0020_0000;
@@ -29,6 +30,8 @@ const PID_MAX_LIMIT: i64 = 4 * 1024 * 1024;
 const PATH_MAX_COMPONENTS: usize = 256;
 /// `NAME_MAX`.
 const NAME_MAX: usize = 255;
+/// Most bytes of a command line read (as `ps` shows, not the whole stack).
+pub const CMDLINE_MAX: usize = 4096;
 
 /// Bounds on one walk of guest lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -416,6 +419,64 @@ impl<'k, 'a, M: PhysMemory + ?Sized> TaskReader<'k, 'a, M> {
             "no user-mode pt_regs at the top of pid {}'s kernel stack ({stack:#x})",
             task.tid
         )))
+    }
+
+    /// The task's user address space (`mm->pgd`, translated to the
+    /// physical address CR3 would hold); None for kernel threads.
+    pub fn user_space(&self, task: &Task) -> Result<Option<AddressSpace>> {
+        let k = self.k;
+        let mm = k.field(task.addr, "task_struct", "mm")?;
+        if mm == 0 {
+            return Ok(None);
+        }
+        let pgd = k.field(mm, "mm_struct", "pgd")?;
+        let pa =
+            translate(k.memory(), k.space(), VirtAddr(pgd)).map_err(|e| IntrospectError::Read {
+                what: format!("mm->pgd of pid {}", task.tid),
+                va: pgd,
+                source: e.into(),
+            })?;
+        Ok(Some(AddressSpace {
+            cr3: pa.0,
+            levels: k.space().levels,
+        }))
+    }
+
+    /// The command line (`mm->arg_start..arg_end` in the task's own
+    /// memory, NUL-separated arguments), at most [`CMDLINE_MAX`] bytes; None
+    /// for kernel threads. Pages the task has not faulted in read as an
+    /// error, as they would for `/proc/PID/cmdline` only after paging in.
+    pub fn cmdline(&self, task: &Task) -> Result<Option<Vec<String>>> {
+        let k = self.k;
+        let Some(space) = self.user_space(task)? else {
+            return Ok(None);
+        };
+        let mm = k.field(task.addr, "task_struct", "mm")?;
+        let start = k.field(mm, "mm_struct", "arg_start")?;
+        let end = k.field(mm, "mm_struct", "arg_end")?;
+        if end < start {
+            return Err(IntrospectError::Corrupt(format!(
+                "pid {}: arg_end {end:#x} is below arg_start {start:#x}",
+                task.tid
+            )));
+        }
+        let len = ((end - start) as usize).min(CMDLINE_MAX);
+        let mut buf = vec![0u8; len];
+        read_virt(k.memory(), space, VirtAddr(start), &mut buf).map_err(|source| {
+            IntrospectError::Read {
+                what: format!("the command line of pid {}", task.tid),
+                va: start,
+                source,
+            }
+        })?;
+        if buf.last() == Some(&0) {
+            buf.pop();
+        }
+        Ok(Some(
+            buf.split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect(),
+        ))
     }
 
     /// The executable's path (`mm->exe_file`), rebuilt from dentries and

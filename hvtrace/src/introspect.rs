@@ -90,7 +90,7 @@ fn kernel_facts<M: PhysMemory + ?Sized>(k: &RunningKernel<'_, M>, info: &KernelI
         "btf_types": info.types.type_count(),
         "text": format!("{:#x}", p.text),
         "text_phys": format!("{:#x}", p.text_phys),
-        "kaslr_offset": format!("{:#x}", p.virt_offset),
+        "kaslr_offset": format!("{:#x}", p.virt_offset.wrapping_add(info.symbols_shift)),
     })
 }
 
@@ -122,6 +122,9 @@ pub fn inspect_json(
         .with_context(|| format!("no task with pid {tid} in the guest"))?;
     let regs = reader.user_regs(&task)?;
     let exe = reader.exe_path(&task)?;
+    // A page of the arguments that was never touched is not in memory yet;
+    // that is not an error of the request, so it shows as null.
+    let cmdline = reader.cmdline(&task).ok().flatten();
     let regs_json = regs.as_ref().map(|r: &UserRegs| {
         let m: serde_json::Map<String, Value> = UserRegs::NAMES
             .iter()
@@ -137,6 +140,7 @@ pub fn inspect_json(
         "kernel": kernel_facts(&k, info),
         "task": task,
         "exe": exe,
+        "cmdline": cmdline,
         "user_regs": regs_json,
         "syscall": syscall,
     }))
@@ -211,6 +215,17 @@ pub fn format_inspect(reply: &Value) -> String {
         },
         format!("cpu:          {}", s(&t["cpu"])),
         format!("exe:          {}", s(&reply["exe"])),
+        format!(
+            "cmdline:      {}",
+            reply["cmdline"]
+                .as_array()
+                .map(|a| a
+                    .iter()
+                    .map(|x| x.as_str().unwrap_or("?"))
+                    .collect::<Vec<_>>()
+                    .join(" "))
+                .unwrap_or_else(|| "-".into())
+        ),
     ];
     if let Some(sc) = reply["syscall"].as_object() {
         let args: Vec<String> = sc["args"]

@@ -263,6 +263,12 @@ fn ps_matches_the_guests_own_proc_and_inspect_shows_the_blocked_read() {
         "exe as /proc/self/exe says"
     );
     assert_eq!(insp["task"]["uid"], 0);
+    // Read from the task's own address space (its mm->pgd).
+    assert_eq!(
+        insp["cmdline"],
+        serde_json::json!(["hv-procs", "20", "10"]),
+        "{insp:#}"
+    );
     let _ = std::fs::remove_file(snap);
 }
 
@@ -396,9 +402,9 @@ fn hostile_task_lists_end_with_a_clear_error() {
         .unwrap();
     assert!(procs.len() > 10);
     let tasks_off = info.types.member("task_struct", "tasks").unwrap().offset;
-    let space = vcpu.kernel_space();
     let (early, late) = (procs[3] + tasks_off, procs[procs.len() - 2] + tasks_off);
     let late_next = k.read_u64(late, "late.next").unwrap();
+    let space = k.space();
     drop(k);
 
     // A cycle that never returns to init_task: late.next = early.
