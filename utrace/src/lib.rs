@@ -1,7 +1,26 @@
 //! `utrace`: the engine model of the utrace seed mail, served from the
 //! hypervisor (engines, event masks, callbacks, resume actions).
 //!
-//! Not implemented yet: this crate only fixes the name and place in the
-//! layering (`hvtrace` -> `utrace` -> `vmm`, `guest-introspect`). The
-//! tracing issue fills it in on top of `vmm::trap` (breakpoints) and
-//! `vmm::machine` (pause/resume, register access).
+//! * [`action::ResumeAction`]: STOP < REPORT < INTERRUPT < SINGLESTEP <
+//!   BLOCKSTEP < RESUME < DETACH (the seed's order); the smallest prevails.
+//! * [`event`]: event bits and the events reported, with their details.
+//! * [`engine`]: the callbacks an engine implements ([`engine::EngineOps`]),
+//!   attach flags and the errno-style errors.
+//! * [`thread::ThreadUtrace`]: one thread's engines and the dispatch rules
+//!   (order, report_quiesce first, prevailing action, STOP persistence,
+//!   death before reap).
+//!
+//! This is the pure model. Serving it from the hypervisor (traps on
+//! tracehook sites through `vmm::trap`, pausing through `vmm::machine`,
+//! steering traced threads with their task flags) is the tracing issue's
+//! next part.
+
+pub mod action;
+pub mod engine;
+pub mod event;
+pub mod thread;
+
+pub use action::ResumeAction;
+pub use engine::{AttachFlags, Engine, EngineOps, UtraceError};
+pub use event::{Event, EventMask, Tid};
+pub use thread::ThreadUtrace;

@@ -1,0 +1,215 @@
+//! Engines: a tracer's attachment to one thread, with its callbacks.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::action::ResumeAction;
+use crate::event::{EventMask, Tid};
+
+/// The callbacks of an engine. Every method has a default that votes
+/// RESUME (or does nothing), so an engine implements only what it asks
+/// for. Each callback but death/reap receives the action prevailing so far
+/// among the engines already called for this event, and returns its vote.
+pub trait EngineOps: Send + Sync {
+    /// Before each event's own callback (with that event's bit), and for a
+    /// plain REPORT/STOP quiescence (with 0).
+    fn report_quiesce(
+        &self,
+        _action: ResumeAction,
+        _engine: &Engine,
+        _event: EventMask,
+    ) -> ResumeAction {
+        ResumeAction::Resume
+    }
+    /// The thread created `child` with `clone_flags`.
+    fn report_clone(
+        &self,
+        _action: ResumeAction,
+        _engine: &Engine,
+        _clone_flags: u64,
+        _child: Tid,
+    ) -> ResumeAction {
+        ResumeAction::Resume
+    }
+    /// The thread exec'd `filename`.
+    fn report_exec(
+        &self,
+        _action: ResumeAction,
+        _engine: &Engine,
+        _filename: &str,
+    ) -> ResumeAction {
+        ResumeAction::Resume
+    }
+    /// System call entry.
+    fn report_syscall_entry(
+        &self,
+        _action: ResumeAction,
+        _engine: &Engine,
+        _nr: u64,
+        _args: &[u64; 6],
+    ) -> ResumeAction {
+        ResumeAction::Resume
+    }
+    /// System call exit.
+    fn report_syscall_exit(
+        &self,
+        _action: ResumeAction,
+        _engine: &Engine,
+        _nr: u64,
+        _ret: i64,
+    ) -> ResumeAction {
+        ResumeAction::Resume
+    }
+    /// The thread is exiting; `code` may be changed.
+    fn report_exit(
+        &self,
+        _action: ResumeAction,
+        _engine: &Engine,
+        _orig_code: i64,
+        _code: &mut i64,
+    ) -> ResumeAction {
+        ResumeAction::Resume
+    }
+    /// A signal is about to be delivered.
+    fn report_signal(&self, _action: ResumeAction, _engine: &Engine, _signo: i32) -> ResumeAction {
+        ResumeAction::Resume
+    }
+    /// The thread is dead (no vote: it cannot resume).
+    fn report_death(&self, _engine: &Engine, _group_dead: bool, _signal: i32) {}
+    /// The thread was reaped; the engine is gone after this.
+    fn report_reap(&self, _engine: &Engine) {}
+}
+
+/// Attach flags (`UTRACE_ATTACH_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AttachFlags {
+    /// Create a new engine if no existing one matches.
+    pub create: bool,
+    /// With `create`: fail with EEXIST if a matching engine exists.
+    pub exclusive: bool,
+    /// Match existing engines by their ops (the same `Arc`).
+    pub match_ops: bool,
+    /// Match existing engines by their data (the same `Arc`).
+    pub match_data: bool,
+}
+
+/// Errors, with the errno utrace gives for each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UtraceError {
+    /// No matching engine (ENOENT).
+    #[error("no matching engine (ENOENT)")]
+    NoEntry,
+    /// EXCLUSIVE and a matching engine exists (EEXIST).
+    #[error("a matching engine is already attached (EEXIST)")]
+    Exists,
+    /// Kernel threads cannot be traced (EPERM).
+    #[error("kernel threads cannot be traced (EPERM)")]
+    Permission,
+    /// The request completes later (EINPROGRESS).
+    #[error("in progress (EINPROGRESS)")]
+    InProgress,
+    /// Too late: report_death has begun (EALREADY).
+    #[error("the thread is already dying (EALREADY)")]
+    Already,
+    /// The thread is reaped or the engine detached (ESRCH).
+    #[error("no such thread or engine (ESRCH)")]
+    NoSuchThread,
+    /// The request is invalid here (EINVAL).
+    #[error("invalid request (EINVAL)")]
+    Invalid,
+}
+
+impl UtraceError {
+    /// The positive errno value.
+    pub fn errno(self) -> i32 {
+        match self {
+            Self::NoEntry => 2,
+            Self::Exists => 17,
+            Self::Permission => 1,
+            Self::InProgress => 115,
+            Self::Already => 114,
+            Self::NoSuchThread => 3,
+            Self::Invalid => 22,
+        }
+    }
+}
+
+/// Opaque engine data, compared by identity for MATCH_DATA.
+pub type EngineData = Arc<dyn Any + Send + Sync>;
+
+static NEXT_ENGINE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One engine attached to one thread.
+pub struct Engine {
+    id: u64,
+    tid: Tid,
+    pub(crate) ops: Arc<dyn EngineOps>,
+    data: Option<EngineData>,
+    pub(crate) events: Mutex<EventMask>,
+    pub(crate) detached: Mutex<bool>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("id", &self.id)
+            .field("tid", &self.tid)
+            .field("events", &self.events())
+            .finish()
+    }
+}
+
+impl Engine {
+    pub(crate) fn new(tid: Tid, ops: Arc<dyn EngineOps>, data: Option<EngineData>) -> Self {
+        Self {
+            id: NEXT_ENGINE_ID.fetch_add(1, Ordering::Relaxed),
+            tid,
+            ops,
+            data,
+            events: Mutex::new(EventMask::NONE),
+            detached: Mutex::new(false),
+        }
+    }
+
+    /// A process-unique id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The thread it is attached to.
+    pub fn tid(&self) -> Tid {
+        self.tid
+    }
+
+    /// Its data, as given at attach.
+    pub fn data(&self) -> Option<&EngineData> {
+        self.data.as_ref()
+    }
+
+    /// Its event mask.
+    pub fn events(&self) -> EventMask {
+        *self.events.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether it has been detached.
+    pub fn is_detached(&self) -> bool {
+        *self.detached.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn matches(
+        &self,
+        flags: AttachFlags,
+        ops: &Arc<dyn EngineOps>,
+        data: Option<&EngineData>,
+    ) -> bool {
+        let ops_ok = !flags.match_ops || Arc::ptr_eq(&self.ops, ops);
+        let data_ok = !flags.match_data
+            || match (&self.data, data) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+        ops_ok && data_ok
+    }
+}

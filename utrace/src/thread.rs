@@ -1,0 +1,527 @@
+//! One traced thread: its engines, and the rules by which their callbacks
+//! run and their votes combine. Pure logic: the hypervisor side (traps,
+//! pausing, editing guest task state) calls [`ThreadUtrace::report`] when
+//! the guest thread reaches an event and applies the action it returns.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crate::action::ResumeAction;
+use crate::engine::{AttachFlags, Engine, EngineData, EngineOps, UtraceError};
+use crate::event::{Event, EventMask, Tid};
+
+/// Where a thread is in its life, as utrace sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// Running or stopped.
+    Alive,
+    /// report_death has begun.
+    Dying,
+    /// Reaped: no engines remain.
+    Reaped,
+}
+
+/// The utrace state of one guest thread.
+pub struct ThreadUtrace {
+    tid: Tid,
+    kernel_thread: bool,
+    engines: Vec<Arc<Engine>>,
+    life: Lifecycle,
+    /// Engines whose last vote was STOP: the thread stays stopped while any
+    /// remain (STOP is the only persistent action).
+    stop_votes: HashSet<u64>,
+}
+
+impl ThreadUtrace {
+    /// A thread with no engines; kernel threads refuse attachment.
+    pub fn new(tid: Tid, kernel_thread: bool) -> Self {
+        Self {
+            tid,
+            kernel_thread,
+            engines: Vec::new(),
+            life: Lifecycle::Alive,
+            stop_votes: HashSet::new(),
+        }
+    }
+
+    /// The thread id.
+    pub fn tid(&self) -> Tid {
+        self.tid
+    }
+
+    /// Engines attached, in attach order.
+    pub fn engines(&self) -> &[Arc<Engine>] {
+        &self.engines
+    }
+
+    /// Whether an engine holds the thread stopped.
+    pub fn is_stopped(&self) -> bool {
+        !self.stop_votes.is_empty()
+    }
+
+    /// Where the thread is in its life.
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.life
+    }
+
+    /// `utrace_attach_task`: look up an engine matching `flags`, or create
+    /// one (`flags.create`). A new engine starts with no events.
+    pub fn attach(
+        &mut self,
+        flags: AttachFlags,
+        ops: Arc<dyn EngineOps>,
+        data: Option<EngineData>,
+    ) -> Result<Arc<Engine>, UtraceError> {
+        if self.life == Lifecycle::Reaped {
+            return Err(UtraceError::NoSuchThread);
+        }
+        let found = self
+            .engines
+            .iter()
+            .find(|e| e.matches(flags, &ops, data.as_ref()))
+            .cloned();
+        if !flags.create {
+            return found.ok_or(UtraceError::NoEntry);
+        }
+        if flags.exclusive && found.is_some() {
+            return Err(UtraceError::Exists);
+        }
+        if self.kernel_thread {
+            return Err(UtraceError::Permission);
+        }
+        if self.life == Lifecycle::Dying {
+            return Err(UtraceError::Already);
+        }
+        let engine = Arc::new(Engine::new(self.tid, ops, data));
+        self.engines.push(engine.clone());
+        Ok(engine)
+    }
+
+    fn check_live(&self, engine: &Engine) -> Result<(), UtraceError> {
+        if self.life == Lifecycle::Reaped || engine.is_detached() {
+            return Err(UtraceError::NoSuchThread);
+        }
+        if !self.engines.iter().any(|e| e.id() == engine.id()) {
+            return Err(UtraceError::NoSuchThread);
+        }
+        Ok(())
+    }
+
+    /// `utrace_set_events`: takes effect at the next event.
+    pub fn set_events(&mut self, engine: &Engine, mask: EventMask) -> Result<(), UtraceError> {
+        self.check_live(engine)?;
+        if self.life == Lifecycle::Dying {
+            return Err(UtraceError::Already);
+        }
+        *engine.events.lock().unwrap_or_else(|e| e.into_inner()) = mask;
+        Ok(())
+    }
+
+    /// `utrace_control`: asynchronous requests. STOP returns Ok only if
+    /// the thread is already stopped (else EINPROGRESS: it stops at its next
+    /// report); REPORT, INTERRUPT and SINGLESTEP need QUIESCE in the mask;
+    /// RESUME withdraws this engine's STOP; DETACH detaches.
+    pub fn control(&mut self, engine: &Engine, action: ResumeAction) -> Result<(), UtraceError> {
+        self.check_live(engine)?;
+        if self.life == Lifecycle::Dying && action != ResumeAction::Detach {
+            return Err(UtraceError::NoSuchThread);
+        }
+        match action {
+            ResumeAction::Detach => {
+                self.detach(engine);
+                Ok(())
+            }
+            ResumeAction::Stop => {
+                let already = self.is_stopped();
+                self.stop_votes.insert(engine.id());
+                if already {
+                    Ok(())
+                } else {
+                    Err(UtraceError::InProgress)
+                }
+            }
+            ResumeAction::Report | ResumeAction::Interrupt | ResumeAction::SingleStep
+                if !engine.events().contains(EventMask::QUIESCE) =>
+            {
+                Err(UtraceError::Invalid)
+            }
+            _ => {
+                self.stop_votes.remove(&engine.id());
+                Ok(())
+            }
+        }
+    }
+
+    fn detach(&mut self, engine: &Engine) {
+        *engine.detached.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.stop_votes.remove(&engine.id());
+        self.engines.retain(|e| e.id() != engine.id());
+    }
+
+    /// Records one engine's vote and returns the new prevailing action.
+    fn apply_vote(
+        &mut self,
+        engine: &Engine,
+        vote: ResumeAction,
+        prevailing: ResumeAction,
+    ) -> ResumeAction {
+        match vote {
+            ResumeAction::Detach => self.detach(engine),
+            ResumeAction::Stop => {
+                self.stop_votes.insert(engine.id());
+            }
+            _ => {
+                self.stop_votes.remove(&engine.id());
+            }
+        }
+        prevailing.prevail(vote.for_thread())
+    }
+
+    /// SIGKILL: always breaks STOP.
+    pub fn kill(&mut self) {
+        self.stop_votes.clear();
+    }
+
+    /// Reports `event` to the engines that asked for it and returns the
+    /// action that prevails for the thread.
+    ///
+    /// Engines run in attach order (system-call entry: reverse order), each
+    /// from a snapshot of the list taken now, so an engine attached during
+    /// the report misses this event. For each engine: report_quiesce first
+    /// if it wants QUIESCE (with the event's bit; 0 for a plain quiescence),
+    /// then the event's callback if it wants the event. Every callback is
+    /// passed the action prevailing so far and returns its vote; the
+    /// smallest prevails (DETACH counts as RESUME and detaches that engine
+    /// after its callback). Death is reported without votes, then reap, and
+    /// after reap no engine remains.
+    pub fn report(&mut self, event: &Event) -> ResumeAction {
+        if self.life == Lifecycle::Reaped {
+            return ResumeAction::Resume;
+        }
+        let bit = event.mask();
+        let mut order: Vec<Arc<Engine>> = self.engines.clone();
+        if matches!(event, Event::SyscallEntry { .. }) {
+            order.reverse();
+        }
+        if let Event::Death { .. } = event {
+            self.life = Lifecycle::Dying;
+        }
+        let mut prevailing = ResumeAction::Resume;
+        for engine in order {
+            if engine.is_detached() {
+                continue;
+            }
+            let mask = engine.events();
+            let wants_event = bit != EventMask::NONE && mask.contains(bit);
+            let wants_quiesce = mask.contains(EventMask::QUIESCE);
+            if matches!(event, Event::Reap) {
+                if wants_event {
+                    engine.ops.report_reap(&engine);
+                }
+                continue;
+            }
+            // Each vote is applied as it is cast (utrace's finish_callback),
+            // so the event callback already sees the engine's quiesce vote.
+            if wants_quiesce && (wants_event || bit == EventMask::NONE) {
+                let vote = engine.ops.report_quiesce(prevailing, &engine, bit);
+                prevailing = self.apply_vote(&engine, vote, prevailing);
+                if vote == ResumeAction::Detach {
+                    continue;
+                }
+            }
+            if !wants_event {
+                continue;
+            }
+            let vote = match event {
+                Event::Quiesce | Event::Reap => continue,
+                Event::Death { group_dead, signal } => {
+                    engine.ops.report_death(&engine, *group_dead, *signal);
+                    continue;
+                }
+                Event::Clone { child, flags } => {
+                    engine.ops.report_clone(prevailing, &engine, *flags, *child)
+                }
+                Event::Exec { filename } => engine.ops.report_exec(prevailing, &engine, filename),
+                Event::SyscallEntry { nr, args } => engine
+                    .ops
+                    .report_syscall_entry(prevailing, &engine, *nr, args),
+                Event::SyscallExit { nr, ret } => engine
+                    .ops
+                    .report_syscall_exit(prevailing, &engine, *nr, *ret),
+                Event::Exit { code } => {
+                    let mut c = *code;
+                    engine.ops.report_exit(prevailing, &engine, *code, &mut c)
+                }
+                Event::Signal { signo, .. } => {
+                    engine.ops.report_signal(prevailing, &engine, *signo)
+                }
+            };
+            prevailing = self.apply_vote(&engine, vote, prevailing);
+        }
+        if matches!(event, Event::Reap) {
+            for e in std::mem::take(&mut self.engines) {
+                *e.detached.lock().unwrap_or_else(|x| x.into_inner()) = true;
+            }
+            self.stop_votes.clear();
+            self.life = Lifecycle::Reaped;
+        }
+        if self.is_stopped() {
+            ResumeAction::Stop
+        } else {
+            prevailing
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use ResumeAction::*;
+
+    /// An engine that logs every callback (`name:callback:prevailing`) and
+    /// votes a fixed action per callback kind.
+    struct Rec {
+        name: &'static str,
+        log: Arc<Mutex<Vec<String>>>,
+        quiesce: ResumeAction,
+        event: ResumeAction,
+    }
+
+    impl Rec {
+        fn push(&self, what: &str, prevailing: ResumeAction) {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("{}:{what}:{}", self.name, prevailing.name()));
+        }
+    }
+
+    impl EngineOps for Rec {
+        fn report_quiesce(&self, a: ResumeAction, _: &Engine, ev: EventMask) -> ResumeAction {
+            self.push(&format!("quiesce({ev})"), a);
+            self.quiesce
+        }
+        fn report_syscall_entry(
+            &self,
+            a: ResumeAction,
+            _: &Engine,
+            nr: u64,
+            _: &[u64; 6],
+        ) -> ResumeAction {
+            self.push(&format!("entry({nr})"), a);
+            self.event
+        }
+        fn report_exec(&self, a: ResumeAction, _: &Engine, f: &str) -> ResumeAction {
+            self.push(&format!("exec({f})"), a);
+            self.event
+        }
+        fn report_death(&self, _: &Engine, _: bool, _: i32) {
+            self.push("death", Resume);
+        }
+        fn report_reap(&self, _: &Engine) {
+            self.push("reap", Resume);
+        }
+    }
+
+    type Log = Arc<Mutex<Vec<String>>>;
+    /// (name, events, quiesce vote, event vote) per engine.
+    type Spec = (&'static str, EventMask, ResumeAction, ResumeAction);
+
+    fn setup(specs: &[Spec]) -> (ThreadUtrace, Vec<Arc<Engine>>, Log) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut t = ThreadUtrace::new(42, false);
+        let create = AttachFlags {
+            create: true,
+            ..Default::default()
+        };
+        let engines = specs
+            .iter()
+            .map(|&(name, mask, quiesce, event)| {
+                let ops = Arc::new(Rec {
+                    name,
+                    log: log.clone(),
+                    quiesce,
+                    event,
+                });
+                let e = t.attach(create, ops, None).unwrap();
+                t.set_events(&e, mask).unwrap();
+                e
+            })
+            .collect();
+        (t, engines, log)
+    }
+
+    fn take(log: &Log) -> Vec<String> {
+        std::mem::take(&mut *log.lock().unwrap())
+    }
+
+    const Q: EventMask = EventMask::QUIESCE;
+    const EXEC: EventMask = EventMask::EXEC;
+
+    #[test]
+    fn quiesce_comes_first_with_the_event_bit_and_each_callback_sees_the_prevailing_action() {
+        let (mut t, _, log) = setup(&[
+            ("a", Q | EXEC, Resume, Report),
+            ("b", EXEC, Resume, Interrupt),
+            ("c", Q, Stop, Stop), // wants QUIESCE only: not called for EXEC
+        ]);
+        let action = t.report(&Event::Exec {
+            filename: "/bin/true".into(),
+        });
+        assert_eq!(
+            take(&log),
+            [
+                "a:quiesce(EXEC):UTRACE_RESUME",
+                "a:exec(/bin/true):UTRACE_RESUME",
+                "b:exec(/bin/true):UTRACE_REPORT",
+            ]
+        );
+        assert_eq!(action, Report, "REPORT < INTERRUPT: the smallest prevails");
+        // A plain REPORT quiescence: report_quiesce with event 0, for every
+        // engine that wants QUIESCE.
+        let action = t.report(&Event::Quiesce);
+        assert_eq!(
+            take(&log),
+            ["a:quiesce(0):UTRACE_RESUME", "c:quiesce(0):UTRACE_RESUME"]
+        );
+        assert_eq!(action, Stop);
+        assert!(t.is_stopped(), "STOP persists");
+    }
+
+    #[test]
+    fn syscall_entry_runs_engines_in_reverse_order() {
+        let e = EventMask::SYSCALL_ENTRY;
+        let (mut t, _, log) = setup(&[("a", e, Resume, Resume), ("b", e, Resume, Resume)]);
+        t.report(&Event::SyscallEntry {
+            nr: 0,
+            args: [0; 6],
+        });
+        assert_eq!(
+            take(&log),
+            ["b:entry(0):UTRACE_RESUME", "a:entry(0):UTRACE_RESUME"]
+        );
+    }
+
+    #[test]
+    fn detach_implies_resume_and_leaves_the_other_engine_working() {
+        let (mut t, engines, log) =
+            setup(&[("a", EXEC, Resume, Detach), ("b", EXEC, Resume, Resume)]);
+        let ev = Event::Exec {
+            filename: "x".into(),
+        };
+        assert_eq!(t.report(&ev), Resume);
+        assert!(engines[0].is_detached());
+        assert_eq!(t.engines().len(), 1);
+        take(&log);
+        t.report(&ev);
+        assert_eq!(take(&log), ["b:exec(x):UTRACE_RESUME"]);
+        assert_eq!(
+            t.set_events(&engines[0], EXEC),
+            Err(UtraceError::NoSuchThread)
+        );
+    }
+
+    #[test]
+    fn stop_holds_until_every_engine_lets_go_or_sigkill() {
+        let (mut t, engines, _) =
+            setup(&[("a", Q | EXEC, Resume, Stop), ("b", Q | EXEC, Resume, Stop)]);
+        let ev = Event::Exec {
+            filename: "x".into(),
+        };
+        assert_eq!(t.report(&ev), Stop);
+        t.control(&engines[0], Resume).unwrap();
+        assert!(t.is_stopped(), "b still wants it stopped");
+        t.control(&engines[1], Resume).unwrap();
+        assert!(!t.is_stopped());
+        assert_eq!(t.control(&engines[0], Stop), Err(UtraceError::InProgress));
+        assert_eq!(t.control(&engines[1], Stop), Ok(()), "already stopped");
+        t.kill();
+        assert!(!t.is_stopped(), "SIGKILL always breaks STOP");
+    }
+
+    #[test]
+    fn attach_flags_and_errors() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let ops: Arc<dyn EngineOps> = Arc::new(Rec {
+            name: "a",
+            log,
+            quiesce: Resume,
+            event: Resume,
+        });
+        let data: EngineData = Arc::new(7u32);
+        let mut t = ThreadUtrace::new(1, false);
+        let lookup = AttachFlags {
+            match_ops: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            t.attach(lookup, ops.clone(), None).unwrap_err(),
+            UtraceError::NoEntry
+        );
+        let create = AttachFlags {
+            create: true,
+            exclusive: true,
+            match_ops: true,
+            match_data: false,
+        };
+        let e = t.attach(create, ops.clone(), Some(data.clone())).unwrap();
+        assert_eq!(
+            t.attach(create, ops.clone(), None).unwrap_err(),
+            UtraceError::Exists
+        );
+        let found = t.attach(lookup, ops.clone(), None).unwrap();
+        assert_eq!(found.id(), e.id());
+        let by_data = AttachFlags {
+            match_data: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            t.attach(by_data, ops.clone(), Some(data)).unwrap().id(),
+            e.id()
+        );
+        assert_eq!(
+            t.attach(by_data, ops.clone(), Some(Arc::new(7u32)))
+                .unwrap_err(),
+            UtraceError::NoEntry,
+            "data matches by identity"
+        );
+        assert_eq!(
+            t.control(&e, Report),
+            Err(UtraceError::Invalid),
+            "REPORT needs QUIESCE"
+        );
+        let mut kt = ThreadUtrace::new(2, true);
+        let any = AttachFlags {
+            create: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            kt.attach(any, ops, None).unwrap_err(),
+            UtraceError::Permission
+        );
+        assert_eq!(UtraceError::Exists.errno(), 17);
+    }
+
+    #[test]
+    fn death_before_reap_and_nothing_after() {
+        let d = EventMask::DEATH | EventMask::REAP;
+        let (mut t, engines, log) = setup(&[("a", d, Resume, Resume)]);
+        t.report(&Event::Death {
+            group_dead: true,
+            signal: 17,
+        });
+        assert_eq!(t.set_events(&engines[0], d), Err(UtraceError::Already));
+        t.report(&Event::Reap);
+        assert_eq!(
+            take(&log),
+            ["a:death:UTRACE_RESUME", "a:reap:UTRACE_RESUME"]
+        );
+        assert!(t.engines().is_empty());
+        assert_eq!(t.lifecycle(), Lifecycle::Reaped);
+        assert_eq!(
+            t.control(&engines[0], Resume),
+            Err(UtraceError::NoSuchThread)
+        );
+    }
+}
