@@ -38,6 +38,8 @@ enum Command {
     Symbols(cmd::symbols::SymbolsArgs),
     /// Print struct layouts from a kernel's BTF.
     Types(cmd::symbols::TypesArgs),
+    /// Show which kernel function observes each utrace event in a kernel, and why.
+    Sites(cmd::sites::SitesArgs),
 }
 
 fn main() {
@@ -52,6 +54,7 @@ fn main() {
         Command::Inspect(a) => cmd::ps::inspect(a),
         Command::Symbols(a) => cmd::symbols::symbols(a),
         Command::Types(a) => cmd::symbols::types(a),
+        Command::Sites(a) => cmd::sites::sites(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

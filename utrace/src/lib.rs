@@ -9,6 +9,8 @@
 //! * [`thread::ThreadUtrace`]: one thread's engines and the dispatch rules
 //!   (order, report_quiesce first, prevailing action, STOP persistence,
 //!   death before reap).
+//! * [`sites`]: per event, ranked candidate kernel functions resolved
+//!   against the running kernel's symbols (`hvtrace sites`).
 //!
 //! This is the pure model. Serving it from the hypervisor (traps on
 //! tracehook sites through `vmm::trap`, pausing through `vmm::machine`,
@@ -18,6 +20,7 @@
 pub mod action;
 pub mod engine;
 pub mod event;
+pub mod sites;
 pub mod thread;
 
 pub use action::ResumeAction;

@@ -4,5 +4,6 @@ pub mod boot;
 pub mod cached;
 pub mod ps;
 pub mod run;
+pub mod sites;
 pub mod snapshot;
 pub mod symbols;

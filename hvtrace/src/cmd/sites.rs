@@ -1,0 +1,71 @@
+//! `hvtrace sites`: which kernel function observes each utrace event in a
+//! kernel, and why (ranked candidates resolved against its symbols).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use crate::{artifacts, introspect};
+
+/// Arguments of `hvtrace sites`.
+#[derive(Args, Debug)]
+pub struct SitesArgs {
+    /// Kernel: `minimal` (default), `debian-6.1`, `debian-6.12`, or a path to a vmlinux/bzImage.
+    #[arg(long)]
+    pub kernel: Option<String>,
+    /// System.map (takes precedence over the kernel's own symbols).
+    #[arg(long)]
+    pub system_map: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Resolves and prints every event's site; fails if an event has none.
+pub fn sites(args: SitesArgs) -> Result<i32> {
+    let kernel = artifacts::kernel(args.kernel.as_deref())?;
+    let info = introspect::info_from_files(&kernel, args.system_map.as_deref())?;
+    let resolved = utrace::sites::resolve_all(&info.symbols);
+    let mut errors = Vec::new();
+    let mut ok = Vec::new();
+    for r in resolved {
+        match r {
+            Ok(site) => ok.push(site),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    if args.json {
+        let v = serde_json::json!({
+            "kernel": kernel.display().to_string(),
+            "symbols": info.symbol_source.describe(),
+            "sites": ok,
+            "errors": errors,
+        });
+        introspect::emit(&format!("{}\n", serde_json::to_string_pretty(&v)?));
+    } else {
+        let mut out = format!(
+            "{:<14} {:<36} {:>18}  why (symbols: {})\n",
+            "EVENT",
+            "SITE",
+            "LINK ADDRESS",
+            info.symbol_source.describe()
+        );
+        for s in &ok {
+            let fallback = if s.missing.is_empty() {
+                String::new()
+            } else {
+                format!(" [not a function here: {}]", s.missing.join(", "))
+            };
+            out += &format!(
+                "{:<14} {:<36} {:>#18x}  {}{}\n",
+                s.event, s.symbol, s.addr, s.why, fallback
+            );
+        }
+        introspect::emit(&out);
+    }
+    if !errors.is_empty() {
+        bail!("{}", errors.join("; "));
+    }
+    Ok(0)
+}

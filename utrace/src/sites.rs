@@ -1,0 +1,268 @@
+//! Where in the guest kernel each utrace event is observed.
+//!
+//! Inlining differs between kernels and configs (`syscall_trace_enter` is
+//! `syscall_trace_enter.constprop.0` in 6.1 and plain in 6.12;
+//! `exit_to_user_mode_loop` exists only as its own function in 6.12;
+//! `exec_binprm`, `exit_notify` and `syscall_exit_work` are inlined in all
+//! three kernels we test), so every event has a ranked list of candidate
+//! functions. Resolution takes the first candidate present in the running
+//! kernel's symbols as a text symbol, accepting compiler suffixes
+//! (`.isra.N`, `.constprop.N`, `.part.N`) but never a `.cold` fragment,
+//! which is not an entry point. `hvtrace sites` prints the choice and why.
+
+use guest_introspect::symbols::SymbolMap;
+
+use crate::event::EventMask;
+
+/// One candidate function for an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    /// Function name without compiler suffix.
+    pub function: &'static str,
+    /// Why it observes the event (shown by `hvtrace sites`).
+    pub why: &'static str,
+}
+
+/// The ranked candidates of one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SiteSpec {
+    /// The event.
+    pub event: EventMask,
+    /// Its name.
+    pub name: &'static str,
+    /// Candidates, best first.
+    pub candidates: &'static [Candidate],
+}
+
+const fn c(function: &'static str, why: &'static str) -> Candidate {
+    Candidate { function, why }
+}
+
+/// Every event and its candidates, best first.
+pub const SITES: &[SiteSpec] = &[
+    SiteSpec {
+        event: EventMask::SYSCALL_ENTRY,
+        name: "SYSCALL_ENTRY",
+        candidates: &[
+            c("syscall_trace_enter", "runs only when the thread's syscall_work has an entry bit: traced threads are steered onto it, others never reach it"),
+            c("syscall_enter_from_user_mode_work", "entry work slow path (syscall_trace_enter inlined)"),
+            c("syscall_enter_from_user_mode", "every syscall entry (filter by thread: untraced threads pay a trap)"),
+        ],
+    },
+    SiteSpec {
+        event: EventMask::SYSCALL_EXIT,
+        name: "SYSCALL_EXIT",
+        candidates: &[
+            c("syscall_exit_work", "runs only with syscall_work exit bits set"),
+            c("syscall_exit_to_user_mode_work", "exit work path, return value in pt_regs->ax"),
+            c("syscall_exit_to_user_mode", "every syscall exit (filter by thread)"),
+        ],
+    },
+    SiteSpec {
+        event: EventMask::CLONE,
+        name: "CLONE",
+        candidates: &[
+            c("wake_up_new_task", "the child is complete and about to run for the first time; called by kernel_clone"),
+            c("kernel_clone", "fork/vfork/clone entry; the child id is its return value"),
+            c("_do_fork", "kernel_clone's name before 5.10"),
+        ],
+    },
+    SiteSpec {
+        event: EventMask::EXEC,
+        name: "EXEC",
+        candidates: &[
+            c("exec_binprm", "after a binary handler succeeded, where ptrace reports PTRACE_EVENT_EXEC"),
+            c("begin_new_exec", "the point of no return of a successful exec; bprm->filename names the file"),
+            c("bprm_execve", "every exec attempt (success is its return value 0)"),
+        ],
+    },
+    SiteSpec {
+        event: EventMask::EXIT,
+        name: "EXIT",
+        candidates: &[c("do_exit", "every thread exit, with the exit code argument")],
+    },
+    SiteSpec {
+        event: EventMask::DEATH,
+        name: "DEATH",
+        candidates: &[
+            c("exit_notify", "the parent is notified; the thread is dead to the world"),
+            c("do_task_dead", "the dying thread's last schedule (exit_notify inlined)"),
+        ],
+    },
+    SiteSpec {
+        event: EventMask::REAP,
+        name: "REAP",
+        candidates: &[c("release_task", "the task is unhashed and freed: always the last report")],
+    },
+    SiteSpec {
+        event: EventMask::SIGNAL,
+        name: "SIGNAL",
+        candidates: &[c("get_signal", "signal dequeue on the return-to-user path, before delivery: a signal can be injected, changed or suppressed")],
+    },
+    SiteSpec {
+        event: EventMask::JCTL,
+        name: "JCTL",
+        candidates: &[
+            c("do_signal_stop", "group stop for a job-control signal"),
+            c("get_signal", "job-control stops are decided in get_signal (do_signal_stop inlined)"),
+        ],
+    },
+    SiteSpec {
+        event: EventMask::QUIESCE,
+        name: "QUIESCE",
+        candidates: &[
+            c("resume_user_mode_work", "TIF_NOTIFY_RESUME work on the way to user mode: REPORT without interrupting a syscall"),
+            c("exit_to_user_mode_loop", "the loop that runs TIF_NOTIFY_RESUME work (6.12 keeps it out of line)"),
+            c("exit_to_user_mode_prepare", "return-to-user work (6.1: the loop is inlined here)"),
+        ],
+    },
+];
+
+/// An event's site in one kernel.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ResolvedSite {
+    /// Event name.
+    pub event: &'static str,
+    /// The symbol chosen, with any compiler suffix (`do_execveat_common.isra.0`).
+    pub symbol: String,
+    /// Its link-time address.
+    pub addr: u64,
+    /// 0 for the preferred candidate.
+    pub rank: usize,
+    /// Why this function observes the event.
+    pub why: &'static str,
+    /// Better-ranked candidates this kernel does not have as functions.
+    pub missing: Vec<&'static str>,
+}
+
+/// Why an event has no site in a kernel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no site for {event}: none of {tried:?} is a function in this kernel")]
+pub struct SiteError {
+    /// Event name.
+    pub event: &'static str,
+    /// The candidates tried.
+    pub tried: Vec<&'static str>,
+}
+
+/// Whether `symbol` names `function`, allowing compiler suffixes other
+/// than `.cold`.
+pub fn names_function(symbol: &str, function: &str) -> bool {
+    match symbol.strip_prefix(function) {
+        Some("") => true,
+        Some(rest) => {
+            rest.starts_with('.')
+                && !rest.contains(".cold")
+                && rest[1..].split('.').all(|p| {
+                    !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                })
+        }
+        None => false,
+    }
+}
+
+/// Resolves one event's candidates against `symbols` (text symbols only;
+/// an exact name wins over a suffixed one).
+pub fn resolve(spec: &SiteSpec, symbols: &SymbolMap) -> Result<ResolvedSite, SiteError> {
+    let mut missing = Vec::new();
+    for (rank, cand) in spec.candidates.iter().enumerate() {
+        let mut found: Option<(u64, String)> = None;
+        for s in symbols.iter() {
+            if !matches!(s.kind, 'T' | 't') || !names_function(&s.name, cand.function) {
+                continue;
+            }
+            let exact = s.name == cand.function;
+            if found.is_none() || exact {
+                found = Some((s.addr, s.name.clone()));
+            }
+            if exact {
+                break;
+            }
+        }
+        match found {
+            Some((addr, symbol)) => {
+                return Ok(ResolvedSite {
+                    event: spec.name,
+                    symbol,
+                    addr,
+                    rank,
+                    why: cand.why,
+                    missing,
+                })
+            }
+            None => missing.push(cand.function),
+        }
+    }
+    Err(SiteError {
+        event: spec.name,
+        tried: missing,
+    })
+}
+
+/// Resolves every event.
+pub fn resolve_all(symbols: &SymbolMap) -> Vec<Result<ResolvedSite, SiteError>> {
+    SITES.iter().map(|s| resolve(s, symbols)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_introspect::symbols::Symbol;
+
+    fn map(entries: &[(u64, char, &str)]) -> SymbolMap {
+        SymbolMap::from_symbols(
+            entries
+                .iter()
+                .map(|&(addr, kind, name)| Symbol {
+                    addr,
+                    kind,
+                    name: name.into(),
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn compiler_suffixes_match_but_cold_fragments_and_prefixes_do_not() {
+        assert!(names_function("syscall_trace_enter", "syscall_trace_enter"));
+        assert!(names_function(
+            "syscall_trace_enter.constprop.0",
+            "syscall_trace_enter"
+        ));
+        assert!(names_function("ptrace_stop.part.0", "ptrace_stop"));
+        assert!(names_function(
+            "do_execveat_common.isra.0",
+            "do_execveat_common"
+        ));
+        assert!(!names_function("do_exit.cold", "do_exit"));
+        assert!(!names_function("do_exit_group", "do_exit"));
+        assert!(!names_function("do_exit.", "do_exit"));
+    }
+
+    #[test]
+    fn the_best_present_candidate_wins_and_misses_are_reported() {
+        let m = map(&[
+            (0x1000, 't', "syscall_trace_enter.constprop.0"),
+            (0x2000, 'T', "syscall_enter_from_user_mode"),
+            (0x3000, 'T', "begin_new_exec"),
+            (0x4000, 'D', "exec_binprm"), // data, not a function
+            (0x5000, 't', "do_exit.cold"),
+        ]);
+        let entry = resolve(&SITES[0], &m).unwrap();
+        assert_eq!(
+            (entry.symbol.as_str(), entry.rank),
+            ("syscall_trace_enter.constprop.0", 0)
+        );
+        let exec = SITES.iter().find(|s| s.name == "EXEC").unwrap();
+        let r = resolve(exec, &m).unwrap();
+        assert_eq!(
+            (r.symbol.as_str(), r.rank, r.missing.clone()),
+            ("begin_new_exec", 1, vec!["exec_binprm"])
+        );
+        let exit = SITES.iter().find(|s| s.name == "EXIT").unwrap();
+        assert_eq!(
+            resolve(exit, &m).unwrap_err().to_string(),
+            "no site for EXIT: none of [\"do_exit\"] is a function in this kernel"
+        );
+    }
+}
