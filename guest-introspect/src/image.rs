@@ -156,16 +156,7 @@ impl KernelInfo {
         mem: &(impl PhysMemory + ?Sized),
         vcpu: &VcpuView,
     ) -> Result<Self, ImageError> {
-        let mut first_error = None;
-        for space in vcpu.kernel_spaces() {
-            match Self::from_memory_in(mem, vcpu, space) {
-                Ok(info) => return Ok(info),
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        Err(first_error.expect("at least one address space"))
+        vcpu.in_kernel_space(|space| Self::from_memory_in(mem, vcpu, space))
     }
 
     fn from_memory_in(

@@ -59,6 +59,24 @@ impl VcpuView {
     pub fn kernel_space(&self) -> AddressSpace {
         self.kernel_spaces()[0]
     }
+
+    /// Runs `f` in each of [`VcpuView::kernel_spaces`] until one succeeds;
+    /// otherwise returns the first space's error (the likelier one).
+    pub fn in_kernel_space<T, E>(
+        &self,
+        mut f: impl FnMut(AddressSpace) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let mut first_error = None;
+        for space in self.kernel_spaces() {
+            match f(space) {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.expect("kernel_spaces is never empty"))
+    }
 }
 
 /// Where the kernel runs.
@@ -120,16 +138,9 @@ impl<'a, M: PhysMemory + ?Sized> RunningKernel<'a, M> {
         types: &'a KernelTypes,
         expected_banner: Option<&str>,
     ) -> Result<Self> {
-        let mut first_error = None;
-        for space in vcpu.kernel_spaces() {
-            match Self::attach_in(mem, vcpu, space, symbols, types, expected_banner) {
-                Ok(k) => return Ok(k),
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        Err(first_error.expect("at least one address space"))
+        vcpu.in_kernel_space(|space| {
+            Self::attach_in(mem, vcpu, space, symbols, types, expected_banner)
+        })
     }
 
     fn attach_in(

@@ -53,9 +53,7 @@ fn api_call(sock: &Path, line: &str) -> std::io::Result<Value> {
 
 fn start_procs_guest(extra: &[&str], children: u32, threads: u32) -> ProcsGuest {
     require_kvm();
-    let dir = std::env::temp_dir().join(format!("hvtrace-introspect-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let sock = dir.join(format!("vm-{children}-{threads}.sock"));
+    let sock = temp_path(&format!("vm-{children}-{threads}.sock"));
     let mut args: Vec<String> = vec![
         "run".into(),
         "--api-sock".into(),
@@ -295,7 +293,7 @@ fn a_wrong_system_map_is_refused() {
         })
         .collect();
     let g = start_procs_guest(&[], 2, 1);
-    let bad = std::env::temp_dir().join(format!("hvtrace-bad-map-{}", std::process::id()));
+    let bad = temp_path("bad-System.map");
     std::fs::write(&bad, shifted).unwrap();
     let kernel = dir.join("vmlinux");
     let out = hvtrace(&[
@@ -373,8 +371,7 @@ fn hostile_task_lists_end_with_a_clear_error() {
     use guest_introspect::tasks::{TaskReader, WalkLimits};
 
     let g = start_procs_guest(&[], 4, 1);
-    let dir = std::env::temp_dir();
-    let good = dir.join(format!("hvtrace-hostile-{}.snap", std::process::id()));
+    let good = temp_path("hostile.snap");
     let out = hvtrace(&[
         "snapshot",
         "--api-sock",
@@ -409,13 +406,13 @@ fn hostile_task_lists_end_with_a_clear_error() {
 
     // A cycle that never returns to init_task: late.next = early.
     poke(&snap, space, late, early);
-    let cyclic = dir.join(format!("hvtrace-hostile-cycle-{}.snap", std::process::id()));
+    let cyclic = temp_path("hostile-cycle.snap");
     vmm::persist::save_offline(&snap, &cyclic).unwrap();
     assert_ps_refuses(&cyclic, "cycle");
 
     // A wild pointer: late.next points nowhere.
     poke(&snap, space, late, 0xdead_0000_0000_0000);
-    let wild = dir.join(format!("hvtrace-hostile-wild-{}.snap", std::process::id()));
+    let wild = temp_path("hostile-wild.snap");
     vmm::persist::save_offline(&snap, &wild).unwrap();
     assert_ps_refuses(&wild, "cannot read the task list");
 
@@ -430,7 +427,7 @@ fn hostile_task_lists_end_with_a_clear_error() {
     let ring = t.member("task_struct", ring_name).unwrap().offset;
     poke(&snap, space, late, late_next); // the process list is sound again
     poke(&snap, space, procs[5] + ring, procs[5] + ring + 8);
-    let odd = dir.join(format!("hvtrace-hostile-odd-{}.snap", std::process::id()));
+    let odd = temp_path("hostile-odd.snap");
     vmm::persist::save_offline(&snap, &odd).unwrap();
     assert_ps_refuses(&odd, "thread");
 

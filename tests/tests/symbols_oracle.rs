@@ -61,8 +61,7 @@ fn compare(kernel: &str) {
         "kernel-config/debian.sh",
         &[kernel.trim_start_matches("debian-")],
     );
-    let tag = kernel.replace('.', "_");
-    let elf = std::env::temp_dir().join(format!("hvtrace-oracle-{tag}-{}.elf", std::process::id()));
+    let elf = temp_path(&format!("{}.elf", kernel.replace('.', "_")));
     extract_vmlinux(&vmlinuz, &elf);
     let tools = script_path("scripts/python-tools.sh", &[]);
     let theirs = Command::new(tools.join("kallsyms-finder"))

@@ -378,17 +378,9 @@ impl Session {
     /// Waits for the next control message, watching for VM failure and stalls.
     fn next_message(&mut self, during: &'static str) -> Result<ControlMessage, SessionError> {
         loop {
-            if let Ok(m) = self.control.try_recv() {
+            if let Some(m) = self.poll_once(during)? {
                 return Ok(m);
             }
-            if let Some(ev) = self.vm.next_event(Duration::from_millis(20)) {
-                if !matches!(ev, VmEvent::Vcpu(VcpuEvent::Finished(_))) {
-                    // Let the console drain what the guest printed last.
-                    std::thread::sleep(Duration::from_millis(50));
-                    return Err(self.vm_ended(ev, during));
-                }
-            }
-            self.maybe_sample_rip();
             let idle = self
                 .last_progress
                 .lock()
@@ -402,6 +394,24 @@ impl Session {
                 ));
             }
         }
+    }
+
+    /// One step of waiting: a control message if one is queued; otherwise
+    /// up to 20 ms for a VM event (an ended VM is an error) and a RIP
+    /// sample if one is due.
+    fn poll_once(&mut self, during: &'static str) -> Result<Option<ControlMessage>, SessionError> {
+        if let Ok(m) = self.control.try_recv() {
+            return Ok(Some(m));
+        }
+        if let Some(ev) = self.vm.next_event(Duration::from_millis(20)) {
+            if !matches!(ev, VmEvent::Vcpu(VcpuEvent::Finished(_))) {
+                // Let the console drain what the guest printed last.
+                std::thread::sleep(Duration::from_millis(50));
+                return Err(self.vm_ended(ev, during));
+            }
+        }
+        self.maybe_sample_rip();
+        Ok(None)
     }
 
     /// Returns an error if the VM has ended (reset, power-off, vCPU failure);
@@ -459,19 +469,11 @@ impl Session {
     pub fn poll_exit(&mut self, timeout: Duration) -> Result<Option<i32>, SessionError> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            match self.control.try_recv() {
-                Ok(ControlMessage::Exit(code)) => return Ok(Some(code)),
-                Ok(ControlMessage::Error(e)) => return Err(SessionError::Init(e)),
-                Ok(_) => continue,
-                Err(_) => {}
+            match self.poll_once("waiting for the guest command to finish")? {
+                Some(ControlMessage::Exit(code)) => return Ok(Some(code)),
+                Some(ControlMessage::Error(e)) => return Err(SessionError::Init(e)),
+                _ => {}
             }
-            if let Some(ev) = self.vm.next_event(Duration::from_millis(20)) {
-                if !matches!(ev, VmEvent::Vcpu(VcpuEvent::Finished(_))) {
-                    std::thread::sleep(Duration::from_millis(50));
-                    return Err(self.vm_ended(ev, "waiting for the guest command to finish"));
-                }
-            }
-            self.maybe_sample_rip();
         }
         Ok(None)
     }
