@@ -106,6 +106,28 @@ pub fn ps_json(
     Ok(json!({ "kernel": kernel_facts(&k, info), "tasks": tasks }))
 }
 
+/// Each utrace event's site in the running kernel, with its runtime address.
+pub fn sites_json(
+    mem: &(impl PhysMemory + ?Sized),
+    vcpus: &[VcpuView],
+    info: &KernelInfo,
+) -> Result<Value> {
+    let k = attach(mem, vcpus, info)?;
+    let mut sites = Vec::new();
+    let mut errors = Vec::new();
+    for r in utrace::sites::resolve_all(&info.symbols) {
+        match r {
+            Ok(site) => {
+                let mut v = serde_json::to_value(&site)?;
+                v["runtime"] = json!(format!("{:#x}", k.runtime(site.addr)));
+                sites.push(v);
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    Ok(json!({ "kernel": kernel_facts(&k, info), "sites": sites, "errors": errors }))
+}
+
 /// Details of the task with thread id `tid`, as JSON.
 pub fn inspect_json(
     mem: &(impl PhysMemory + ?Sized),

@@ -25,6 +25,8 @@ struct ProcsGuest {
     /// hv-procs's pid, the fd and count of the read() it blocks in.
     ready: (i64, u64, u64),
     exe: String,
+    /// Other lines the guest printed before hv-procs was ready.
+    other: Vec<String>,
 }
 
 impl Drop for ProcsGuest {
@@ -52,6 +54,17 @@ fn api_call(sock: &Path, line: &str) -> std::io::Result<Value> {
 }
 
 fn start_procs_guest(extra: &[&str], children: u32, threads: u32) -> ProcsGuest {
+    start_procs_guest_after("", extra, children, threads)
+}
+
+/// Like [`start_procs_guest`], running the shell commands `before` first
+/// (hv-procs then replaces the shell, keeping its pid).
+fn start_procs_guest_after(
+    before: &str,
+    extra: &[&str],
+    children: u32,
+    threads: u32,
+) -> ProcsGuest {
     require_kvm();
     let sock = temp_path(&format!("vm-{children}-{threads}.sock"));
     let mut args: Vec<String> = vec![
@@ -60,12 +73,16 @@ fn start_procs_guest(extra: &[&str], children: u32, threads: u32) -> ProcsGuest 
         sock.display().to_string(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    args.extend([
-        "--".into(),
-        "hv-procs".into(),
-        children.to_string(),
-        threads.to_string(),
-    ]);
+    args.push("--".into());
+    if before.is_empty() {
+        args.extend(["hv-procs".into(), children.to_string(), threads.to_string()]);
+    } else {
+        args.extend([
+            "/bin/sh".into(),
+            "-c".into(),
+            format!("{before}; exec hv-procs {children} {threads}"),
+        ]);
+    }
     let mut child = Command::new(hvtrace_bin())
         .args(&args)
         .stdin(Stdio::null())
@@ -76,6 +93,7 @@ fn start_procs_guest(extra: &[&str], children: u32, threads: u32) -> ProcsGuest 
     let mut guest = BTreeMap::new();
     let mut exe = String::new();
     let mut ready = None;
+    let mut other = Vec::new();
     let out = BufReader::new(child.stdout.take().unwrap());
     for line in out.lines() {
         let line = line.expect("guest output");
@@ -97,7 +115,7 @@ fn start_procs_guest(extra: &[&str], children: u32, threads: u32) -> ProcsGuest 
                 ));
                 break;
             }
-            _ => {}
+            _ => other.push(line.clone()),
         }
     }
     let ready = ready.unwrap_or_else(|| {
@@ -110,6 +128,7 @@ fn start_procs_guest(extra: &[&str], children: u32, threads: u32) -> ProcsGuest 
         guest,
         ready,
         exe,
+        other,
     }
 }
 
@@ -433,5 +452,49 @@ fn hostile_task_lists_end_with_a_clear_error() {
 
     for f in [good, cyclic, wild, odd] {
         let _ = std::fs::remove_file(f);
+    }
+}
+
+#[test]
+fn sites_are_where_the_guests_own_kallsyms_says() {
+    // The guest's /proc/kallsyms (root sees real, KASLR-shifted addresses)
+    // is printed first, only the lines of the candidate functions (the whole
+    // file takes minutes through an emulated serial port); hvtrace resolves
+    // the sites from outside.
+    let names = "syscall_trace_enter|syscall_enter_from_user_mode_work|syscall_enter_from_user_mode|\
+        syscall_exit_work|syscall_exit_to_user_mode_work|syscall_exit_to_user_mode|wake_up_new_task|\
+        kernel_clone|_do_fork|exec_binprm|begin_new_exec|bprm_execve|do_exit|exit_notify|do_task_dead|\
+        release_task|get_signal|do_signal_stop|resume_user_mode_work|exit_to_user_mode_loop|\
+        exit_to_user_mode_prepare";
+    let grep = format!("grep -E ' ({names})(\\.[a-z]+\\.[0-9]+)?$' /proc/kallsyms");
+    let g = start_procs_guest_after(&grep, &[], 2, 1);
+    let kallsyms: std::collections::HashMap<String, u64> = g
+        .other
+        .iter()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let (a, k, n) = (w.next()?, w.next()?, w.next()?);
+            ("Tt".contains(k)).then_some(())?;
+            Some((n.to_string(), u64::from_str_radix(a, 16).ok()?))
+        })
+        .collect();
+    assert!(
+        kallsyms.len() >= 10,
+        "the guest printed its kallsyms: {:?}",
+        g.other
+    );
+    let v = hvtrace_json(&["sites", "--api-sock", g.sock.to_str().unwrap(), "--json"]);
+    let sites = v["sites"].as_array().unwrap();
+    assert_eq!(sites.len(), 10, "{v:#}");
+    for s in sites {
+        let name = s["symbol"].as_str().unwrap();
+        let runtime =
+            u64::from_str_radix(s["runtime"].as_str().unwrap().trim_start_matches("0x"), 16)
+                .unwrap();
+        assert_eq!(
+            kallsyms.get(name),
+            Some(&runtime),
+            "{name}: hvtrace {runtime:#x}"
+        );
     }
 }

@@ -55,6 +55,10 @@ impl Handler {
                 let source = self.requested_source(kernel, system_map);
                 self.live(session, &source, introspect::ps_json)
             }
+            Op::Sites => {
+                let source = self.default_source.clone();
+                self.live(session, &source, introspect::sites_json)
+            }
             Op::Inspect {
                 pid,
                 kernel,

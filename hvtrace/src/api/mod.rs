@@ -9,6 +9,7 @@
 //! * `{"v":1,"op":"ps"}` -> `{"v":1,"ok":true,"kernel":{..},"tasks":[{"pid":1,"tid":1,"ppid":0,"comm":"init","state":"S",..},..]}`;
 //!   optional `"kernel"` and `"system_map"` paths choose the symbol/type source
 //!   (default: the VM's own kernel file, or guest memory for a restored VM)
+//! * `{"v":1,"op":"sites"}` -> `{"v":1,"ok":true,"kernel":{..},"sites":[{"event":"EXIT","symbol":"do_exit","addr":..,"runtime":"0x..",..}],"errors":[]}`
 //! * `{"v":1,"op":"inspect","pid":N}` -> `{"v":1,"ok":true,"task":{..},"exe":"/bin/sleep","user_regs":{..},"syscall":{"nr":35,"args":[..]}}`
 //!
 //! A request may carry an `"id"`, echoed in its reply. A malformed request
@@ -47,6 +48,9 @@ pub enum Op {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         system_map: Option<String>,
     },
+    /// Each utrace event's site in the running kernel, at its runtime
+    /// (KASLR-shifted) address.
+    Sites,
     /// Details of one task.
     Inspect {
         /// Thread id.

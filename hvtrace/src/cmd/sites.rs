@@ -17,6 +17,10 @@ pub struct SitesArgs {
     /// System.map (takes precedence over the kernel's own symbols).
     #[arg(long)]
     pub system_map: Option<PathBuf>,
+    /// Resolve against a running VM's kernel (see `hvtrace boot`), adding
+    /// each site's runtime (KASLR-shifted) address.
+    #[arg(long, conflicts_with_all = ["kernel", "system_map"])]
+    pub api_sock: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -24,6 +28,37 @@ pub struct SitesArgs {
 
 /// Resolves and prints every event's site; fails if an event has none.
 pub fn sites(args: SitesArgs) -> Result<i32> {
+    if let Some(sock) = &args.api_sock {
+        let reply = crate::api::client::call(sock, crate::api::Op::Sites)?;
+        let errors: Vec<String> = reply["errors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| e.as_str().unwrap_or("?").to_string())
+            .collect();
+        if args.json {
+            introspect::emit(&format!("{}\n", serde_json::to_string_pretty(&reply)?));
+        } else {
+            let mut out = format!(
+                "{:<14} {:<36} {:>18}  {:>18}\n",
+                "EVENT", "SITE", "LINK ADDRESS", "RUNTIME ADDRESS"
+            );
+            for s in reply["sites"].as_array().into_iter().flatten() {
+                out += &format!(
+                    "{:<14} {:<36} {:>#18x}  {:>18}\n",
+                    s["event"].as_str().unwrap_or("?"),
+                    s["symbol"].as_str().unwrap_or("?"),
+                    s["addr"].as_u64().unwrap_or(0),
+                    s["runtime"].as_str().unwrap_or("?")
+                );
+            }
+            introspect::emit(&out);
+        }
+        if !errors.is_empty() {
+            bail!("{}", errors.join("; "));
+        }
+        return Ok(0);
+    }
     let kernel = artifacts::kernel(args.kernel.as_deref())?;
     let info = introspect::info_from_files(&kernel, args.system_map.as_deref())?;
     let resolved = utrace::sites::resolve_all(&info.symbols);
