@@ -66,6 +66,9 @@ pub enum BtfError {
     /// No struct or union of that name is defined.
     #[error("no struct or union named `{0}` in the BTF")]
     NoSuchStruct(String),
+    /// No enum defines an enumerator of that name.
+    #[error("no enumerator `{0}` in the BTF")]
+    NoSuchEnumerator(String),
     /// The struct has no member at this path.
     #[error("{kind} {strukt} has no member `{path}`")]
     NoSuchMember {
@@ -426,6 +429,37 @@ impl KernelTypes {
         let mut steps = Steps::new();
         self.flatten(outer.id, 0, 0, &mut steps, &mut out)?;
         Ok(out)
+    }
+
+    /// The value of the enumerator `name` (e.g.
+    /// `SYSCALL_WORK_BIT_SYSCALL_TRACEPOINT`), from whichever enum defines
+    /// it: kernel flag bits are enums whose order changes between versions.
+    /// A linear scan; meant for set-up, not for hot paths.
+    pub fn enumerator(&self, name: &str) -> Result<i64, BtfError> {
+        for id in 1..=self.offsets.len() as u32 {
+            let t = self.ty(id)?;
+            let (stride, wide) = match t.kind {
+                KIND_ENUM => (8, false),
+                KIND_ENUM64 => (12, true),
+                _ => continue,
+            };
+            for i in 0..t.vlen as usize {
+                let at = stride * i;
+                if self.name_bytes(self.extra_u32(&t, at)?) != name.as_bytes() {
+                    continue;
+                }
+                let lo = self.extra_u32(&t, at + 4)?;
+                return Ok(if wide {
+                    let hi = self.extra_u32(&t, at + 8)?;
+                    ((u64::from(hi) << 32) | u64::from(lo)) as i64
+                } else if t.kflag {
+                    i64::from(lo as i32)
+                } else {
+                    i64::from(lo)
+                });
+            }
+        }
+        Err(BtfError::NoSuchEnumerator(name.to_string()))
     }
 
     // ---- parsing ----------------------------------------------------------
@@ -1109,6 +1143,24 @@ mod tests {
             size,
             type_name: ty.into(),
         }
+    }
+
+    #[test]
+    fn enumerators_by_name_in_enum_and_enum64() {
+        let mut b = Builder::new();
+        let (a, bb, neg) = (b.s("WORK_A"), b.s("WORK_B"), b.s("NEG"));
+        b.raw("work_bit", KIND_ENUM, 2, false, 4, &[a, 0, bb, 1]);
+        b.raw("", KIND_ENUM, 1, true, 4, &[neg, (-5i32) as u32]);
+        let big = b.s("BIG");
+        b.raw("wide", KIND_ENUM64, 1, false, 8, &[big, 7, 1]);
+        let kt = KernelTypes::from_btf_bytes(&b.finish()).unwrap();
+        assert_eq!(kt.enumerator("WORK_B").unwrap(), 1);
+        assert_eq!(kt.enumerator("NEG").unwrap(), -5);
+        assert_eq!(kt.enumerator("BIG").unwrap(), (1 << 32) | 7);
+        assert!(matches!(
+            kt.enumerator("WORK_C"),
+            Err(BtfError::NoSuchEnumerator(_))
+        ));
     }
 
     #[test]

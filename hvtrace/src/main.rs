@@ -40,6 +40,8 @@ enum Command {
     Types(cmd::symbols::TypesArgs),
     /// Show which kernel function observes each utrace event in a kernel, and why.
     Sites(cmd::sites::SitesArgs),
+    /// Boot the guest and trace one command from its exec, strace-like (trace on stderr).
+    Trace(cmd::trace::TraceArgs),
 }
 
 fn main() {
@@ -55,6 +57,7 @@ fn main() {
         Command::Symbols(a) => cmd::symbols::symbols(a),
         Command::Types(a) => cmd::symbols::types(a),
         Command::Sites(a) => cmd::sites::sites(a),
+        Command::Trace(a) => cmd::trace::trace(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -12,15 +12,19 @@
 //! * [`sites`]: per event, ranked candidate kernel functions resolved
 //!   against the running kernel's symbols (`hvtrace sites`).
 //!
-//! This is the pure model. Serving it from the hypervisor (traps on
-//! tracehook sites through `vmm::trap`, pausing through `vmm::machine`,
-//! steering traced threads with their task flags) is the tracing issue's
-//! next part.
+//! * [`hv`]: the model served from the hypervisor: traps on the sites
+//!   through `vmm::trap`, traced threads steered through their
+//!   `syscall_work`, events dispatched to engines.
+//! * [`syscalls`]: system-call names from the running kernel and
+//!   strace-style rendering; [`strace`]: the engine `hvtrace trace` uses.
 
 pub mod action;
 pub mod engine;
 pub mod event;
+pub mod hv;
 pub mod sites;
+pub mod strace;
+pub mod syscalls;
 pub mod thread;
 
 pub use action::ResumeAction;

@@ -14,11 +14,24 @@ use guest_introspect::symbols::SymbolMap;
 
 use crate::event::EventMask;
 
+/// Where in a candidate function the trap goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum At {
+    /// The function's first instruction.
+    Entry,
+    /// The start of the inlined `syscall_exit_work`: the branch taken when
+    /// the thread's `syscall_work` has a `SYSCALL_WORK_EXIT` bit, found by
+    /// disassembling the function (see [`crate::hv::placement`]).
+    ExitWorkBranch,
+}
+
 /// One candidate function for an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate {
     /// Function name without compiler suffix.
     pub function: &'static str,
+    /// Where in it.
+    pub at: At,
     /// Why it observes the event (shown by `hvtrace sites`).
     pub why: &'static str,
 }
@@ -35,7 +48,19 @@ pub struct SiteSpec {
 }
 
 const fn c(function: &'static str, why: &'static str) -> Candidate {
-    Candidate { function, why }
+    Candidate {
+        function,
+        at: At::Entry,
+        why,
+    }
+}
+
+const fn branch(function: &'static str, why: &'static str) -> Candidate {
+    Candidate {
+        function,
+        at: At::ExitWorkBranch,
+        why,
+    }
 }
 
 /// Every event and its candidates, best first.
@@ -54,8 +79,8 @@ pub const SITES: &[SiteSpec] = &[
         name: "SYSCALL_EXIT",
         candidates: &[
             c("syscall_exit_work", "runs only with syscall_work exit bits set"),
-            c("syscall_exit_to_user_mode_work", "exit work path, return value in pt_regs->ax"),
-            c("syscall_exit_to_user_mode", "every syscall exit (filter by thread)"),
+            branch("syscall_exit_to_user_mode_prepare", "syscall_exit_work inlined: the branch taken only with syscall_work exit bits set, found by disassembly"),
+            branch("syscall_exit_to_user_mode", "syscall_exit_work inlined one level further: the same branch"),
         ],
     },
     SiteSpec {
@@ -129,6 +154,8 @@ pub struct ResolvedSite {
     pub addr: u64,
     /// 0 for the preferred candidate.
     pub rank: usize,
+    /// Where in the function the trap goes.
+    pub at: At,
     /// Why this function observes the event.
     pub why: &'static str,
     /// Better-ranked candidates this kernel does not have as functions.
@@ -186,6 +213,7 @@ pub fn resolve(spec: &SiteSpec, symbols: &SymbolMap) -> Result<ResolvedSite, Sit
                     symbol,
                     addr,
                     rank,
+                    at: cand.at,
                     why: cand.why,
                     missing,
                 })

@@ -57,8 +57,19 @@ pub fn shell_quote(arg: &str) -> String {
 /// The request line that makes init run `argv` (exactly these words, no
 /// further shell interpretation on the host side).
 pub fn run_request(argv: &[String]) -> String {
+    script_request(argv, "")
+}
+
+/// Like [`run_request`], but the shell that init starts for the command
+/// `exec`s it, so the command runs in that very process and its execve
+/// has exactly `argv` (what `hvtrace trace` waits for).
+pub fn exec_request(argv: &[String]) -> String {
+    script_request(argv, "exec ")
+}
+
+fn script_request(argv: &[String], prefix: &str) -> String {
     let script: Vec<String> = argv.iter().map(|a| shell_quote(a)).collect();
-    let script = format!("{}\n", script.join(" "));
+    let script = format!("{prefix}{}\n", script.join(" "));
     format!(
         "RUN {}\n",
         base64::engine::general_purpose::STANDARD.encode(script)

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 
 use crate::builder::{build, BuildError, Sinks, VmConfig};
-use crate::control::{run_request, ControlMessage};
+use crate::control::{exec_request, run_request, ControlMessage};
 use crate::devices::serial::{ConsoleLog, LineSink, Sink};
 use crate::machine::{MachineError, RunningVm, VmEvent};
 use crate::vstate::vcpu::VcpuEvent;
@@ -460,6 +460,15 @@ impl Session {
         self.wait_ready()?;
         self.ready = false;
         self.vm.send_control(run_request(argv).as_bytes());
+        Ok(())
+    }
+
+    /// Like [`Session::start`], but the command replaces the shell init
+    /// starts for it (see [`crate::control::exec_request`]).
+    pub fn start_exec(&mut self, argv: &[String]) -> Result<(), SessionError> {
+        self.wait_ready()?;
+        self.ready = false;
+        self.vm.send_control(exec_request(argv).as_bytes());
         Ok(())
     }
 

@@ -7,3 +7,4 @@ pub mod run;
 pub mod sites;
 pub mod snapshot;
 pub mod symbols;
+pub mod trace;

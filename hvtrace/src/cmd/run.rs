@@ -123,31 +123,43 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
+/// Opens the guest a command runs in: `restore` if given, else the cached
+/// snapshot of `guest` (unless `no_cache`), else a fresh boot that caches
+/// one. Returns the session and whether it was restored.
+pub fn open_guest(
+    guest: &GuestArgs,
+    no_cache: bool,
+    restore: Option<&std::path::Path>,
+    sample_rip: Option<u64>,
+) -> Result<(Session, bool)> {
+    let stall = guest.stall();
+    if let Some(snap) = restore {
+        return Ok((Session::restore(snap, None, guest.outputs(), stall)?, true));
+    }
+    let config = guest.config()?;
+    let key = snapcache::key(&config, KvmKind::detect())?;
+    let cached = snapcache::path(&key);
+    if !no_cache && cached.exists() {
+        match Session::restore(&cached, Some(&key), guest.outputs(), stall) {
+            Ok(s) => return Ok((s, true)),
+            Err(e) => {
+                eprintln!("hvtrace: cached snapshot unusable ({e}); booting afresh");
+                let _ = std::fs::remove_file(&cached);
+            }
+        }
+    }
+    let session = boot_and_cache(guest, sample_rip, &config, &key, &cached, stall)?;
+    Ok((session, false))
+}
+
 /// Runs the command; returns the guest command's exit status.
 pub fn run(args: RunArgs) -> Result<i32> {
-    let stall = args.guest.stall();
-    let mut restored = true;
-    let mut session = if let Some(snap) = &args.restore {
-        Session::restore(snap, None, args.guest.outputs(), stall)?
-    } else {
-        let config = args.guest.config()?;
-        let key = snapcache::key(&config, KvmKind::detect())?;
-        let cached = snapcache::path(&key);
-        if !args.no_cache && cached.exists() {
-            match Session::restore(&cached, Some(&key), args.guest.outputs(), stall) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("hvtrace: cached snapshot unusable ({e}); booting afresh");
-                    let _ = std::fs::remove_file(&cached);
-                    restored = false;
-                    boot_and_cache(&args, &config, &key, &cached, stall)?
-                }
-            }
-        } else {
-            restored = false;
-            boot_and_cache(&args, &config, &key, &cached, stall)?
-        }
-    };
+    let (mut session, restored) = open_guest(
+        &args.guest,
+        args.no_cache,
+        args.restore.as_deref(),
+        args.sample_rip,
+    )?;
     let code = match &args.api_sock {
         None => session.run(&args.command)?,
         Some(sock) => {
@@ -204,14 +216,15 @@ fn serve_while_running(
 }
 
 fn boot_and_cache(
-    args: &RunArgs,
+    guest: &GuestArgs,
+    sample_rip: Option<u64>,
     config: &VmConfig,
     key: &str,
     cached: &std::path::Path,
     stall: Duration,
 ) -> Result<Session> {
-    let mut session = Session::boot(config, args.guest.outputs(), stall)?;
-    if let Some(secs) = args.sample_rip {
+    let mut session = Session::boot(config, guest.outputs(), stall)?;
+    if let Some(secs) = sample_rip {
         session.sample_rip_every(Duration::from_secs(secs));
     }
     session.wait_ready()?;

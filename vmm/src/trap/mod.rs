@@ -7,10 +7,21 @@
 //! the exit is looked up here: an address in the [`TrapTable`] is ours, an
 //! `int3` byte we did not plant is the guest's and goes back to the guest as
 //! a #BP.
+//!
+//! Two kinds of trap exist. An `int3` patched over a displaced instruction
+//! that the handler can execute exactly in the VMM (a NOP, `endbr64`): no
+//! window in which another vCPU could run the original instruction or half
+//! of a patch. And, for sites whose first instruction the VMM cannot
+//! execute itself, an instruction breakpoint in a debug register
+//! ([`TrapTable::set_hw_breakpoint`], at most four, the same on every
+//! vCPU): guest text stays untouched and the CPU runs the instruction when
+//! the vCPU resumes with RFLAGS.RF set. Both fire on PVM KVM in ring 0
+//! (measured, `docs/tracing.md`) and on hardware KVM.
 
 pub mod pvm;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::vstate::memory::{GuestRam, MemoryError};
@@ -57,12 +68,42 @@ pub enum TrapResume {
     Continue,
 }
 
+/// How the vCPU reached a tracer trap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrapHit {
+    /// An `int3` we planted over `original`: the handler must leave the vCPU
+    /// past the displaced instruction (having executed it) or elsewhere.
+    Int3 {
+        /// The displaced byte.
+        original: u8,
+    },
+    /// A debug-register breakpoint: the instruction at RIP has not run; the
+    /// vCPU loop sets RFLAGS.RF after the handler so that it runs once.
+    DebugRegister,
+}
+
 /// A tracer's handler for its own traps; called on the vCPU thread with the
 /// vCPU stopped at the trap.
 pub trait TrapHandler: Send + Sync {
-    /// Handles the trap at `trap.va`; must leave the vCPU past the displaced
-    /// instruction (or wherever it wants it to continue).
-    fn on_trap(&self, vcpu: &kvm_ioctls::VcpuFd, ram: &GuestRam, trap: &Trap) -> TrapResume;
+    /// Handles the trap at `va` on vCPU `vcpu_id`.
+    fn on_trap(
+        &self,
+        vcpu_id: u8,
+        vcpu: &kvm_ioctls::VcpuFd,
+        ram: &GuestRam,
+        va: u64,
+        hit: TrapHit,
+    ) -> TrapResume;
+}
+
+/// Number of x86 debug address registers (DR0-DR3).
+pub const HW_BREAKPOINT_SLOTS: usize = 4;
+
+/// The debug-register breakpoints every vCPU should have; each vCPU thread
+/// applies a new generation before its next `KVM_RUN`.
+#[derive(Default)]
+struct HwBreakpoints {
+    slots: [Option<(u64, Arc<dyn TrapHandler>)>; HW_BREAKPOINT_SLOTS],
 }
 
 /// Errors planting or removing traps.
@@ -71,15 +112,31 @@ pub enum TrapError {
     /// The address already has a trap.
     #[error("a trap is already planted at {0:#x}")]
     AlreadyPlanted(u64),
+    /// All four debug registers are in use.
+    #[error("no free debug register for a breakpoint at {0:#x} (all {HW_BREAKPOINT_SLOTS} in use)")]
+    NoDebugRegister(u64),
     /// The byte to patch is not in guest RAM.
     #[error("cannot patch guest memory: {0}")]
     Memory(#[from] MemoryError),
 }
 
 /// All breakpoints the VMM and tracer planted, by guest-virtual address.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct TrapTable {
     traps: Mutex<HashMap<u64, Trap>>,
+    hw: Mutex<HwBreakpoints>,
+    /// Bumped on every debug-register change; vCPUs compare it with the
+    /// generation they applied.
+    hw_generation: AtomicU64,
+}
+
+impl std::fmt::Debug for TrapTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrapTable")
+            .field("int3", &self.len())
+            .field("debug_registers", &self.hw_breakpoints())
+            .finish()
+    }
 }
 
 /// How a breakpoint exit is to be handled.
@@ -171,6 +228,61 @@ impl TrapTable {
         self.len() == 0
     }
 
+    /// Sets a debug-register instruction breakpoint at `va` on every vCPU
+    /// (applied by each vCPU before it next enters the guest: pause and
+    /// resume the vCPUs to be sure all have it).
+    pub fn set_hw_breakpoint(&self, va: u64, handler: Arc<dyn TrapHandler>) -> Result<(), TrapError> {
+        let mut hw = self.hw.lock().unwrap_or_else(|e| e.into_inner());
+        if hw.slots.iter().flatten().any(|(a, _)| *a == va) {
+            return Err(TrapError::AlreadyPlanted(va));
+        }
+        let slot = hw
+            .slots
+            .iter_mut()
+            .find(|s| s.is_none())
+            .ok_or(TrapError::NoDebugRegister(va))?;
+        *slot = Some((va, handler));
+        self.hw_generation.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Clears the debug-register breakpoint at `va`; true if there was one.
+    pub fn clear_hw_breakpoint(&self, va: u64) -> bool {
+        let mut hw = self.hw.lock().unwrap_or_else(|e| e.into_inner());
+        let mut found = false;
+        for s in hw.slots.iter_mut() {
+            if s.as_ref().is_some_and(|(a, _)| *a == va) {
+                *s = None;
+                found = true;
+            }
+        }
+        if found {
+            self.hw_generation.fetch_add(1, Ordering::AcqRel);
+        }
+        found
+    }
+
+    /// Addresses in DR0..DR3 (`None` for a free register).
+    pub fn hw_breakpoints(&self) -> [Option<u64>; HW_BREAKPOINT_SLOTS] {
+        let hw = self.hw.lock().unwrap_or_else(|e| e.into_inner());
+        hw.slots.each_ref().map(|s| s.as_ref().map(|(a, _)| *a))
+    }
+
+    /// The debug-register generation (see [`TrapTable::set_hw_breakpoint`]).
+    pub fn hw_generation(&self) -> u64 {
+        self.hw_generation.load(Ordering::Acquire)
+    }
+
+    /// The handler of the debug-register breakpoint at `va`, if any.
+    pub fn hw_handler(&self, va: u64) -> Option<Arc<dyn TrapHandler>> {
+        let hw = self.hw.lock().unwrap_or_else(|e| e.into_inner());
+        hw.slots
+            .iter()
+            .flatten()
+            .find(|(a, _)| *a == va)
+            .map(|(_, h)| h.clone())
+    }
+
     /// Whether `pa` holds one of our traps (used to show guest memory with
     /// the original bytes).
     pub fn original_at(&self, pa: u64) -> Option<u8> {
@@ -222,6 +334,44 @@ mod tests {
         t.replant(&ram, removed).unwrap();
         ram.read(0x5000, &mut b).unwrap();
         assert_eq!(b[0], INT3);
+    }
+
+    struct Nothing;
+    impl TrapHandler for Nothing {
+        fn on_trap(
+            &self,
+            _: u8,
+            _: &kvm_ioctls::VcpuFd,
+            _: &GuestRam,
+            _: u64,
+            _: TrapHit,
+        ) -> TrapResume {
+            TrapResume::Continue
+        }
+    }
+
+    #[test]
+    fn four_debug_registers_and_generations() {
+        let t = TrapTable::default();
+        let g0 = t.hw_generation();
+        for i in 0..4u64 {
+            t.set_hw_breakpoint(0x1000 + i, Arc::new(Nothing)).unwrap();
+        }
+        assert!(matches!(
+            t.set_hw_breakpoint(0x2000, Arc::new(Nothing)),
+            Err(TrapError::NoDebugRegister(0x2000))
+        ));
+        assert!(t.hw_generation() > g0);
+        assert!(t.clear_hw_breakpoint(0x1001));
+        assert!(!t.clear_hw_breakpoint(0x1001));
+        assert_eq!(t.hw_breakpoints(), [Some(0x1000), None, Some(0x1002), Some(0x1003)]);
+        t.set_hw_breakpoint(0x2000, Arc::new(Nothing)).unwrap();
+        assert_eq!(t.hw_breakpoints()[1], Some(0x2000));
+        assert!(t.hw_handler(0x2000).is_some() && t.hw_handler(0x1001).is_none());
+        assert!(matches!(
+            t.set_hw_breakpoint(0x2000, Arc::new(Nothing)),
+            Err(TrapError::AlreadyPlanted(_))
+        ));
     }
 
     #[test]

@@ -4,7 +4,11 @@
 use std::sync::Arc;
 
 use guest_introspect::memory::{PhysAddr, PhysMemory, PhysReadError};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileMemory,
+};
 
 use crate::arch::x86_64::bootparams::ram_ranges;
 
@@ -27,6 +31,9 @@ pub enum MemoryError {
         /// Length.
         len: usize,
     },
+    /// An atomic access to a word that is not naturally aligned.
+    #[error("guest physical address {0:#x} is not 8-byte aligned for an atomic access")]
+    Misaligned(u64),
 }
 
 /// The guest's RAM, shared by the vCPU threads, devices and the tracer.
@@ -88,6 +95,34 @@ impl GuestRam {
             })
     }
 
+    /// Atomically ORs `bits` into the aligned 64-bit word at guest-physical
+    /// `addr` and returns its old value. A locked host instruction on the
+    /// same physical memory is atomic with respect to the guest's own
+    /// `lock or`/`lock and` on the word (e.g. the kernel's `set_bit`).
+    pub fn fetch_or_u64(&self, addr: u64, bits: u64) -> Result<u64, MemoryError> {
+        self.atomic_u64(addr, |w| w.fetch_or(bits, Ordering::SeqCst))
+    }
+
+    /// Atomically ANDs `mask` into the aligned 64-bit word at `addr` and
+    /// returns its old value (see [`GuestRam::fetch_or_u64`]).
+    pub fn fetch_and_u64(&self, addr: u64, mask: u64) -> Result<u64, MemoryError> {
+        self.atomic_u64(addr, |w| w.fetch_and(mask, Ordering::SeqCst))
+    }
+
+    fn atomic_u64<R>(&self, addr: u64, f: impl FnOnce(&AtomicU64) -> R) -> Result<R, MemoryError> {
+        if !addr.is_multiple_of(8) {
+            return Err(MemoryError::Misaligned(addr));
+        }
+        let slice = self
+            .mem
+            .get_slice(GuestAddress(addr), 8)
+            .map_err(|_| MemoryError::OutOfRange { addr, len: 8 })?;
+        let word = slice
+            .get_atomic_ref::<AtomicU64>(0)
+            .map_err(|_| MemoryError::Misaligned(addr))?;
+        Ok(f(word))
+    }
+
     /// Reads `buf.len()` bytes from guest-physical `addr`.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         self.mem
@@ -105,5 +140,29 @@ impl PhysMemory for GuestRam {
             addr: addr.0,
             len: buf.len(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_bit_updates_on_guest_words() {
+        let ram = GuestRam::new(1 << 20).unwrap();
+        ram.write(0x1000, &0x10u64.to_le_bytes()).unwrap();
+        assert_eq!(ram.fetch_or_u64(0x1000, 0x2).unwrap(), 0x10);
+        assert_eq!(ram.fetch_and_u64(0x1000, !0x10).unwrap(), 0x12);
+        let mut b = [0u8; 8];
+        ram.read(0x1000, &mut b).unwrap();
+        assert_eq!(u64::from_le_bytes(b), 0x2);
+        assert!(matches!(
+            ram.fetch_or_u64(0x1004, 1),
+            Err(MemoryError::Misaligned(0x1004))
+        ));
+        assert!(matches!(
+            ram.fetch_or_u64(1 << 40, 1),
+            Err(MemoryError::OutOfRange { .. })
+        ));
     }
 }

@@ -19,7 +19,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::devices::bus::PortIoBus;
 use crate::kvm_kind::KvmKind;
 use crate::trap::pvm::{self, EntrySearch, PageFaultOutcome, SyscallMsrs};
-use crate::trap::{Breakpoint, TrapOwner, TrapResume, TrapTable, INT3};
+use crate::trap::{Breakpoint, TrapHit, TrapOwner, TrapResume, TrapTable, INT3};
 use crate::vstate::memory::GuestRam;
 
 /// Work another thread asks a vCPU thread to do.
@@ -127,6 +127,14 @@ pub struct VcpuThread {
     msrs: Option<SyscallMsrs>,
     last_entry_check: Option<Instant>,
     entry_unrecognised_reported: bool,
+    /// The debug-register generation this vCPU runs with.
+    applied_hw_generation: u64,
+    /// Single-stepping the instruction under a debug-register trap (with
+    /// that breakpoint off on this vCPU only).
+    stepping_over: bool,
+    /// Whether KVM accepts `KVM_GUESTDBG_BLOCKIRQ` (no interrupt is
+    /// injected during that step); learnt on first use.
+    block_irq: Option<bool>,
 }
 
 /// How the run loop continues after an exit.
@@ -155,6 +163,9 @@ impl VcpuThread {
             msrs: None,
             last_entry_check: None,
             entry_unrecognised_reported: false,
+            applied_hw_generation: 0,
+            stepping_over: false,
+            block_irq: None,
         }
     }
 
@@ -170,6 +181,15 @@ impl VcpuThread {
                     .first_run_at_ns
                     .store(ns, Ordering::Relaxed);
                 first = false;
+            }
+            if !self.stepping_over
+                && self.shared.traps.hw_generation() != self.applied_hw_generation
+            {
+                if let Err(e) = self.apply_debug_registers(None) {
+                    if let Next::Stop = self.fail(format!("cannot set debug registers: {e}")) {
+                        break;
+                    }
+                }
             }
             let next = match self.fd.run() {
                 Ok(exit) => match exit {
@@ -316,10 +336,88 @@ impl VcpuThread {
         ))
     }
 
-    /// Hardware KVM: `#BP` (3) is a breakpoint; anything else is unexpected.
+    /// Loads the trap table's debug-register breakpoints into this vCPU
+    /// (`KVM_SET_GUEST_DEBUG`), keeping software breakpoints on hardware KVM.
+    /// With `step_over`, that breakpoint is left out and the vCPU
+    /// single-steps one instruction instead (with interrupts held off where
+    /// KVM can do that), so the instruction under it runs exactly once.
+    fn apply_debug_registers(&mut self, step_over: Option<u64>) -> Result<(), kvm_ioctls::Error> {
+        let generation = self.shared.traps.hw_generation();
+        let mut dbg = kvm_bindings::kvm_guest_debug::default();
+        let mut control = 0;
+        if self.shared.kind == KvmKind::Hardware {
+            control |= kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_SW_BP;
+        }
+        if step_over.is_some() {
+            control |= kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP;
+        }
+        let mut dr7 = 0u64;
+        for (i, va) in self.shared.traps.hw_breakpoints().iter().enumerate() {
+            if let Some(va) = va.filter(|va| Some(*va) != step_over) {
+                dbg.arch.debugreg[i] = va;
+                // Ln (local enable); R/W and LEN 00: instruction execution.
+                dr7 |= 1 << (2 * i);
+            }
+        }
+        if dr7 != 0 {
+            control |= kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP;
+            dbg.arch.debugreg[7] = dr7;
+        }
+        dbg.control = control;
+        if step_over.is_some() && self.block_irq != Some(false) {
+            let mut blocked = dbg;
+            blocked.control |= kvm_bindings::KVM_GUESTDBG_BLOCKIRQ;
+            match self.fd.set_guest_debug(&blocked) {
+                Ok(()) => {
+                    self.block_irq = Some(true);
+                    self.applied_hw_generation = generation;
+                    return Ok(());
+                }
+                Err(e) if e.errno() == libc::EINVAL && self.block_irq.is_none() => {
+                    log::debug!("KVM_GUESTDBG_BLOCKIRQ not supported; stepping with interrupts");
+                    self.block_irq = Some(false);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.fd.set_guest_debug(&dbg)?;
+        self.applied_hw_generation = generation;
+        Ok(())
+    }
+
+    /// `KVM_EXIT_DEBUG`: `#BP` (3) is a software breakpoint (hardware KVM);
+    /// `#DB` (1) at one of our debug-register addresses is a tracer trap;
+    /// anything else is unexpected.
     fn on_debug_exit(&mut self, exception: u32, pc: u64) -> Next {
         if exception == 3 {
             return self.on_breakpoint(pc);
+        }
+        if exception == 1 && self.stepping_over {
+            // The instruction under the breakpoint has run: re-arm.
+            self.stepping_over = false;
+            return match self.apply_debug_registers(None) {
+                Ok(()) => Next::Run,
+                Err(e) => self.fail(format!("cannot re-arm debug registers: {e}")),
+            };
+        }
+        if exception == 1 {
+            if let Some(handler) = self.shared.traps.hw_handler(pc) {
+                let TrapResume::Continue = handler.on_trap(
+                    self.id,
+                    &self.fd,
+                    &self.shared.ram,
+                    pc,
+                    TrapHit::DebugRegister,
+                );
+                // Step over the instruction with this vCPU's breakpoint off
+                // (RFLAGS.RF is not honoured for emulated ring-0 code on PVM
+                // KVM); the other vCPUs keep theirs, so none can miss it.
+                self.stepping_over = true;
+                return match self.apply_debug_registers(Some(pc)) {
+                    Ok(()) => Next::Run,
+                    Err(e) => self.fail(format!("cannot step over a debug-register trap: {e}")),
+                };
+            }
         }
         self.fail(format!(
             "unexpected debug exit: exception {exception} at {pc:#x}"
@@ -347,7 +445,15 @@ impl VcpuThread {
                     }
                 }
                 TrapOwner::Tracer(ref handler) => {
-                    match handler.on_trap(&self.fd, &self.shared.ram, &trap) {
+                    match handler.on_trap(
+                        self.id,
+                        &self.fd,
+                        &self.shared.ram,
+                        trap.va,
+                        TrapHit::Int3 {
+                            original: trap.original,
+                        },
+                    ) {
                         TrapResume::Continue => Next::Run,
                     }
                 }

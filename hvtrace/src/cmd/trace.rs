@@ -1,0 +1,146 @@
+//! `hvtrace trace`: boot the guest (or restore its cached snapshot), trace
+//! one command from its exec, strace-like, and exit with its status.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use guest_introspect::image::KernelInfo;
+use utrace::hv::{EngineSpec, Tracer};
+use utrace::strace::{Strace, StraceOptions, STRACE_EVENTS};
+use vmm::session::Session;
+
+use crate::cmd::run::{open_guest, GuestArgs};
+use crate::introspect;
+
+/// Arguments of `hvtrace trace`.
+#[derive(Args, Debug)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// Boot afresh instead of restoring (and refreshing) the cached snapshot.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Restore this snapshot instead of booting.
+    #[arg(long, conflicts_with_all = ["no_cache"])]
+    pub restore: Option<PathBuf>,
+    /// Follow children and threads (`strace -f`).
+    #[arg(short = 'f', long = "follow")]
+    pub follow: bool,
+    /// Which calls to show: `trace=openat,read` (or just `openat,read`).
+    #[arg(short = 'e', value_name = "EXPR")]
+    pub expr: Vec<String>,
+    /// Longest string shown (`strace -s`).
+    #[arg(short = 's', default_value_t = 32)]
+    pub string_limit: usize,
+    /// Show the time spent in each call (`strace -T`).
+    #[arg(short = 'T')]
+    pub timing: bool,
+    /// One JSON object per event instead of strace lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the trace to FILE instead of stderr.
+    #[arg(short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// The command to trace in the guest.
+    #[arg(trailing_var_arg = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// `-e` expressions to the set of calls shown (None: all).
+pub fn parse_filter(exprs: &[String]) -> Result<Option<HashSet<String>>> {
+    let mut only: Option<HashSet<String>> = None;
+    for e in exprs {
+        let list = match e.split_once('=') {
+            Some(("trace", list)) => list,
+            Some((q, _)) => bail!("unsupported -e qualifier `{q}` (only trace=...)"),
+            None => e.as_str(),
+        };
+        let set = only.get_or_insert_with(HashSet::new);
+        for name in list.split(',').filter(|n| !n.is_empty()) {
+            if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                bail!("-e: `{name}` is not a system call name");
+            }
+            set.insert(name.to_string());
+        }
+    }
+    Ok(only)
+}
+
+/// Where the trace goes.
+pub fn open_output(path: Option<&std::path::Path>) -> Result<Box<dyn Write + Send>> {
+    Ok(match path {
+        Some(p) => Box::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        ),
+        None => Box::new(std::io::stderr()),
+    })
+}
+
+/// The traced guest's kernel information: from the kernel file hvtrace
+/// booted, or (for a snapshot of unknown origin) from guest memory.
+fn kernel_info(session: &Session, guest: &GuestArgs, from_memory: bool) -> Result<KernelInfo> {
+    if !from_memory {
+        let kernel = crate::artifacts::kernel(guest.kernel.as_deref())?;
+        return introspect::info_from_files(&kernel, None);
+    }
+    let vm = session.vm();
+    vm.pause_all()?;
+    let info = (|| -> Result<KernelInfo> {
+        let sregs = vm.with_vcpu(0, |fd| fd.get_sregs())??;
+        introspect::load_info(
+            &introspect::KernelSource::Memory,
+            vm.ram(),
+            &introspect::vcpu_view(&sregs),
+        )
+    })();
+    vm.resume_all()?;
+    info
+}
+
+/// Traces the command; returns its exit status.
+pub fn trace(args: TraceArgs) -> Result<i32> {
+    let only = parse_filter(&args.expr)?;
+    let out = open_output(args.output.as_deref())?;
+    let (mut session, _) = open_guest(&args.guest, args.no_cache, args.restore.as_deref(), None)?;
+    let info = Arc::new(kernel_info(&session, &args.guest, args.restore.is_some())?);
+    let tracer = Tracer::install(session.vm(), info).context("installing the tracer")?;
+    let engine = Arc::new(Strace::new(
+        StraceOptions {
+            string_limit: Some(args.string_limit),
+            only,
+            json: args.json,
+            timing: args.timing,
+        },
+        tracer.syscalls(),
+        out,
+    ));
+    tracer.trace_next_exec(
+        args.command.clone(),
+        EngineSpec {
+            ops: engine,
+            events: STRACE_EVENTS,
+            follow: args.follow,
+            data: None,
+        },
+    );
+    session.start_exec(&args.command)?;
+    let code = loop {
+        if let Some(code) = session.poll_exit(Duration::from_millis(50))? {
+            break code;
+        }
+    };
+    let seen = tracer.stats().traps.load(std::sync::atomic::Ordering::Relaxed);
+    let errors = tracer.stats().errors.load(std::sync::atomic::Ordering::Relaxed);
+    tracer.remove(session.vm()).context("removing the tracer")?;
+    log::info!("tracer: {seen} traps, {errors} handler errors");
+    if errors > 0 {
+        eprintln!("hvtrace: warning: {errors} trap(s) could not be decoded (run with RUST_LOG=warn for details)");
+    }
+    session.shutdown();
+    Ok(code)
+}

@@ -1,0 +1,141 @@
+//! Everything the trap handlers read in guest kernel structures, resolved
+//! once per kernel from its BTF and symbols: no offset is hard-coded, and
+//! the hot path (a trap per traced system call) does no name lookups.
+
+use guest_introspect::error::{IntrospectError, Result};
+use guest_introspect::kernel::RunningKernel;
+use guest_introspect::memory::PhysMemory;
+
+/// `struct pt_regs` member offsets, in [`guest_introspect::tasks::UserRegs::NAMES`]
+/// order, and its size.
+#[derive(Debug, Clone)]
+pub struct PtRegsLayout {
+    /// Offsets of r15 ... ss.
+    pub offsets: [u64; 21],
+    /// `sizeof(struct pt_regs)`.
+    pub size: u64,
+}
+
+impl PtRegsLayout {
+    /// Offset of register `name` (a `pt_regs` member name).
+    pub fn offset(&self, name: &str) -> u64 {
+        let i = guest_introspect::tasks::UserRegs::NAMES
+            .iter()
+            .position(|n| *n == name)
+            .expect("a pt_regs register name");
+        self.offsets[i]
+    }
+}
+
+/// Offsets and constants the tracer needs.
+#[derive(Debug, Clone)]
+pub struct TraceLayout {
+    /// Per-CPU offset of the current task pointer (`current_task`, or
+    /// `pcpu_hot.current_task` on 6.2+): `gs_base + this` holds `current`.
+    pub current_task: u64,
+    /// `task_struct.pid`.
+    pub task_pid: u64,
+    /// `task_struct.tgid`.
+    pub task_tgid: u64,
+    /// `task_struct.stack`.
+    pub task_stack: u64,
+    /// `task_struct.mm`.
+    pub task_mm: u64,
+    /// `task_struct.real_parent`.
+    pub task_real_parent: u64,
+    /// `task_struct.vfork_done` (set for a `CLONE_VFORK` child).
+    pub task_vfork_done: u64,
+    /// `task_struct.comm`.
+    pub task_comm: u64,
+    /// `task_struct.thread_info.syscall_work`.
+    pub task_syscall_work: u64,
+    /// `mm_struct.pgd`.
+    pub mm_pgd: u64,
+    /// `linux_binprm.p`, `.argc`, `.envc`, `.filename`, `.mm`.
+    pub bprm_p: u64,
+    /// See `bprm_p`.
+    pub bprm_argc: u64,
+    /// See `bprm_p`.
+    pub bprm_envc: u64,
+    /// See `bprm_p`.
+    pub bprm_filename: u64,
+    /// See `bprm_p`.
+    pub bprm_mm: u64,
+    /// `pt_regs`.
+    pub pt_regs: PtRegsLayout,
+    /// The `syscall_work` bit hvtrace sets on traced threads
+    /// (`SYSCALL_WORK_SYSCALL_TRACEPOINT`): it sends the thread through
+    /// `syscall_trace_enter` and the exit work, and does nothing else while
+    /// no syscall tracepoint is enabled in the guest.
+    pub steer_bit: u64,
+    /// `SYSCALL_WORK_EXIT`: the bits that send a syscall exit to the exit
+    /// work (used to find the inlined `syscall_exit_work`).
+    pub exit_work_mask: u64,
+    /// Link-time to runtime address shift.
+    pub virt_offset: i64,
+}
+
+/// The `syscall_work` bits whose test guards the inlined exit work
+/// (`SYSCALL_WORK_EXIT` in `include/linux/entry-common.h`), by name.
+const EXIT_WORK_BITS: [&str; 5] = [
+    "SYSCALL_WORK_BIT_SYSCALL_TRACEPOINT",
+    "SYSCALL_WORK_BIT_SYSCALL_TRACE",
+    "SYSCALL_WORK_BIT_SYSCALL_AUDIT",
+    "SYSCALL_WORK_BIT_SYSCALL_USER_DISPATCH",
+    "SYSCALL_WORK_BIT_SYSCALL_EXIT_TRAP",
+];
+
+impl TraceLayout {
+    /// Resolves the layout of the kernel `k`.
+    pub fn resolve<M: PhysMemory + ?Sized>(k: &RunningKernel<'_, M>) -> Result<Self> {
+        let t = k.types();
+        let off = |s: &str, m: &str| -> Result<u64> { Ok(t.member(s, m)?.offset) };
+        let current_task = if k.symbols().lookup("pcpu_hot").is_some() {
+            k.symbol("pcpu_hot")? + off("pcpu_hot", "current_task")?
+        } else {
+            k.symbol("current_task")?
+        };
+        let bit = |name: &str| -> Result<u64> {
+            let v = t.enumerator(name)?;
+            if !(0..64).contains(&v) {
+                return Err(IntrospectError::Corrupt(format!("{name} is {v}")));
+            }
+            Ok(1u64 << v)
+        };
+        let mut exit_work_mask = 0;
+        for name in EXIT_WORK_BITS {
+            exit_work_mask |= bit(name)?;
+        }
+        let mut offsets = [0u64; 21];
+        for (o, n) in offsets
+            .iter_mut()
+            .zip(guest_introspect::tasks::UserRegs::NAMES)
+        {
+            *o = off("pt_regs", n)?;
+        }
+        Ok(Self {
+            current_task,
+            task_pid: off("task_struct", "pid")?,
+            task_tgid: off("task_struct", "tgid")?,
+            task_stack: off("task_struct", "stack")?,
+            task_mm: off("task_struct", "mm")?,
+            task_real_parent: off("task_struct", "real_parent")?,
+            task_vfork_done: off("task_struct", "vfork_done")?,
+            task_comm: off("task_struct", "comm")?,
+            task_syscall_work: off("task_struct", "thread_info.syscall_work")?,
+            mm_pgd: off("mm_struct", "pgd")?,
+            bprm_p: off("linux_binprm", "p")?,
+            bprm_argc: off("linux_binprm", "argc")?,
+            bprm_envc: off("linux_binprm", "envc")?,
+            bprm_filename: off("linux_binprm", "filename")?,
+            bprm_mm: off("linux_binprm", "mm")?,
+            pt_regs: PtRegsLayout {
+                offsets,
+                size: t.struct_size("pt_regs")?,
+            },
+            steer_bit: bit("SYSCALL_WORK_BIT_SYSCALL_TRACEPOINT")?,
+            exit_work_mask,
+            virt_offset: k.placement().virt_offset,
+        })
+    }
+}

@@ -1,0 +1,803 @@
+//! The tracer: its traps in the running guest kernel, the table of traced
+//! threads, and the dispatch of each trap to the engines of the thread it
+//! reports about.
+//!
+//! Every trap handler runs on the vCPU thread that hit the trap, with that
+//! vCPU stopped; it reads what it needs (the current task from the per-CPU
+//! area, the saved user registers from the top of its kernel stack), calls
+//! the engines through [`crate::thread::ThreadUtrace`], and lets the vCPU go
+//! on. Other vCPUs keep running; all tracer state is behind one lock.
+//!
+//! Only traced threads pay for system-call tracing: the system-call sites
+//! run only for threads whose `syscall_work` has
+//! [`TraceLayout::steer_bit`], which hvtrace sets on the threads it traces
+//! and clears when it stops. Exec, clone and exit sites trap for every
+//! thread (they are rare and cost a process creation anyway); the handler
+//! returns at once for untraced threads.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use guest_introspect::error::IntrospectError;
+use guest_introspect::image::KernelInfo;
+use guest_introspect::kernel::{KernelPlacement, RunningKernel, VcpuView};
+use guest_introspect::memory::VirtAddr;
+use guest_introspect::paging::{translate, AddressSpace};
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use vmm::machine::{MachineError, RunningVm};
+use vmm::trap::{TrapError, TrapHandler, TrapHit, TrapOwner, TrapResume};
+use vmm::vstate::memory::GuestRam;
+
+use crate::engine::{AttachFlags, Engine, EngineData, EngineOps};
+use crate::event::{Event, EventMask, Tid};
+use crate::hv::context::{self, ExecDetails, ThreadContext};
+use crate::hv::layout::TraceLayout;
+use crate::hv::placement::{plan, Displaced, PlannedTrap, TrapKind};
+use crate::syscalls::{SyscallTable, UserMemory};
+use crate::thread::ThreadUtrace;
+use crate::ResumeAction;
+
+/// Events whose sites the tracer places.
+pub const TRACED_EVENTS: EventMask = EventMask(
+    EventMask::SYSCALL_ENTRY.0
+        | EventMask::SYSCALL_EXIT.0
+        | EventMask::CLONE.0
+        | EventMask::EXEC.0
+        | EventMask::EXIT.0
+        | EventMask::DEATH.0
+        | EventMask::REAP.0,
+);
+
+/// Longest argv read at an exec, in bytes.
+const ARGV_MAX_BYTES: usize = 64 << 10;
+/// Most argv entries read at an exec.
+const ARGV_MAX_ITEMS: usize = 4096;
+
+/// Errors setting up or driving the tracer.
+#[derive(Debug, thiserror::Error)]
+pub enum TracerError {
+    /// Reading the guest kernel failed.
+    #[error(transparent)]
+    Introspect(#[from] IntrospectError),
+    /// Pausing or reaching a vCPU failed.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    /// A trap could not be set.
+    #[error(transparent)]
+    Trap(#[from] TrapError),
+    /// A register ioctl failed.
+    #[error("vCPU register access failed: {0}")]
+    Kvm(#[from] kvm_ioctls::Error),
+    /// Some event has no usable site in this kernel.
+    #[error("cannot place the tracer's traps: {0}")]
+    Sites(String),
+}
+
+/// How a new engine is made: its callbacks, the events it wants and
+/// whether it follows the thread's children (an engine of `hvtrace trace
+/// -f` attaching itself to every new child, as a utrace engine would from
+/// its report_clone).
+#[derive(Clone)]
+pub struct EngineSpec {
+    /// Callbacks.
+    pub ops: Arc<dyn EngineOps>,
+    /// Event mask.
+    pub events: EventMask,
+    /// Attach the same spec to new children and threads.
+    pub follow: bool,
+    /// Engine data.
+    pub data: Option<EngineData>,
+}
+
+/// Counters, for reports and benchmarks.
+#[derive(Debug, Default)]
+pub struct TracerStats {
+    /// Traps handled.
+    pub traps: AtomicU64,
+    /// Traps by threads that were not traced (and were steered off).
+    pub untraced: AtomicU64,
+    /// Handler errors (each also logged).
+    pub errors: AtomicU64,
+}
+
+/// One traced thread.
+struct Traced {
+    utrace: ThreadUtrace,
+    /// Whether each engine follows children, by engine id.
+    follow: HashMap<u64, bool>,
+    task: u64,
+}
+
+/// A pending "trace the next exec of this argv".
+struct Armed {
+    argv: Vec<String>,
+    spec: EngineSpec,
+}
+
+#[derive(Default)]
+struct State {
+    threads: HashMap<Tid, Traced>,
+    armed: Option<Armed>,
+}
+
+/// The tracer installed in one VM.
+pub struct Tracer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ram: GuestRam,
+    info: Arc<KernelInfo>,
+    placement: KernelPlacement,
+    layout: TraceLayout,
+    plans: Vec<PlannedTrap>,
+    syscalls: Arc<SyscallTable>,
+    /// `task->stack` to its user `pt_regs`, found on the first user task.
+    pt_regs_delta: OnceLock<u64>,
+    /// Runtime address of `sys_tracepoint_refcount`, if the kernel has it.
+    tracepoint_refcount: Option<u64>,
+    state: Mutex<State>,
+    stats: TracerStats,
+}
+
+/// What introspection needs of a vCPU.
+fn view(sregs: &kvm_sregs) -> VcpuView {
+    VcpuView {
+        cr3: sregs.cr3,
+        cr4: sregs.cr4,
+        idt_base: sregs.idt.base,
+        idt_limit: sregs.idt.limit,
+    }
+}
+
+impl Tracer {
+    /// Locates the kernel, plans every site of [`TRACED_EVENTS`], and sets
+    /// the traps, with all vCPUs paused for the duration.
+    pub fn install(vm: &RunningVm, info: Arc<KernelInfo>) -> Result<Self, TracerError> {
+        vm.pause_all()?;
+        let result = Self::install_paused(vm, info);
+        vm.resume_all()?;
+        result
+    }
+
+    fn install_paused(vm: &RunningVm, info: Arc<KernelInfo>) -> Result<Self, TracerError> {
+        let sregs = vm.with_vcpu(0, |fd| fd.get_sregs())??;
+        let v = view(&sregs);
+        let ram = vm.ram().clone();
+        let k = RunningKernel::attach(
+            &ram,
+            &v,
+            &info.symbols,
+            &info.types,
+            info.banner.as_deref(),
+        )?;
+        let layout = TraceLayout::resolve(&k)?;
+        let (plans, errors) = plan(&k, &info.symbols, &layout, TRACED_EVENTS);
+        if !errors.is_empty() {
+            return Err(TracerError::Sites(errors.join("; ")));
+        }
+        let syscalls = Arc::new(SyscallTable::read(&k)?);
+        let tracepoint_refcount = k.symbol("sys_tracepoint_refcount").ok();
+        let placement = k.placement();
+        let space = k.space();
+        let inner = Arc::new(Inner {
+            ram: ram.clone(),
+            info: info.clone(),
+            placement,
+            layout,
+            plans,
+            syscalls,
+            pt_regs_delta: OnceLock::new(),
+            tracepoint_refcount,
+            state: Mutex::new(State::default()),
+            stats: TracerStats::default(),
+        });
+        let handler: Arc<dyn TrapHandler> = inner.clone();
+        let mut set = Vec::new();
+        let outcome = (|| -> Result<(), TracerError> {
+            for p in &inner.plans {
+                match p.kind {
+                    TrapKind::Int3(_) => {
+                        let pa = translate(&ram, space, VirtAddr(p.va)).map_err(|e| {
+                            IntrospectError::Read {
+                                what: format!("the page of {}+{:#x}", p.symbol, p.offset),
+                                va: p.va,
+                                source: e.into(),
+                            }
+                        })?;
+                        vm.traps()
+                            .plant(&ram, p.va, pa.0, TrapOwner::Tracer(handler.clone()))?;
+                    }
+                    TrapKind::DebugRegister => {
+                        vm.traps().set_hw_breakpoint(p.va, handler.clone())?;
+                    }
+                }
+                set.push(p.clone());
+            }
+            Ok(())
+        })();
+        if let Err(e) = outcome {
+            for p in set {
+                remove_trap(vm, &p);
+            }
+            return Err(e);
+        }
+        Ok(Self { inner })
+    }
+
+    /// The traps the tracer set.
+    pub fn traps(&self) -> &[PlannedTrap] {
+        &self.inner.plans
+    }
+
+    /// The running kernel's system-call names.
+    pub fn syscalls(&self) -> Arc<SyscallTable> {
+        self.inner.syscalls.clone()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &TracerStats {
+        &self.inner.stats
+    }
+
+    /// Traces the first thread that execs `argv` from now on (the exec's
+    /// system-call arguments must equal it), with an engine made from
+    /// `spec`. Its first report is that execve's entry.
+    pub fn trace_next_exec(&self, argv: Vec<String>, spec: EngineSpec) {
+        self.inner.lock().armed = Some(Armed { argv, spec });
+    }
+
+    /// Thread ids currently traced.
+    pub fn traced(&self) -> Vec<Tid> {
+        let mut v: Vec<Tid> = self.inner.lock().threads.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Detaches every engine, steers every traced thread back onto the fast
+    /// paths and removes every trap, with the vCPUs paused: afterwards the
+    /// guest kernel text is byte for byte what it was before
+    /// [`Tracer::install`].
+    pub fn remove(self, vm: &RunningVm) -> Result<(), TracerError> {
+        vm.pause_all()?;
+        let result = (|| -> Result<(), TracerError> {
+            let sregs = vm.with_vcpu(0, |fd| fd.get_sregs())??;
+            let space = view(&sregs).kernel_space();
+            let mut state = self.inner.lock();
+            state.armed = None;
+            for (_, mut t) in state.threads.drain() {
+                for e in t.utrace.engines().to_vec() {
+                    let _ = t.utrace.control(&e, ResumeAction::Detach);
+                }
+                let _ = self.inner.steer(space, t.task, false);
+            }
+            Ok(())
+        })();
+        for p in &self.inner.plans {
+            remove_trap(vm, p);
+        }
+        vm.resume_all()?;
+        result
+    }
+}
+
+fn remove_trap(vm: &RunningVm, p: &PlannedTrap) {
+    match p.kind {
+        TrapKind::Int3(_) => {
+            let _ = vm.traps().remove(vm.ram(), p.va);
+        }
+        TrapKind::DebugRegister => {
+            vm.traps().clear_hw_breakpoint(p.va);
+        }
+    }
+}
+
+impl TrapHandler for Inner {
+    fn on_trap(
+        &self,
+        _vcpu_id: u8,
+        vcpu: &kvm_ioctls::VcpuFd,
+        _ram: &GuestRam,
+        va: u64,
+        hit: TrapHit,
+    ) -> TrapResume {
+        self.stats.traps.fetch_add(1, Ordering::Relaxed);
+        let (mut regs, sregs) = match (vcpu.get_regs(), vcpu.get_sregs()) {
+            (Ok(r), Ok(s)) => (r, s),
+            _ => {
+                log::error!("tracer: cannot read the registers of a vCPU at {va:#x}");
+                return TrapResume::Continue;
+            }
+        };
+        let space = view(&sregs).kernel_space();
+        if let Some(p) = self.plans.iter().find(|p| p.va == va) {
+            if let Err(e) = self.handle(p, &regs, &sregs, space) {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                log::warn!("tracer: {} at {}+{:#x}: {e}", p.event_name, p.symbol, p.offset);
+            }
+        }
+        if let TrapHit::Int3 { .. } = hit {
+            if let Err(e) = self.execute_displaced(va, &mut regs, space) {
+                log::error!("tracer: cannot continue past {va:#x}: {e}");
+            }
+            if let Err(e) = vcpu.set_regs(&regs) {
+                log::error!("tracer: cannot set registers at {va:#x}: {e}");
+            }
+        }
+        TrapResume::Continue
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn kernel<'a>(&'a self, space: AddressSpace) -> RunningKernel<'a, GuestRam> {
+        RunningKernel::assume(
+            &self.ram,
+            space,
+            &self.info.symbols,
+            &self.info.types,
+            self.placement,
+        )
+    }
+
+    /// Does what the instruction under the `int3` would have done.
+    fn execute_displaced(
+        &self,
+        va: u64,
+        regs: &mut kvm_regs,
+        space: AddressSpace,
+    ) -> Result<(), String> {
+        let p = self
+            .plans
+            .iter()
+            .find(|p| p.va == va)
+            .ok_or_else(|| format!("no plan for {va:#x}"))?;
+        match p.kind {
+            TrapKind::Int3(Displaced::Skip { len }) => regs.rip = va + u64::from(len),
+            TrapKind::Int3(Displaced::Call { len, target }) => {
+                let sp = regs.rsp.wrapping_sub(8);
+                let pa = translate(&self.ram, space, VirtAddr(sp)).map_err(|e| e.to_string())?;
+                let ret = va + u64::from(len);
+                // The stack slot lies in one page: rsp is 8-byte aligned here
+                // (function entry, after the caller's call).
+                self.ram
+                    .write(pa.0, &ret.to_le_bytes())
+                    .map_err(|e| e.to_string())?;
+                regs.rsp = sp;
+                regs.rip = target;
+            }
+            TrapKind::DebugRegister => {}
+        }
+        Ok(())
+    }
+
+    fn handle(
+        &self,
+        p: &PlannedTrap,
+        regs: &kvm_regs,
+        sregs: &kvm_sregs,
+        space: AddressSpace,
+    ) -> Result<(), IntrospectError> {
+        let k = self.kernel(space);
+        let l = &self.layout;
+        let current = k.read_u64(sregs.gs.base.wrapping_add(l.current_task), "current task")?;
+        let tid = k.read_u32(current + l.task_pid, "task_struct.pid")? as Tid;
+        let tgid = k.read_u32(current + l.task_tgid, "task_struct.tgid")? as Tid;
+        let ev = p.event;
+        if ev == EventMask::SYSCALL_ENTRY || ev == EventMask::SYSCALL_EXIT {
+            if !self.lock().threads.contains_key(&tid) {
+                self.stats.untraced.fetch_add(1, Ordering::Relaxed);
+                if !self.guest_uses_syscall_tracepoints(&k) {
+                    self.steer(space, current, false)?;
+                }
+                return Ok(());
+            }
+            let u = self.user_regs(&k, current)?;
+            let nr = u[self.reg("orig_ax")];
+            let event = if ev == EventMask::SYSCALL_ENTRY {
+                let a = |n: &str| u[self.reg(n)];
+                Event::SyscallEntry {
+                    nr,
+                    args: [a("di"), a("si"), a("dx"), a("r10"), a("r8"), a("r9")],
+                }
+            } else {
+                Event::SyscallExit {
+                    nr,
+                    ret: u[self.reg("ax")] as i64,
+                }
+            };
+            let ctx = ThreadContext::new(tid, tgid, self.ram.clone(), space);
+            self.report(tid, &event, ctx);
+        } else if ev == EventMask::EXEC {
+            self.on_exec(&k, space, current, regs.rdi, tid, tgid)?;
+        } else if ev == EventMask::CLONE {
+            self.on_clone(&k, space, current, regs.rdi, tid, tgid)?;
+        } else if ev == EventMask::EXIT {
+            if self.lock().threads.contains_key(&tid) {
+                let ctx = ThreadContext::new(tid, tgid, self.ram.clone(), space);
+                self.report(tid, &Event::Exit { code: regs.rdi as i64 }, ctx);
+            }
+        } else if ev == EventMask::DEATH {
+            if self.lock().threads.contains_key(&tid) {
+                let group_dead = self.group_dead(&k, current).unwrap_or(tid == tgid);
+                let ctx = ThreadContext::new(tid, tgid, self.ram.clone(), space);
+                self.report(
+                    tid,
+                    &Event::Death {
+                        group_dead,
+                        signal: -1,
+                    },
+                    ctx,
+                );
+            }
+        } else if ev == EventMask::REAP {
+            let task = regs.rdi;
+            let rtid = k.read_u32(task + l.task_pid, "task_struct.pid")? as Tid;
+            let rtgid = k.read_u32(task + l.task_tgid, "task_struct.tgid")? as Tid;
+            if self.lock().threads.contains_key(&rtid) {
+                let ctx = ThreadContext::new(rtid, rtgid, self.ram.clone(), space);
+                self.report(rtid, &Event::Reap, ctx);
+                self.lock().threads.remove(&rtid);
+            }
+        }
+        Ok(())
+    }
+
+    fn reg(&self, name: &str) -> usize {
+        guest_introspect::tasks::UserRegs::NAMES
+            .iter()
+            .position(|n| *n == name)
+            .expect("pt_regs register")
+    }
+
+    /// Reports `event` to `tid`'s engines with `ctx` current, then applies
+    /// the outcome: a thread left with no engine stops being traced.
+    fn report(&self, tid: Tid, event: &Event, ctx: ThreadContext) {
+        let space = ctx.space();
+        let _entered = context::enter(ctx);
+        let mut state = self.lock();
+        let Some(t) = state.threads.get_mut(&tid) else {
+            return;
+        };
+        let _action = t.utrace.report(event);
+        if t.utrace.engines().is_empty() && !matches!(event, Event::Reap) {
+            let task = t.task;
+            state.threads.remove(&tid);
+            drop(state);
+            let _ = self.steer(space, task, false);
+        }
+    }
+
+    /// Whether the guest itself has syscall tracepoints enabled (then the
+    /// steering bit is its own as well and must stay).
+    fn guest_uses_syscall_tracepoints(&self, k: &RunningKernel<'_, GuestRam>) -> bool {
+        match self.tracepoint_refcount {
+            Some(va) => k.read_u32(va, "sys_tracepoint_refcount").map_or(true, |n| n != 0),
+            None => true,
+        }
+    }
+
+    /// Sets or clears the steering bit in `task`'s `syscall_work`, with a
+    /// locked host operation (the guest updates the same word with locked
+    /// bit operations).
+    fn steer(&self, space: AddressSpace, task: u64, on: bool) -> Result<(), IntrospectError> {
+        let va = task + self.layout.task_syscall_work;
+        let pa = translate(&self.ram, space, VirtAddr(va)).map_err(|e| IntrospectError::Read {
+            what: "task_struct.thread_info.syscall_work".into(),
+            va,
+            source: e.into(),
+        })?;
+        let bit = self.layout.steer_bit;
+        let r = if on {
+            self.ram.fetch_or_u64(pa.0, bit)
+        } else {
+            self.ram.fetch_and_u64(pa.0, !bit)
+        };
+        r.map(|_| ())
+            .map_err(|e| IntrospectError::Corrupt(format!("syscall_work at {va:#x}: {e}")))
+    }
+
+    /// The user registers saved at the top of `task`'s kernel stack.
+    fn user_regs(
+        &self,
+        k: &RunningKernel<'_, GuestRam>,
+        task: u64,
+    ) -> Result<[u64; 21], IntrospectError> {
+        let l = &self.layout;
+        let stack = k.read_u64(task + l.task_stack, "task_struct.stack")?;
+        let read_at = |base: u64| -> Result<[u64; 21], IntrospectError> {
+            let mut raw = vec![0u8; l.pt_regs.size as usize];
+            k.read(base, &mut raw, "pt_regs")?;
+            let mut out = [0u64; 21];
+            for (o, off) in out.iter_mut().zip(l.pt_regs.offsets) {
+                let at = off as usize;
+                *o = raw
+                    .get(at..at + 8)
+                    .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+            }
+            Ok(out)
+        };
+        if let Some(delta) = self.pt_regs_delta.get() {
+            return read_at(stack.wrapping_add(*delta));
+        }
+        let cs_i = self.reg("cs");
+        let ss_i = self.reg("ss");
+        for thread_size in [16u64 << 10, 32 << 10] {
+            for pad in [0u64, 16] {
+                let delta = thread_size - pad - l.pt_regs.size;
+                let Ok(r) = read_at(stack.wrapping_add(delta)) else {
+                    continue;
+                };
+                if matches!(r[cs_i] & 0xffff, 0x33 | 0x23) && r[ss_i] & 0xffff == 0x2b {
+                    let _ = self.pt_regs_delta.set(delta);
+                    return Ok(r);
+                }
+            }
+        }
+        Err(IntrospectError::Corrupt(format!(
+            "no user-mode pt_regs at the top of the kernel stack {stack:#x}"
+        )))
+    }
+
+    fn group_dead(&self, k: &RunningKernel<'_, GuestRam>, task: u64) -> Option<bool> {
+        let signal = k.field(task, "task_struct", "signal").ok()?;
+        let live = k.field(signal, "signal_struct", "live").ok()?;
+        Some(live == 0)
+    }
+
+    /// The argv array at user address `argv` in `mem`.
+    fn read_argv(mem: &dyn UserMemory, argv: u64) -> Option<Vec<String>> {
+        let mut out = Vec::new();
+        let mut total = 0usize;
+        for i in 0..ARGV_MAX_ITEMS as u64 {
+            let mut p = [0u8; 8];
+            if !mem.read(argv.checked_add(8 * i)?, &mut p) {
+                return None;
+            }
+            let p = u64::from_le_bytes(p);
+            if p == 0 {
+                return Some(out);
+            }
+            let s = read_c_string(mem, p, ARGV_MAX_BYTES - total)?;
+            total += s.len() + 1;
+            out.push(s);
+        }
+        None
+    }
+
+    fn on_exec(
+        &self,
+        k: &RunningKernel<'_, GuestRam>,
+        space: AddressSpace,
+        current: u64,
+        bprm: u64,
+        tid: Tid,
+        tgid: Tid,
+    ) -> Result<(), IntrospectError> {
+        let l = &self.layout;
+        let traced = self.lock().threads.contains_key(&tid);
+        let armed = self.lock().armed.is_some();
+        if !traced && !armed {
+            return Ok(());
+        }
+        // The execve's own arguments, still in the old image's memory and
+        // in the saved registers.
+        let u = self.user_regs(k, current)?;
+        let nr = u[self.reg("orig_ax")];
+        let args = {
+            let a = |n: &str| u[self.reg(n)];
+            [a("di"), a("si"), a("dx"), a("r10"), a("r8"), a("r9")]
+        };
+        let ctx = ThreadContext::new(tid, tgid, self.ram.clone(), space);
+        let argv_ptr = match self.syscalls.name(nr) {
+            Some("execve") => Some(args[1]),
+            Some("execveat") => Some(args[2]),
+            _ => None,
+        };
+        let syscall_argv = argv_ptr.and_then(|p| Self::read_argv(&ctx, p));
+        let mut started = false;
+        if !traced {
+            let mut state = self.lock();
+            let matches = state
+                .armed
+                .as_ref()
+                .is_some_and(|a| syscall_argv.as_ref() == Some(&a.argv));
+            if !matches {
+                return Ok(());
+            }
+            let armed = state.armed.take().expect("checked");
+            let mut utrace = ThreadUtrace::new(tid, false);
+            let engine = attach(&mut utrace, &armed.spec)
+                .map_err(|e| IntrospectError::Corrupt(format!("attach to {tid}: {e}")))?;
+            let mut follow = HashMap::new();
+            follow.insert(engine.id(), armed.spec.follow);
+            state.threads.insert(
+                tid,
+                Traced {
+                    utrace,
+                    follow,
+                    task: current,
+                },
+            );
+            drop(state);
+            if armed.spec.events.intersects(EventMask(
+                EventMask::SYSCALL_ENTRY.0 | EventMask::SYSCALL_EXIT.0,
+            )) {
+                self.steer(space, current, true)?;
+            }
+            started = true;
+        }
+        // The new program's name and argv, from the bprm.
+        let filename_ptr = k.read_u64(bprm + l.bprm_filename, "linux_binprm.filename")?;
+        let filename = k.read_cstr(filename_ptr, 4096, "linux_binprm.filename")?;
+        let envc = u64::from(k.read_u32(bprm + l.bprm_envc, "linux_binprm.envc")?);
+        let argv = syscall_argv.unwrap_or_default();
+        if started {
+            // The engine's first report is the execve it attached in.
+            self.report(tid, &Event::SyscallEntry { nr, args }, ctx.clone());
+        }
+        let mut ctx = ctx;
+        ctx.exec = Some(ExecDetails {
+            filename: filename.clone(),
+            argv,
+            envc,
+        });
+        self.report(tid, &Event::Exec { filename }, ctx);
+        Ok(())
+    }
+
+    fn on_clone(
+        &self,
+        k: &RunningKernel<'_, GuestRam>,
+        space: AddressSpace,
+        parent: u64,
+        child: u64,
+        tid: Tid,
+        tgid: Tid,
+    ) -> Result<(), IntrospectError> {
+        let l = &self.layout;
+        if !self.lock().threads.contains_key(&tid) {
+            return Ok(());
+        }
+        let child_tid = k.read_u32(child + l.task_pid, "task_struct.pid")? as Tid;
+        let flags = self.clone_flags(k, parent, child)?;
+        // Followers attach to the child before it first runs.
+        let mut state = self.lock();
+        let specs: Vec<EngineSpec> = state
+            .threads
+            .get(&tid)
+            .map(|t| {
+                t.utrace
+                    .engines()
+                    .iter()
+                    .filter(|e| t.follow.get(&e.id()).copied().unwrap_or(false))
+                    .map(|e| EngineSpec {
+                        ops: e.ops.clone(),
+                        events: e.events(),
+                        follow: true,
+                        data: e.data().cloned(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut wants_syscalls = false;
+        if !specs.is_empty() {
+            let mut utrace = ThreadUtrace::new(child_tid, false);
+            let mut follow = HashMap::new();
+            for spec in &specs {
+                if let Ok(e) = attach(&mut utrace, spec) {
+                    follow.insert(e.id(), true);
+                    wants_syscalls |= spec.events.intersects(EventMask(
+                        EventMask::SYSCALL_ENTRY.0 | EventMask::SYSCALL_EXIT.0,
+                    ));
+                }
+            }
+            state.threads.insert(
+                child_tid,
+                Traced {
+                    utrace,
+                    follow,
+                    task: child,
+                },
+            );
+        }
+        drop(state);
+        // The child inherited the parent's syscall_work.
+        if wants_syscalls {
+            self.steer(space, child, true)?;
+        } else if !self.guest_uses_syscall_tracepoints(k) {
+            self.steer(space, child, false)?;
+        }
+        let ctx = ThreadContext::new(tid, tgid, self.ram.clone(), space);
+        self.report(
+            tid,
+            &Event::Clone {
+                child: child_tid,
+                flags,
+            },
+            ctx,
+        );
+        Ok(())
+    }
+
+    /// The clone flags: from the parent's system call (clone, clone3,
+    /// fork, vfork), else inferred from the child.
+    fn clone_flags(
+        &self,
+        k: &RunningKernel<'_, GuestRam>,
+        parent: u64,
+        child: u64,
+    ) -> Result<u64, IntrospectError> {
+        const CLONE_VM: u64 = 0x100;
+        const CLONE_VFORK: u64 = 0x4000;
+        const CLONE_THREAD: u64 = 0x10000;
+        const SIGCHLD: u64 = 17;
+        if let Ok(u) = self.user_regs(k, parent) {
+            let di = u[self.reg("di")];
+            match self.syscalls.name(u[self.reg("orig_ax")]) {
+                Some("clone") => return Ok(di),
+                Some("fork") => return Ok(SIGCHLD),
+                Some("vfork") => return Ok(CLONE_VM | CLONE_VFORK | SIGCHLD),
+                Some("clone3") => {
+                    let ctx = ThreadContext::new(0, 0, self.ram.clone(), k.space());
+                    let mut b = [0u8; 8];
+                    if ctx.read(di, &mut b) {
+                        return Ok(u64::from_le_bytes(b));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let l = &self.layout;
+        let mut flags = 0;
+        let (ptgid, ctgid) = (
+            k.read_u32(parent + l.task_tgid, "tgid")?,
+            k.read_u32(child + l.task_tgid, "tgid")?,
+        );
+        if ptgid == ctgid {
+            flags |= CLONE_THREAD;
+        }
+        if k.read_u64(parent + l.task_mm, "mm")? == k.read_u64(child + l.task_mm, "mm")? {
+            flags |= CLONE_VM;
+        }
+        if k.read_u64(child + l.task_vfork_done, "vfork_done")? != 0 {
+            flags |= CLONE_VFORK;
+        }
+        Ok(flags)
+    }
+}
+
+/// Attaches a new engine made from `spec` and sets its events.
+fn attach(utrace: &mut ThreadUtrace, spec: &EngineSpec) -> Result<Arc<Engine>, crate::UtraceError> {
+    let flags = AttachFlags {
+        create: true,
+        ..Default::default()
+    };
+    let e = utrace.attach(flags, spec.ops.clone(), spec.data.clone())?;
+    utrace.set_events(&e, spec.events)?;
+    Ok(e)
+}
+
+/// A NUL-terminated string of at most `max` bytes at user address `addr`.
+fn read_c_string(mem: &dyn UserMemory, addr: u64, max: usize) -> Option<String> {
+    let mut out = Vec::new();
+    let mut at = addr;
+    while out.len() < max {
+        let room = (4096 - (at & 4095)) as usize;
+        let mut chunk = vec![0u8; room.min(max - out.len())];
+        if !mem.read(at, &mut chunk) {
+            return None;
+        }
+        if let Some(nul) = chunk.iter().position(|&b| b == 0) {
+            out.extend_from_slice(&chunk[..nul]);
+            return Some(String::from_utf8_lossy(&out).into_owned());
+        }
+        out.extend_from_slice(&chunk);
+        at += chunk.len() as u64;
+    }
+    None
+}

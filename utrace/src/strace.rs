@@ -1,0 +1,241 @@
+//! The engine behind `hvtrace trace` and `hvtrace attach`: prints each
+//! traced thread's system calls, exits and signals as strace does (or one
+//! JSON object per event).
+//!
+//! A call's line is printed when it returns (strace prints its entry and,
+//! if another thread's line comes in between, an `<unfinished ...>`
+//! marker; printing at return keeps each line whole). With more than one
+//! thread alive every line gets strace's `[pid N]` prefix.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::action::ResumeAction;
+use crate::engine::{Engine, EngineOps};
+use crate::event::{EventMask, Tid};
+use crate::hv::context;
+use crate::syscalls::format::{errno_name, errno_of, signal_name, Pending};
+use crate::syscalls::{Formatter, SyscallTable, UserMemory};
+
+/// What to print and how.
+#[derive(Debug, Clone, Default)]
+pub struct StraceOptions {
+    /// `-s`: longest string shown.
+    pub string_limit: Option<usize>,
+    /// `-e trace=`: only these calls (None: all).
+    pub only: Option<HashSet<String>>,
+    /// `--json`: one JSON object per line.
+    pub json: bool,
+    /// `-T`: time spent in each call.
+    pub timing: bool,
+}
+
+/// The events this engine asks for.
+pub const STRACE_EVENTS: EventMask = EventMask(
+    EventMask::SYSCALL_ENTRY.0
+        | EventMask::SYSCALL_EXIT.0
+        | EventMask::EXEC.0
+        | EventMask::CLONE.0
+        | EventMask::EXIT.0
+        | EventMask::REAP.0,
+);
+
+/// A no-memory reader for calls reported outside a callback.
+struct NoMemory;
+impl UserMemory for NoMemory {
+    fn read(&self, _: u64, _: &mut [u8]) -> bool {
+        false
+    }
+}
+
+#[derive(Default)]
+struct State {
+    pending: HashMap<Tid, (Pending, Instant)>,
+    live: HashSet<Tid>,
+}
+
+/// The strace-like engine.
+pub struct Strace {
+    opts: StraceOptions,
+    fmt: Formatter,
+    syscalls: Arc<SyscallTable>,
+    out: Mutex<Box<dyn Write + Send>>,
+    state: Mutex<State>,
+}
+
+impl Strace {
+    /// An engine printing to `out` with the guest kernel's call names.
+    pub fn new(opts: StraceOptions, syscalls: Arc<SyscallTable>, out: Box<dyn Write + Send>) -> Self {
+        let fmt = Formatter {
+            string_limit: opts.string_limit.unwrap_or(32),
+        };
+        Self {
+            opts,
+            fmt,
+            syscalls,
+            out: Mutex::new(out),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn name(&self, nr: u64) -> String {
+        self.syscalls
+            .name(nr)
+            .map_or_else(|| format!("syscall_{nr:#x}"), str::to_string)
+    }
+
+    fn shown(&self, name: &str) -> bool {
+        self.opts.only.as_ref().is_none_or(|s| s.contains(name))
+    }
+
+    fn emit(&self, tid: Tid, text: &str, json: serde_json::Value) {
+        let many = self.state.lock().unwrap_or_else(|e| e.into_inner()).live.len() > 1;
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        let r = if self.opts.json {
+            writeln!(out, "{json}")
+        } else if many {
+            writeln!(out, "[pid {tid:>5}] {text}")
+        } else {
+            writeln!(out, "{text}")
+        };
+        // A closed output (the reader went away) must not disturb the guest.
+        let _ = r.and_then(|_| out.flush());
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl EngineOps for Strace {
+    fn report_syscall_entry(
+        &self,
+        _action: ResumeAction,
+        engine: &Engine,
+        nr: u64,
+        args: &[u64; 6],
+    ) -> ResumeAction {
+        let name = self.name(nr);
+        let ctx = context::current();
+        let mem: &dyn UserMemory = match &ctx {
+            Some(c) => c.as_ref(),
+            None => &NoMemory,
+        };
+        let p = self.fmt.enter(&name, *args, mem);
+        let mut st = self.state();
+        st.live.insert(engine.tid());
+        st.pending.insert(engine.tid(), (p, Instant::now()));
+        ResumeAction::Resume
+    }
+
+    fn report_syscall_exit(
+        &self,
+        _action: ResumeAction,
+        engine: &Engine,
+        nr: u64,
+        ret: i64,
+    ) -> ResumeAction {
+        let tid = engine.tid();
+        let pending = {
+            let mut st = self.state();
+            st.live.insert(tid);
+            st.pending.remove(&tid)
+        };
+        let (p, started) = match pending {
+            Some(p) if p.0.name == self.name(nr) => p,
+            // Attached in the middle of a call: its entry was not seen.
+            _ => (
+                Pending {
+                    name: self.name(nr),
+                    args: [0; 6],
+                    shown: vec![Some("...".into())],
+                },
+                Instant::now(),
+            ),
+        };
+        if !self.shown(&p.name) {
+            return ResumeAction::Resume;
+        }
+        let ctx = context::current();
+        let mem: &dyn UserMemory = match &ctx {
+            Some(c) => c.as_ref(),
+            None => &NoMemory,
+        };
+        let mut line = self.fmt.finish(&p, ret, mem);
+        let spent = started.elapsed();
+        if self.opts.timing {
+            line.push_str(&format!(" <{:.6}>", spent.as_secs_f64()));
+        }
+        let (errno, error) = match errno_of(ret).map(|e| (e, errno_name(e))) {
+            Some((e, Some((n, _)))) => (Some(e), Some(n)),
+            Some((e, None)) => (Some(e), None),
+            None => (None, None),
+        };
+        let json = serde_json::json!({
+            "pid": tid,
+            "syscall": p.name,
+            "nr": nr,
+            "line": line,
+            "ret": ret,
+            "errno": errno,
+            "error": error,
+            "seconds": spent.as_secs_f64(),
+        });
+        self.emit(tid, &line, json);
+        ResumeAction::Resume
+    }
+
+    fn report_clone(
+        &self,
+        _action: ResumeAction,
+        _engine: &Engine,
+        _clone_flags: u64,
+        _child: Tid,
+    ) -> ResumeAction {
+        ResumeAction::Resume
+    }
+
+    fn report_exit(
+        &self,
+        _action: ResumeAction,
+        engine: &Engine,
+        orig_code: i64,
+        _code: &mut i64,
+    ) -> ResumeAction {
+        let tid = engine.tid();
+        let pending = self.state().pending.remove(&tid);
+        if let Some((p, _)) = pending {
+            if self.shown(&p.name) {
+                let line = self.fmt.unreturned(&p);
+                let json = serde_json::json!({"pid": tid, "syscall": p.name, "line": line, "ret": null});
+                self.emit(tid, &line, json);
+            }
+        }
+        let status = orig_code as i32;
+        let (text, json) = if status & 0x7f == 0 {
+            let code = (status >> 8) & 0xff;
+            (
+                format!("+++ exited with {code} +++"),
+                serde_json::json!({"pid": tid, "event": "exit", "code": code}),
+            )
+        } else {
+            let sig = signal_name(status & 0x7f);
+            let core = if status & 0x80 != 0 { " (core dumped)" } else { "" };
+            (
+                format!("+++ killed by {sig}{core} +++"),
+                serde_json::json!({"pid": tid, "event": "killed", "signal": sig}),
+            )
+        };
+        self.emit(tid, &text, json);
+        self.state().live.remove(&tid);
+        ResumeAction::Resume
+    }
+
+    fn report_reap(&self, engine: &Engine) {
+        let mut st = self.state();
+        st.live.remove(&engine.tid());
+        st.pending.remove(&engine.tid());
+    }
+}

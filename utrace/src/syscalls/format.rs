@@ -1,0 +1,685 @@
+//! strace-style rendering of system calls: `openat(AT_FDCWD,
+//! "/etc/hostname", O_RDONLY) = 3`, `-1 ENOENT (No such file or
+//! directory)`, strings quoted and cut at `-s` bytes as strace does.
+
+use super::{has_out_args, signature, Arg, Ret};
+
+/// Reads the traced thread's user memory (the guest is untrusted: a read
+/// may fail, and then the pointer is shown instead).
+pub trait UserMemory {
+    /// Fills `buf` from user address `addr`; false if any byte is unmapped.
+    fn read(&self, addr: u64, buf: &mut [u8]) -> bool;
+}
+
+/// Longest `argv` shown before `...`, as strace's default.
+const MAX_ARRAY: usize = 32;
+
+/// Renders calls with strace's conventions.
+#[derive(Debug, Clone, Copy)]
+pub struct Formatter {
+    /// `-s`: longest string shown (strace's default is 32).
+    pub string_limit: usize,
+}
+
+impl Default for Formatter {
+    fn default() -> Self {
+        Self { string_limit: 32 }
+    }
+}
+
+/// A call's arguments rendered at entry; those only known at exit are
+/// `None` until [`Formatter::finish`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// Call name (`syscall_0x1b4` when the kernel has no name for it).
+    pub name: String,
+    /// Raw arguments.
+    pub args: [u64; 6],
+    /// Rendered arguments.
+    pub shown: Vec<Option<String>>,
+}
+
+impl Formatter {
+    /// Renders the arguments known at entry.
+    pub fn enter(&self, name: &str, args: [u64; 6], mem: &dyn UserMemory) -> Pending {
+        let shown = match signature(name) {
+            Some(_) if name == "clone" => clone_args(args),
+            Some((kinds, _)) => {
+                let mut kinds = kinds.to_vec();
+                // open/openat show the mode only when it is used.
+                if let Some(fi) = kinds.iter().position(|k| *k == Arg::OpenFlags) {
+                    if kinds.get(fi + 1) == Some(&Arg::Mode) && args[fi] & (O_CREAT | O_TMPFILE) == 0 {
+                        kinds.truncate(fi + 1);
+                    }
+                }
+                kinds
+                    .iter()
+                    .zip(args)
+                    .map(|(k, v)| self.entry_arg(*k, v, &args, mem))
+                    .collect()
+            }
+            None => args.iter().map(|a| Some(format!("{a:#x}"))).collect(),
+        };
+        Pending {
+            name: name.to_string(),
+            args,
+            shown,
+        }
+    }
+
+    /// Whether the call's arguments are complete at entry (so a line can
+    /// be shown as `name(args <unfinished ...>` while it runs).
+    pub fn complete_at_entry(&self, name: &str) -> bool {
+        signature(name).is_none_or(|(kinds, _)| !has_out_args(kinds))
+    }
+
+    /// Renders the remaining arguments and the return value: the whole
+    /// line without a trailing newline.
+    pub fn finish(&self, p: &Pending, ret: i64, mem: &dyn UserMemory) -> String {
+        let kinds = signature(&p.name).map(|(k, _)| k).unwrap_or(&[]);
+        let args: Vec<String> = p
+            .shown
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match s {
+                Some(s) => s.clone(),
+                None => self.exit_arg(kinds[i], p.args[i], ret, mem),
+            })
+            .collect();
+        format!("{}({}) = {}", p.name, args.join(", "), self.ret(&p.name, ret))
+    }
+
+    /// The line of a call that did not return (`exit_group(0) = ?`).
+    pub fn unreturned(&self, p: &Pending) -> String {
+        let args: Vec<String> = p
+            .shown
+            .iter()
+            .zip(p.args)
+            .map(|(s, a)| s.clone().unwrap_or_else(|| format!("{a:#x}")))
+            .collect();
+        format!("{}({}) = ?", p.name, args.join(", "))
+    }
+
+    /// The return value as strace shows it.
+    pub fn ret(&self, name: &str, ret: i64) -> String {
+        if let Some(e) = errno_of(ret) {
+            return match errno_name(e) {
+                Some((n, msg)) if e >= 512 => format!("? {n} ({msg})"),
+                Some((n, msg)) => format!("-1 {n} ({msg})"),
+                None => format!("-1 E{e} (Unknown error {e})"),
+            };
+        }
+        match signature(name).map(|s| s.1) {
+            Some(Ret::Hex) => format!("{ret:#x}"),
+            Some(Ret::NoReturn) => "?".into(),
+            _ => ret.to_string(),
+        }
+    }
+
+    fn entry_arg(&self, kind: Arg, v: u64, all: &[u64; 6], mem: &dyn UserMemory) -> Option<String> {
+        Some(match kind {
+            Arg::BufOut | Arg::WaitStatus => return None,
+            Arg::Int => (v as i32).to_string(),
+            Arg::Uint => v.to_string(),
+            Arg::Hex if v == 0 => "0".into(),
+            Arg::Hex => format!("{v:#x}"),
+            Arg::Ptr => ptr(v),
+            Arg::DirFd => {
+                if v as i32 == AT_FDCWD {
+                    "AT_FDCWD".into()
+                } else {
+                    (v as i32).to_string()
+                }
+            }
+            Arg::Str => self.c_string(v, mem),
+            Arg::BufIn(len_arg) => self.buffer(v, all[len_arg], mem),
+            Arg::OpenFlags => open_flags(v),
+            Arg::Mode => format!("{:#o}", v & 0o7777).replacen("0o", "0", 1),
+            Arg::Whence => match v {
+                0 => "SEEK_SET".into(),
+                1 => "SEEK_CUR".into(),
+                2 => "SEEK_END".into(),
+                3 => "SEEK_DATA".into(),
+                4 => "SEEK_HOLE".into(),
+                _ => v.to_string(),
+            },
+            Arg::Prot => flags(v, PROT, "PROT_NONE"),
+            Arg::MapFlags => flags(v, MAP, "0"),
+            Arg::CloneFlags => {
+                let sig = v & 0xff;
+                let mut s = flags(v & !0xff, CLONE, "");
+                if sig != 0 {
+                    if !s.is_empty() {
+                        s.push('|');
+                    }
+                    s.push_str(&signal_name(sig as i32));
+                }
+                if s.is_empty() {
+                    s.push('0');
+                }
+                s
+            }
+            Arg::Signal => signal_name(v as i32),
+            Arg::SigHow => match v {
+                0 => "SIG_BLOCK".into(),
+                1 => "SIG_UNBLOCK".into(),
+                2 => "SIG_SETMASK".into(),
+                _ => v.to_string(),
+            },
+            Arg::Argv => self.argv(v, mem),
+            Arg::Envp => {
+                let n = count_pointers(v, mem);
+                match n {
+                    Some(n) => format!("{} /* {n} var{} */", ptr(v), if n == 1 { "" } else { "s" }),
+                    None => ptr(v),
+                }
+            }
+            Arg::AccessMode => {
+                if v == 0 {
+                    "F_OK".into()
+                } else {
+                    flags(v, ACCESS, "F_OK")
+                }
+            }
+        })
+    }
+
+    fn exit_arg(&self, kind: Arg, v: u64, ret: i64, mem: &dyn UserMemory) -> String {
+        match kind {
+            Arg::BufOut => {
+                if ret < 0 {
+                    ptr(v)
+                } else {
+                    self.buffer(v, ret as u64, mem)
+                }
+            }
+            Arg::WaitStatus => {
+                if v == 0 {
+                    return "NULL".into();
+                }
+                let mut b = [0u8; 4];
+                if ret <= 0 || !mem.read(v, &mut b) {
+                    return ptr(v);
+                }
+                format!("[{}]", wait_status(i32::from_le_bytes(b)))
+            }
+            _ => format!("{v:#x}"),
+        }
+    }
+
+    /// A NUL-terminated string: quoted, cut at the limit with `...`.
+    pub fn c_string(&self, addr: u64, mem: &dyn UserMemory) -> String {
+        if addr == 0 {
+            return "NULL".into();
+        }
+        let mut out = Vec::new();
+        let mut terminated = false;
+        // Page by page, so a string ending just before an unmapped page
+        // still reads.
+        let mut at = addr;
+        while out.len() <= self.string_limit {
+            let room = (4096 - (at & 4095)) as usize;
+            let want = room.min(self.string_limit + 1 - out.len());
+            let mut chunk = vec![0u8; want];
+            if !mem.read(at, &mut chunk) {
+                // Part of the chunk may still be readable (the reader's
+                // mapping may end before the page does): byte by byte.
+                let readable = (0..want)
+                    .take_while(|&i| mem.read(at + i as u64, &mut chunk[i..=i]))
+                    .count();
+                chunk.truncate(readable);
+                if !chunk.contains(&0) {
+                    out.extend_from_slice(&chunk);
+                    if out.is_empty() {
+                        return ptr(addr);
+                    }
+                    break;
+                }
+            }
+            if let Some(nul) = chunk.iter().position(|&b| b == 0) {
+                out.extend_from_slice(&chunk[..nul]);
+                terminated = true;
+                break;
+            }
+            out.extend_from_slice(&chunk);
+            at += want as u64;
+        }
+        let cut = !terminated && out.len() > self.string_limit;
+        out.truncate(self.string_limit);
+        let mut s = quote(&out);
+        if cut {
+            s.push_str("...");
+        }
+        s
+    }
+
+    /// `len` bytes at `addr`: quoted, cut at the limit with `...`.
+    pub fn buffer(&self, addr: u64, len: u64, mem: &dyn UserMemory) -> String {
+        let shown = (len as usize).min(self.string_limit);
+        let mut buf = vec![0u8; shown];
+        if !mem.read(addr, &mut buf) {
+            return ptr(addr);
+        }
+        let mut s = quote(&buf);
+        if len as usize > shown {
+            s.push_str("...");
+        }
+        s
+    }
+
+    fn argv(&self, addr: u64, mem: &dyn UserMemory) -> String {
+        if addr == 0 {
+            return "NULL".into();
+        }
+        let mut items = Vec::new();
+        for i in 0..=MAX_ARRAY as u64 {
+            let mut p = [0u8; 8];
+            if !mem.read(addr + 8 * i, &mut p) {
+                return ptr(addr);
+            }
+            let p = u64::from_le_bytes(p);
+            if p == 0 {
+                break;
+            }
+            if items.len() == MAX_ARRAY {
+                items.push("...".to_string());
+                break;
+            }
+            items.push(self.c_string(p, mem));
+        }
+        format!("[{}]", items.join(", "))
+    }
+}
+
+/// `clone` as strace shows it: only the arguments its flags use, named
+/// (x86-64 order: flags, stack, parent_tid, child_tid, tls).
+fn clone_args(a: [u64; 6]) -> Vec<Option<String>> {
+    let f = a[0];
+    let sig = f & 0xff;
+    let mut fl = flags(f & !0xff, CLONE, "");
+    if sig != 0 {
+        if !fl.is_empty() {
+            fl.push('|');
+        }
+        fl.push_str(&signal_name(sig as i32));
+    }
+    if fl.is_empty() {
+        fl.push('0');
+    }
+    let mut out = vec![
+        Some(format!("child_stack={}", ptr(a[1]))),
+        Some(format!("flags={fl}")),
+    ];
+    if f & 0x100000 != 0 {
+        out.push(Some(format!("parent_tid={}", ptr(a[2]))));
+    }
+    if f & 0x1200000 != 0 {
+        out.push(Some(format!("child_tidptr={}", ptr(a[3]))));
+    }
+    if f & 0x80000 != 0 {
+        out.push(Some(format!("tls={}", ptr(a[4]))));
+    }
+    out
+}
+
+fn count_pointers(addr: u64, mem: &dyn UserMemory) -> Option<u64> {
+    for i in 0..4096u64 {
+        let mut p = [0u8; 8];
+        if !mem.read(addr + 8 * i, &mut p) {
+            return None;
+        }
+        if p == [0; 8] {
+            return Some(i);
+        }
+    }
+    None
+}
+
+fn ptr(v: u64) -> String {
+    if v == 0 {
+        "NULL".into()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
+/// Quotes bytes as strace does: C escapes for `\t\n\v\f\r"\\`, printable
+/// ASCII as is, anything else in octal (three digits when an octal digit
+/// follows, so the escape stays unambiguous).
+pub fn quote(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() + 2);
+    s.push('"');
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'"' => s.push_str("\\\""),
+            b'\\' => s.push_str("\\\\"),
+            b'\t' => s.push_str("\\t"),
+            b'\n' => s.push_str("\\n"),
+            0x0b => s.push_str("\\v"),
+            0x0c => s.push_str("\\f"),
+            b'\r' => s.push_str("\\r"),
+            0x20..=0x7e => s.push(char::from(b)),
+            _ => {
+                let next_is_octal = bytes.get(i + 1).is_some_and(|n| (b'0'..=b'7').contains(n));
+                if next_is_octal {
+                    s.push_str(&format!("\\{b:03o}"));
+                } else {
+                    s.push_str(&format!("\\{b:o}"));
+                }
+            }
+        }
+    }
+    s.push('"');
+    s
+}
+
+/// The errno of a raw return value, if it is an error (-4095..-1).
+pub fn errno_of(ret: i64) -> Option<i64> {
+    (-4095..0).contains(&ret).then_some(-ret)
+}
+
+/// Name and message of an errno (glibc's `strerror` text), including the
+/// kernel-internal restart codes strace shows.
+pub fn errno_name(e: i64) -> Option<(&'static str, &'static str)> {
+    ERRNOS.iter().find(|(n, _, _)| *n == e).map(|(_, name, msg)| (*name, *msg))
+}
+
+const ERRNOS: &[(i64, &str, &str)] = &[
+    (1, "EPERM", "Operation not permitted"),
+    (2, "ENOENT", "No such file or directory"),
+    (3, "ESRCH", "No such process"),
+    (4, "EINTR", "Interrupted system call"),
+    (5, "EIO", "Input/output error"),
+    (6, "ENXIO", "No such device or address"),
+    (7, "E2BIG", "Argument list too long"),
+    (8, "ENOEXEC", "Exec format error"),
+    (9, "EBADF", "Bad file descriptor"),
+    (10, "ECHILD", "No child processes"),
+    (11, "EAGAIN", "Resource temporarily unavailable"),
+    (12, "ENOMEM", "Cannot allocate memory"),
+    (13, "EACCES", "Permission denied"),
+    (14, "EFAULT", "Bad address"),
+    (16, "EBUSY", "Device or resource busy"),
+    (17, "EEXIST", "File exists"),
+    (18, "EXDEV", "Invalid cross-device link"),
+    (19, "ENODEV", "No such device"),
+    (20, "ENOTDIR", "Not a directory"),
+    (21, "EISDIR", "Is a directory"),
+    (22, "EINVAL", "Invalid argument"),
+    (23, "ENFILE", "Too many open files in system"),
+    (24, "EMFILE", "Too many open files"),
+    (25, "ENOTTY", "Inappropriate ioctl for device"),
+    (26, "ETXTBSY", "Text file busy"),
+    (27, "EFBIG", "File too large"),
+    (28, "ENOSPC", "No space left on device"),
+    (29, "ESPIPE", "Illegal seek"),
+    (30, "EROFS", "Read-only file system"),
+    (31, "EMLINK", "Too many links"),
+    (32, "EPIPE", "Broken pipe"),
+    (33, "EDOM", "Numerical argument out of domain"),
+    (34, "ERANGE", "Numerical result out of range"),
+    (35, "EDEADLK", "Resource deadlock avoided"),
+    (36, "ENAMETOOLONG", "File name too long"),
+    (38, "ENOSYS", "Function not implemented"),
+    (39, "ENOTEMPTY", "Directory not empty"),
+    (40, "ELOOP", "Too many levels of symbolic links"),
+    (61, "ENODATA", "No data available"),
+    (95, "EOPNOTSUPP", "Operation not supported"),
+    (110, "ETIMEDOUT", "Connection timed out"),
+    (512, "ERESTARTSYS", "To be restarted if SA_RESTART is set"),
+    (513, "ERESTARTNOINTR", "To be restarted"),
+    (514, "ERESTARTNOHAND", "To be restarted if no handler"),
+    (516, "ERESTART_RESTARTBLOCK", "Interrupted by signal"),
+];
+
+const SIGNALS: [&str; 32] = [
+    "0", "SIGHUP", "SIGINT", "SIGQUIT", "SIGILL", "SIGTRAP", "SIGABRT", "SIGBUS", "SIGFPE",
+    "SIGKILL", "SIGUSR1", "SIGSEGV", "SIGUSR2", "SIGPIPE", "SIGALRM", "SIGTERM", "SIGSTKFLT",
+    "SIGCHLD", "SIGCONT", "SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGURG", "SIGXCPU",
+    "SIGXFSZ", "SIGVTALRM", "SIGPROF", "SIGWINCH", "SIGIO", "SIGPWR", "SIGSYS",
+];
+
+/// `SIGCHLD` for 17; `SIGRTMIN+n` above 31.
+pub fn signal_name(sig: i32) -> String {
+    match sig {
+        1..=31 => SIGNALS[sig as usize].to_string(),
+        32..=64 => format!("SIGRT_{}", sig - 32),
+        _ => sig.to_string(),
+    }
+}
+
+const AT_FDCWD: i32 = -100;
+const O_CREAT: u64 = 0o100;
+const O_TMPFILE: u64 = 0o20_200_000;
+
+const OPEN: &[(u64, &str)] = &[
+    (0o100, "O_CREAT"),
+    (0o200, "O_EXCL"),
+    (0o400, "O_NOCTTY"),
+    (0o1000, "O_TRUNC"),
+    (0o2000, "O_APPEND"),
+    (0o4000, "O_NONBLOCK"),
+    (0o4_010_000, "O_SYNC"),
+    (0o10_000, "O_DSYNC"),
+    (0o20_000, "O_ASYNC"),
+    (0o40_000, "O_DIRECT"),
+    (0o100_000, "O_LARGEFILE"),
+    (0o20_200_000, "O_TMPFILE"),
+    (0o200_000, "O_DIRECTORY"),
+    (0o400_000, "O_NOFOLLOW"),
+    (0o1_000_000, "O_NOATIME"),
+    (0o2_000_000, "O_CLOEXEC"),
+    (0o10_000_000, "O_PATH"),
+];
+
+const PROT: &[(u64, &str)] = &[(1, "PROT_READ"), (2, "PROT_WRITE"), (4, "PROT_EXEC")];
+
+const MAP: &[(u64, &str)] = &[
+    (0x1, "MAP_SHARED"),
+    (0x2, "MAP_PRIVATE"),
+    (0x10, "MAP_FIXED"),
+    (0x20, "MAP_ANONYMOUS"),
+    (0x100, "MAP_GROWSDOWN"),
+    (0x800, "MAP_DENYWRITE"),
+    (0x1000, "MAP_EXECUTABLE"),
+    (0x2000, "MAP_LOCKED"),
+    (0x4000, "MAP_NORESERVE"),
+    (0x8000, "MAP_POPULATE"),
+    (0x10000, "MAP_NONBLOCK"),
+    (0x20000, "MAP_STACK"),
+    (0x40000, "MAP_HUGETLB"),
+    (0x100000, "MAP_FIXED_NOREPLACE"),
+];
+
+const CLONE: &[(u64, &str)] = &[
+    (0x100, "CLONE_VM"),
+    (0x200, "CLONE_FS"),
+    (0x400, "CLONE_FILES"),
+    (0x800, "CLONE_SIGHAND"),
+    (0x1000, "CLONE_PIDFD"),
+    (0x2000, "CLONE_PTRACE"),
+    (0x4000, "CLONE_VFORK"),
+    (0x8000, "CLONE_PARENT"),
+    (0x10000, "CLONE_THREAD"),
+    (0x20000, "CLONE_NEWNS"),
+    (0x40000, "CLONE_SYSVSEM"),
+    (0x80000, "CLONE_SETTLS"),
+    (0x100000, "CLONE_PARENT_SETTID"),
+    (0x200000, "CLONE_CHILD_CLEARTID"),
+    (0x400000, "CLONE_DETACHED"),
+    (0x800000, "CLONE_UNTRACED"),
+    (0x1000000, "CLONE_CHILD_SETTID"),
+];
+
+const ACCESS: &[(u64, &str)] = &[(4, "R_OK"), (2, "W_OK"), (1, "X_OK")];
+
+/// `A|B|0x40` for the set bits of `v` (multi-bit flags first when listed
+/// so), or `none` for 0.
+fn flags(v: u64, table: &[(u64, &str)], none: &str) -> String {
+    if v == 0 {
+        return none.to_string();
+    }
+    let mut rest = v;
+    let mut parts = Vec::new();
+    for &(bit, name) in table {
+        if bit != 0 && rest & bit == bit {
+            parts.push(name.to_string());
+            rest &= !bit;
+        }
+    }
+    if rest != 0 {
+        parts.push(format!("{rest:#x}"));
+    }
+    parts.join("|")
+}
+
+/// `open` flags: the access mode, then the flags (strace's order).
+pub fn open_flags(v: u64) -> String {
+    let mode = match v & 3 {
+        0 => "O_RDONLY",
+        1 => "O_WRONLY",
+        2 => "O_RDWR",
+        _ => "O_ACCMODE",
+    };
+    let rest = v & !3;
+    // O_TMPFILE includes O_DIRECTORY, O_SYNC includes O_DSYNC: shown once.
+    let mut ordered: Vec<(u64, &str)> = OPEN.to_vec();
+    ordered.sort_by_key(|(bit, _)| std::cmp::Reverse(bit.count_ones()));
+    let mut left = rest;
+    let mut found: Vec<(u64, &str)> = Vec::new();
+    for (bit, name) in ordered {
+        if left & bit == bit {
+            found.push((bit, name));
+            left &= !bit;
+        }
+    }
+    found.sort_by_key(|(bit, _)| bit.trailing_zeros());
+    let mut parts = vec![mode.to_string()];
+    parts.extend(found.iter().map(|(_, n)| n.to_string()));
+    if left != 0 {
+        parts.push(format!("{left:#x}"));
+    }
+    parts.join("|")
+}
+
+/// A wait status as strace shows it.
+pub fn wait_status(s: i32) -> String {
+    let sig = s & 0x7f;
+    if sig == 0 {
+        format!("{{WIFEXITED(s) && WEXITSTATUS(s) == {}}}", (s >> 8) & 0xff)
+    } else if sig == 0x7f {
+        format!("{{WIFSTOPPED(s) && WSTOPSIG(s) == {}}}", signal_name((s >> 8) & 0xff))
+    } else {
+        let core = if s & 0x80 != 0 { " && WCOREDUMP(s)" } else { "" };
+        format!("{{WIFSIGNALED(s) && WTERMSIG(s) == {}{core}}}", signal_name(sig))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// User memory as a few byte runs.
+    struct Mem(BTreeMap<u64, Vec<u8>>);
+    impl UserMemory for Mem {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+            for (start, bytes) in &self.0 {
+                let end = start + bytes.len() as u64;
+                if addr >= *start && addr + buf.len() as u64 <= end {
+                    let o = (addr - start) as usize;
+                    buf.copy_from_slice(&bytes[o..o + buf.len()]);
+                    return true;
+                }
+            }
+            false
+        }
+    }
+
+    fn mem(runs: &[(u64, &[u8])]) -> Mem {
+        Mem(runs.iter().map(|(a, b)| (*a, b.to_vec())).collect())
+    }
+
+    #[test]
+    fn quoting_follows_strace() {
+        assert_eq!(quote(b"hi\n\"x\\"), r#""hi\n\"x\\""#);
+        assert_eq!(quote(b"\x1b[0m"), r#""\33[0m""#);
+        assert_eq!(quote(b"\x001"), r#""\0001""#, "octal digit follows");
+        assert_eq!(quote(b"\x00a\xff"), r#""\0a\377""#);
+    }
+
+    #[test]
+    fn openat_read_write_and_errors() {
+        let f = Formatter::default();
+        let m = mem(&[(0x1000, b"/etc/hostname\0"), (0x2000, b"hvtrace\n")]);
+        let p = f.enter("openat", [(-100i64) as u64, 0x1000, 0o2_000_000, 0, 0, 0], &m);
+        assert_eq!(
+            f.finish(&p, 3, &m),
+            r#"openat(AT_FDCWD, "/etc/hostname", O_RDONLY|O_CLOEXEC) = 3"#
+        );
+        let p = f.enter("openat", [(-100i64) as u64, 0x1000, 0o2_001_102, 0o644, 0, 0], &m);
+        assert_eq!(
+            f.finish(&p, -2, &m),
+            r#"openat(AT_FDCWD, "/etc/hostname", O_RDWR|O_CREAT|O_TRUNC|O_CLOEXEC, 0644) = -1 ENOENT (No such file or directory)"#
+        );
+        let p = f.enter("read", [3, 0x2000, 256, 0, 0, 0], &m);
+        assert!(!f.complete_at_entry("read"));
+        assert_eq!(f.finish(&p, 8, &m), r#"read(3, "hvtrace\n", 256) = 8"#);
+        let p = f.enter("write", [1, 0x2000, 8, 0, 0, 0], &m);
+        assert_eq!(f.finish(&p, 8, &m), r#"write(1, "hvtrace\n", 8) = 8"#);
+        let p = f.enter("read", [3, 0x9000, 256, 0, 0, 0], &m);
+        assert_eq!(f.finish(&p, -9, &m), "read(3, 0x9000, 256) = -1 EBADF (Bad file descriptor)");
+    }
+
+    #[test]
+    fn long_strings_are_cut_and_bad_pointers_shown() {
+        let f = Formatter { string_limit: 4 };
+        let m = mem(&[(0x1000, b"abcdefgh\0")]);
+        assert_eq!(f.c_string(0x1000, &m), r#""abcd"..."#);
+        assert_eq!(f.c_string(0x5000, &m), "0x5000");
+        assert_eq!(f.c_string(0, &m), "NULL");
+        assert_eq!(f.buffer(0x1000, 9, &m), r#""abcd"..."#);
+        let f = Formatter { string_limit: 32 };
+        assert_eq!(f.c_string(0x1000, &m), r#""abcdefgh""#, "NUL before the end of the run");
+    }
+
+    #[test]
+    fn execve_exit_group_wait4_clone_and_brk() {
+        let f = Formatter::default();
+        let mut argv = Vec::new();
+        for p in [0x1100u64, 0x1110, 0] {
+            argv.extend_from_slice(&p.to_le_bytes());
+        }
+        let envp = [0x1100u64.to_le_bytes(), [0; 8]].concat();
+        let status = (3i32 << 8).to_le_bytes();
+        let m = mem(&[
+            (0x1000, &argv),
+            (0x1100, b"/bin/sh\0\0\0\0\0\0\0\0\0-c\0"),
+            (0x2000, &envp),
+            (0x3000, &status),
+        ]);
+        let p = f.enter("execve", [0x1100, 0x1000, 0x2000, 0, 0, 0], &m);
+        assert_eq!(
+            f.finish(&p, 0, &m),
+            r#"execve("/bin/sh", ["/bin/sh", "-c"], 0x2000 /* 1 var */) = 0"#
+        );
+        let p = f.enter("exit_group", [0, 0, 0, 0, 0, 0], &m);
+        assert_eq!(f.unreturned(&p), "exit_group(0) = ?");
+        let p = f.enter("wait4", [u64::MAX, 0x3000, 0, 0, 0, 0], &m);
+        assert_eq!(
+            f.finish(&p, 42, &m),
+            "wait4(-1, [{WIFEXITED(s) && WEXITSTATUS(s) == 3}], 0, NULL) = 42"
+        );
+        let p = f.enter("clone", [0x1200011, 0, 0, 0x4c8750, 0, 0], &m);
+        assert_eq!(
+            f.finish(&p, 7, &m),
+            "clone(child_stack=NULL, flags=CLONE_CHILD_CLEARTID|CLONE_CHILD_SETTID|SIGCHLD, child_tidptr=0x4c8750) = 7"
+        );
+        let p = f.enter("brk", [0; 6], &m);
+        assert_eq!(f.finish(&p, 0x4c6000, &m), "brk(NULL) = 0x4c6000");
+        assert_eq!(f.ret("wait4", -512), "? ERESTARTSYS (To be restarted if SA_RESTART is set)");
+        assert_eq!(wait_status(9), "{WIFSIGNALED(s) && WTERMSIG(s) == SIGKILL}");
+        let p = f.enter("syscall_0x3e7", [1, 2, 3, 4, 5, 6], &m);
+        assert_eq!(f.finish(&p, 0, &m), "syscall_0x3e7(0x1, 0x2, 0x3, 0x4, 0x5, 0x6) = 0");
+    }
+}

@@ -1,0 +1,131 @@
+//! x86-64 system calls: names (from the running kernel's own
+//! `sys_call_table`), argument kinds for the common calls, and
+//! strace-style rendering ([`format`]).
+
+pub mod format;
+pub mod table;
+
+pub use format::{Formatter, UserMemory};
+pub use table::SyscallTable;
+
+/// How one argument is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arg {
+    /// Signed decimal (`int`, `pid_t`, file descriptors).
+    Int,
+    /// Unsigned decimal (`size_t`, counts).
+    Uint,
+    /// Hexadecimal.
+    Hex,
+    /// A pointer: `NULL` or hex.
+    Ptr,
+    /// A directory fd for the `*at` calls (`AT_FDCWD`).
+    DirFd,
+    /// A NUL-terminated path or name read at entry.
+    Str,
+    /// A buffer the call reads from user memory, of the length in argument
+    /// N (write, sendto): shown at entry.
+    BufIn(usize),
+    /// A buffer the call fills, of the length the call returns (read,
+    /// recvfrom): shown at exit.
+    BufOut,
+    /// `open` flags (`O_RDONLY|O_CLOEXEC`).
+    OpenFlags,
+    /// A file mode in octal (`0644`).
+    Mode,
+    /// `lseek` whence.
+    Whence,
+    /// `mmap`/`mprotect` protection.
+    Prot,
+    /// `mmap` flags.
+    MapFlags,
+    /// `clone` flags (with the exit signal in the low byte).
+    CloneFlags,
+    /// A signal number (`SIGCHLD`).
+    Signal,
+    /// `rt_sigprocmask` how.
+    SigHow,
+    /// An `argv`/`envp` array: shown as strace does (`["a", "b"]`).
+    Argv,
+    /// An `envp` array: shown as `0x... /* N vars */`.
+    Envp,
+    /// `wait4`'s status pointer: `[{WIFEXITED(s) && WEXITSTATUS(s) == 0}]`.
+    WaitStatus,
+    /// `access`/`faccessat` mode (`F_OK`, `R_OK|X_OK`).
+    AccessMode,
+}
+
+/// How the return value is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ret {
+    /// Decimal, `-1 ERRNO (message)` on error.
+    Int,
+    /// Hex (an address: brk, mmap), `-1 ERRNO` on error.
+    Hex,
+    /// Never returns (`= ?`).
+    NoReturn,
+}
+
+/// The argument kinds of a known call, by name.
+pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
+    use Arg::*;
+    Some(match name {
+        "read" => (&[Int, BufOut, Uint], Ret::Int),
+        "pread64" => (&[Int, BufOut, Uint, Int], Ret::Int),
+        "write" => (&[Int, BufIn(2), Uint], Ret::Int),
+        "pwrite64" => (&[Int, BufIn(2), Uint, Int], Ret::Int),
+        "open" => (&[Str, OpenFlags, Mode], Ret::Int),
+        "openat" => (&[DirFd, Str, OpenFlags, Mode], Ret::Int),
+        "close" | "fsync" | "dup" => (&[Int], Ret::Int),
+        "dup2" => (&[Int, Int], Ret::Int),
+        "dup3" => (&[Int, Int, OpenFlags], Ret::Int),
+        "lseek" => (&[Int, Int, Whence], Ret::Int),
+        "unlink" | "rmdir" | "chdir" => (&[Str], Ret::Int),
+        "unlinkat" => (&[DirFd, Str, Hex], Ret::Int),
+        "mkdir" => (&[Str, Mode], Ret::Int),
+        "mkdirat" => (&[DirFd, Str, Mode], Ret::Int),
+        "access" => (&[Str, AccessMode], Ret::Int),
+        "faccessat" | "faccessat2" => (&[DirFd, Str, AccessMode], Ret::Int),
+        "stat" | "lstat" => (&[Str, Ptr], Ret::Int),
+        "fstat" => (&[Int, Ptr], Ret::Int),
+        "newfstatat" => (&[DirFd, Str, Ptr, Hex], Ret::Int),
+        "readlink" => (&[Str, BufOut, Uint], Ret::Int),
+        "readlinkat" => (&[DirFd, Str, BufOut, Uint], Ret::Int),
+        "rename" => (&[Str, Str], Ret::Int),
+        "renameat" | "renameat2" => (&[DirFd, Str, DirFd, Str], Ret::Int),
+        "execve" => (&[Str, Argv, Envp], Ret::Int),
+        "exit" | "exit_group" => (&[Int], Ret::NoReturn),
+        "brk" => (&[Ptr], Ret::Hex),
+        "mmap" => (&[Ptr, Uint, Prot, MapFlags, Int, Hex], Ret::Hex),
+        "munmap" => (&[Ptr, Uint], Ret::Int),
+        "mprotect" => (&[Ptr, Uint, Prot], Ret::Int),
+        "clone" => (&[CloneFlags, Ptr, Ptr, Ptr, Hex], Ret::Int),
+        "fork" | "vfork" | "getpid" | "getppid" | "gettid" | "getuid" | "geteuid" | "getgid"
+        | "getegid" | "sched_yield" | "pause" | "setsid" | "getpgrp" => (&[], Ret::Int),
+        "wait4" => (&[Int, WaitStatus, Hex, Ptr], Ret::Int),
+        "kill" => (&[Int, Signal], Ret::Int),
+        "tkill" => (&[Int, Signal], Ret::Int),
+        "tgkill" => (&[Int, Int, Signal], Ret::Int),
+        "rt_sigaction" => (&[Signal, Ptr, Ptr, Uint], Ret::Int),
+        "rt_sigprocmask" => (&[SigHow, Ptr, Ptr, Uint], Ret::Int),
+        "rt_sigreturn" => (&[], Ret::Int),
+        "pipe" => (&[Ptr], Ret::Int),
+        "pipe2" => (&[Ptr, OpenFlags], Ret::Int),
+        "nanosleep" => (&[Ptr, Ptr], Ret::Int),
+        "set_tid_address" => (&[Ptr], Ret::Int),
+        "set_robust_list" => (&[Ptr, Uint], Ret::Int),
+        "arch_prctl" => (&[Hex, Hex], Ret::Int),
+        "getrandom" => (&[Ptr, Uint, Hex], Ret::Int),
+        "uname" => (&[Ptr], Ret::Int),
+        "ioctl" | "fcntl" => (&[Int, Hex, Hex], Ret::Int),
+        "chroot" | "acct" | "swapoff" => (&[Str], Ret::Int),
+        "sethostname" => (&[BufIn(1), Uint], Ret::Int),
+        _ => return None,
+    })
+}
+
+/// Whether the call's line is completed at exit with data it wrote
+/// (strace prints such calls whole at exit).
+pub fn has_out_args(args: &[Arg]) -> bool {
+    args.iter().any(|a| matches!(a, Arg::BufOut | Arg::WaitStatus))
+}
