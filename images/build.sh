@@ -17,7 +17,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=../scripts/lib.sh
 . "$here/../scripts/lib.sh"
 
-hv_apt_install busybox-static gcc libc6-dev cpio
+hv_apt_install busybox-static gcc libc6-dev cpio strace
 
 separate=${HVTRACE_IMAGE_SEPARATE_PROGS:-0}
 case $separate in 0 | 1) ;; *) hv_log "HVTRACE_IMAGE_SEPARATE_PROGS must be 0 or 1"; exit 2 ;; esac
@@ -28,11 +28,13 @@ case $separate in 0 | 1) ;; *) hv_log "HVTRACE_IMAGE_SEPARATE_PROGS must be 0 or
 # images/ except documentation and host-side tests (*.md, test-*). Paths are relative to images/ so that the key
 # does not depend on where the repository is checked out.
 bb_version=$(dpkg-query -W -f='${Version}' busybox-static)
+strace_version=$(dpkg-query -W -f='${Version}' strace)
 libc_version=$(dpkg-query -W -f='${Version}' libc6-dev)
 gcc_version=$(gcc --version | sed -n 1p)
 cd "$here"
 mapfile -t inputs < <(find . -type f ! -name '*.md' ! -name 'test-*' | LC_ALL=C sort)
 key=$(hv_hash "busybox-static $bb_version" "libc6-dev $libc_version" "gcc $gcc_version" \
+    "strace $strace_version" \
     "separate-progs $separate" "${inputs[@]}")
 
 images_dir="$(hv_cache_dir)/images"
@@ -115,6 +117,17 @@ else
 fi
 hv_log "test programs: ${progs[*]}"
 
+# ---- strace -----------------------------------------------------------------
+# Debian's own strace, the oracle the tracing tests compare hvtrace with,
+# with the shared libraries it links (as ldd resolves them) and the dynamic
+# loader, at the same paths as on the host.
+install -D -m 755 /usr/bin/strace "$root/usr/bin/strace"
+while read -r lib; do
+    case $lib in /*) ;; *) continue ;; esac
+    install -D -m 755 "$(readlink -f "$lib")" "$root$lib"
+done < <(ldd /usr/bin/strace | awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i }')
+hv_log "strace $strace_version with $(ldd /usr/bin/strace | grep -c '/') libraries"
+
 # ---- archive ----------------------------------------------------------------
 # Fixed order, owner and mtimes (and renumbered inodes, no device numbers) so
 # that the same inputs give the same bytes.
@@ -126,6 +139,7 @@ find "$root" -exec touch -h -d @0 {} +
     echo "busybox-static $bb_version"
     echo "libc6-dev $libc_version"
     echo "gcc $gcc_version"
+    echo "strace $strace_version"
     echo "separate-progs $separate"
     (cd "$here" && sha256sum "${inputs[@]}")
 } >"$tmp/result/inputs.txt"

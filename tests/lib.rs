@@ -5,6 +5,8 @@
 //! Tests that need /dev/kvm call [`require_kvm`], which fails the test with
 //! a loud message when KVM is missing: they never pass by skipping.
 
+pub mod strace_log;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

@@ -106,6 +106,36 @@ pub fn ps_json(
     Ok(json!({ "kernel": kernel_facts(&k, info), "tasks": tasks }))
 }
 
+/// SHA-256 of the running kernel's text (`_text`..`_etext`) as guest
+/// memory holds it now (with any `int3` planted in it).
+pub fn text_hash_json(
+    mem: &(impl PhysMemory + ?Sized),
+    vcpus: &[VcpuView],
+    info: &KernelInfo,
+) -> Result<Value> {
+    use sha2::Digest;
+    let k = attach(mem, vcpus, info)?;
+    let (start, end) = (k.symbol("_text")?, k.symbol("_etext")?);
+    if end <= start || end - start > 256 << 20 {
+        bail!("kernel text {start:#x}..{end:#x} is implausible");
+    }
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = start;
+    while at < end {
+        let n = ((end - at) as usize).min(buf.len());
+        k.read(at, &mut buf[..n], "kernel text")?;
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    let digest: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(json!({ "sha256": digest, "bytes": end - start }))
+}
+
 /// Each utrace event's site in the running kernel, with its runtime address.
 pub fn sites_json(
     mem: &(impl PhysMemory + ?Sized),

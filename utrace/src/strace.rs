@@ -67,7 +67,11 @@ pub struct Strace {
 
 impl Strace {
     /// An engine printing to `out` with the guest kernel's call names.
-    pub fn new(opts: StraceOptions, syscalls: Arc<SyscallTable>, out: Box<dyn Write + Send>) -> Self {
+    pub fn new(
+        opts: StraceOptions,
+        syscalls: Arc<SyscallTable>,
+        out: Box<dyn Write + Send>,
+    ) -> Self {
         let fmt = Formatter {
             string_limit: opts.string_limit.unwrap_or(32),
         };
@@ -91,7 +95,13 @@ impl Strace {
     }
 
     fn emit(&self, tid: Tid, text: &str, json: serde_json::Value) {
-        let many = self.state.lock().unwrap_or_else(|e| e.into_inner()).live.len() > 1;
+        let many = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .live
+            .len()
+            > 1;
         let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
         let r = if self.opts.json {
             writeln!(out, "{json}")
@@ -143,17 +153,24 @@ impl EngineOps for Strace {
             st.live.insert(tid);
             st.pending.remove(&tid)
         };
+        let name = self.name(nr);
         let (p, started) = match pending {
-            Some(p) if p.0.name == self.name(nr) => p,
+            Some(p) if p.0.name == name => p,
+            // A new child's or thread's first report is its return from
+            // the clone in its parent; strace shows nothing for it.
+            _ if ret == 0 && matches!(name.as_str(), "clone" | "clone3" | "fork" | "vfork") => {
+                return ResumeAction::Resume
+            }
             // Attached in the middle of a call: its entry was not seen.
-            _ => (
-                Pending {
-                    name: self.name(nr),
-                    args: [0; 6],
-                    shown: vec![Some("...".into())],
-                },
-                Instant::now(),
-            ),
+            _ => {
+                if self.shown(&name) {
+                    let line = format!("<... {name} resumed>) = {}", self.fmt.ret(&name, ret));
+                    let json =
+                        serde_json::json!({"pid": tid, "syscall": name, "line": line, "ret": ret});
+                    self.emit(tid, &line, json);
+                }
+                return ResumeAction::Resume;
+            }
         };
         if !self.shown(&p.name) {
             return ResumeAction::Resume;
@@ -187,6 +204,29 @@ impl EngineOps for Strace {
         ResumeAction::Resume
     }
 
+    fn report_exec(&self, _action: ResumeAction, engine: &Engine, _filename: &str) -> ResumeAction {
+        // The execve's strings may have been unreadable at its entry (see
+        // Formatter::enter); the kernel's own copies are known now.
+        let Some(ctx) = context::current() else {
+            return ResumeAction::Resume;
+        };
+        let Some(exec) = &ctx.exec else {
+            return ResumeAction::Resume;
+        };
+        let mut st = self.state();
+        if let Some((p, _)) = st.pending.get_mut(&engine.tid()) {
+            if p.name == "execve" && p.shown.len() >= 2 {
+                if p.shown[0].is_none() {
+                    p.shown[0] = Some(self.fmt.quoted(&exec.filename));
+                }
+                if p.shown[1].is_none() && !exec.argv.is_empty() {
+                    p.shown[1] = Some(self.fmt.string_array(&exec.argv));
+                }
+            }
+        }
+        ResumeAction::Resume
+    }
+
     fn report_clone(
         &self,
         _action: ResumeAction,
@@ -209,7 +249,8 @@ impl EngineOps for Strace {
         if let Some((p, _)) = pending {
             if self.shown(&p.name) {
                 let line = self.fmt.unreturned(&p);
-                let json = serde_json::json!({"pid": tid, "syscall": p.name, "line": line, "ret": null});
+                let json =
+                    serde_json::json!({"pid": tid, "syscall": p.name, "line": line, "ret": null});
                 self.emit(tid, &line, json);
             }
         }
@@ -222,7 +263,11 @@ impl EngineOps for Strace {
             )
         } else {
             let sig = signal_name(status & 0x7f);
-            let core = if status & 0x80 != 0 { " (core dumped)" } else { "" };
+            let core = if status & 0x80 != 0 {
+                " (core dumped)"
+            } else {
+                ""
+            };
             (
                 format!("+++ killed by {sig}{core} +++"),
                 serde_json::json!({"pid": tid, "event": "killed", "signal": sig}),

@@ -1,15 +1,22 @@
 //! Answering control-socket requests against a running [`Session`]; shared
 //! by `hvtrace boot` and `hvtrace run --api-sock`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::sync::Arc;
 
+use crossbeam_channel::Sender;
 use guest_introspect::image::KernelInfo;
 use guest_introspect::kernel::VcpuView;
 use serde_json::{json, Value};
+use utrace::engine::EngineData;
+use utrace::hv::{EngineSpec, Tracer};
+use utrace::strace::{Strace, StraceOptions, STRACE_EVENTS};
 use vmm::session::Session;
 use vmm::vstate::memory::GuestRam;
 
-use super::Op;
+use super::server::Conn;
+use super::{Op, PROTOCOL_VERSION};
 use crate::introspect::{self, KernelSource};
 
 /// State kept between requests.
@@ -17,7 +24,50 @@ pub struct Handler {
     default_source: KernelSource,
     /// Kernel information loaded so far, per source (loading a Debian
     /// kernel's takes a second; a VM's kernel does not change).
-    infos: HashMap<KernelSource, KernelInfo>,
+    infos: HashMap<KernelSource, Arc<KernelInfo>>,
+    /// The tracer, while any client has engines attached.
+    tracer: Option<Tracer>,
+    /// Each attached connection's engine data (engines are found by it).
+    attached: HashMap<u64, EngineData>,
+}
+
+/// The fields of an attach request.
+struct AttachRequest {
+    pid: i32,
+    follow: bool,
+    trace: Option<Vec<String>>,
+    string_limit: Option<usize>,
+    json: bool,
+}
+
+/// An engine's output: whole lines, wrapped for the protocol and queued
+/// for the client's connection (dropped if the client stopped reading).
+struct ConnSink {
+    buf: Vec<u8>,
+    events: Sender<String>,
+    json: bool,
+}
+
+impl Write for ConnSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=nl).collect();
+            let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            let wrapped = if self.json {
+                let event: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+                json!({"v": PROTOCOL_VERSION, "event": event})
+            } else {
+                json!({"v": PROTOCOL_VERSION, "trace": text})
+            };
+            let _ = self.events.try_send(wrapped.to_string());
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Handler {
@@ -27,12 +77,155 @@ impl Handler {
         Self {
             default_source,
             infos: HashMap::new(),
+            tracer: None,
+            attached: HashMap::new(),
         }
     }
 
-    /// Answers `op` (everything but `shutdown`, which the owner handles).
-    pub fn handle(&mut self, session: &Session, op: Op) -> Result<Value, String> {
+    /// Removes the tracer (before the VM stops or is handed on).
+    pub fn finish(&mut self, session: &Session) {
+        if let Some(t) = self.tracer.take() {
+            if let Err(e) = t.remove(session.vm()) {
+                eprintln!("hvtrace: removing the tracer: {e}");
+            }
+        }
+        self.attached.clear();
+    }
+
+    fn attach(
+        &mut self,
+        session: &Session,
+        conn: &Conn,
+        req: AttachRequest,
+    ) -> Result<Value, String> {
+        let AttachRequest {
+            pid,
+            follow,
+            trace,
+            string_limit,
+            json,
+        } = req;
+        if self.attached.contains_key(&conn.id) {
+            return Err("this connection is already attached; detach first".into());
+        }
+        if let Some(names) = &trace {
+            if let Some(bad) = names
+                .iter()
+                .find(|n| n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            {
+                return Err(format!("`{bad}` is not a system call name"));
+            }
+        }
+        if self.tracer.is_none() {
+            let source = self.default_source.clone();
+            let info = self.info(session, &source)?;
+            let tracer = Tracer::install(session.vm(), info)
+                .map_err(|e| format!("installing the tracer: {e}"))?;
+            self.tracer = Some(tracer);
+        }
+        let tracer = self.tracer.as_ref().expect("installed above");
+        let engine = Arc::new(Strace::new(
+            StraceOptions {
+                string_limit,
+                only: trace.map(|v| v.into_iter().collect::<HashSet<_>>()),
+                json,
+                timing: false,
+            },
+            tracer.syscalls(),
+            Box::new(ConnSink {
+                buf: Vec::new(),
+                events: conn.events.clone(),
+                json,
+            }),
+        ));
+        let data: EngineData = Arc::new(conn.id);
+        let spec = EngineSpec {
+            ops: engine,
+            events: STRACE_EVENTS,
+            follow,
+            data: Some(data.clone()),
+        };
+        match tracer.attach_process(session.vm(), pid, &spec) {
+            Ok(tids) => {
+                self.attached.insert(conn.id, data);
+                Ok(json!({ "tids": tids }))
+            }
+            Err(e) => {
+                self.remove_idle_tracer(session);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn detach(&mut self, session: &Session, conn: &Conn) -> Result<Value, String> {
+        let engines = match (self.attached.remove(&conn.id), &self.tracer) {
+            (Some(data), Some(t)) => t.detach_data(&data),
+            _ => 0,
+        };
+        self.remove_idle_tracer(session);
+        Ok(json!({ "engines": engines }))
+    }
+
+    /// Takes the tracer's traps out once nobody uses them.
+    fn remove_idle_tracer(&mut self, session: &Session) {
+        if self.attached.is_empty() && self.tracer.as_ref().is_some_and(Tracer::is_idle) {
+            if let Some(t) = self.tracer.take() {
+                if let Err(e) = t.remove(session.vm()) {
+                    eprintln!("hvtrace: removing the tracer: {e}");
+                }
+            }
+        }
+    }
+
+    /// Kernel information from `source` (loaded once).
+    fn info(
+        &mut self,
+        session: &Session,
+        source: &KernelSource,
+    ) -> Result<Arc<KernelInfo>, String> {
+        if let Some(i) = self.infos.get(source) {
+            return Ok(i.clone());
+        }
+        self.live(session, source, |_, _, _| Ok(Value::Null))?;
+        self.infos
+            .get(source)
+            .cloned()
+            .ok_or_else(|| "kernel information unavailable".to_string())
+    }
+
+    fn text_hash(&mut self, session: &Session) -> Result<Value, String> {
+        let traps = session.vm().traps().len();
+        let source = self.default_source.clone();
+        self.live(session, &source, introspect::text_hash_json)
+            .map(|mut v| {
+                v["traps"] = json!(traps);
+                v
+            })
+    }
+
+    /// Answers `op` from connection `conn` (everything but `shutdown`,
+    /// which the owner handles).
+    pub fn handle(&mut self, session: &Session, op: Op, conn: &Conn) -> Result<Value, String> {
         match op {
+            Op::Attach {
+                pid,
+                follow,
+                trace,
+                string_limit,
+                json,
+            } => self.attach(
+                session,
+                conn,
+                AttachRequest {
+                    pid,
+                    follow,
+                    trace,
+                    string_limit,
+                    json,
+                },
+            ),
+            Op::Detach | Op::Disconnected => self.detach(session, conn),
+            Op::TextHash => self.text_hash(session),
             Op::Ping => {
                 let vm = session.vm();
                 let p = vm.placement();
@@ -96,7 +289,7 @@ impl Handler {
             if !self.infos.contains_key(source) {
                 let info = introspect::info_from_files(kernel, system_map.as_deref())
                     .map_err(|e| format!("{e:#}"))?;
-                self.infos.insert(source.clone(), info);
+                self.infos.insert(source.clone(), Arc::new(info));
             }
         }
         vm.pause_all().map_err(|e| e.to_string())?;
@@ -108,7 +301,7 @@ impl Handler {
             }
             if !self.infos.contains_key(source) {
                 let info = introspect::load_info(source, vm.ram(), &vcpus[0])?;
-                self.infos.insert(source.clone(), info);
+                self.infos.insert(source.clone(), Arc::new(info));
             }
             f(vm.ram(), &vcpus, &self.infos[source])
         })();

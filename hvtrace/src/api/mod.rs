@@ -12,6 +12,20 @@
 //! * `{"v":1,"op":"sites"}` -> `{"v":1,"ok":true,"kernel":{..},"sites":[{"event":"EXIT","symbol":"do_exit","addr":..,"runtime":"0x..",..}],"errors":[]}`
 //! * `{"v":1,"op":"inspect","pid":N}` -> `{"v":1,"ok":true,"task":{..},"exe":"/bin/sleep","user_regs":{..},"syscall":{"nr":35,"args":[..]}}`
 //!
+//! * `{"v":1,"op":"attach","pid":N,"follow":false,"trace":["openat"],"string_limit":32,"json":false}`
+//!   -> `{"v":1,"ok":true,"tids":[N,..]}`; from then on the connection also
+//!   carries the trace of process N (every thread; with `follow`, new
+//!   children too) as `{"v":1,"trace":"openat(AT_FDCWD, \"/x\", O_RDONLY) = 3","pid":N}`
+//!   lines (with `json`, `{"v":1,"event":{..}}`). When the client closes
+//!   the connection (or is killed) its engines are detached and its
+//!   threads run on untraced; when no engine is left the tracer's traps
+//!   are removed and the kernel text is as it was.
+//! * `{"v":1,"op":"detach"}` -> `{"v":1,"ok":true,"engines":N}`: the same,
+//!   keeping the connection.
+//! * `{"v":1,"op":"text_hash"}` -> `{"v":1,"ok":true,"sha256":"..","bytes":N,"traps":N}`:
+//!   SHA-256 of the guest kernel's text (`_text`..`_etext`) as it is in
+//!   guest memory, and how many of the tracer's traps are set.
+//!
 //! A request may carry an `"id"`, echoed in its reply. A malformed request
 //! or an unknown op gets `{"v":1,"ok":false,"error":"..."}` and the
 //! connection stays usable. The socket is created with mode 0600 and only
@@ -30,6 +44,30 @@ pub const PROTOCOL_VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
+    /// Trace a running process on this connection.
+    Attach {
+        /// Process id.
+        pid: i32,
+        /// Follow new children and threads.
+        #[serde(default)]
+        follow: bool,
+        /// Only these system calls (default: all).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace: Option<Vec<String>>,
+        /// Longest string shown.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        string_limit: Option<usize>,
+        /// JSON events instead of strace lines.
+        #[serde(default)]
+        json: bool,
+    },
+    /// Detach this connection's engines.
+    Detach,
+    /// Hash of the guest kernel text.
+    TextHash,
+    /// The connection closed (sent by the server itself, never parsed).
+    #[serde(skip)]
+    Disconnected,
     /// Liveness and facts.
     Ping,
     /// Save the VM to a file.

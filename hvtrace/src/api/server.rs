@@ -5,6 +5,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -18,6 +20,29 @@ pub struct Pending {
     pub op: Op,
     /// Where the answer goes: Ok(extra fields) or Err(message).
     pub reply: Sender<Result<Value, String>>,
+    /// The connection it came from.
+    pub conn: Conn,
+}
+
+/// One client connection, as the VM owner sees it.
+#[derive(Clone)]
+pub struct Conn {
+    /// Unique per server process.
+    pub id: u64,
+    /// Lines to send the client besides replies (trace events). Bounded:
+    /// a client that stops reading loses events, never stalls the guest.
+    pub events: Sender<String>,
+}
+
+/// Event lines a connection may have queued before more are dropped.
+const EVENT_QUEUE: usize = 65536;
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// Writes whole lines to a shared stream.
+fn write_line(out: &Mutex<UnixStream>, line: &str) -> std::io::Result<()> {
+    let mut s = out.lock().unwrap_or_else(|e| e.into_inner());
+    s.write_all(format!("{line}\n").as_bytes())
 }
 
 /// A listening control socket; removed when dropped.
@@ -60,7 +85,38 @@ fn serve(stream: UnixStream, tx: Sender<Pending>) {
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
-    let mut out = stream;
+    let out = Arc::new(Mutex::new(stream));
+    let (etx, erx) = bounded::<String>(EVENT_QUEUE);
+    let conn = Conn {
+        id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
+        events: etx,
+    };
+    let event_out = out.clone();
+    let _ = std::thread::Builder::new()
+        .name("api-events".into())
+        .spawn(move || {
+            for line in erx {
+                if write_line(&event_out, &line).is_err() {
+                    return;
+                }
+            }
+        });
+    serve_requests(read_half, &out, &tx, &conn);
+    // Closed or killed client: its engines go.
+    let (rtx, _rrx) = bounded(1);
+    let _ = tx.send(Pending {
+        op: Op::Disconnected,
+        reply: rtx,
+        conn,
+    });
+}
+
+fn serve_requests(
+    read_half: UnixStream,
+    out: &Mutex<UnixStream>,
+    tx: &Sender<Pending>,
+    conn: &Conn,
+) {
     for line in BufReader::new(read_half).lines() {
         let Ok(line) = line else { return };
         if line.trim().is_empty() {
@@ -74,6 +130,7 @@ fn serve(stream: UnixStream, tx: Sender<Pending>) {
                     .send(Pending {
                         op: req.op,
                         reply: rtx,
+                        conn: conn.clone(),
                     })
                     .is_err()
                 {
@@ -99,7 +156,7 @@ fn serve(stream: UnixStream, tx: Sender<Pending>) {
                 v
             }
         };
-        if writeln!(out, "{reply}").is_err() {
+        if write_line(out, &reply.to_string()).is_err() {
             return;
         }
     }

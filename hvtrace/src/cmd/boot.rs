@@ -60,10 +60,11 @@ pub fn boot(args: BootArgs) -> Result<i32> {
         };
         if req.op == Op::Shutdown {
             let _ = req.reply.send(Ok(serde_json::json!({})));
+            handler.finish(&session);
             session.shutdown();
             return Ok(0);
         }
-        let answer = handler.handle(&session, req.op);
+        let answer = handler.handle(&session, req.op, &req.conn);
         let _ = req.reply.send(answer);
     }
 }

@@ -202,14 +202,16 @@ fn serve_while_running(
     session.start(argv)?;
     loop {
         if let Some(code) = session.poll_exit(Duration::from_millis(50))? {
+            handler.finish(session);
             return Ok(Some(code));
         }
         while let Ok(req) = server.requests.try_recv() {
             if req.op == Op::Shutdown {
                 let _ = req.reply.send(Ok(serde_json::json!({})));
+                handler.finish(session);
                 return Ok(None);
             }
-            let answer = handler.handle(session, req.op);
+            let answer = handler.handle(session, req.op, &req.conn);
             let _ = req.reply.send(answer);
         }
     }

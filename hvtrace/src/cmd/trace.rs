@@ -134,8 +134,14 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
             break code;
         }
     };
-    let seen = tracer.stats().traps.load(std::sync::atomic::Ordering::Relaxed);
-    let errors = tracer.stats().errors.load(std::sync::atomic::Ordering::Relaxed);
+    let seen = tracer
+        .stats()
+        .traps
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let errors = tracer
+        .stats()
+        .errors
+        .load(std::sync::atomic::Ordering::Relaxed);
     tracer.remove(session.vm()).context("removing the tracer")?;
     log::info!("tracer: {seen} traps, {errors} handler errors");
     if errors > 0 {

@@ -65,7 +65,10 @@ impl UserMemory for ThreadContext {
     fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
         // User addresses only: a hostile pointer into the kernel half is
         // not the thread's memory.
-        if addr.checked_add(buf.len() as u64).is_none_or(|end| end > 0x0000_8000_0000_0000) {
+        if addr
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > 0x0000_8000_0000_0000)
+        {
             return false;
         }
         read_virt(&self.ram, self.space, VirtAddr(addr), buf).is_ok()

@@ -76,7 +76,10 @@ pub struct PlannedTrap {
 }
 
 /// Decodes the instruction at runtime address `va`.
-fn instruction_at<M: PhysMemory + ?Sized>(k: &RunningKernel<'_, M>, va: u64) -> Result<Instruction> {
+fn instruction_at<M: PhysMemory + ?Sized>(
+    k: &RunningKernel<'_, M>,
+    va: u64,
+) -> Result<Instruction> {
     let mut code = [0u8; 16];
     k.read(va, &mut code, "kernel text")?;
     let insn = Decoder::with_ip(64, &code, va, DecoderOptions::NONE).decode();
@@ -117,7 +120,9 @@ pub fn exit_work_branch(code: &[u8], start: u64, exit_mask: u64) -> Option<u64> 
                 && test.op0_kind() == OpKind::Register
                 && matches!(
                     test.op1_kind(),
-                    OpKind::Immediate8 | OpKind::Immediate32 | OpKind::Immediate8to32
+                    OpKind::Immediate8
+                        | OpKind::Immediate32
+                        | OpKind::Immediate8to32
                         | OpKind::Immediate32to64
                 )
                 && test.immediate(1) == exit_mask;
@@ -244,7 +249,11 @@ mod tests {
                 target: 0x1005u64.wrapping_add(0xfffa_2a7b_u32 as i32 as i64 as u64)
             })
         );
-        assert_eq!(displaced(&decode(&[0x48, 0x89, 0xfd])), None, "mov %rdi,%rbp");
+        assert_eq!(
+            displaced(&decode(&[0x48, 0x89, 0xfd])),
+            None,
+            "mov %rdi,%rbp"
+        );
         assert_eq!(displaced(&decode(&[0x41, 0x54])), None, "push %r12");
     }
 

@@ -49,6 +49,9 @@ pub const TRACED_EVENTS: EventMask = EventMask(
         | EventMask::REAP.0,
 );
 
+/// The system-call events (steering is needed for them).
+const SYSCALL_EVENTS: EventMask = EventMask(EventMask::SYSCALL_ENTRY.0 | EventMask::SYSCALL_EXIT.0);
+
 /// Longest argv read at an exec, in bytes.
 const ARGV_MAX_BYTES: usize = 64 << 10;
 /// Most argv entries read at an exec.
@@ -72,6 +75,12 @@ pub enum TracerError {
     /// Some event has no usable site in this kernel.
     #[error("cannot place the tracer's traps: {0}")]
     Sites(String),
+    /// No process with that id.
+    #[error("no process {0} in the guest")]
+    NoProcess(Tid),
+    /// utrace refused the attach.
+    #[error("cannot attach to thread {0}: {1}")]
+    Utrace(Tid, crate::UtraceError),
 }
 
 /// How a new engine is made: its callbacks, the events it wants and
@@ -104,6 +113,9 @@ pub struct TracerStats {
 /// One traced thread.
 struct Traced {
     utrace: ThreadUtrace,
+    /// The call it is in, from its entry report (`rt_sigreturn` sets the
+    /// saved `orig_ax` to -1 before its exit is seen).
+    syscall: Option<u64>,
     /// Whether each engine follows children, by engine id.
     follow: HashMap<u64, bool>,
     task: u64,
@@ -137,6 +149,10 @@ struct Inner {
     pt_regs_delta: OnceLock<u64>,
     /// Runtime address of `sys_tracepoint_refcount`, if the kernel has it.
     tracepoint_refcount: Option<u64>,
+    /// The kernel's own page tables (`init_top_pgt`), for work outside a
+    /// trap: every process's tables map the kernel the same way, but a
+    /// process's may be freed with it.
+    kernel_space: AddressSpace,
     state: Mutex<State>,
     stats: TracerStats,
 }
@@ -165,13 +181,8 @@ impl Tracer {
         let sregs = vm.with_vcpu(0, |fd| fd.get_sregs())??;
         let v = view(&sregs);
         let ram = vm.ram().clone();
-        let k = RunningKernel::attach(
-            &ram,
-            &v,
-            &info.symbols,
-            &info.types,
-            info.banner.as_deref(),
-        )?;
+        let k =
+            RunningKernel::attach(&ram, &v, &info.symbols, &info.types, info.banner.as_deref())?;
         let layout = TraceLayout::resolve(&k)?;
         let (plans, errors) = plan(&k, &info.symbols, &layout, TRACED_EVENTS);
         if !errors.is_empty() {
@@ -181,6 +192,16 @@ impl Tracer {
         let tracepoint_refcount = k.symbol("sys_tracepoint_refcount").ok();
         let placement = k.placement();
         let space = k.space();
+        let kernel_space = match k.symbol("init_top_pgt") {
+            Ok(pgt) => match translate(&ram, space, VirtAddr(pgt)) {
+                Ok(pa) => AddressSpace {
+                    cr3: pa.0,
+                    levels: space.levels,
+                },
+                Err(_) => space,
+            },
+            Err(_) => space,
+        };
         let inner = Arc::new(Inner {
             ram: ram.clone(),
             info: info.clone(),
@@ -190,6 +211,7 @@ impl Tracer {
             syscalls,
             pt_regs_delta: OnceLock::new(),
             tracepoint_refcount,
+            kernel_space,
             state: Mutex::new(State::default()),
             stats: TracerStats::default(),
         });
@@ -255,30 +277,126 @@ impl Tracer {
         v
     }
 
+    /// Attaches an engine made from `spec` to every thread of process
+    /// `pid` (a running guest process), with the vCPUs paused while its
+    /// threads are found and steered. Returns the thread ids.
+    pub fn attach_process(
+        &self,
+        vm: &RunningVm,
+        pid: Tid,
+        spec: &EngineSpec,
+    ) -> Result<Vec<Tid>, TracerError> {
+        vm.pause_all()?;
+        let result = self.attach_paused(vm, pid, spec);
+        vm.resume_all()?;
+        result
+    }
+
+    fn attach_paused(
+        &self,
+        vm: &RunningVm,
+        pid: Tid,
+        spec: &EngineSpec,
+    ) -> Result<Vec<Tid>, TracerError> {
+        let inner = &self.inner;
+        let k = inner.kernel(inner.kernel_space);
+        let reader = guest_introspect::tasks::TaskReader::new(&k)?;
+        let tasks = reader.all_tasks(guest_introspect::tasks::WalkLimits::default())?;
+        let threads: Vec<_> = tasks.iter().filter(|t| t.pid == pid).collect();
+        if threads.is_empty() {
+            return Err(TracerError::NoProcess(pid));
+        }
+        if threads.iter().any(|t| t.is_kernel_thread()) {
+            return Err(TracerError::Utrace(pid, crate::UtraceError::Permission));
+        }
+        let _ = vm;
+        let mut tids = Vec::new();
+        let mut state = inner.lock();
+        for t in &threads {
+            let entry = state.threads.entry(t.tid).or_insert_with(|| Traced {
+                utrace: ThreadUtrace::new(t.tid, false),
+                syscall: None,
+                follow: HashMap::new(),
+                task: t.addr,
+            });
+            let e = attach(&mut entry.utrace, spec).map_err(|e| TracerError::Utrace(t.tid, e))?;
+            entry.follow.insert(e.id(), spec.follow);
+            tids.push(t.tid);
+        }
+        drop(state);
+        if spec.events.intersects(SYSCALL_EVENTS) {
+            for t in &threads {
+                inner.steer(inner.kernel_space, t.addr, true)?;
+            }
+        }
+        Ok(tids)
+    }
+
+    /// Detaches every engine whose data is `data` (by identity); threads
+    /// left without engines stop being traced. Returns how many engines.
+    pub fn detach_data(&self, data: &EngineData) -> usize {
+        let inner = &self.inner;
+        let mut state = inner.lock();
+        let mut count = 0;
+        let mut untraced = Vec::new();
+        for (tid, t) in state.threads.iter_mut() {
+            for e in t.utrace.engines().to_vec() {
+                if e.data().is_some_and(|d| Arc::ptr_eq(d, data)) {
+                    let _ = t.utrace.control(&e, ResumeAction::Detach);
+                    count += 1;
+                }
+            }
+            if t.utrace.engines().is_empty() {
+                untraced.push((*tid, t.task));
+            }
+        }
+        for (tid, _) in &untraced {
+            state.threads.remove(tid);
+        }
+        if state
+            .armed
+            .as_ref()
+            .is_some_and(|a| a.spec.data.as_ref().is_some_and(|d| Arc::ptr_eq(d, data)))
+        {
+            state.armed = None;
+        }
+        drop(state);
+        for (_, task) in untraced {
+            // The task may be gone already; nothing to steer then.
+            let _ = inner.steer(inner.kernel_space, task, false);
+        }
+        count
+    }
+
+    /// Whether any thread is traced or an exec is awaited.
+    pub fn is_idle(&self) -> bool {
+        let st = self.inner.lock();
+        st.threads.is_empty() && st.armed.is_none()
+    }
+
     /// Detaches every engine, steers every traced thread back onto the fast
     /// paths and removes every trap, with the vCPUs paused: afterwards the
     /// guest kernel text is byte for byte what it was before
     /// [`Tracer::install`].
     pub fn remove(self, vm: &RunningVm) -> Result<(), TracerError> {
         vm.pause_all()?;
-        let result = (|| -> Result<(), TracerError> {
-            let sregs = vm.with_vcpu(0, |fd| fd.get_sregs())??;
-            let space = view(&sregs).kernel_space();
+        {
+            let space = self.inner.kernel_space;
             let mut state = self.inner.lock();
             state.armed = None;
             for (_, mut t) in state.threads.drain() {
                 for e in t.utrace.engines().to_vec() {
                     let _ = t.utrace.control(&e, ResumeAction::Detach);
                 }
+                // A thread that exited meanwhile has nothing to steer.
                 let _ = self.inner.steer(space, t.task, false);
             }
-            Ok(())
-        })();
+        }
         for p in &self.inner.plans {
             remove_trap(vm, p);
         }
         vm.resume_all()?;
-        result
+        Ok(())
     }
 }
 
@@ -314,7 +432,12 @@ impl TrapHandler for Inner {
         if let Some(p) = self.plans.iter().find(|p| p.va == va) {
             if let Err(e) = self.handle(p, &regs, &sregs, space) {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                log::warn!("tracer: {} at {}+{:#x}: {e}", p.event_name, p.symbol, p.offset);
+                log::warn!(
+                    "tracer: {} at {}+{:#x}: {e}",
+                    p.event_name,
+                    p.symbol,
+                    p.offset
+                );
             }
         }
         if let TrapHit::Int3 { .. } = hit {
@@ -397,7 +520,19 @@ impl Inner {
                 return Ok(());
             }
             let u = self.user_regs(&k, current)?;
-            let nr = u[self.reg("orig_ax")];
+            let mut nr = u[self.reg("orig_ax")];
+            {
+                let mut st = self.lock();
+                if let Some(t) = st.threads.get_mut(&tid) {
+                    if ev == EventMask::SYSCALL_ENTRY {
+                        t.syscall = Some(nr);
+                    } else if let Some(entered) = t.syscall.take() {
+                        if nr as i64 == -1 {
+                            nr = entered;
+                        }
+                    }
+                }
+            }
             let event = if ev == EventMask::SYSCALL_ENTRY {
                 let a = |n: &str| u[self.reg(n)];
                 Event::SyscallEntry {
@@ -419,7 +554,13 @@ impl Inner {
         } else if ev == EventMask::EXIT {
             if self.lock().threads.contains_key(&tid) {
                 let ctx = ThreadContext::new(tid, tgid, self.ram.clone(), space);
-                self.report(tid, &Event::Exit { code: regs.rdi as i64 }, ctx);
+                self.report(
+                    tid,
+                    &Event::Exit {
+                        code: regs.rdi as i64,
+                    },
+                    ctx,
+                );
             }
         } else if ev == EventMask::DEATH {
             if self.lock().threads.contains_key(&tid) {
@@ -476,7 +617,9 @@ impl Inner {
     /// steering bit is its own as well and must stay).
     fn guest_uses_syscall_tracepoints(&self, k: &RunningKernel<'_, GuestRam>) -> bool {
         match self.tracepoint_refcount {
-            Some(va) => k.read_u32(va, "sys_tracepoint_refcount").map_or(true, |n| n != 0),
+            Some(va) => k
+                .read_u32(va, "sys_tracepoint_refcount")
+                .map_or(true, |n| n != 0),
             None => true,
         }
     }
@@ -619,14 +762,13 @@ impl Inner {
                 tid,
                 Traced {
                     utrace,
+                    syscall: None,
                     follow,
                     task: current,
                 },
             );
             drop(state);
-            if armed.spec.events.intersects(EventMask(
-                EventMask::SYSCALL_ENTRY.0 | EventMask::SYSCALL_EXIT.0,
-            )) {
+            if armed.spec.events.intersects(SYSCALL_EVENTS) {
                 self.steer(space, current, true)?;
             }
             started = true;
@@ -635,7 +777,11 @@ impl Inner {
         let filename_ptr = k.read_u64(bprm + l.bprm_filename, "linux_binprm.filename")?;
         let filename = k.read_cstr(filename_ptr, 4096, "linux_binprm.filename")?;
         let envc = u64::from(k.read_u32(bprm + l.bprm_envc, "linux_binprm.envc")?);
-        let argv = syscall_argv.unwrap_or_default();
+        // The new image's copy, when the old one's pages are not mapped
+        // (a fresh fork's data the kernel has not touched).
+        let argv = syscall_argv
+            .or_else(|| self.bprm_argv(k, bprm).ok())
+            .unwrap_or_default();
         if started {
             // The engine's first report is the execve it attached in.
             self.report(tid, &Event::SyscallEntry { nr, args }, ctx.clone());
@@ -648,6 +794,47 @@ impl Inner {
         });
         self.report(tid, &Event::Exec { filename }, ctx);
         Ok(())
+    }
+
+    /// The argv strings the kernel copied to the top of the new image's
+    /// stack (`bprm->p` in `bprm->mm`).
+    fn bprm_argv(
+        &self,
+        k: &RunningKernel<'_, GuestRam>,
+        bprm: u64,
+    ) -> Result<Vec<String>, IntrospectError> {
+        let l = &self.layout;
+        let mm = k.read_u64(bprm + l.bprm_mm, "linux_binprm.mm")?;
+        let pgd = k.read_u64(mm + l.mm_pgd, "mm_struct.pgd")?;
+        let pa =
+            translate(&self.ram, k.space(), VirtAddr(pgd)).map_err(|e| IntrospectError::Read {
+                what: "the new image's page tables".into(),
+                va: pgd,
+                source: e.into(),
+            })?;
+        let space = AddressSpace {
+            cr3: pa.0,
+            levels: k.space().levels,
+        };
+        let argc = k.read_u32(bprm + l.bprm_argc, "linux_binprm.argc")? as usize;
+        if argc > ARGV_MAX_ITEMS {
+            return Err(IntrospectError::Corrupt(format!(
+                "exec with {argc} arguments"
+            )));
+        }
+        let mem = ThreadContext::new(0, 0, self.ram.clone(), space);
+        let mut at = k.read_u64(bprm + l.bprm_p, "linux_binprm.p")?;
+        let mut out = Vec::with_capacity(argc);
+        let mut total = 0;
+        for _ in 0..argc {
+            let s = read_c_string(&mem, at, ARGV_MAX_BYTES - total).ok_or_else(|| {
+                IntrospectError::Corrupt(format!("unreadable exec argument at {at:#x}"))
+            })?;
+            at += s.len() as u64 + 1;
+            total += s.len() + 1;
+            out.push(s);
+        }
+        Ok(out)
     }
 
     fn on_clone(
@@ -691,15 +878,14 @@ impl Inner {
             for spec in &specs {
                 if let Ok(e) = attach(&mut utrace, spec) {
                     follow.insert(e.id(), true);
-                    wants_syscalls |= spec.events.intersects(EventMask(
-                        EventMask::SYSCALL_ENTRY.0 | EventMask::SYSCALL_EXIT.0,
-                    ));
+                    wants_syscalls |= spec.events.intersects(SYSCALL_EVENTS);
                 }
             }
             state.threads.insert(
                 child_tid,
                 Traced {
                     utrace,
+                    syscall: None,
                     follow,
                     task: child,
                 },

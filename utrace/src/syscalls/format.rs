@@ -2,7 +2,7 @@
 //! "/etc/hostname", O_RDONLY) = 3`, `-1 ENOENT (No such file or
 //! directory)`, strings quoted and cut at `-s` bytes as strace does.
 
-use super::{has_out_args, signature, Arg, Ret};
+use super::{has_out_args, kinds_for, signature, Arg, Ret};
 
 /// Reads the traced thread's user memory (the guest is untrusted: a read
 /// may fail, and then the pointer is shown instead).
@@ -35,6 +35,8 @@ pub struct Pending {
     pub name: String,
     /// Raw arguments.
     pub args: [u64; 6],
+    /// How each argument is shown (empty for an unknown call).
+    pub kinds: Vec<Arg>,
     /// Rendered arguments.
     pub shown: Vec<Option<String>>,
 }
@@ -42,27 +44,22 @@ pub struct Pending {
 impl Formatter {
     /// Renders the arguments known at entry.
     pub fn enter(&self, name: &str, args: [u64; 6], mem: &dyn UserMemory) -> Pending {
-        let shown = match signature(name) {
-            Some(_) if name == "clone" => clone_args(args),
-            Some((kinds, _)) => {
-                let mut kinds = kinds.to_vec();
-                // open/openat show the mode only when it is used.
-                if let Some(fi) = kinds.iter().position(|k| *k == Arg::OpenFlags) {
-                    if kinds.get(fi + 1) == Some(&Arg::Mode) && args[fi] & (O_CREAT | O_TMPFILE) == 0 {
-                        kinds.truncate(fi + 1);
-                    }
-                }
-                kinds
-                    .iter()
-                    .zip(args)
-                    .map(|(k, v)| self.entry_arg(*k, v, &args, mem))
-                    .collect()
-            }
-            None => args.iter().map(|a| Some(format!("{a:#x}"))).collect(),
+        let kinds = kinds_for(name, &args).map(|k| k.0).unwrap_or_default();
+        let shown = if name == "clone" {
+            clone_args(args)
+        } else if signature(name).is_some() {
+            kinds
+                .iter()
+                .zip(args)
+                .map(|(k, v)| self.entry_arg(*k, v, &args, mem))
+                .collect()
+        } else {
+            args.iter().map(|a| Some(format!("{a:#x}"))).collect()
         };
         Pending {
             name: name.to_string(),
             args,
+            kinds,
             shown,
         }
     }
@@ -76,17 +73,26 @@ impl Formatter {
     /// Renders the remaining arguments and the return value: the whole
     /// line without a trailing newline.
     pub fn finish(&self, p: &Pending, ret: i64, mem: &dyn UserMemory) -> String {
-        let kinds = signature(&p.name).map(|(k, _)| k).unwrap_or(&[]);
+        let kinds = &p.kinds;
         let args: Vec<String> = p
             .shown
             .iter()
             .enumerate()
             .map(|(i, s)| match s {
                 Some(s) => s.clone(),
-                None => self.exit_arg(kinds[i], p.args[i], ret, mem),
+                None => match kinds.get(i) {
+                    Some(Arg::BufIn(n)) => self.buffer(p.args[i], p.args[*n], mem),
+                    Some(k) => self.exit_arg(*k, p.args[i], ret, mem),
+                    None => format!("{:#x}", p.args[i]),
+                },
             })
             .collect();
-        format!("{}({}) = {}", p.name, args.join(", "), self.ret(&p.name, ret))
+        format!(
+            "{}({}) = {}",
+            p.name,
+            args.join(", "),
+            self.ret(&p.name, ret)
+        )
     }
 
     /// The line of a call that did not return (`exit_group(0) = ?`).
@@ -118,7 +124,12 @@ impl Formatter {
 
     fn entry_arg(&self, kind: Arg, v: u64, all: &[u64; 6], mem: &dyn UserMemory) -> Option<String> {
         Some(match kind {
-            Arg::BufOut | Arg::WaitStatus => return None,
+            Arg::BufOut | Arg::WaitStatus | Arg::NameOut => return None,
+            Arg::PrctlOption => match v {
+                15 => "PR_SET_NAME".into(),
+                16 => "PR_GET_NAME".into(),
+                _ => format!("{v:#x}"),
+            },
             Arg::Int => (v as i32).to_string(),
             Arg::Uint => v.to_string(),
             Arg::Hex if v == 0 => "0".into(),
@@ -131,8 +142,12 @@ impl Formatter {
                     (v as i32).to_string()
                 }
             }
-            Arg::Str => self.c_string(v, mem),
-            Arg::BufIn(len_arg) => self.buffer(v, all[len_arg], mem),
+            // Pages the kernel has not touched yet (a fresh fork's
+            // file-backed data) may not be mapped at entry: such arguments
+            // are read again at exit, after the kernel faulted them in.
+            Arg::Str if v != 0 => return self.try_c_string(v, mem),
+            Arg::Str => "NULL".into(),
+            Arg::BufIn(len_arg) => return self.try_buffer(v, all[len_arg], mem),
             Arg::OpenFlags => open_flags(v),
             Arg::Mode => format!("{:#o}", v & 0o7777).replacen("0o", "0", 1),
             Arg::Whence => match v {
@@ -166,7 +181,7 @@ impl Formatter {
                 2 => "SIG_SETMASK".into(),
                 _ => v.to_string(),
             },
-            Arg::Argv => self.argv(v, mem),
+            Arg::Argv => return self.try_argv(v, mem),
             Arg::Envp => {
                 let n = count_pointers(v, mem);
                 match n {
@@ -203,15 +218,47 @@ impl Formatter {
                 }
                 format!("[{}]", wait_status(i32::from_le_bytes(b)))
             }
+            Arg::Str => self.c_string(v, mem),
+            Arg::NameOut if ret == 0 => self.c_string(v, mem),
+            Arg::Argv => self.try_argv(v, mem).unwrap_or_else(|| ptr(v)),
             _ => format!("{v:#x}"),
         }
     }
 
-    /// A NUL-terminated string: quoted, cut at the limit with `...`.
+    /// A NUL-terminated string: quoted, cut at the limit with `...`; the
+    /// pointer if it cannot be read.
     pub fn c_string(&self, addr: u64, mem: &dyn UserMemory) -> String {
         if addr == 0 {
             return "NULL".into();
         }
+        self.try_c_string(addr, mem).unwrap_or_else(|| ptr(addr))
+    }
+
+    /// A quoted Rust string, cut at the limit (an exec's file name).
+    pub fn quoted(&self, s: &str) -> String {
+        let b = s.as_bytes();
+        let mut q = quote(&b[..b.len().min(self.string_limit)]);
+        if b.len() > self.string_limit {
+            q.push_str("...");
+        }
+        q
+    }
+
+    /// `["a", "b"]` from strings (an exec's argv).
+    pub fn string_array(&self, items: &[String]) -> String {
+        let mut shown: Vec<String> = items
+            .iter()
+            .take(MAX_ARRAY)
+            .map(|s| self.quoted(s))
+            .collect();
+        if items.len() > MAX_ARRAY {
+            shown.push("...".into());
+        }
+        format!("[{}]", shown.join(", "))
+    }
+
+    /// [`Formatter::c_string`], None if unreadable.
+    pub fn try_c_string(&self, addr: u64, mem: &dyn UserMemory) -> Option<String> {
         let mut out = Vec::new();
         let mut terminated = false;
         // Page by page, so a string ending just before an unmapped page
@@ -231,7 +278,7 @@ impl Formatter {
                 if !chunk.contains(&0) {
                     out.extend_from_slice(&chunk);
                     if out.is_empty() {
-                        return ptr(addr);
+                        return None;
                     }
                     break;
                 }
@@ -250,32 +297,36 @@ impl Formatter {
         if cut {
             s.push_str("...");
         }
-        s
+        Some(s)
     }
 
     /// `len` bytes at `addr`: quoted, cut at the limit with `...`.
     pub fn buffer(&self, addr: u64, len: u64, mem: &dyn UserMemory) -> String {
+        self.try_buffer(addr, len, mem).unwrap_or_else(|| ptr(addr))
+    }
+
+    fn try_buffer(&self, addr: u64, len: u64, mem: &dyn UserMemory) -> Option<String> {
         let shown = (len as usize).min(self.string_limit);
         let mut buf = vec![0u8; shown];
         if !mem.read(addr, &mut buf) {
-            return ptr(addr);
+            return None;
         }
         let mut s = quote(&buf);
         if len as usize > shown {
             s.push_str("...");
         }
-        s
+        Some(s)
     }
 
-    fn argv(&self, addr: u64, mem: &dyn UserMemory) -> String {
+    fn try_argv(&self, addr: u64, mem: &dyn UserMemory) -> Option<String> {
         if addr == 0 {
-            return "NULL".into();
+            return Some("NULL".into());
         }
         let mut items = Vec::new();
         for i in 0..=MAX_ARRAY as u64 {
             let mut p = [0u8; 8];
             if !mem.read(addr + 8 * i, &mut p) {
-                return ptr(addr);
+                return None;
             }
             let p = u64::from_le_bytes(p);
             if p == 0 {
@@ -285,9 +336,9 @@ impl Formatter {
                 items.push("...".to_string());
                 break;
             }
-            items.push(self.c_string(p, mem));
+            items.push(self.try_c_string(p, mem)?);
         }
-        format!("[{}]", items.join(", "))
+        Some(format!("[{}]", items.join(", ")))
     }
 }
 
@@ -381,7 +432,10 @@ pub fn errno_of(ret: i64) -> Option<i64> {
 /// Name and message of an errno (glibc's `strerror` text), including the
 /// kernel-internal restart codes strace shows.
 pub fn errno_name(e: i64) -> Option<(&'static str, &'static str)> {
-    ERRNOS.iter().find(|(n, _, _)| *n == e).map(|(_, name, msg)| (*name, *msg))
+    ERRNOS
+        .iter()
+        .find(|(n, _, _)| *n == e)
+        .map(|(_, name, msg)| (*name, *msg))
 }
 
 const ERRNOS: &[(i64, &str, &str)] = &[
@@ -433,10 +487,38 @@ const ERRNOS: &[(i64, &str, &str)] = &[
 ];
 
 const SIGNALS: [&str; 32] = [
-    "0", "SIGHUP", "SIGINT", "SIGQUIT", "SIGILL", "SIGTRAP", "SIGABRT", "SIGBUS", "SIGFPE",
-    "SIGKILL", "SIGUSR1", "SIGSEGV", "SIGUSR2", "SIGPIPE", "SIGALRM", "SIGTERM", "SIGSTKFLT",
-    "SIGCHLD", "SIGCONT", "SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGURG", "SIGXCPU",
-    "SIGXFSZ", "SIGVTALRM", "SIGPROF", "SIGWINCH", "SIGIO", "SIGPWR", "SIGSYS",
+    "0",
+    "SIGHUP",
+    "SIGINT",
+    "SIGQUIT",
+    "SIGILL",
+    "SIGTRAP",
+    "SIGABRT",
+    "SIGBUS",
+    "SIGFPE",
+    "SIGKILL",
+    "SIGUSR1",
+    "SIGSEGV",
+    "SIGUSR2",
+    "SIGPIPE",
+    "SIGALRM",
+    "SIGTERM",
+    "SIGSTKFLT",
+    "SIGCHLD",
+    "SIGCONT",
+    "SIGSTOP",
+    "SIGTSTP",
+    "SIGTTIN",
+    "SIGTTOU",
+    "SIGURG",
+    "SIGXCPU",
+    "SIGXFSZ",
+    "SIGVTALRM",
+    "SIGPROF",
+    "SIGWINCH",
+    "SIGIO",
+    "SIGPWR",
+    "SIGSYS",
 ];
 
 /// `SIGCHLD` for 17; `SIGRTMIN+n` above 31.
@@ -449,8 +531,6 @@ pub fn signal_name(sig: i32) -> String {
 }
 
 const AT_FDCWD: i32 = -100;
-const O_CREAT: u64 = 0o100;
-const O_TMPFILE: u64 = 0o20_200_000;
 
 const OPEN: &[(u64, &str)] = &[
     (0o100, "O_CREAT"),
@@ -568,10 +648,20 @@ pub fn wait_status(s: i32) -> String {
     if sig == 0 {
         format!("{{WIFEXITED(s) && WEXITSTATUS(s) == {}}}", (s >> 8) & 0xff)
     } else if sig == 0x7f {
-        format!("{{WIFSTOPPED(s) && WSTOPSIG(s) == {}}}", signal_name((s >> 8) & 0xff))
+        format!(
+            "{{WIFSTOPPED(s) && WSTOPSIG(s) == {}}}",
+            signal_name((s >> 8) & 0xff)
+        )
     } else {
-        let core = if s & 0x80 != 0 { " && WCOREDUMP(s)" } else { "" };
-        format!("{{WIFSIGNALED(s) && WTERMSIG(s) == {}{core}}}", signal_name(sig))
+        let core = if s & 0x80 != 0 {
+            " && WCOREDUMP(s)"
+        } else {
+            ""
+        };
+        format!(
+            "{{WIFSIGNALED(s) && WTERMSIG(s) == {}{core}}}",
+            signal_name(sig)
+        )
     }
 }
 
@@ -612,12 +702,20 @@ mod tests {
     fn openat_read_write_and_errors() {
         let f = Formatter::default();
         let m = mem(&[(0x1000, b"/etc/hostname\0"), (0x2000, b"hvtrace\n")]);
-        let p = f.enter("openat", [(-100i64) as u64, 0x1000, 0o2_000_000, 0, 0, 0], &m);
+        let p = f.enter(
+            "openat",
+            [(-100i64) as u64, 0x1000, 0o2_000_000, 0, 0, 0],
+            &m,
+        );
         assert_eq!(
             f.finish(&p, 3, &m),
             r#"openat(AT_FDCWD, "/etc/hostname", O_RDONLY|O_CLOEXEC) = 3"#
         );
-        let p = f.enter("openat", [(-100i64) as u64, 0x1000, 0o2_001_102, 0o644, 0, 0], &m);
+        let p = f.enter(
+            "openat",
+            [(-100i64) as u64, 0x1000, 0o2_001_102, 0o644, 0, 0],
+            &m,
+        );
         assert_eq!(
             f.finish(&p, -2, &m),
             r#"openat(AT_FDCWD, "/etc/hostname", O_RDWR|O_CREAT|O_TRUNC|O_CLOEXEC, 0644) = -1 ENOENT (No such file or directory)"#
@@ -628,7 +726,10 @@ mod tests {
         let p = f.enter("write", [1, 0x2000, 8, 0, 0, 0], &m);
         assert_eq!(f.finish(&p, 8, &m), r#"write(1, "hvtrace\n", 8) = 8"#);
         let p = f.enter("read", [3, 0x9000, 256, 0, 0, 0], &m);
-        assert_eq!(f.finish(&p, -9, &m), "read(3, 0x9000, 256) = -1 EBADF (Bad file descriptor)");
+        assert_eq!(
+            f.finish(&p, -9, &m),
+            "read(3, 0x9000, 256) = -1 EBADF (Bad file descriptor)"
+        );
     }
 
     #[test]
@@ -640,7 +741,11 @@ mod tests {
         assert_eq!(f.c_string(0, &m), "NULL");
         assert_eq!(f.buffer(0x1000, 9, &m), r#""abcd"..."#);
         let f = Formatter { string_limit: 32 };
-        assert_eq!(f.c_string(0x1000, &m), r#""abcdefgh""#, "NUL before the end of the run");
+        assert_eq!(
+            f.c_string(0x1000, &m),
+            r#""abcdefgh""#,
+            "NUL before the end of the run"
+        );
     }
 
     #[test]
@@ -677,9 +782,19 @@ mod tests {
         );
         let p = f.enter("brk", [0; 6], &m);
         assert_eq!(f.finish(&p, 0x4c6000, &m), "brk(NULL) = 0x4c6000");
-        assert_eq!(f.ret("wait4", -512), "? ERESTARTSYS (To be restarted if SA_RESTART is set)");
+        assert_eq!(
+            f.ret("wait4", -512),
+            "? ERESTARTSYS (To be restarted if SA_RESTART is set)"
+        );
         assert_eq!(wait_status(9), "{WIFSIGNALED(s) && WTERMSIG(s) == SIGKILL}");
+        let name = mem(&[(0x4000, b"true\0")]);
+        let p = f.enter("prctl", [16, 0x4000, 0, 0, 0, 0], &name);
+        assert!(!f.complete_at_entry("read"));
+        assert_eq!(f.finish(&p, 0, &name), r#"prctl(PR_GET_NAME, "true") = 0"#);
         let p = f.enter("syscall_0x3e7", [1, 2, 3, 4, 5, 6], &m);
-        assert_eq!(f.finish(&p, 0, &m), "syscall_0x3e7(0x1, 0x2, 0x3, 0x4, 0x5, 0x6) = 0");
+        assert_eq!(
+            f.finish(&p, 0, &m),
+            "syscall_0x3e7(0x1, 0x2, 0x3, 0x4, 0x5, 0x6) = 0"
+        );
     }
 }

@@ -53,6 +53,10 @@ pub enum Arg {
     WaitStatus,
     /// `access`/`faccessat` mode (`F_OK`, `R_OK|X_OK`).
     AccessMode,
+    /// `prctl` option (`PR_SET_NAME`).
+    PrctlOption,
+    /// A thread name the call fills (`prctl(PR_GET_NAME)`): shown at exit.
+    NameOut,
 }
 
 /// How the return value is shown.
@@ -120,6 +124,28 @@ pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
         "ioctl" | "fcntl" => (&[Int, Hex, Hex], Ret::Int),
         "chroot" | "acct" | "swapoff" => (&[Str], Ret::Int),
         "sethostname" => (&[BufIn(1), Uint], Ret::Int),
+        "rseq" => (&[Ptr, Uint, Hex, Hex], Ret::Int),
+        "prlimit64" => (&[Int, Int, Ptr, Ptr], Ret::Int),
+        "clock_gettime" | "clock_getres" => (&[Int, Ptr], Ret::Int),
+        "clock_nanosleep" => (&[Int, Hex, Ptr, Ptr], Ret::Int),
+        "madvise" => (&[Ptr, Uint, Int], Ret::Int),
+        "futex" => (&[Ptr, Hex, Int, Ptr], Ret::Int),
+        "prctl" => (&[PrctlOption, Hex, Hex, Hex, Hex], Ret::Int),
+        "clone3" => (&[Ptr, Uint], Ret::Int),
+        "getcwd" => (&[BufOut, Uint], Ret::Int),
+        "chmod" => (&[Str, Mode], Ret::Int),
+        "fchmodat" => (&[DirFd, Str, Mode], Ret::Int),
+        "symlink" | "link" => (&[Str, Str], Ret::Int),
+        "getdents64" => (&[Int, Ptr, Uint], Ret::Int),
+        "poll" => (&[Ptr, Uint, Int], Ret::Int),
+        "sysinfo" | "times" => (&[Ptr], Ret::Int),
+        "umask" => (&[Mode], Ret::Int),
+        "setpgid" => (&[Int, Int], Ret::Int),
+        "getpgid" | "getsid" => (&[Int], Ret::Int),
+        "sigaltstack" => (&[Ptr, Ptr], Ret::Int),
+        "rt_sigsuspend" => (&[Ptr, Uint], Ret::Int),
+        "statfs" => (&[Str, Ptr], Ret::Int),
+        "fstatfs" => (&[Int, Ptr], Ret::Int),
         _ => return None,
     })
 }
@@ -127,5 +153,29 @@ pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
 /// Whether the call's line is completed at exit with data it wrote
 /// (strace prints such calls whole at exit).
 pub fn has_out_args(args: &[Arg]) -> bool {
-    args.iter().any(|a| matches!(a, Arg::BufOut | Arg::WaitStatus))
+    args.iter()
+        .any(|a| matches!(a, Arg::BufOut | Arg::WaitStatus | Arg::NameOut))
+}
+
+/// The argument kinds of one call with these arguments: [`signature`],
+/// narrowed where an argument decides what the others are (`prctl`'s
+/// option, `open`'s mode only with `O_CREAT`).
+pub fn kinds_for(name: &str, args: &[u64; 6]) -> Option<(Vec<Arg>, Ret)> {
+    let (kinds, ret) = signature(name)?;
+    let mut kinds = kinds.to_vec();
+    if name == "prctl" {
+        kinds = match args[0] {
+            15 => vec![Arg::PrctlOption, Arg::Str],
+            16 => vec![Arg::PrctlOption, Arg::NameOut],
+            _ => kinds,
+        };
+    }
+    if let Some(fi) = kinds.iter().position(|k| *k == Arg::OpenFlags) {
+        const O_CREAT: u64 = 0o100;
+        const O_TMPFILE: u64 = 0o20_200_000;
+        if kinds.get(fi + 1) == Some(&Arg::Mode) && args[fi] & (O_CREAT | O_TMPFILE) == 0 {
+            kinds.truncate(fi + 1);
+        }
+    }
+    Some((kinds, ret))
 }

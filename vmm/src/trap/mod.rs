@@ -113,7 +113,9 @@ pub enum TrapError {
     #[error("a trap is already planted at {0:#x}")]
     AlreadyPlanted(u64),
     /// All four debug registers are in use.
-    #[error("no free debug register for a breakpoint at {0:#x} (all {HW_BREAKPOINT_SLOTS} in use)")]
+    #[error(
+        "no free debug register for a breakpoint at {0:#x} (all {HW_BREAKPOINT_SLOTS} in use)"
+    )]
     NoDebugRegister(u64),
     /// The byte to patch is not in guest RAM.
     #[error("cannot patch guest memory: {0}")]
@@ -231,7 +233,11 @@ impl TrapTable {
     /// Sets a debug-register instruction breakpoint at `va` on every vCPU
     /// (applied by each vCPU before it next enters the guest: pause and
     /// resume the vCPUs to be sure all have it).
-    pub fn set_hw_breakpoint(&self, va: u64, handler: Arc<dyn TrapHandler>) -> Result<(), TrapError> {
+    pub fn set_hw_breakpoint(
+        &self,
+        va: u64,
+        handler: Arc<dyn TrapHandler>,
+    ) -> Result<(), TrapError> {
         let mut hw = self.hw.lock().unwrap_or_else(|e| e.into_inner());
         if hw.slots.iter().flatten().any(|(a, _)| *a == va) {
             return Err(TrapError::AlreadyPlanted(va));
@@ -364,7 +370,10 @@ mod tests {
         assert!(t.hw_generation() > g0);
         assert!(t.clear_hw_breakpoint(0x1001));
         assert!(!t.clear_hw_breakpoint(0x1001));
-        assert_eq!(t.hw_breakpoints(), [Some(0x1000), None, Some(0x1002), Some(0x1003)]);
+        assert_eq!(
+            t.hw_breakpoints(),
+            [Some(0x1000), None, Some(0x1002), Some(0x1003)]
+        );
         t.set_hw_breakpoint(0x2000, Arc::new(Nothing)).unwrap();
         assert_eq!(t.hw_breakpoints()[1], Some(0x2000));
         assert!(t.hw_handler(0x2000).is_some() && t.hw_handler(0x1001).is_none());

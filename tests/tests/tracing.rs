@@ -1,0 +1,191 @@
+//! `hvtrace trace` against the oracle the guest itself has: Debian's
+//! strace, run inside the same guest on the same program.
+
+use hvtrace_tests::strace_log::{parse, Call};
+use hvtrace_tests::*;
+
+/// Calls whose presence depends on timing (a futex wait happens only if
+/// the other thread has not finished yet), not on the program.
+const TIMING_DEPENDENT: &[&str] = &["futex"];
+
+/// `hvtrace trace -f -o FILE -- program`: its output and the trace.
+fn traced(program: &[&str]) -> (std::process::Output, String) {
+    let trace = temp_path("trace.txt");
+    let t = trace.to_str().unwrap();
+    let mut args = vec!["trace", "-f", "-o", t, "--"];
+    args.extend_from_slice(program);
+    let out = hvtrace(&args);
+    let log = std::fs::read_to_string(&trace).unwrap_or_default();
+    let _ = std::fs::remove_file(&trace);
+    (out, log)
+}
+
+fn hvtrace_trace(program: &[&str]) -> (String, String) {
+    let (out, log) = traced(program);
+    assert!(
+        out.status.success(),
+        "hvtrace trace {program:?} failed: {}",
+        stderr(&out)
+    );
+    (stdout(&out), log)
+}
+
+fn guest_strace(program: &[&str]) -> (String, String) {
+    let mut args = vec!["run", "--", "strace", "-f"];
+    args.extend_from_slice(program);
+    let out = hvtrace(&args);
+    assert!(
+        out.status.success(),
+        "strace {program:?} in the guest failed: {}",
+        stderr(&out)
+    );
+    // The command's stderr is strace's log (hvtrace's own lines start
+    // with "[hvtrace]").
+    let log: String = stderr(&out)
+        .lines()
+        .filter(|l| !l.starts_with("[hvtrace]"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    (stdout(&out), log)
+}
+
+fn show(seqs: &[Vec<Call>]) -> String {
+    seqs.iter()
+        .map(|s| {
+            s.iter()
+                .map(|c| format!("  {}({}) = {}", c.name, c.strings.join(", "), c.ret))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .collect::<Vec<_>>()
+        .join("\n  ----\n")
+}
+
+fn assert_same_calls(program: &[&str]) {
+    let (hv_out, hv_log) = hvtrace_trace(program);
+    let (st_out, st_log) = guest_strace(program);
+    let hv = parse(&hv_log, TIMING_DEPENDENT);
+    let st = parse(&st_log, TIMING_DEPENDENT);
+    assert!(!st.is_empty(), "strace printed nothing:\n{st_log}");
+    assert!(
+        hv.iter().map(Vec::len).sum::<usize>() >= 10,
+        "hvtrace traced almost nothing:\n{hv_log}"
+    );
+    assert_eq!(
+        hv,
+        st,
+        "{program:?}: hvtrace trace -f and strace -f in the guest disagree\n\
+         --- hvtrace (parsed) ---\n{}\n--- strace (parsed) ---\n{}\n\
+         --- hvtrace log ---\n{hv_log}\n--- strace log ---\n{st_log}",
+        show(&hv),
+        show(&st)
+    );
+    // Tracing did not change what the program did.
+    let lines = |s: &str| s.lines().count();
+    assert_eq!(lines(&hv_out), lines(&st_out), "{hv_out}\nvs\n{st_out}");
+}
+
+#[test]
+fn file_io_calls_equal_guest_strace() {
+    require_kvm();
+    assert_same_calls(&["hv-fileio"]);
+}
+
+#[test]
+fn fork_exec_wait_calls_equal_guest_strace() {
+    require_kvm();
+    assert_same_calls(&["hv-forkexec-loop", "2"]);
+}
+
+#[test]
+fn thread_calls_equal_guest_strace() {
+    require_kvm();
+    assert_same_calls(&["hv-threads"]);
+}
+
+#[test]
+fn signal_calls_equal_guest_strace() {
+    require_kvm();
+    assert_same_calls(&["hv-signals"]);
+}
+
+#[test]
+fn the_trace_names_the_exec_and_a_failing_open_as_strace_would() {
+    require_kvm();
+    let (out, log) = traced(&["/bin/sh", "-c", "cat /etc/hostname /nonexistent; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hvtrace-guest\n");
+    let first = log.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with(
+            r#"execve("/bin/sh", ["/bin/sh", "-c", "cat /etc/hostname /nonexistent; "..."#
+        ),
+        "first line: {first}\n{log}"
+    );
+    assert!(
+        log.contains(r#"openat(AT_FDCWD, "/nonexistent", O_RDONLY|O_LARGEFILE) = -1 ENOENT (No such file or directory)"#)
+            || log.contains(r#"openat(AT_FDCWD, "/nonexistent", O_RDONLY) = -1 ENOENT (No such file or directory)"#),
+        "{log}"
+    );
+    assert!(log.contains("+++ exited with 3 +++"), "{log}");
+}
+
+#[test]
+fn the_guest_does_not_see_a_tracer() {
+    require_kvm();
+    // /proc/self/status of a traced process: TracerPid stays what the
+    // guest set (0: nothing in the guest ptraces it).
+    let trace = temp_path("tracerpid.txt");
+    let out = hvtrace(&[
+        "trace",
+        "-o",
+        trace.to_str().unwrap(),
+        "--",
+        "grep",
+        "TracerPid",
+        "/proc/self/status",
+    ]);
+    let log = std::fs::read_to_string(&trace).unwrap_or_default();
+    let _ = std::fs::remove_file(&trace);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "TracerPid:\t0");
+    assert!(
+        log.contains(r#"openat(AT_FDCWD, "/proc/self/status""#),
+        "{log}"
+    );
+}
+
+#[test]
+fn guest_ptrace_keeps_working_on_a_thread_hvtrace_traces() {
+    require_kvm();
+    // strace in the guest traces hv-fileio while hvtrace traces both.
+    let trace = temp_path("both.txt");
+    let out = hvtrace(&[
+        "trace",
+        "-f",
+        "-o",
+        trace.to_str().unwrap(),
+        "--",
+        "strace",
+        "hv-fileio",
+    ]);
+    let log = std::fs::read_to_string(&trace).unwrap_or_default();
+    let _ = std::fs::remove_file(&trace);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let guest_strace = stderr(&out);
+    let open = r#"openat(AT_FDCWD, "/etc/hostname", O_RDONLY|O_CLOEXEC) = 3"#;
+    assert!(
+        guest_strace.contains(open),
+        "the guest's strace lost its trace:\n{guest_strace}"
+    );
+    assert!(
+        log.contains("ptrace("),
+        "hvtrace should see strace's ptrace calls:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("[pid") && l.ends_with(open)),
+        "hvtrace should see hv-fileio's calls too:\n{log}"
+    );
+    assert!(stdout(&out).contains("fileio done"), "{}", stdout(&out));
+}
