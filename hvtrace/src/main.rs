@@ -42,6 +42,8 @@ enum Command {
     Sites(cmd::sites::SitesArgs),
     /// Boot the guest and trace one command from its exec, strace-like (trace on stderr).
     Trace(cmd::trace::TraceArgs),
+    /// Trace a process of a running VM until it exits; Ctrl-C detaches.
+    Attach(cmd::attach::AttachArgs),
 }
 
 fn main() {
@@ -58,6 +60,7 @@ fn main() {
         Command::Types(a) => cmd::symbols::types(a),
         Command::Sites(a) => cmd::sites::sites(a),
         Command::Trace(a) => cmd::trace::trace(a),
+        Command::Attach(a) => cmd::attach::attach(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

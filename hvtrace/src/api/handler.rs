@@ -37,7 +37,6 @@ struct AttachRequest {
     follow: bool,
     trace: Option<Vec<String>>,
     string_limit: Option<usize>,
-    json: bool,
 }
 
 /// An engine's output: whole lines, wrapped for the protocol and queued
@@ -45,7 +44,6 @@ struct AttachRequest {
 struct ConnSink {
     buf: Vec<u8>,
     events: Sender<String>,
-    json: bool,
 }
 
 impl Write for ConnSink {
@@ -54,12 +52,8 @@ impl Write for ConnSink {
         while let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.buf.drain(..=nl).collect();
             let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
-            let wrapped = if self.json {
-                let event: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-                json!({"v": PROTOCOL_VERSION, "event": event})
-            } else {
-                json!({"v": PROTOCOL_VERSION, "trace": text})
-            };
+            let event: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            let wrapped = json!({"v": PROTOCOL_VERSION, "event": event});
             let _ = self.events.try_send(wrapped.to_string());
         }
         Ok(data.len())
@@ -103,7 +97,6 @@ impl Handler {
             follow,
             trace,
             string_limit,
-            json,
         } = req;
         if self.attached.contains_key(&conn.id) {
             return Err("this connection is already attached; detach first".into());
@@ -128,14 +121,13 @@ impl Handler {
             StraceOptions {
                 string_limit,
                 only: trace.map(|v| v.into_iter().collect::<HashSet<_>>()),
-                json,
+                json: true,
                 timing: false,
             },
             tracer.syscalls(),
             Box::new(ConnSink {
                 buf: Vec::new(),
                 events: conn.events.clone(),
-                json,
             }),
         ));
         let data: EngineData = Arc::new(conn.id);
@@ -212,7 +204,6 @@ impl Handler {
                 follow,
                 trace,
                 string_limit,
-                json,
             } => self.attach(
                 session,
                 conn,
@@ -221,7 +212,6 @@ impl Handler {
                     follow,
                     trace,
                     string_limit,
-                    json,
                 },
             ),
             Op::Detach | Op::Disconnected => self.detach(session, conn),

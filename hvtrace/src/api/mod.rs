@@ -12,11 +12,14 @@
 //! * `{"v":1,"op":"sites"}` -> `{"v":1,"ok":true,"kernel":{..},"sites":[{"event":"EXIT","symbol":"do_exit","addr":..,"runtime":"0x..",..}],"errors":[]}`
 //! * `{"v":1,"op":"inspect","pid":N}` -> `{"v":1,"ok":true,"task":{..},"exe":"/bin/sleep","user_regs":{..},"syscall":{"nr":35,"args":[..]}}`
 //!
-//! * `{"v":1,"op":"attach","pid":N,"follow":false,"trace":["openat"],"string_limit":32,"json":false}`
+//! * `{"v":1,"op":"attach","pid":N,"follow":false,"trace":["openat"],"string_limit":32}`
 //!   -> `{"v":1,"ok":true,"tids":[N,..]}`; from then on the connection also
 //!   carries the trace of process N (every thread; with `follow`, new
-//!   children too) as `{"v":1,"trace":"openat(AT_FDCWD, \"/x\", O_RDONLY) = 3","pid":N}`
-//!   lines (with `json`, `{"v":1,"event":{..}}`). When the client closes
+//!   children too), one event per line, possibly before the reply:
+//!   `{"v":1,"event":{"pid":N,"syscall":"openat","line":"openat(AT_FDCWD, \"/x\", O_RDONLY) = 3","ret":3,..}}`,
+//!   `{"v":1,"event":{"pid":N,"event":"exit","code":0}}` (or `"killed"`
+//!   with `"signal"`). Events are queued per connection (65536 lines); a
+//!   client that stops reading loses events, never stalls the guest. When the client closes
 //!   the connection (or is killed) its engines are detached and its
 //!   threads run on untraced; when no engine is left the tracer's traps
 //!   are removed and the kernel text is as it was.
@@ -57,9 +60,6 @@ pub enum Op {
         /// Longest string shown.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         string_limit: Option<usize>,
-        /// JSON events instead of strace lines.
-        #[serde(default)]
-        json: bool,
     },
     /// Detach this connection's engines.
     Detach,

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod attach;
 pub mod boot;
 pub mod cached;
 pub mod ps;

@@ -1,0 +1,140 @@
+//! `hvtrace attach`: trace a process of a running VM through its control
+//! socket until it exits; Ctrl-C (or killing this client) detaches.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::Value;
+
+use crate::api::{Op, Request, PROTOCOL_VERSION};
+use crate::cmd::trace::{open_output, parse_filter};
+
+/// Arguments of `hvtrace attach`.
+#[derive(Args, Debug)]
+pub struct AttachArgs {
+    /// Control socket of the VM (`hvtrace boot` or `hvtrace run --api-sock`).
+    #[arg(long)]
+    pub api_sock: PathBuf,
+    /// Process to trace (all its threads).
+    #[arg(short = 'p', long = "pid")]
+    pub pid: i32,
+    /// Follow new children and threads (`strace -f`).
+    #[arg(short = 'f', long = "follow")]
+    pub follow: bool,
+    /// Which calls to show: `trace=openat,read` (or just `openat,read`).
+    #[arg(short = 'e', value_name = "EXPR")]
+    pub expr: Vec<String>,
+    /// Longest string shown (`strace -s`).
+    #[arg(short = 's', default_value_t = 32)]
+    pub string_limit: usize,
+    /// One JSON object per event instead of strace lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the trace to FILE instead of stderr.
+    #[arg(short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+/// Prints events as strace would: `[pid N]` prefixes while more than one
+/// thread is being traced.
+struct Printer {
+    out: Box<dyn Write + Send>,
+    json: bool,
+    live: BTreeSet<i64>,
+}
+
+impl Printer {
+    fn event(&mut self, e: &Value) -> Result<()> {
+        let pid = e["pid"].as_i64().unwrap_or(0);
+        if self.json {
+            writeln!(self.out, "{e}")?;
+        } else {
+            self.live.insert(pid);
+            let text = match e["event"].as_str() {
+                Some("exit") => format!("+++ exited with {} +++", e["code"]),
+                Some("killed") => {
+                    format!("+++ killed by {} +++", e["signal"].as_str().unwrap_or("?"))
+                }
+                _ => e["line"].as_str().unwrap_or_default().to_string(),
+            };
+            if self.live.len() > 1 {
+                writeln!(self.out, "[pid {pid:>5}] {text}")?;
+            } else {
+                writeln!(self.out, "{text}")?;
+            }
+        }
+        if matches!(e["event"].as_str(), Some("exit" | "killed")) {
+            self.live.remove(&pid);
+        }
+        self.out.flush()?;
+        Ok(())
+    }
+}
+
+/// Attaches and prints events until the process exits; returns 0.
+pub fn attach(args: AttachArgs) -> Result<i32> {
+    let only = parse_filter(&args.expr)?;
+    let mut printer = Printer {
+        out: open_output(args.output.as_deref())?,
+        json: args.json,
+        live: BTreeSet::new(),
+    };
+    let mut sock = UnixStream::connect(&args.api_sock)
+        .with_context(|| format!("cannot connect to {}", args.api_sock.display()))?;
+    let req = Request {
+        v: PROTOCOL_VERSION,
+        id: Some(1),
+        op: Op::Attach {
+            pid: args.pid,
+            follow: args.follow,
+            trace: only.map(|s| s.into_iter().collect()),
+            string_limit: Some(args.string_limit),
+        },
+    };
+    writeln!(sock, "{}", serde_json::to_string(&req)?)?;
+    let mut attached = false;
+    for line in BufReader::new(&sock).lines() {
+        let line = line.context("reading the control socket")?;
+        let v: Value = serde_json::from_str(&line)
+            .with_context(|| format!("bad line from the VM: {line:?}"))?;
+        if let Some(e) = v.get("event") {
+            printer.event(e)?;
+            let leader_gone = e["pid"].as_i64() == Some(i64::from(args.pid))
+                && matches!(e["event"].as_str(), Some("exit" | "killed"));
+            if leader_gone {
+                return Ok(0);
+            }
+            continue;
+        }
+        if v.get("ok").is_some() && !attached {
+            if v["ok"] != Value::Bool(true) {
+                bail!(
+                    "cannot attach to {}: {}",
+                    args.pid,
+                    v["error"].as_str().unwrap_or("request failed")
+                );
+            }
+            attached = true;
+            let tids: Vec<String> = v["tids"]
+                .as_array()
+                .map(|a| a.iter().map(|t| t.to_string()).collect())
+                .unwrap_or_default();
+            eprintln!(
+                "hvtrace: attached to process {} (threads {})",
+                args.pid,
+                tids.join(" ")
+            );
+        }
+    }
+    if attached {
+        bail!(
+            "the VM closed the connection before process {} exited",
+            args.pid
+        )
+    }
+    bail!("the VM closed the connection without answering")
+}

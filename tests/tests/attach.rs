@@ -1,0 +1,240 @@
+//! `hvtrace attach` and the control socket's attach/detach on a running
+//! VM: repeated attach and detach, a client killed mid-trace, bad requests,
+//! and the kernel text byte for byte unchanged afterwards.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hvtrace_tests::*;
+use serde_json::Value;
+
+/// A VM running `hv-getpid-loop N` with a control socket; shut down when
+/// dropped.
+struct LoopGuest {
+    child: Option<Child>,
+    sock: PathBuf,
+    pid: i64,
+}
+
+impl Drop for LoopGuest {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = call(&self.sock, r#"{"v":1,"op":"shutdown"}"#);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One request on a fresh connection; its reply (events skipped).
+fn call(sock: &Path, line: &str) -> std::io::Result<Value> {
+    let mut s = UnixStream::connect(sock)?;
+    writeln!(s, "{line}")?;
+    for l in BufReader::new(&s).lines() {
+        let v: Value = serde_json::from_str(&l?).unwrap_or(Value::Null);
+        if v.get("event").is_none() {
+            return Ok(v);
+        }
+    }
+    Ok(Value::Null)
+}
+
+fn start(calls: u32) -> LoopGuest {
+    require_kvm();
+    let sock = temp_path("attach.sock");
+    let child = Command::new(hvtrace_bin())
+        .args(["run", "--api-sock", sock.to_str().unwrap(), "--"])
+        .args(["hv-getpid-loop", &calls.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start hvtrace run");
+    let mut g = LoopGuest {
+        child: Some(child),
+        sock,
+        pid: 0,
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline {
+        if let Ok(v) = call(&g.sock, r#"{"v":1,"op":"ps"}"#) {
+            if let Some(t) = v["tasks"]
+                .as_array()
+                .and_then(|ts| ts.iter().find(|t| t["comm"] == "hv-getpid-loop"))
+            {
+                g.pid = t["pid"].as_i64().unwrap();
+                return g;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("hv-getpid-loop did not show up in ps");
+}
+
+/// Waits for the VM's command to end; its stdout and exit status.
+fn finish(mut g: LoopGuest) -> (String, Option<i32>) {
+    let child = g.child.take().unwrap();
+    let out = child.wait_with_output().unwrap();
+    (stdout(&out), out.status.code())
+}
+
+fn text_hash(sock: &Path) -> (String, u64) {
+    let v = call(sock, r#"{"v":1,"op":"text_hash"}"#).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    (
+        v["sha256"].as_str().unwrap().to_string(),
+        v["traps"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn attach_detach_a_hundred_times_while_it_runs() {
+    let calls = 40_000;
+    let g = start(calls);
+    let (before, traps_before) = text_hash(&g.sock);
+    let attach = format!(
+        r#"{{"v":1,"op":"attach","pid":{},"trace":["getpid"]}}"#,
+        g.pid
+    );
+    for round in 0..100 {
+        let mut s = UnixStream::connect(&g.sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        writeln!(s, "{attach}").unwrap();
+        let (mut replied, mut events) = (false, 0);
+        for l in BufReader::new(&s).lines() {
+            let v: Value = serde_json::from_str(&l.unwrap()).unwrap();
+            if let Some(e) = v.get("event") {
+                assert_eq!(e["syscall"], "getpid", "round {round}: {e}");
+                assert_eq!(e["ret"].as_i64(), Some(g.pid), "round {round}: {e}");
+                events += 1;
+            } else {
+                assert_eq!(v["ok"], true, "round {round}: {v}");
+                assert_eq!(v["tids"], serde_json::json!([g.pid]), "round {round}");
+                replied = true;
+            }
+            if replied && events > 0 {
+                break;
+            }
+        }
+        assert!(replied && events > 0, "round {round}: no reply or no event");
+        // Closing the connection detaches.
+    }
+    let (after, traps_after) = text_hash(&g.sock);
+    assert_eq!(
+        traps_after, traps_before,
+        "the tracer's traps are still set"
+    );
+    assert_eq!(after, before, "kernel text changed");
+    let (out, code) = finish(g);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("getpid x {calls} done")), "{out}");
+    assert!(!out.contains("error"), "{out}");
+}
+
+#[test]
+fn a_killed_client_leaves_the_process_running_and_the_text_intact() {
+    let calls = 8_000;
+    let g = start(calls);
+    let (before, traps_before) = text_hash(&g.sock);
+    let trace = temp_path("killed.txt");
+    let mut client = Command::new(hvtrace_bin())
+        .args(["attach", "--api-sock", g.sock.to_str().unwrap()])
+        .args(["-p", &g.pid.to_string(), "-o", trace.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut lines = 0;
+    while Instant::now() < deadline && lines < 20 {
+        lines = std::fs::read_to_string(&trace).map_or(0, |s| s.lines().count());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(lines >= 20, "the client printed {lines} lines");
+    client.kill().unwrap();
+    let _ = client.wait();
+    let log = std::fs::read_to_string(&trace).unwrap();
+    let _ = std::fs::remove_file(&trace);
+    assert!(
+        log.lines().any(|l| l == format!("getpid() = {}", g.pid)),
+        "{log}"
+    );
+    let (after, traps_after) = text_hash(&g.sock);
+    assert_eq!((after, traps_after), (before, traps_before));
+    let (out, code) = finish(g);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("getpid x {calls} done")), "{out}");
+    assert!(!out.contains("error"), "{out}");
+}
+
+#[test]
+fn attach_runs_until_the_process_exits_and_bad_requests_get_errors() {
+    let calls = 1_500;
+    let g = start(calls);
+    // Bad requests: an error reply each, and the connection stays usable.
+    let mut s = UnixStream::connect(&g.sock).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut ask = |line: &str| -> Value {
+        writeln!(s, "{line}").unwrap();
+        let mut reply = String::new();
+        r.read_line(&mut reply).unwrap();
+        serde_json::from_str(&reply).unwrap()
+    };
+    let v = ask(r#"{"v":1,"op":"attach","pid":999999}"#);
+    assert_eq!(v["ok"], false);
+    assert!(
+        v["error"].as_str().unwrap().contains("no process 999999"),
+        "{v}"
+    );
+    let v = ask(r#"{"v":1,"op":"attach","pid":2}"#);
+    assert!(
+        v["error"].as_str().unwrap().contains("EPERM"),
+        "kthreadd: {v}"
+    );
+    let v = ask(r#"{"v":1,"op":"attach","pid":"x"}"#);
+    assert!(v["error"].as_str().unwrap().contains("malformed"), "{v}");
+    let v = ask(r#"{"v":1,"op":"attach","pid":1,"trace":["open at"]}"#);
+    assert!(
+        v["error"].as_str().unwrap().contains("not a system call"),
+        "{v}"
+    );
+    assert_eq!(ask(r#"{"v":1,"op":"ping"}"#)["ok"], true);
+    drop(s);
+    // The CLI follows the process to its end and exits by itself.
+    let trace = temp_path("tillexit.txt");
+    let out = hvtrace(&[
+        "attach",
+        "--api-sock",
+        g.sock.to_str().unwrap(),
+        "-p",
+        &g.pid.to_string(),
+        "-o",
+        trace.to_str().unwrap(),
+    ]);
+    let log = std::fs::read_to_string(&trace).unwrap_or_default();
+    let _ = std::fs::remove_file(&trace);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let last: Vec<&str> = log.lines().rev().take(2).collect();
+    assert_eq!(
+        last,
+        ["+++ exited with 0 +++", "exit_group(0) = ?"],
+        "{log}"
+    );
+    assert!(
+        log.contains(r#"write(1, "getpid x 1500 done\n", 19) = 19"#),
+        "{log}"
+    );
+    let (out, code) = finish(g);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("getpid x 1500 done"), "{out}");
+}
