@@ -461,11 +461,11 @@ fn sites_are_where_the_guests_own_kallsyms_says() {
     // is printed first, only the lines of the candidate functions (the whole
     // file takes minutes through an emulated serial port); hvtrace resolves
     // the sites from outside.
-    let names = "syscall_trace_enter|syscall_enter_from_user_mode_work|syscall_enter_from_user_mode|\
-        syscall_exit_work|syscall_exit_to_user_mode_work|syscall_exit_to_user_mode|wake_up_new_task|\
-        kernel_clone|_do_fork|exec_binprm|begin_new_exec|bprm_execve|do_exit|exit_notify|do_task_dead|\
-        release_task|get_signal|do_signal_stop|resume_user_mode_work|exit_to_user_mode_loop|\
-        exit_to_user_mode_prepare";
+    let names: Vec<&str> = utrace::sites::SITES
+        .iter()
+        .flat_map(|s| s.candidates.iter().map(|c| c.function))
+        .collect();
+    let names = names.join("|");
     let grep = format!("grep -E ' ({names})(\\.[a-z]+\\.[0-9]+)?$' /proc/kallsyms");
     let g = start_procs_guest_after(&grep, &[], 2, 1);
     let kallsyms: std::collections::HashMap<String, u64> = g

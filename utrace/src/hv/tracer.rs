@@ -124,7 +124,7 @@ struct Traced {
 /// A pending "trace the next exec of this argv".
 struct Armed {
     argv: Vec<String>,
-    spec: EngineSpec,
+    specs: Vec<EngineSpec>,
 }
 
 #[derive(Default)]
@@ -267,7 +267,13 @@ impl Tracer {
     /// system-call arguments must equal it), with an engine made from
     /// `spec`. Its first report is that execve's entry.
     pub fn trace_next_exec(&self, argv: Vec<String>, spec: EngineSpec) {
-        self.inner.lock().armed = Some(Armed { argv, spec });
+        self.trace_next_exec_with(argv, vec![spec]);
+    }
+
+    /// [`Tracer::trace_next_exec`] with several engines, attached in this
+    /// order.
+    pub fn trace_next_exec_with(&self, argv: Vec<String>, specs: Vec<EngineSpec>) {
+        self.inner.lock().armed = Some(Armed { argv, specs });
     }
 
     /// Thread ids currently traced.
@@ -353,11 +359,11 @@ impl Tracer {
         for (tid, _) in &untraced {
             state.threads.remove(tid);
         }
-        if state
-            .armed
-            .as_ref()
-            .is_some_and(|a| a.spec.data.as_ref().is_some_and(|d| Arc::ptr_eq(d, data)))
-        {
+        if state.armed.as_ref().is_some_and(|a| {
+            a.specs
+                .iter()
+                .any(|s| s.data.as_ref().is_some_and(|d| Arc::ptr_eq(d, data)))
+        }) {
             state.armed = None;
         }
         drop(state);
@@ -754,10 +760,12 @@ impl Inner {
             }
             let armed = state.armed.take().expect("checked");
             let mut utrace = ThreadUtrace::new(tid, false);
-            let engine = attach(&mut utrace, &armed.spec)
-                .map_err(|e| IntrospectError::Corrupt(format!("attach to {tid}: {e}")))?;
             let mut follow = HashMap::new();
-            follow.insert(engine.id(), armed.spec.follow);
+            for spec in &armed.specs {
+                let engine = attach(&mut utrace, spec)
+                    .map_err(|e| IntrospectError::Corrupt(format!("attach to {tid}: {e}")))?;
+                follow.insert(engine.id(), spec.follow);
+            }
             state.threads.insert(
                 tid,
                 Traced {
@@ -768,7 +776,11 @@ impl Inner {
                 },
             );
             drop(state);
-            if armed.spec.events.intersects(SYSCALL_EVENTS) {
+            if armed
+                .specs
+                .iter()
+                .any(|s| s.events.intersects(SYSCALL_EVENTS))
+            {
                 self.steer(space, current, true)?;
             }
             started = true;

@@ -182,6 +182,14 @@ impl VcpuThread {
                     .store(ns, Ordering::Relaxed);
                 first = false;
             }
+            // A kick that arrived before this thread first published its
+            // kvm_run (or between two runs) set no immediate_exit: look at
+            // the queue itself before entering the guest.
+            if !self.commands.is_empty() {
+                if let Next::Stop = self.on_kick() {
+                    break;
+                }
+            }
             if !self.stepping_over
                 && self.shared.traps.hw_generation() != self.applied_hw_generation
             {

@@ -1,0 +1,204 @@
+//! The utrace engine model served from the hypervisor, in process: two
+//! engines with different event masks on one real guest thread, the order
+//! of their callbacks, the prevailing action each sees, and one engine
+//! detaching while the other goes on.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use guest_introspect::image::KernelInfo;
+use hvtrace_tests::*;
+use utrace::engine::Engine;
+use utrace::hv::{EngineSpec, Tracer};
+use utrace::{EngineOps, EventMask, ResumeAction};
+use vmm::session::{Outputs, Session};
+
+/// Records `name:callback:nr:prevailing` and votes per a script.
+struct Rec {
+    name: &'static str,
+    log: Arc<Mutex<Vec<String>>>,
+    exits: Mutex<u32>,
+    /// Its vote at its Nth system-call exit report.
+    votes: Vec<(u32, ResumeAction)>,
+}
+
+impl Rec {
+    fn push(&self, what: String) {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("{}:{what}", self.name));
+    }
+}
+
+impl EngineOps for Rec {
+    fn report_syscall_entry(
+        &self,
+        a: ResumeAction,
+        _: &Engine,
+        nr: u64,
+        _: &[u64; 6],
+    ) -> ResumeAction {
+        self.push(format!("entry:{nr}:{}", a.name()));
+        ResumeAction::Resume
+    }
+    fn report_syscall_exit(&self, a: ResumeAction, _: &Engine, nr: u64, ret: i64) -> ResumeAction {
+        let mut n = self.exits.lock().unwrap();
+        *n += 1;
+        self.push(format!("exit:{nr}:{ret}:{}", a.name()));
+        self.votes
+            .iter()
+            .find(|(at, _)| *at == *n)
+            .map_or(ResumeAction::Resume, |(_, v)| *v)
+    }
+    fn report_exec(&self, a: ResumeAction, _: &Engine, filename: &str) -> ResumeAction {
+        self.push(format!("exec:{filename}:{}", a.name()));
+        ResumeAction::Resume
+    }
+    fn report_exit(&self, a: ResumeAction, _: &Engine, code: i64, _: &mut i64) -> ResumeAction {
+        self.push(format!("exit_code:{code}:{}", a.name()));
+        ResumeAction::Resume
+    }
+}
+
+fn cached_default_snapshot() -> std::path::PathBuf {
+    let out = hvtrace(&["run", "--", "true"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = hvtrace(&["cached-snapshot"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).trim().into()
+}
+
+#[test]
+fn two_engines_with_different_masks_on_one_guest_thread() {
+    require_kvm();
+    let snap = cached_default_snapshot();
+    let kernel = std::fs::read(kernel_for_qemu("minimal")).unwrap();
+    let elf = vmm::loader::kernel_elf(&kernel, vmm::loader::DEFAULT_MAX_OUTPUT).unwrap();
+    let info = Arc::new(KernelInfo::from_files(&elf, None).unwrap());
+    let stdout_buf = Arc::new(Mutex::new(Vec::new()));
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let outputs = Outputs {
+        stdout: Box::new(Shared(stdout_buf.clone())),
+        stderr: Box::new(std::io::sink()),
+        console_echo: None,
+    };
+    let mut session = Session::restore(&snap, None, outputs, Duration::from_secs(600)).unwrap();
+    let tracer = Tracer::install(session.vm(), info).unwrap();
+    let getpid = tracer
+        .syscalls()
+        .number("getpid")
+        .expect("the guest has getpid");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sys = EventMask(EventMask::SYSCALL_ENTRY.0 | EventMask::SYSCALL_EXIT.0);
+    // A: system calls only; votes REPORT at its 3rd exit, DETACH at its 6th.
+    let a = Arc::new(Rec {
+        name: "A",
+        log: log.clone(),
+        exits: Mutex::new(0),
+        votes: vec![(3, ResumeAction::Report), (6, ResumeAction::Detach)],
+    });
+    // B: system calls, exec and exit; always RESUME.
+    let b = Arc::new(Rec {
+        name: "B",
+        log: log.clone(),
+        exits: Mutex::new(0),
+        votes: vec![],
+    });
+    let spec = |ops: Arc<Rec>, events| EngineSpec {
+        ops,
+        events,
+        follow: false,
+        data: None,
+    };
+    let argv: Vec<String> = ["hv-getpid-loop", "20"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    tracer.trace_next_exec_with(
+        argv.clone(),
+        vec![
+            spec(a, sys),
+            spec(b, EventMask(sys.0 | EventMask::EXEC.0 | EventMask::EXIT.0)),
+        ],
+    );
+    session.start_exec(&argv).unwrap();
+    let code = loop {
+        if let Some(c) = session.poll_exit(Duration::from_millis(50)).unwrap() {
+            break c;
+        }
+    };
+    tracer.remove(session.vm()).unwrap();
+    session.shutdown();
+    let out = String::from_utf8(stdout_buf.lock().unwrap().clone()).unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("getpid x 20 done"), "{out}");
+    let pid: i64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("pid "))
+        .and_then(|s| s.split(',').next())
+        .and_then(|s| s.parse().ok())
+        .expect("the program prints its pid");
+    let log = log.lock().unwrap().clone();
+    let text = log.join("\n");
+
+    // Masks: exec and exit reach B only.
+    assert!(log.iter().any(|l| l.starts_with("B:exec:")), "{text}");
+    assert!(
+        !log.iter()
+            .any(|l| l.starts_with("A:exec") || l.starts_with("A:exit_code")),
+        "{text}"
+    );
+    assert!(log.last().unwrap().starts_with("B:exit_code:0:"), "{text}");
+    // Order: entries in reverse attach order (B, A), exits in attach order
+    // (A, B), while both are attached.
+    let first_entry = log.iter().position(|l| l.contains(":entry:")).unwrap();
+    assert!(
+        log[first_entry].starts_with("B:entry:") && log[first_entry + 1].starts_with("A:entry:"),
+        "{text}"
+    );
+    let exits: Vec<&String> = log.iter().filter(|l| l.contains(":exit:")).collect();
+    assert!(
+        exits[0].starts_with("A:exit:") && exits[1].starts_with("B:exit:"),
+        "{text}"
+    );
+    // Prevailing action: B's 3rd exit callback sees A's REPORT (smaller
+    // than RESUME); its 6th sees RESUME (DETACH counts as RESUME).
+    let b_exits: Vec<&&String> = exits.iter().filter(|l| l.starts_with("B:")).collect();
+    assert!(b_exits[2].ends_with(":UTRACE_REPORT"), "{text}");
+    assert!(b_exits[5].ends_with(":UTRACE_RESUME"), "{text}");
+    // A detached at its 6th exit: nothing more for A, B goes on.
+    assert_eq!(
+        log.iter().filter(|l| l.starts_with("A:exit:")).count(),
+        6,
+        "{text}"
+    );
+    let after = log.iter().rposition(|l| l.starts_with("A:")).unwrap();
+    assert!(
+        log[after + 1..].iter().any(|l| l.starts_with("B:exit:")),
+        "{text}"
+    );
+    // B saw every getpid the program made (one for the expected value, then
+    // 20 in the loop), each returning the pid it printed.
+    let getpids: Vec<&String> = b_exits
+        .iter()
+        .map(|l| **l)
+        .filter(|l| l.starts_with(&format!("B:exit:{getpid}:")))
+        .collect();
+    assert_eq!(getpids.len(), 21, "{text}");
+    assert!(
+        getpids
+            .iter()
+            .all(|l| l.starts_with(&format!("B:exit:{getpid}:{pid}:"))),
+        "{text}"
+    );
+}
