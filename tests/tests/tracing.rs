@@ -61,7 +61,8 @@ fn show(seqs: &[Vec<Call>]) -> String {
         .join("\n  ----\n")
 }
 
-fn assert_same_calls(program: &[&str]) {
+/// Asserts that both traces have the same calls; returns both logs.
+fn assert_same_calls(program: &[&str]) -> (String, String) {
     let (hv_out, hv_log) = hvtrace_trace(program);
     let (st_out, st_log) = guest_strace(program);
     let hv = parse(&hv_log, TIMING_DEPENDENT);
@@ -83,30 +84,43 @@ fn assert_same_calls(program: &[&str]) {
     // Tracing did not change what the program did.
     let lines = |s: &str| s.lines().count();
     assert_eq!(lines(&hv_out), lines(&st_out), "{hv_out}\nvs\n{st_out}");
+    (hv_log, st_log)
+}
+
+/// The `--- SIGNAME {si_signo=..., si_code=...` part of each signal line.
+fn signal_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| l.split_once("--- ").map(|(_, r)| r))
+        .map(|r| r.split(", si_pid").next().unwrap_or(r).to_string())
+        .collect()
 }
 
 #[test]
 fn file_io_calls_equal_guest_strace() {
     require_kvm();
-    assert_same_calls(&["hv-fileio"]);
+    let _ = assert_same_calls(&["hv-fileio"]);
 }
 
 #[test]
 fn fork_exec_wait_calls_equal_guest_strace() {
     require_kvm();
-    assert_same_calls(&["hv-forkexec-loop", "2"]);
+    let _ = assert_same_calls(&["hv-forkexec-loop", "2"]);
 }
 
 #[test]
 fn thread_calls_equal_guest_strace() {
     require_kvm();
-    assert_same_calls(&["hv-threads"]);
+    let _ = assert_same_calls(&["hv-threads"]);
 }
 
 #[test]
 fn signal_calls_equal_guest_strace() {
     require_kvm();
-    assert_same_calls(&["hv-signals"]);
+    let (hv, st) = assert_same_calls(&["hv-signals"]);
+    // Signals delivered to the program's handlers, with number and code.
+    let (hv, st) = (signal_lines(&hv), signal_lines(&st));
+    assert_eq!(hv.len(), 3, "{hv:?}");
+    assert_eq!(hv, st);
 }
 
 #[test]

@@ -122,7 +122,10 @@ pub const SITES: &[SiteSpec] = &[
     SiteSpec {
         event: EventMask::SIGNAL,
         name: "SIGNAL",
-        candidates: &[c("get_signal", "signal dequeue on the return-to-user path, before delivery: a signal can be injected, changed or suppressed")],
+        candidates: &[
+            c("signal_setup_done", "a signal was delivered to a user handler (its frame is set up); the ksignal has the number, siginfo and action"),
+            c("get_signal", "signal dequeue on the return-to-user path, before delivery: a signal can be injected, changed or suppressed"),
+        ],
     },
     SiteSpec {
         event: EventMask::JCTL,

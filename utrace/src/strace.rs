@@ -15,7 +15,7 @@ use std::time::Instant;
 use crate::action::ResumeAction;
 use crate::engine::{Engine, EngineOps};
 use crate::event::{EventMask, Tid};
-use crate::hv::context;
+use crate::hv::context::{self, SignalDetails};
 use crate::syscalls::format::{errno_name, errno_of, signal_name, Pending};
 use crate::syscalls::{Formatter, SyscallTable, UserMemory};
 
@@ -39,7 +39,8 @@ pub const STRACE_EVENTS: EventMask = EventMask(
         | EventMask::EXEC.0
         | EventMask::CLONE.0
         | EventMask::EXIT.0
-        | EventMask::REAP.0,
+        | EventMask::REAP.0
+        | EventMask::SIGNAL.0,
 );
 
 /// A no-memory reader for calls reported outside a callback.
@@ -227,6 +228,22 @@ impl EngineOps for Strace {
         ResumeAction::Resume
     }
 
+    fn report_signal(&self, _action: ResumeAction, engine: &Engine, signo: i32) -> ResumeAction {
+        let tid = engine.tid();
+        let d = context::current().and_then(|c| c.signal);
+        let name = signal_name(signo);
+        let text = match d {
+            Some(d) => format!("--- {name} {} ---", siginfo(&d)),
+            None => format!("--- {name} ---"),
+        };
+        let json = serde_json::json!({
+            "pid": tid, "event": "signal", "signal": name, "line": text,
+            "si_code": d.map(|d| d.code), "si_pid": d.map(|d| d.pid),
+        });
+        self.emit(tid, &text, json);
+        ResumeAction::Resume
+    }
+
     fn report_clone(
         &self,
         _action: ResumeAction,
@@ -283,4 +300,34 @@ impl EngineOps for Strace {
         st.live.remove(&engine.tid());
         st.pending.remove(&engine.tid());
     }
+}
+
+/// `{si_signo=SIGUSR1, si_code=SI_USER, si_pid=39, si_uid=0}` as strace
+/// prints a siginfo (the common fields; SIGCHLD adds its status).
+fn siginfo(d: &SignalDetails) -> String {
+    const SIGCHLD: i32 = 17;
+    let code = match (d.signo, d.code) {
+        (_, 0) => "SI_USER".to_string(),
+        (_, 0x80) => "SI_KERNEL".to_string(),
+        (_, -1) => "SI_QUEUE".to_string(),
+        (_, -6) => "SI_TKILL".to_string(),
+        (SIGCHLD, 1) => "CLD_EXITED".to_string(),
+        (SIGCHLD, 2) => "CLD_KILLED".to_string(),
+        (SIGCHLD, 3) => "CLD_DUMPED".to_string(),
+        (SIGCHLD, 4) => "CLD_TRAPPED".to_string(),
+        (SIGCHLD, 5) => "CLD_STOPPED".to_string(),
+        (SIGCHLD, 6) => "CLD_CONTINUED".to_string(),
+        (_, c) => c.to_string(),
+    };
+    let mut s = format!(
+        "{{si_signo={}, si_code={code}, si_pid={}, si_uid={}",
+        signal_name(d.signo),
+        d.pid,
+        d.uid
+    );
+    if d.signo == SIGCHLD {
+        s.push_str(&format!(", si_status={}", d.status));
+    }
+    s.push('}');
+    s
 }

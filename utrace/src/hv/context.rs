@@ -28,6 +28,21 @@ pub struct ExecDetails {
     pub envc: u64,
 }
 
+/// What a signal report knows: the siginfo as the handler receives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignalDetails {
+    /// Signal number.
+    pub signo: i32,
+    /// `si_code`.
+    pub code: i32,
+    /// `si_pid` (sender, for SI_USER/SI_TKILL/SIGCHLD).
+    pub pid: i32,
+    /// `si_uid`.
+    pub uid: u32,
+    /// `si_status` (SIGCHLD).
+    pub status: i32,
+}
+
 /// The thread a callback reports about.
 #[derive(Debug, Clone)]
 pub struct ThreadContext {
@@ -37,6 +52,8 @@ pub struct ThreadContext {
     pub tgid: Tid,
     /// At an exec report, the exec's details.
     pub exec: Option<ExecDetails>,
+    /// At a signal report, the siginfo.
+    pub signal: Option<SignalDetails>,
     ram: GuestRam,
     space: AddressSpace,
 }
@@ -48,6 +65,7 @@ impl ThreadContext {
             tid,
             tgid,
             exec: None,
+            signal: None,
             ram,
             space,
         }

@@ -61,6 +61,18 @@ pub struct TraceLayout {
     pub bprm_filename: u64,
     /// See `bprm_p`.
     pub bprm_mm: u64,
+    /// `ksignal.sig`, `ksignal.info` + `kernel_siginfo.si_code`,
+    /// `._sifields._kill._pid`, `._sifields._kill._uid`,
+    /// `._sifields._sigchld._status`.
+    pub ksig_sig: u64,
+    /// See `ksig_sig`.
+    pub ksig_code: u64,
+    /// See `ksig_sig`.
+    pub ksig_pid: u64,
+    /// See `ksig_sig`.
+    pub ksig_uid: u64,
+    /// See `ksig_sig`.
+    pub ksig_status: u64,
     /// `pt_regs`.
     pub pt_regs: PtRegsLayout,
     /// The `syscall_work` bit hvtrace sets on traced threads
@@ -113,7 +125,14 @@ impl TraceLayout {
         {
             *o = off("pt_regs", n)?;
         }
+        let info = off("ksignal", "info")?;
+        let si = |m: &str| -> Result<u64> { Ok(info + off("kernel_siginfo", m)?) };
         Ok(Self {
+            ksig_sig: off("ksignal", "sig")?,
+            ksig_code: si("si_code")?,
+            ksig_pid: si("_sifields._kill._pid")?,
+            ksig_uid: si("_sifields._kill._uid")?,
+            ksig_status: si("_sifields._sigchld._status")?,
             current_task,
             task_pid: off("task_struct", "pid")?,
             task_tgid: off("task_struct", "tgid")?,

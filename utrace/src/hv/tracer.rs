@@ -31,7 +31,7 @@ use vmm::vstate::memory::GuestRam;
 
 use crate::engine::{AttachFlags, Engine, EngineData, EngineOps};
 use crate::event::{Event, EventMask, Tid};
-use crate::hv::context::{self, ExecDetails, ThreadContext};
+use crate::hv::context::{self, ExecDetails, SignalDetails, ThreadContext};
 use crate::hv::layout::TraceLayout;
 use crate::hv::placement::{plan, Displaced, PlannedTrap, TrapKind};
 use crate::syscalls::{SyscallTable, UserMemory};
@@ -46,7 +46,8 @@ pub const TRACED_EVENTS: EventMask = EventMask(
         | EventMask::EXEC.0
         | EventMask::EXIT.0
         | EventMask::DEATH.0
-        | EventMask::REAP.0,
+        | EventMask::REAP.0
+        | EventMask::SIGNAL.0,
 );
 
 /// The system-call events (steering is needed for them).
@@ -577,6 +578,32 @@ impl Inner {
                     &Event::Death {
                         group_dead,
                         signal: -1,
+                    },
+                    ctx,
+                );
+            }
+        } else if ev == EventMask::SIGNAL {
+            // signal_setup_done(failed, ksig, stepping): delivered to a
+            // handler unless the frame could not be written.
+            if regs.rdi as i32 == 0 && self.lock().threads.contains_key(&tid) {
+                let ksig = regs.rsi;
+                let int = |off: u64, what: &str| -> Result<i32, IntrospectError> {
+                    Ok(k.read_u32(ksig + off, what)? as i32)
+                };
+                let details = SignalDetails {
+                    signo: int(l.ksig_sig, "ksignal.sig")?,
+                    code: int(l.ksig_code, "si_code")?,
+                    pid: int(l.ksig_pid, "si_pid")?,
+                    uid: int(l.ksig_uid, "si_uid")? as u32,
+                    status: int(l.ksig_status, "si_status")?,
+                };
+                let mut ctx = ThreadContext::new(tid, tgid, self.ram.clone(), space);
+                ctx.signal = Some(details);
+                self.report(
+                    tid,
+                    &Event::Signal {
+                        signo: details.signo,
+                        kind: EventMask::SIGNAL,
                     },
                     ctx,
                 );
