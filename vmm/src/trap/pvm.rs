@@ -352,7 +352,13 @@ pub fn emulate_mxcsr_access(
             let mut v = [0u8; 4];
             read_virt(ram, space, VirtAddr(ea), &mut v)
                 .map_err(|e| format!("ldmxcsr operand: {e}"))?;
-            fpu.mxcsr = u32::from_le_bytes(v);
+            let value = u32::from_le_bytes(v);
+            // Bits above the MXCSR mask make ldmxcsr raise #GP; no kernel
+            // loads such a value, so refuse rather than guess.
+            if value & 0xffff_0000 != 0 {
+                return Err(format!("ldmxcsr of reserved bits {value:#x}"));
+            }
+            fpu.mxcsr = value;
             vcpu.set_fpu(&fpu).map_err(|e| e.to_string())?;
         }
         MxcsrAccess::Store => {

@@ -58,7 +58,7 @@ pub struct VcpuStats {
     pub guest_breakpoints: std::sync::atomic::AtomicU64,
     /// Port I/O exits.
     pub pio_exits: std::sync::atomic::AtomicU64,
-    /// Instructions skipped for the emulator (`fwait`).
+    /// Instructions the VMM skipped or performed for the emulator (`fwait`, `ldmxcsr`, `stmxcsr`).
     pub skipped_instructions: std::sync::atomic::AtomicU64,
     /// Nanoseconds from the VM's start to vCPU 0's first KVM_RUN.
     pub first_run_at_ns: std::sync::atomic::AtomicU64,
@@ -332,6 +332,21 @@ impl VcpuThread {
                 .skipped_instructions
                 .fetch_add(1, Ordering::Relaxed);
             return self.advance_rip(len);
+        }
+        match pvm::emulate_mxcsr_access(&self.fd, &self.shared.ram, rip, &bytes) {
+            Ok(true) => {
+                self.shared.stats[self.id as usize]
+                    .skipped_instructions
+                    .fetch_add(1, Ordering::Relaxed);
+                return Next::Run;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                return self.fail(format!(
+                    "cannot perform {} for the guest at {rip:#x}: {e}",
+                    pvm::describe_instruction(rip, &bytes)
+                ))
+            }
         }
         // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the
         // `internal` member of the union is the one KVM filled.
