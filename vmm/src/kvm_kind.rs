@@ -19,9 +19,14 @@ pub enum KvmKind {
 
 /// Kernel command-line options a non-PVM guest kernel needs on PVM: they
 /// hide features the KVM instruction emulator cannot emulate in ring 0.
-/// Appended after the user's command line.
+/// Appended after the user's command line. `ssse3` (and with it SSE4.x),
+/// `pclmulqdq` and `aes` keep a distribution kernel's built-in SIMD code
+/// (Debian 6.1 runs `blake2s_compress_ssse3` for its random pool while
+/// unpacking the initramfs) on the generic C paths: the emulator has no
+/// SSE arithmetic. User space runs natively and still sees every feature in
+/// CPUID.
 pub const PVM_GUEST_CMDLINE: &str =
-    "noxsave clearcpuid=cx16,smap,popcnt,rdrand,rdseed,fsgsbase,pcid,invpcid";
+    "noxsave clearcpuid=cx16,smap,popcnt,rdrand,rdseed,fsgsbase,pcid,invpcid,ssse3,pclmulqdq,aes";
 
 /// Defaults that save emulated time on PVM, where every ring-0 instruction
 /// is emulated: `mitigations=off` drops the speculation mitigations' MSR
