@@ -228,3 +228,82 @@ pub fn temp_path(name: &str) -> PathBuf {
         rand_suffix()
     ))
 }
+
+/// A default guest restored in this process from its cached snapshot, for
+/// tests that drive `utrace::hv::Tracer` directly; what the guest command
+/// prints to stdout is collected.
+pub struct InProcessGuest {
+    /// The VM session.
+    pub session: vmm::session::Session,
+    /// The minimal kernel's symbols and types.
+    pub info: std::sync::Arc<guest_introspect::image::KernelInfo>,
+    stdout: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+/// Collects bytes written from the VM's threads.
+struct SharedBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for SharedBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl InProcessGuest {
+    /// Boots the default guest once (cached by `hvtrace run`) and restores
+    /// its snapshot here.
+    pub fn restore_default() -> Self {
+        require_kvm();
+        let out = hvtrace(&["run", "--", "true"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let out = hvtrace(&["cached-snapshot"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let snap = PathBuf::from(stdout(&out).trim());
+        let kernel = std::fs::read(kernel_for_qemu("minimal")).expect("the minimal kernel");
+        let elf = vmm::loader::kernel_elf(&kernel, vmm::loader::DEFAULT_MAX_OUTPUT)
+            .expect("the minimal kernel's ELF");
+        let info = std::sync::Arc::new(
+            guest_introspect::image::KernelInfo::from_files(&elf, None).expect("kernel info"),
+        );
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let outputs = vmm::session::Outputs {
+            stdout: Box::new(SharedBuf(buf.clone())),
+            stderr: Box::new(std::io::sink()),
+            console_echo: None,
+        };
+        let session =
+            vmm::session::Session::restore(&snap, None, outputs, Duration::from_secs(600))
+                .expect("restore the default guest");
+        Self {
+            session,
+            info,
+            stdout: buf,
+        }
+    }
+
+    /// Waits for the command started with `session.start_exec` to end; its
+    /// exit status.
+    pub fn wait_exit(&mut self) -> i32 {
+        loop {
+            if let Some(c) = self
+                .session
+                .poll_exit(Duration::from_millis(50))
+                .expect("the VM runs")
+            {
+                return c;
+            }
+        }
+    }
+
+    /// What the guest command printed so far.
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+}

@@ -4,14 +4,11 @@
 //! detaching while the other goes on.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use guest_introspect::image::KernelInfo;
 use hvtrace_tests::*;
 use utrace::engine::Engine;
 use utrace::hv::{EngineSpec, Tracer};
 use utrace::{EngineOps, EventMask, ResumeAction};
-use vmm::session::{Outputs, Session};
 
 /// Records `name:callback:nr:prevailing` and votes per a script.
 struct Rec {
@@ -61,39 +58,11 @@ impl EngineOps for Rec {
     }
 }
 
-fn cached_default_snapshot() -> std::path::PathBuf {
-    let out = hvtrace(&["run", "--", "true"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let out = hvtrace(&["cached-snapshot"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    stdout(&out).trim().into()
-}
-
 #[test]
 fn two_engines_with_different_masks_on_one_guest_thread() {
-    require_kvm();
-    let snap = cached_default_snapshot();
-    let kernel = std::fs::read(kernel_for_qemu("minimal")).unwrap();
-    let elf = vmm::loader::kernel_elf(&kernel, vmm::loader::DEFAULT_MAX_OUTPUT).unwrap();
-    let info = Arc::new(KernelInfo::from_files(&elf, None).unwrap());
-    let stdout_buf = Arc::new(Mutex::new(Vec::new()));
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Shared {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let outputs = Outputs {
-        stdout: Box::new(Shared(stdout_buf.clone())),
-        stderr: Box::new(std::io::sink()),
-        console_echo: None,
-    };
-    let mut session = Session::restore(&snap, None, outputs, Duration::from_secs(600)).unwrap();
-    let tracer = Tracer::install(session.vm(), info).unwrap();
+    let mut g = InProcessGuest::restore_default();
+    let session = &mut g.session;
+    let tracer = Tracer::install(session.vm(), g.info.clone()).unwrap();
     let getpid = tracer
         .syscalls()
         .number("getpid")
@@ -124,22 +93,21 @@ fn two_engines_with_different_masks_on_one_guest_thread() {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    tracer.trace_next_exec_with(
-        argv.clone(),
-        vec![
-            spec(a, sys),
-            spec(b, EventMask(sys.0 | EventMask::EXEC.0 | EventMask::EXIT.0)),
-        ],
-    );
+    tracer
+        .trace_next_exec_with(
+            session.vm(),
+            argv.clone(),
+            vec![
+                spec(a, sys),
+                spec(b, EventMask(sys.0 | EventMask::EXEC.0 | EventMask::EXIT.0)),
+            ],
+        )
+        .unwrap();
     session.start_exec(&argv).unwrap();
-    let code = loop {
-        if let Some(c) = session.poll_exit(Duration::from_millis(50)).unwrap() {
-            break c;
-        }
-    };
-    tracer.remove(session.vm()).unwrap();
-    session.shutdown();
-    let out = String::from_utf8(stdout_buf.lock().unwrap().clone()).unwrap();
+    let code = g.wait_exit();
+    tracer.remove(g.session.vm()).unwrap();
+    let out = g.stdout();
+    g.session.shutdown();
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("getpid x 20 done"), "{out}");
     let pid: i64 = out

@@ -118,6 +118,10 @@ pub enum UtraceError {
     /// The request is invalid here (EINVAL).
     #[error("invalid request (EINVAL)")]
     Invalid,
+    /// The hypervisor side does not act on this resume action yet
+    /// (EOPNOTSUPP): thread stop, interrupt and stepping.
+    #[error("not supported by the hypervisor side yet (EOPNOTSUPP)")]
+    NotSupported,
 }
 
 impl UtraceError {
@@ -131,6 +135,7 @@ impl UtraceError {
             Self::Already => 114,
             Self::NoSuchThread => 3,
             Self::Invalid => 22,
+            Self::NotSupported => 95,
         }
     }
 }

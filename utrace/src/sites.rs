@@ -23,6 +23,11 @@ pub enum At {
     /// the thread's `syscall_work` has a `SYSCALL_WORK_EXIT` bit, found by
     /// disassembling the function (see [`crate::hv::placement`]).
     ExitWorkBranch,
+    /// Just after the inlined `clear_thread_flag(TIF_NOTIFY_RESUME)` of the
+    /// return-to-user work loop (a locked `and` clearing that bit of the
+    /// thread flags), found by disassembly: reached only by a thread that
+    /// had TIF_NOTIFY_RESUME set, after the kernel consumed it.
+    NotifyResumeCleared,
 }
 
 /// One candidate function for an event.
@@ -51,6 +56,14 @@ const fn c(function: &'static str, why: &'static str) -> Candidate {
     Candidate {
         function,
         at: At::Entry,
+        why,
+    }
+}
+
+const fn notify_resume(function: &'static str, why: &'static str) -> Candidate {
+    Candidate {
+        function,
+        at: At::NotifyResumeCleared,
         why,
     }
 }
@@ -139,9 +152,8 @@ pub const SITES: &[SiteSpec] = &[
         event: EventMask::QUIESCE,
         name: "QUIESCE",
         candidates: &[
-            c("resume_user_mode_work", "TIF_NOTIFY_RESUME work on the way to user mode: REPORT without interrupting a syscall"),
-            c("exit_to_user_mode_loop", "the loop that runs TIF_NOTIFY_RESUME work (6.12 keeps it out of line)"),
-            c("exit_to_user_mode_prepare", "return-to-user work (6.1: the loop is inlined here)"),
+            notify_resume("exit_to_user_mode_loop", "the return-to-user work loop (6.12 keeps it out of line), just after it clears TIF_NOTIFY_RESUME: REPORT without interrupting a syscall, found by disassembly"),
+            notify_resume("exit_to_user_mode_prepare", "the return-to-user work (6.1: the loop is inlined here), just after it clears TIF_NOTIFY_RESUME, found by disassembly"),
         ],
     },
 ];

@@ -119,15 +119,18 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
         tracer.syscalls(),
         out,
     ));
-    tracer.trace_next_exec(
-        args.command.clone(),
-        EngineSpec {
-            ops: engine,
-            events: STRACE_EVENTS,
-            follow: args.follow,
-            data: None,
-        },
-    );
+    tracer
+        .trace_next_exec(
+            session.vm(),
+            args.command.clone(),
+            EngineSpec {
+                ops: engine,
+                events: STRACE_EVENTS,
+                follow: args.follow,
+                data: None,
+            },
+        )
+        .context("arming the tracer")?;
     session.start_exec(&args.command)?;
     let code = loop {
         if let Some(code) = session.poll_exit(Duration::from_millis(50))? {

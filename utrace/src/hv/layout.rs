@@ -49,6 +49,8 @@ pub struct TraceLayout {
     pub task_comm: u64,
     /// `task_struct.thread_info.syscall_work`.
     pub task_syscall_work: u64,
+    /// `task_struct.thread_info.flags` (the TIF_* bits).
+    pub task_ti_flags: u64,
     /// `mm_struct.pgd`.
     pub mm_pgd: u64,
     /// `linux_binprm.p`, `.argc`, `.envc`, `.filename`, `.mm`.
@@ -142,6 +144,7 @@ impl TraceLayout {
             task_vfork_done: off("task_struct", "vfork_done")?,
             task_comm: off("task_struct", "comm")?,
             task_syscall_work: off("task_struct", "thread_info.syscall_work")?,
+            task_ti_flags: off("task_struct", "thread_info.flags")?,
             mm_pgd: off("mm_struct", "pgd")?,
             bprm_p: off("linux_binprm", "p")?,
             bprm_argc: off("linux_binprm", "argc")?,

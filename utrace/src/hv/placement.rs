@@ -15,12 +15,22 @@
 //! followed by a conditional jump; the trap goes on the first instruction
 //! of the taken-when-set side. Traced threads have such a bit; untraced
 //! ones never reach that instruction.
+//!
+//! The QUIESCE site (REPORT's report_quiesce) is found the same way: in the
+//! return-to-user work loop, the inlined `clear_thread_flag(TIF_NOTIFY_RESUME)`
+//! is a locked `and` of the thread flags with everything but that bit; the
+//! trap goes on the next instruction. A thread reaches it only when its
+//! TIF_NOTIFY_RESUME was set, and only after the kernel consumed the bit,
+//! so a bit set again after that sends the thread round the loop once more
+//! instead of being lost.
 
 use guest_introspect::error::{IntrospectError, Result};
 use guest_introspect::kernel::RunningKernel;
 use guest_introspect::memory::PhysMemory;
 use guest_introspect::symbols::SymbolMap;
-use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind};
+use iced_x86::{
+    Code, Decoder, DecoderOptions, Instruction, MemorySize, Mnemonic, OpKind, Register,
+};
 
 use crate::event::EventMask;
 use crate::hv::layout::TraceLayout;
@@ -28,6 +38,15 @@ use crate::sites::{resolve, At, SITES};
 
 /// How far into a function the exit-work branch is looked for.
 const SCAN_BYTES: usize = 512;
+/// How far into the return-to-user work the flag clear is looked for (it
+/// lies at +0x1bb in Debian's 6.1).
+const LOOP_SCAN_BYTES: usize = 1024;
+
+/// `TIF_NOTIFY_RESUME`: bit 1 of the x86 thread flags. A preprocessor
+/// constant (not in BTF), fixed in `arch/x86/include/asm/thread_info.h`
+/// since the flag exists; a kernel that moved it would have no locked
+/// `and` clearing bit 1 in its loop, and the site would not be placed.
+pub const TIF_NOTIFY_RESUME: u32 = 1;
 
 /// How the VMM continues past an `int3` it planted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -139,6 +158,40 @@ pub fn exit_work_branch(code: &[u8], start: u64, exit_mask: u64) -> Option<u64> 
     None
 }
 
+/// Finds the inlined `clear_thread_flag(TIF_NOTIFY_RESUME)` in the function
+/// at `start`: the address of the instruction after the first locked (or,
+/// on a one-CPU guest, `ds`-prefixed) `and` of a memory operand with an
+/// immediate that clears exactly that bit.
+pub fn notify_resume_cleared(code: &[u8], start: u64) -> Option<u64> {
+    let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
+    while decoder.can_decode() {
+        let insn = decoder.decode();
+        if insn.is_invalid() {
+            return None;
+        }
+        // A kernel running on one CPU has its `lock` prefixes patched to
+        // `ds` (alternatives_smp_unlock): accept either.
+        let locked = insn.has_lock_prefix() || insn.segment_prefix() == Register::DS;
+        if locked
+            && insn.mnemonic() == Mnemonic::And
+            && insn.op_count() == 2
+            && insn.op0_kind() == OpKind::Memory
+        {
+            let all = match insn.memory_size() {
+                MemorySize::UInt8 => 0xff,
+                MemorySize::UInt16 => 0xffff,
+                MemorySize::UInt32 => 0xffff_ffff,
+                _ => u64::MAX,
+            };
+            let imm = insn.immediate(1) & all;
+            if imm == all & !(1u64 << TIF_NOTIFY_RESUME) {
+                return Some(insn.next_ip());
+            }
+        }
+    }
+    None
+}
+
 /// Plans the traps of the events in `events` on the running kernel `k`.
 /// Returns the plans and, per event that cannot be placed, why.
 pub fn plan<M: PhysMemory + ?Sized>(
@@ -208,6 +261,15 @@ fn place<M: PhysMemory + ?Sized>(
 ) -> Result<(u64, Instruction)> {
     let va = match at {
         At::Entry => start,
+        At::NotifyResumeCleared => {
+            let mut code = vec![0u8; LOOP_SCAN_BYTES];
+            k.read(start, &mut code, "kernel text")?;
+            notify_resume_cleared(&code, start).ok_or_else(|| {
+                IntrospectError::Corrupt(format!(
+                    "no locked clear of TIF_NOTIFY_RESUME in the first {LOOP_SCAN_BYTES} bytes of {symbol}"
+                ))
+            })?
+        }
         At::ExitWorkBranch => {
             let mut code = vec![0u8; SCAN_BYTES];
             k.read(start, &mut code, "kernel text")?;
@@ -277,5 +339,37 @@ mod tests {
         assert_eq!(exit_work_branch(&debian, 0x2000, 0x76), Some(0x2006 + 0x13));
         assert_eq!(exit_work_branch(&debian, 0x2000, 0x36), None, "other mask");
         assert_eq!(exit_work_branch(&[0xff; 16], 0x2000, 0x76), None);
+    }
+
+    /// `lock andb $0xfd,(%r12)` (minimal 6.1) and `lock andb $0xfd,0x0(%rbp)`
+    /// (Debian 6.1 and 6.12), as objdump shows them; other locked ands and
+    /// unlocked ones are not it.
+    #[test]
+    fn the_notify_resume_clear_in_each_kernel() {
+        let minimal = [
+            0x80, 0xe3, 0x02, // and $0x2,%bl
+            0x74, 0x18, // je
+            0xf0, 0x41, 0x80, 0x24, 0x24, 0xfd, // lock andb $0xfd,(%r12)
+            0x49, 0x8b, 0x84, 0x24, 0x30, 0x06, 0x00, 0x00, // mov 0x630(%r12),%rax
+        ];
+        assert_eq!(notify_resume_cleared(&minimal, 0x1000), Some(0x100b));
+        // The same on one CPU: the lock prefix patched to ds.
+        let mut unlocked = minimal;
+        unlocked[5] = 0x3e;
+        assert_eq!(notify_resume_cleared(&unlocked, 0x1000), Some(0x100b));
+        let debian = [
+            0xf0, 0x80, 0x65, 0x00, 0xfd, // lock andb $0xfd,0x0(%rbp)
+            0x48, 0x8b, 0x85, 0x58, 0x0c, 0x00, 0x00, // mov 0xc58(%rbp),%rax
+        ];
+        assert_eq!(notify_resume_cleared(&debian, 0x2000), Some(0x2005));
+        // lock andl $0xfffffffd,(%rax): the same clear, 32 bits wide.
+        assert_eq!(
+            notify_resume_cleared(&[0xf0, 0x83, 0x20, 0xfd, 0x90], 0x3000),
+            Some(0x3004)
+        );
+        // lock andb $0xfb,(%rax) clears TIF_SIGPENDING; andb without prefix.
+        assert_eq!(notify_resume_cleared(&[0xf0, 0x80, 0x20, 0xfb], 0), None);
+        assert_eq!(notify_resume_cleared(&[0x80, 0x20, 0xfd], 0), None);
+        assert_eq!(notify_resume_cleared(&[0xff; 16], 0), None);
     }
 }

@@ -8,6 +8,14 @@
 //! the engines through [`crate::thread::ThreadUtrace`], and lets the vCPU go
 //! on. Other vCPUs keep running; all tracer state is behind one lock.
 //!
+//! REPORT (utrace_control, or a callback's vote) sets the thread's
+//! TIF_NOTIFY_RESUME: the thread reaches the QUIESCE site on its next way
+//! back to user mode (after its current system call, or at the next
+//! interrupt if it runs in user mode), with no signal pending and no
+//! system call interrupted, and report_quiesce(0) runs there. The QUIESCE
+//! trap is set the first time an engine with QUIESCE in its mask is
+//! attached: until then no thread pays for it.
+//!
 //! Only traced threads pay for system-call tracing: the system-call sites
 //! run only for threads whose `syscall_work` has
 //! [`TraceLayout::steer_bit`], which hvtrace sets on the threads it traces
@@ -120,6 +128,28 @@ struct Traced {
     /// Whether each engine follows children, by engine id.
     follow: HashMap<u64, bool>,
     task: u64,
+    /// A REPORT is due: report_quiesce(0) at its next return to user mode.
+    report_pending: bool,
+}
+
+impl Traced {
+    fn new(utrace: ThreadUtrace, follow: HashMap<u64, bool>, task: u64) -> Self {
+        Self {
+            utrace,
+            syscall: None,
+            follow,
+            task,
+            report_pending: false,
+        }
+    }
+
+    /// Whether some engine gets report_quiesce.
+    fn wants_quiesce(&self) -> bool {
+        self.utrace
+            .engines()
+            .iter()
+            .any(|e| e.events().contains(EventMask::QUIESCE))
+    }
 }
 
 /// A pending "trace the next exec of this argv".
@@ -145,6 +175,8 @@ struct Inner {
     placement: KernelPlacement,
     layout: TraceLayout,
     plans: Vec<PlannedTrap>,
+    /// The QUIESCE trap, set when first needed.
+    quiesce: Mutex<Option<PlannedTrap>>,
     syscalls: Arc<SyscallTable>,
     /// `task->stack` to its user `pt_regs`, found on the first user task.
     pt_regs_delta: OnceLock<u64>,
@@ -209,6 +241,7 @@ impl Tracer {
             placement,
             layout,
             plans,
+            quiesce: Mutex::new(None),
             syscalls,
             pt_regs_delta: OnceLock::new(),
             tracepoint_refcount,
@@ -216,26 +249,10 @@ impl Tracer {
             state: Mutex::new(State::default()),
             stats: TracerStats::default(),
         });
-        let handler: Arc<dyn TrapHandler> = inner.clone();
         let mut set = Vec::new();
         let outcome = (|| -> Result<(), TracerError> {
             for p in &inner.plans {
-                match p.kind {
-                    TrapKind::Int3(_) => {
-                        let pa = translate(&ram, space, VirtAddr(p.va)).map_err(|e| {
-                            IntrospectError::Read {
-                                what: format!("the page of {}+{:#x}", p.symbol, p.offset),
-                                va: p.va,
-                                source: e.into(),
-                            }
-                        })?;
-                        vm.traps()
-                            .plant(&ram, p.va, pa.0, TrapOwner::Tracer(handler.clone()))?;
-                    }
-                    TrapKind::DebugRegister => {
-                        vm.traps().set_hw_breakpoint(p.va, handler.clone())?;
-                    }
-                }
+                set_trap(vm, &inner, space, p)?;
                 set.push(p.clone());
             }
             Ok(())
@@ -249,9 +266,95 @@ impl Tracer {
         Ok(Self { inner })
     }
 
-    /// The traps the tracer set.
-    pub fn traps(&self) -> &[PlannedTrap] {
-        &self.inner.plans
+    /// Plans and sets the QUIESCE trap if it is not set yet, with the vCPUs
+    /// paused. Called from outside the vCPU threads (attach, control).
+    fn ensure_quiesce_site(&self, vm: &RunningVm) -> Result<(), TracerError> {
+        let inner = &self.inner;
+        if inner.quiesce_lock().is_some() {
+            return Ok(());
+        }
+        vm.pause_all()?;
+        let result = (|| -> Result<(), TracerError> {
+            let sregs = vm.with_vcpu(0, |fd| fd.get_sregs())??;
+            let space = view(&sregs).kernel_space();
+            let k = inner.kernel(space);
+            let (mut plans, errors) =
+                plan(&k, &inner.info.symbols, &inner.layout, EventMask::QUIESCE);
+            let Some(p) = plans.pop() else {
+                return Err(TracerError::Sites(errors.join("; ")));
+            };
+            set_trap(vm, inner, space, &p)?;
+            *inner.quiesce_lock() = Some(p);
+            Ok(())
+        })();
+        vm.resume_all()?;
+        result
+    }
+
+    /// The traps the tracer set (the QUIESCE one once set).
+    pub fn traps(&self) -> Vec<PlannedTrap> {
+        let mut v = self.inner.plans.clone();
+        v.extend(self.inner.quiesce_lock().clone());
+        v
+    }
+
+    /// The engines attached to traced thread `tid`, in attach order.
+    pub fn engines(&self, tid: Tid) -> Vec<Arc<Engine>> {
+        self.inner
+            .lock()
+            .threads
+            .get(&tid)
+            .map(|t| t.utrace.engines().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// `utrace_control` from outside the guest thread: RESUME withdraws
+    /// nothing yet pending, DETACH detaches the engine (and stops tracing
+    /// the thread if it was the last), REPORT makes the thread call
+    /// report_quiesce(0) at its next return to user mode without
+    /// interrupting a system call it sleeps in (needs QUIESCE in the
+    /// engine's mask: EINVAL otherwise). STOP, INTERRUPT, SINGLESTEP and
+    /// BLOCKSTEP are refused with EOPNOTSUPP: the hypervisor side does not
+    /// act on them yet.
+    pub fn control(
+        &self,
+        vm: &RunningVm,
+        tid: Tid,
+        engine: &Engine,
+        action: ResumeAction,
+    ) -> Result<(), TracerError> {
+        let inner = &self.inner;
+        let err = |e| TracerError::Utrace(tid, e);
+        match action {
+            ResumeAction::Stop
+            | ResumeAction::Interrupt
+            | ResumeAction::SingleStep
+            | ResumeAction::BlockStep => return Err(err(crate::UtraceError::NotSupported)),
+            ResumeAction::Report => self.ensure_quiesce_site(vm)?,
+            ResumeAction::Resume | ResumeAction::Detach => {}
+        }
+        let mut state = inner.lock();
+        let t = state
+            .threads
+            .get_mut(&tid)
+            .ok_or(err(crate::UtraceError::NoSuchThread))?;
+        t.utrace.control(engine, action).map_err(err)?;
+        let task = t.task;
+        match action {
+            ResumeAction::Report if !t.report_pending => {
+                t.report_pending = true;
+                drop(state);
+                inner.notify_resume(inner.kernel_space, task)?;
+            }
+            ResumeAction::Detach if t.utrace.engines().is_empty() => {
+                state.threads.remove(&tid);
+                drop(state);
+                // The task may be gone already; nothing to steer then.
+                let _ = inner.steer(inner.kernel_space, task, false);
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// The running kernel's system-call names.
@@ -267,14 +370,28 @@ impl Tracer {
     /// Traces the first thread that execs `argv` from now on (the exec's
     /// system-call arguments must equal it), with an engine made from
     /// `spec`. Its first report is that execve's entry.
-    pub fn trace_next_exec(&self, argv: Vec<String>, spec: EngineSpec) {
-        self.trace_next_exec_with(argv, vec![spec]);
+    pub fn trace_next_exec(
+        &self,
+        vm: &RunningVm,
+        argv: Vec<String>,
+        spec: EngineSpec,
+    ) -> Result<(), TracerError> {
+        self.trace_next_exec_with(vm, argv, vec![spec])
     }
 
     /// [`Tracer::trace_next_exec`] with several engines, attached in this
     /// order.
-    pub fn trace_next_exec_with(&self, argv: Vec<String>, specs: Vec<EngineSpec>) {
+    pub fn trace_next_exec_with(
+        &self,
+        vm: &RunningVm,
+        argv: Vec<String>,
+        specs: Vec<EngineSpec>,
+    ) -> Result<(), TracerError> {
+        if specs.iter().any(|s| s.events.contains(EventMask::QUIESCE)) {
+            self.ensure_quiesce_site(vm)?;
+        }
         self.inner.lock().armed = Some(Armed { argv, specs });
+        Ok(())
     }
 
     /// Thread ids currently traced.
@@ -293,18 +410,16 @@ impl Tracer {
         pid: Tid,
         spec: &EngineSpec,
     ) -> Result<Vec<Tid>, TracerError> {
+        if spec.events.contains(EventMask::QUIESCE) {
+            self.ensure_quiesce_site(vm)?;
+        }
         vm.pause_all()?;
-        let result = self.attach_paused(vm, pid, spec);
+        let result = self.attach_paused(pid, spec);
         vm.resume_all()?;
         result
     }
 
-    fn attach_paused(
-        &self,
-        vm: &RunningVm,
-        pid: Tid,
-        spec: &EngineSpec,
-    ) -> Result<Vec<Tid>, TracerError> {
+    fn attach_paused(&self, pid: Tid, spec: &EngineSpec) -> Result<Vec<Tid>, TracerError> {
         let inner = &self.inner;
         let k = inner.kernel(inner.kernel_space);
         let reader = guest_introspect::tasks::TaskReader::new(&k)?;
@@ -316,15 +431,11 @@ impl Tracer {
         if threads.iter().any(|t| t.is_kernel_thread()) {
             return Err(TracerError::Utrace(pid, crate::UtraceError::Permission));
         }
-        let _ = vm;
         let mut tids = Vec::new();
         let mut state = inner.lock();
         for t in &threads {
-            let entry = state.threads.entry(t.tid).or_insert_with(|| Traced {
-                utrace: ThreadUtrace::new(t.tid, false),
-                syscall: None,
-                follow: HashMap::new(),
-                task: t.addr,
+            let entry = state.threads.entry(t.tid).or_insert_with(|| {
+                Traced::new(ThreadUtrace::new(t.tid, false), HashMap::new(), t.addr)
             });
             let e = attach(&mut entry.utrace, spec).map_err(|e| TracerError::Utrace(t.tid, e))?;
             entry.follow.insert(e.id(), spec.follow);
@@ -399,12 +510,39 @@ impl Tracer {
                 let _ = self.inner.steer(space, t.task, false);
             }
         }
-        for p in &self.inner.plans {
-            remove_trap(vm, p);
+        for p in self.traps() {
+            remove_trap(vm, &p);
         }
         vm.resume_all()?;
         Ok(())
     }
+}
+
+/// Sets the trap `p` for `inner`'s handler.
+fn set_trap(
+    vm: &RunningVm,
+    inner: &Arc<Inner>,
+    space: AddressSpace,
+    p: &PlannedTrap,
+) -> Result<(), TracerError> {
+    let handler: Arc<dyn TrapHandler> = inner.clone();
+    match p.kind {
+        TrapKind::Int3(_) => {
+            let pa = translate(&inner.ram, space, VirtAddr(p.va)).map_err(|e| {
+                IntrospectError::Read {
+                    what: format!("the page of {}+{:#x}", p.symbol, p.offset),
+                    va: p.va,
+                    source: e.into(),
+                }
+            })?;
+            vm.traps()
+                .plant(&inner.ram, p.va, pa.0, TrapOwner::Tracer(handler))?;
+        }
+        TrapKind::DebugRegister => {
+            vm.traps().set_hw_breakpoint(p.va, handler)?;
+        }
+    }
+    Ok(())
 }
 
 fn remove_trap(vm: &RunningVm, p: &PlannedTrap) {
@@ -436,8 +574,8 @@ impl TrapHandler for Inner {
             }
         };
         let space = view(&sregs).kernel_space();
-        if let Some(p) = self.plans.iter().find(|p| p.va == va) {
-            if let Err(e) = self.handle(p, &regs, &sregs, space) {
+        if let Some(p) = self.plan_at(va) {
+            if let Err(e) = self.handle(&p, &regs, &sregs, space) {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 log::warn!(
                     "tracer: {} at {}+{:#x}: {e}",
@@ -464,6 +602,19 @@ impl Inner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn quiesce_lock(&self) -> std::sync::MutexGuard<'_, Option<PlannedTrap>> {
+        self.quiesce.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The trap planned at `va`.
+    fn plan_at(&self, va: u64) -> Option<PlannedTrap> {
+        self.plans
+            .iter()
+            .find(|p| p.va == va)
+            .cloned()
+            .or_else(|| self.quiesce_lock().clone().filter(|p| p.va == va))
+    }
+
     fn kernel<'a>(&'a self, space: AddressSpace) -> RunningKernel<'a, GuestRam> {
         RunningKernel::assume(
             &self.ram,
@@ -482,9 +633,7 @@ impl Inner {
         space: AddressSpace,
     ) -> Result<(), String> {
         let p = self
-            .plans
-            .iter()
-            .find(|p| p.va == va)
+            .plan_at(va)
             .ok_or_else(|| format!("no plan for {va:#x}"))?;
         match p.kind {
             TrapKind::Int3(Displaced::Skip { len }) => regs.rip = va + u64::from(len),
@@ -608,6 +757,23 @@ impl Inner {
                     ctx,
                 );
             }
+        } else if ev == EventMask::QUIESCE {
+            let due = {
+                let mut st = self.lock();
+                match st.threads.get_mut(&tid) {
+                    Some(t) if t.report_pending => {
+                        t.report_pending = false;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if due {
+                let ctx = ThreadContext::new(tid, tgid, self.ram.clone(), space);
+                self.report(tid, &Event::Quiesce, ctx);
+            } else {
+                self.stats.untraced.fetch_add(1, Ordering::Relaxed);
+            }
         } else if ev == EventMask::REAP {
             let task = regs.rdi;
             let rtid = k.read_u32(task + l.task_pid, "task_struct.pid")? as Tid;
@@ -637,13 +803,49 @@ impl Inner {
         let Some(t) = state.threads.get_mut(&tid) else {
             return;
         };
-        let _action = t.utrace.report(event);
+        let action = t.utrace.report(event);
         if t.utrace.engines().is_empty() && !matches!(event, Event::Reap) {
             let task = t.task;
             state.threads.remove(&tid);
             drop(state);
             let _ = self.steer(space, task, false);
+            return;
         }
+        // A REPORT vote asks for a report_quiesce on the way back to user
+        // mode; the quiesce report itself is that report (a REPORT from
+        // it would only loop).
+        let report_due = action == ResumeAction::Report
+            && !matches!(event, Event::Quiesce | Event::Death { .. } | Event::Reap)
+            && !t.report_pending
+            && t.wants_quiesce()
+            && self.quiesce_lock().is_some();
+        if report_due {
+            t.report_pending = true;
+            let task = t.task;
+            drop(state);
+            if let Err(e) = self.notify_resume(space, task) {
+                log::warn!("tracer: REPORT for thread {tid}: {e}");
+            }
+        }
+    }
+
+    /// Sets TIF_NOTIFY_RESUME in `task`'s thread flags (a locked host
+    /// operation, as the guest's own `set_tsk_thread_flag`): the thread
+    /// runs the return-to-user work, and so reaches the QUIESCE site, on
+    /// its next way back to user mode. A thread running in user mode gets
+    /// there at its next interrupt (the timer tick at the latest); a
+    /// sleeping one is not woken.
+    fn notify_resume(&self, space: AddressSpace, task: u64) -> Result<(), IntrospectError> {
+        let va = task + self.layout.task_ti_flags;
+        let pa = translate(&self.ram, space, VirtAddr(va)).map_err(|e| IntrospectError::Read {
+            what: "task_struct.thread_info.flags".into(),
+            va,
+            source: e.into(),
+        })?;
+        self.ram
+            .fetch_or_u64(pa.0, 1 << crate::hv::placement::TIF_NOTIFY_RESUME)
+            .map(|_| ())
+            .map_err(|e| IntrospectError::Corrupt(format!("thread flags at {va:#x}: {e}")))
     }
 
     /// Whether the guest itself has syscall tracepoints enabled (then the
@@ -793,15 +995,9 @@ impl Inner {
                     .map_err(|e| IntrospectError::Corrupt(format!("attach to {tid}: {e}")))?;
                 follow.insert(engine.id(), spec.follow);
             }
-            state.threads.insert(
-                tid,
-                Traced {
-                    utrace,
-                    syscall: None,
-                    follow,
-                    task: current,
-                },
-            );
+            state
+                .threads
+                .insert(tid, Traced::new(utrace, follow, current));
             drop(state);
             if armed
                 .specs
@@ -920,15 +1116,9 @@ impl Inner {
                     wants_syscalls |= spec.events.intersects(SYSCALL_EVENTS);
                 }
             }
-            state.threads.insert(
-                child_tid,
-                Traced {
-                    utrace,
-                    syscall: None,
-                    follow,
-                    task: child,
-                },
-            );
+            state
+                .threads
+                .insert(child_tid, Traced::new(utrace, follow, child));
         }
         drop(state);
         // The child inherited the parent's syscall_work.
