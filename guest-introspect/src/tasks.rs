@@ -313,6 +313,12 @@ impl<'k, 'a, M: PhysMemory + ?Sized> TaskReader<'k, 'a, M> {
             }
             if flags & PF_WQ_WORKER != 0 {
                 let worker = k.field(kthread, "kthread", "data")?;
+                // wq_worker_comm shows the description only while the
+                // worker belongs to a pool (a rescuer has none between
+                // rescues).
+                if k.field(worker, "worker", "pool")? == 0 {
+                    return Ok(None);
+                }
                 let desc_off = k.types().member("worker", "desc")?.offset;
                 let mut desc = [0u8; 32];
                 k.read(worker + desc_off, &mut desc[..24], "worker.desc")?;

@@ -289,6 +289,47 @@ fn ps_matches_the_guests_own_proc_and_inspect_shows_the_blocked_read() {
     let _ = std::fs::remove_file(snap);
 }
 
+/// The same live oracle on Debian's 6.1 cloud kernel (KASLR on, symbols
+/// from the kallsyms in its vmlinuz, types from its BTF). Its cold boot
+/// takes over half an hour emulated on PVM KVM; `scripts/test.sh --debian`
+/// boots it once and runs this.
+#[test]
+#[ignore = "an emulated Debian boot takes most of an hour on PVM; run scripts/test.sh --debian"]
+fn debian_6_1_ps_matches_the_guests_own_proc() {
+    let g = start_procs_guest(&["--kernel", "debian-6.1"], 20, 10);
+    let sock = g.sock.display().to_string();
+    let (pid, fd, count) = g.ready;
+    assert!(g.guest.len() >= 30, "{:?}", g.guest);
+    let live = hvtrace_json(&["ps", "--api-sock", &sock, "--json"]);
+    assert_same_tasks(&g.guest, &rows(&live), pid);
+    let ping = api_call(&g.sock, r#"{"v":1,"op":"ping"}"#).unwrap();
+    assert_eq!(
+        live["kernel"]["kaslr_offset"], ping["placement"]["virt_offset"],
+        "detected vs applied KASLR offset"
+    );
+    assert_ne!(live["kernel"]["kaslr_offset"], "0x0", "KASLR is on");
+    let insp = hvtrace_json(&[
+        "inspect",
+        "--api-sock",
+        &sock,
+        "--pid",
+        &pid.to_string(),
+        "--json",
+    ]);
+    assert_eq!(insp["syscall"]["nr"], 0, "blocked in read: {insp:#}");
+    let arg = |i: usize| {
+        u64::from_str_radix(
+            insp["syscall"]["args"][i]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("0x"),
+            16,
+        )
+        .unwrap()
+    };
+    assert_eq!((arg(0), arg(2)), (fd, count), "{insp:#}");
+}
+
 #[test]
 fn a_wrong_system_map_is_refused() {
     // A System.map of "another build": the text is where it was, but

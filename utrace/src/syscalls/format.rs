@@ -124,7 +124,7 @@ impl Formatter {
 
     fn entry_arg(&self, kind: Arg, v: u64, all: &[u64; 6], mem: &dyn UserMemory) -> Option<String> {
         Some(match kind {
-            Arg::BufOut | Arg::WaitStatus | Arg::NameOut => return None,
+            Arg::BufOut | Arg::BufOutHex | Arg::WaitStatus | Arg::NameOut => return None,
             Arg::PrctlOption => match v {
                 15 => "PR_SET_NAME".into(),
                 16 => "PR_GET_NAME".into(),
@@ -189,6 +189,7 @@ impl Formatter {
                     None => ptr(v),
                 }
             }
+            Arg::GrndFlags => flags(v, GRND, "0"),
             Arg::AccessMode => {
                 if v == 0 {
                     "F_OK".into()
@@ -206,6 +207,14 @@ impl Formatter {
                     ptr(v)
                 } else {
                     self.buffer(v, ret as u64, mem)
+                }
+            }
+            Arg::BufOutHex => {
+                if ret < 0 {
+                    ptr(v)
+                } else {
+                    self.try_buffer_with(v, ret as u64, mem, quote_hex)
+                        .unwrap_or_else(|| ptr(v))
                 }
             }
             Arg::WaitStatus => {
@@ -306,6 +315,16 @@ impl Formatter {
     }
 
     fn try_buffer(&self, addr: u64, len: u64, mem: &dyn UserMemory) -> Option<String> {
+        self.try_buffer_with(addr, len, mem, quote)
+    }
+
+    fn try_buffer_with(
+        &self,
+        addr: u64,
+        len: u64,
+        mem: &dyn UserMemory,
+        quote: fn(&[u8]) -> String,
+    ) -> Option<String> {
         let shown = (len as usize).min(self.string_limit);
         let mut buf = vec![0u8; shown];
         if !mem.read(addr, &mut buf) {
@@ -392,6 +411,17 @@ fn ptr(v: u64) -> String {
     } else {
         format!("{v:#x}")
     }
+}
+
+/// `"\x5b\x4c..."`: every byte in hex, as strace quotes random bytes.
+pub fn quote_hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 4 + 2);
+    s.push('"');
+    for b in bytes {
+        s.push_str(&format!("\\x{b:02x}"));
+    }
+    s.push('"');
+    s
 }
 
 /// Quotes bytes as strace does: C escapes for `\t\n\v\f\r"\\`, printable
@@ -593,6 +623,8 @@ const CLONE: &[(u64, &str)] = &[
 
 const ACCESS: &[(u64, &str)] = &[(4, "R_OK"), (2, "W_OK"), (1, "X_OK")];
 
+const GRND: &[(u64, &str)] = &[(1, "GRND_NONBLOCK"), (2, "GRND_RANDOM"), (4, "GRND_INSECURE")];
+
 /// `A|B|0x40` for the set bits of `v` (multi-bit flags first when listed
 /// so), or `none` for 0.
 fn flags(v: u64, table: &[(u64, &str)], none: &str) -> String {
@@ -788,6 +820,16 @@ mod tests {
         );
         assert_eq!(wait_status(9), "{WIFSIGNALED(s) && WTERMSIG(s) == SIGKILL}");
         let name = mem(&[(0x4000, b"true\0")]);
+        let p = f.enter("getrandom", [0x2000, 3, 1, 0, 0, 0], &m);
+        assert_eq!(
+            f.finish(&p, 3, &m),
+            r#"getrandom("\x00\x11\x00", 3, GRND_NONBLOCK) = 3"#
+        );
+        let p = f.enter("getrandom", [0x2000, 8, 1, 0, 0, 0], &m);
+        assert_eq!(
+            f.finish(&p, -11, &m),
+            "getrandom(0x2000, 8, GRND_NONBLOCK) = -1 EAGAIN (Resource temporarily unavailable)"
+        );
         let p = f.enter("prctl", [16, 0x4000, 0, 0, 0, 0], &name);
         assert!(!f.complete_at_entry("read"));
         assert_eq!(f.finish(&p, 0, &name), r#"prctl(PR_GET_NAME, "true") = 0"#);

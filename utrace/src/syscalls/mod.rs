@@ -29,6 +29,9 @@ pub enum Arg {
     /// A buffer the call fills, of the length the call returns (read,
     /// recvfrom): shown at exit.
     BufOut,
+    /// Like `BufOut`, every byte shown as `\xNN` (strace's
+    /// `QUOTE_FORCE_HEX`, for random bytes).
+    BufOutHex,
     /// `open` flags (`O_RDONLY|O_CLOEXEC`).
     OpenFlags,
     /// A file mode in octal (`0644`).
@@ -57,6 +60,8 @@ pub enum Arg {
     PrctlOption,
     /// A thread name the call fills (`prctl(PR_GET_NAME)`): shown at exit.
     NameOut,
+    /// `getrandom` flags (`GRND_NONBLOCK`).
+    GrndFlags,
 }
 
 /// How the return value is shown.
@@ -119,7 +124,6 @@ pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
         "set_tid_address" => (&[Ptr], Ret::Int),
         "set_robust_list" => (&[Ptr, Uint], Ret::Int),
         "arch_prctl" => (&[Hex, Hex], Ret::Int),
-        "getrandom" => (&[Ptr, Uint, Hex], Ret::Int),
         "uname" => (&[Ptr], Ret::Int),
         "ioctl" | "fcntl" => (&[Int, Hex, Hex], Ret::Int),
         "chroot" | "acct" | "swapoff" => (&[Str], Ret::Int),
@@ -133,6 +137,7 @@ pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
         "prctl" => (&[PrctlOption, Hex, Hex, Hex, Hex], Ret::Int),
         "clone3" => (&[Ptr, Uint], Ret::Int),
         "getcwd" => (&[BufOut, Uint], Ret::Int),
+        "getrandom" => (&[BufOutHex, Uint, GrndFlags], Ret::Int),
         "chmod" => (&[Str, Mode], Ret::Int),
         "fchmodat" => (&[DirFd, Str, Mode], Ret::Int),
         "symlink" | "link" => (&[Str, Str], Ret::Int),
@@ -154,7 +159,7 @@ pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
 /// (strace prints such calls whole at exit).
 pub fn has_out_args(args: &[Arg]) -> bool {
     args.iter()
-        .any(|a| matches!(a, Arg::BufOut | Arg::WaitStatus | Arg::NameOut))
+        .any(|a| matches!(a, Arg::BufOut | Arg::BufOutHex | Arg::WaitStatus | Arg::NameOut))
 }
 
 /// The argument kinds of one call with these arguments: [`signature`],
