@@ -260,15 +260,22 @@ impl InProcessGuest {
     /// Boots the default guest once (cached by `hvtrace run`) and restores
     /// its snapshot here.
     pub fn restore_default() -> Self {
+        Self::restore("minimal")
+    }
+
+    /// [`InProcessGuest::restore_default`] with guest kernel `kernel`
+    /// (`minimal`, `debian-6.1`, `debian-6.12`); symbols and types come
+    /// from the kernel image, as `hvtrace trace` finds them.
+    pub fn restore(kernel: &str) -> Self {
         require_kvm();
-        let out = hvtrace(&["run", "--", "true"]);
+        let out = hvtrace(&["run", "--kernel", kernel, "--", "true"]);
         assert!(out.status.success(), "{}", stderr(&out));
-        let out = hvtrace(&["cached-snapshot"]);
+        let out = hvtrace(&["cached-snapshot", "--kernel", kernel]);
         assert!(out.status.success(), "{}", stderr(&out));
         let snap = PathBuf::from(stdout(&out).trim());
-        let kernel = std::fs::read(kernel_for_qemu("minimal")).expect("the minimal kernel");
+        let kernel = std::fs::read(kernel_for_qemu(kernel)).expect("the kernel image");
         let elf = vmm::loader::kernel_elf(&kernel, vmm::loader::DEFAULT_MAX_OUTPUT)
-            .expect("the minimal kernel's ELF");
+            .expect("the kernel's ELF");
         let info = std::sync::Arc::new(
             guest_introspect::image::KernelInfo::from_files(&elf, None).expect("kernel info"),
         );
