@@ -623,7 +623,11 @@ const CLONE: &[(u64, &str)] = &[
 
 const ACCESS: &[(u64, &str)] = &[(4, "R_OK"), (2, "W_OK"), (1, "X_OK")];
 
-const GRND: &[(u64, &str)] = &[(1, "GRND_NONBLOCK"), (2, "GRND_RANDOM"), (4, "GRND_INSECURE")];
+const GRND: &[(u64, &str)] = &[
+    (1, "GRND_NONBLOCK"),
+    (2, "GRND_RANDOM"),
+    (4, "GRND_INSECURE"),
+];
 
 /// `A|B|0x40` for the set bits of `v` (multi-bit flags first when listed
 /// so), or `none` for 0.

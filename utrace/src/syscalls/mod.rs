@@ -158,8 +158,12 @@ pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
 /// Whether the call's line is completed at exit with data it wrote
 /// (strace prints such calls whole at exit).
 pub fn has_out_args(args: &[Arg]) -> bool {
-    args.iter()
-        .any(|a| matches!(a, Arg::BufOut | Arg::BufOutHex | Arg::WaitStatus | Arg::NameOut))
+    args.iter().any(|a| {
+        matches!(
+            a,
+            Arg::BufOut | Arg::BufOutHex | Arg::WaitStatus | Arg::NameOut
+        )
+    })
 }
 
 /// The argument kinds of one call with these arguments: [`signature`],
