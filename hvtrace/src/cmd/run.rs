@@ -63,9 +63,7 @@ impl GuestArgs {
         Ok(VmConfig {
             kernel,
             initrds,
-            cmdline: format!("{DEFAULT_CMDLINE} {}", self.cmdline)
-                .trim()
-                .to_string(),
+            cmdline: self.cmdline_words(),
             memory_mib: self.memory,
             cpus: self.cpus,
             kaslr: if self.no_kaslr {
@@ -74,6 +72,24 @@ impl GuestArgs {
                 Kaslr::Auto
             },
         })
+    }
+
+    /// The kernel command line: hvtrace's defaults, the named kernel's own
+    /// defaults on PVM KVM, then the user's words (the kernel takes the last
+    /// value of a repeated option, so the user's win).
+    fn cmdline_words(&self) -> String {
+        let named = self
+            .kernel
+            .as_deref()
+            .and_then(artifacts::NamedKernel::from_name)
+            .filter(|_| KvmKind::detect() == KvmKind::Pvm)
+            .map_or("", |k| k.pvm_cmdline());
+        [DEFAULT_CMDLINE, named, self.cmdline.trim()]
+            .iter()
+            .filter(|w| !w.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// The stall timeout: as given, or the default for this host's KVM kind.
