@@ -194,11 +194,37 @@ fn assert_same_tasks(guest: &BTreeMap<i64, Row>, host: &BTreeMap<i64, Row>, repo
     );
 }
 
+/// `hvtrace inspect` of hv-procs's main thread, blocked in
+/// read(fd, buf, count) (`ready` = (pid, fd, count)): asserts the syscall
+/// number and arguments in its saved user registers; the whole reply.
+fn inspect_blocked_read(sock: &str, ready: (i64, u64, u64)) -> Value {
+    let (pid, fd, count) = ready;
+    let insp = hvtrace_json(&[
+        "inspect",
+        "--api-sock",
+        sock,
+        "--pid",
+        &pid.to_string(),
+        "--json",
+    ]);
+    let sc = &insp["syscall"];
+    assert_eq!(sc["nr"], 0, "read is x86-64 syscall 0: {insp:#}");
+    let arg = |i: usize| {
+        u64::from_str_radix(sc["args"][i].as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+    };
+    assert_eq!(
+        (arg(0), arg(2)),
+        (fd, count),
+        "read's fd and count: {insp:#}"
+    );
+    insp
+}
+
 #[test]
 fn ps_matches_the_guests_own_proc_and_inspect_shows_the_blocked_read() {
     let g = start_procs_guest(&[], 20, 10);
     let sock = g.sock.display().to_string();
-    let (pid, fd, count) = g.ready;
+    let pid = g.ready.0;
     assert!(
         g.guest.len() >= 30,
         "hv-procs listed too few tasks: {:?}",
@@ -255,25 +281,7 @@ fn ps_matches_the_guests_own_proc_and_inspect_shows_the_blocked_read() {
         "both sources place the kernel at the same address"
     );
 
-    // hv-procs's main thread is blocked in read(fd, buf, count).
-    let insp = hvtrace_json(&[
-        "inspect",
-        "--api-sock",
-        &sock,
-        "--pid",
-        &pid.to_string(),
-        "--json",
-    ]);
-    let sc = &insp["syscall"];
-    assert_eq!(sc["nr"], 0, "read is x86-64 syscall 0: {insp:#}");
-    let arg = |i: usize| {
-        u64::from_str_radix(sc["args"][i].as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
-    };
-    assert_eq!(
-        (arg(0), arg(2)),
-        (fd, count),
-        "read's fd and count: {insp:#}"
-    );
+    let insp = inspect_blocked_read(&sock, g.ready);
     assert_eq!(
         insp["exe"].as_str(),
         Some(g.exe.as_str()),
@@ -298,7 +306,7 @@ fn ps_matches_the_guests_own_proc_and_inspect_shows_the_blocked_read() {
 fn debian_6_1_ps_matches_the_guests_own_proc() {
     let g = start_procs_guest(&["--kernel", "debian-6.1"], 20, 10);
     let sock = g.sock.display().to_string();
-    let (pid, fd, count) = g.ready;
+    let pid = g.ready.0;
     assert!(g.guest.len() >= 30, "{:?}", g.guest);
     let live = hvtrace_json(&["ps", "--api-sock", &sock, "--json"]);
     assert_same_tasks(&g.guest, &rows(&live), pid);
@@ -308,26 +316,7 @@ fn debian_6_1_ps_matches_the_guests_own_proc() {
         "detected vs applied KASLR offset"
     );
     assert_ne!(live["kernel"]["kaslr_offset"], "0x0", "KASLR is on");
-    let insp = hvtrace_json(&[
-        "inspect",
-        "--api-sock",
-        &sock,
-        "--pid",
-        &pid.to_string(),
-        "--json",
-    ]);
-    assert_eq!(insp["syscall"]["nr"], 0, "blocked in read: {insp:#}");
-    let arg = |i: usize| {
-        u64::from_str_radix(
-            insp["syscall"]["args"][i]
-                .as_str()
-                .unwrap()
-                .trim_start_matches("0x"),
-            16,
-        )
-        .unwrap()
-    };
-    assert_eq!((arg(0), arg(2)), (fd, count), "{insp:#}");
+    let _ = inspect_blocked_read(&sock, g.ready);
 }
 
 #[test]

@@ -114,6 +114,26 @@ fn debian_6_1_report_while_sleeping_and_while_spinning() {
     report_while_spinning(InProcessGuest::restore("debian-6.1"));
 }
 
+/// Waits for the guest command, checks it exited with 0 printing
+/// `expect`, removes the tracer and ends the VM; the callback log and its
+/// text.
+fn finish(
+    mut g: InProcessGuest,
+    tracer: Tracer,
+    log: &Log,
+    expect: &str,
+) -> (Vec<(Instant, String)>, String) {
+    let code = g.wait_exit();
+    let out = g.stdout();
+    tracer.remove(g.session.vm()).unwrap();
+    g.session.shutdown();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(expect), "{out}");
+    let log = lines(log);
+    let all = text(&log);
+    (log, all)
+}
+
 fn report_while_sleeping(mut g: InProcessGuest) {
     let tracer = Tracer::install(g.session.vm(), g.info.clone()).unwrap();
     let nanosleep = tracer.syscalls().number("nanosleep").unwrap();
@@ -170,14 +190,7 @@ fn report_while_sleeping(mut g: InProcessGuest) {
         err(tracer.control(g.session.vm(), tid, &engines[0], ResumeAction::Stop)),
         UtraceError::NotSupported
     );
-    let code = g.wait_exit();
-    let out = g.stdout();
-    tracer.remove(g.session.vm()).unwrap();
-    g.session.shutdown();
-    let log = lines(&log);
-    let all = text(&log);
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("woke"), "{out}");
+    let (log, all) = finish(g, tracer, &log, "woke");
     // The sleep ran to its end: one nanosleep, returning 0 (a signal-style
     // interruption shows -EINTR or -ERESTART_RESTARTBLOCK and a restart).
     let sleeps: Vec<&String> = log
@@ -244,14 +257,7 @@ fn report_while_spinning(mut g: InProcessGuest) {
     tracer
         .control(g.session.vm(), tid, &engine, ResumeAction::Report)
         .unwrap();
-    let code = g.wait_exit();
-    let out = g.stdout();
-    tracer.remove(g.session.vm()).unwrap();
-    g.session.shutdown();
-    let log = lines(&log);
-    let all = text(&log);
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("spin done"), "{out}");
+    let (log, all) = finish(g, tracer, &log, "spin done");
     // Exactly one plain report, while it still spun (before its exit), and
     // soon: at the next interrupt, not at the end of the spin.
     let plain: Vec<&(Instant, String)> = log.iter().filter(|(_, l)| l == "quiesce:0").collect();

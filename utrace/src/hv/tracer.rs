@@ -836,16 +836,36 @@ impl Inner {
     /// there at its next interrupt (the timer tick at the latest); a
     /// sleeping one is not woken.
     fn notify_resume(&self, space: AddressSpace, task: u64) -> Result<(), IntrospectError> {
-        let va = task + self.layout.task_ti_flags;
+        let bit = 1 << crate::hv::placement::TIF_NOTIFY_RESUME;
+        let flags = (self.layout.task_ti_flags, "task_struct.thread_info.flags");
+        self.update_task_bits(space, task, flags, bit, true)
+    }
+
+    /// Sets (`on`) or clears `bits` in the task word at `task + word.0`
+    /// (named `word.1`) with a locked host operation: the guest updates
+    /// these words with locked bit operations too.
+    fn update_task_bits(
+        &self,
+        space: AddressSpace,
+        task: u64,
+        word: (u64, &str),
+        bits: u64,
+        on: bool,
+    ) -> Result<(), IntrospectError> {
+        let (offset, what) = word;
+        let va = task + offset;
         let pa = translate(&self.ram, space, VirtAddr(va)).map_err(|e| IntrospectError::Read {
-            what: "task_struct.thread_info.flags".into(),
+            what: what.into(),
             va,
             source: e.into(),
         })?;
-        self.ram
-            .fetch_or_u64(pa.0, 1 << crate::hv::placement::TIF_NOTIFY_RESUME)
-            .map(|_| ())
-            .map_err(|e| IntrospectError::Corrupt(format!("thread flags at {va:#x}: {e}")))
+        let r = if on {
+            self.ram.fetch_or_u64(pa.0, bits)
+        } else {
+            self.ram.fetch_and_u64(pa.0, !bits)
+        };
+        r.map(|_| ())
+            .map_err(|e| IntrospectError::Corrupt(format!("{what} at {va:#x}: {e}")))
     }
 
     /// Whether the guest itself has syscall tracepoints enabled (then the
@@ -863,20 +883,11 @@ impl Inner {
     /// locked host operation (the guest updates the same word with locked
     /// bit operations).
     fn steer(&self, space: AddressSpace, task: u64, on: bool) -> Result<(), IntrospectError> {
-        let va = task + self.layout.task_syscall_work;
-        let pa = translate(&self.ram, space, VirtAddr(va)).map_err(|e| IntrospectError::Read {
-            what: "task_struct.thread_info.syscall_work".into(),
-            va,
-            source: e.into(),
-        })?;
-        let bit = self.layout.steer_bit;
-        let r = if on {
-            self.ram.fetch_or_u64(pa.0, bit)
-        } else {
-            self.ram.fetch_and_u64(pa.0, !bit)
-        };
-        r.map(|_| ())
-            .map_err(|e| IntrospectError::Corrupt(format!("syscall_work at {va:#x}: {e}")))
+        let work = (
+            self.layout.task_syscall_work,
+            "task_struct.thread_info.syscall_work",
+        );
+        self.update_task_bits(space, task, work, self.layout.steer_bit, on)
     }
 
     /// The user registers saved at the top of `task`'s kernel stack.
