@@ -194,6 +194,30 @@ fn assert_same_tasks(guest: &BTreeMap<i64, Row>, host: &BTreeMap<i64, Row>, repo
     );
 }
 
+/// `hvtrace ps` of the running guest `g` equals what its /proc listed
+/// (a few dozen tasks at least), and the KASLR offset found from the vCPU
+/// state is the non-zero one the VMM chose; the `ps` reply.
+fn live_ps_matches(g: &ProcsGuest) -> Value {
+    assert!(
+        g.guest.len() >= 30,
+        "hv-procs listed too few tasks: {:?}",
+        g.guest
+    );
+    let sock = g.sock.display().to_string();
+    let live = hvtrace_json(&["ps", "--api-sock", &sock, "--json"]);
+    assert_same_tasks(&g.guest, &rows(&live), g.ready.0);
+    let ping = api_call(&g.sock, r#"{"v":1,"op":"ping"}"#).unwrap();
+    assert_eq!(
+        live["kernel"]["kaslr_offset"], ping["placement"]["virt_offset"],
+        "detected vs applied KASLR offset"
+    );
+    assert_ne!(
+        ping["placement"]["virt_offset"], "0x0",
+        "the guest runs with KASLR"
+    );
+    live
+}
+
 /// `hvtrace inspect` of hv-procs's main thread, blocked in
 /// read(fd, buf, count) (`ready` = (pid, fd, count)): asserts the syscall
 /// number and arguments in its saved user registers; the whole reply.
@@ -225,24 +249,7 @@ fn ps_matches_the_guests_own_proc_and_inspect_shows_the_blocked_read() {
     let g = start_procs_guest(&[], 20, 10);
     let sock = g.sock.display().to_string();
     let pid = g.ready.0;
-    assert!(
-        g.guest.len() >= 30,
-        "hv-procs listed too few tasks: {:?}",
-        g.guest
-    );
-
-    let live = hvtrace_json(&["ps", "--api-sock", &sock, "--json"]);
-    assert_same_tasks(&g.guest, &rows(&live), pid);
-    // The KASLR offset found from the vCPU state is the one the VMM chose.
-    let ping = api_call(&g.sock, r#"{"v":1,"op":"ping"}"#).unwrap();
-    assert_eq!(
-        live["kernel"]["kaslr_offset"], ping["placement"]["virt_offset"],
-        "detected vs applied KASLR offset"
-    );
-    assert_ne!(
-        ping["placement"]["virt_offset"], "0x0",
-        "the guest runs with KASLR"
-    );
+    let live = live_ps_matches(&g);
     assert_eq!(
         live["kernel"]["symbols"], "kallsyms recovered from the kernel image",
         "the minimal kernel boots from its stripped bzImage"
@@ -316,18 +323,8 @@ fn debian_6_12_ps_matches_the_guests_own_proc() {
 
 fn debian_ps_matches(kernel: &str) {
     let g = start_procs_guest(&["--kernel", kernel], 20, 10);
-    let sock = g.sock.display().to_string();
-    let pid = g.ready.0;
-    assert!(g.guest.len() >= 30, "{:?}", g.guest);
-    let live = hvtrace_json(&["ps", "--api-sock", &sock, "--json"]);
-    assert_same_tasks(&g.guest, &rows(&live), pid);
-    let ping = api_call(&g.sock, r#"{"v":1,"op":"ping"}"#).unwrap();
-    assert_eq!(
-        live["kernel"]["kaslr_offset"], ping["placement"]["virt_offset"],
-        "detected vs applied KASLR offset"
-    );
-    assert_ne!(live["kernel"]["kaslr_offset"], "0x0", "KASLR is on");
-    let _ = inspect_blocked_read(&sock, g.ready);
+    let _ = live_ps_matches(&g);
+    let _ = inspect_blocked_read(&g.sock.display().to_string(), g.ready);
 }
 
 #[test]
