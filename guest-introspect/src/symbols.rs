@@ -95,6 +95,13 @@ impl SymbolMap {
         self.by_name.get(name).copied()
     }
 
+    /// The address of the first symbol above `addr`: where the function at
+    /// `addr` ends at the latest (kallsyms and System.map carry no sizes).
+    pub fn next_above(&self, addr: u64) -> Option<u64> {
+        let i = self.symbols.partition_point(|s| s.addr <= addr);
+        self.symbols.get(i).map(|s| s.addr)
+    }
+
     /// The text symbol containing link-time address `addr`, with the offset
     /// into it (`name+0x12`); None outside the kernel text.
     pub fn symbolize(&self, addr: u64) -> Option<String> {
@@ -131,6 +138,9 @@ mod tests {
         );
         assert_eq!(m.symbolize(0xffffffff82000008), None, "data is not code");
         assert_eq!(m.symbolize(0x1000), None);
+        assert_eq!(m.next_above(0xffffffff81000100), Some(0xffffffff81001000));
+        assert_eq!(m.next_above(0xffffffff81000104), Some(0xffffffff81001000));
+        assert_eq!(m.next_above(0xffffffff82000000), None);
     }
 
     #[test]

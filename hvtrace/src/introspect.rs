@@ -155,7 +155,18 @@ pub fn sites_json(
             Err(e) => errors.push(e.to_string()),
         }
     }
-    Ok(json!({ "kernel": kernel_facts(&k, info), "sites": sites, "errors": errors }))
+    // Where the tracer puts each trap on this kernel (QUIESCE's are set
+    // only once an engine asks for it), found by disassembling the text.
+    let layout = utrace::hv::layout::TraceLayout::resolve(&k)?;
+    let events = utrace::hv::TRACED_EVENTS | utrace::EventMask::QUIESCE;
+    let (traps, trap_errors) = utrace::hv::placement::plan(&k, &info.symbols, &layout, events);
+    errors.extend(trap_errors);
+    Ok(json!({
+        "kernel": kernel_facts(&k, info),
+        "sites": sites,
+        "traps": traps,
+        "errors": errors,
+    }))
 }
 
 /// Details of the task with thread id `tid`, as JSON.

@@ -60,7 +60,18 @@ impl EngineOps for Rec {
 
 #[test]
 fn two_engines_with_different_masks_on_one_guest_thread() {
-    let mut g = InProcessGuest::restore_default();
+    two_engines_on_one_thread(InProcessGuest::restore_default());
+}
+
+/// The same on both Debian kernels (KASLR on).
+#[test]
+#[ignore = "an emulated Debian boot takes most of an hour on PVM; run scripts/test.sh --debian"]
+fn debian_two_engines_with_different_masks_on_one_guest_thread() {
+    two_engines_on_one_thread(InProcessGuest::restore("debian-6.1"));
+    two_engines_on_one_thread(InProcessGuest::restore("debian-6.12"));
+}
+
+fn two_engines_on_one_thread(mut g: InProcessGuest) {
     let session = &mut g.session;
     let tracer = Tracer::install(session.vm(), g.info.clone()).unwrap();
     let getpid = tracer

@@ -523,7 +523,24 @@ fn sites_are_where_the_guests_own_kallsyms_says() {
     );
     let v = hvtrace_json(&["sites", "--api-sock", g.sock.to_str().unwrap(), "--json"]);
     let sites = v["sites"].as_array().unwrap();
-    assert_eq!(sites.len(), 10, "{v:#}");
+    let mut events: Vec<&str> = sites.iter().map(|s| s["event"].as_str().unwrap()).collect();
+    events.dedup();
+    assert_eq!(events.len(), utrace::sites::SITES.len(), "{v:#}");
+    // The traps lie in those functions, at the offsets hvtrace found by
+    // disassembly; QUIESCE has one per copy of the return-to-user loop
+    // (one here: every return goes through exit_to_user_mode_prepare).
+    let traps = v["traps"].as_array().unwrap();
+    for t in traps {
+        let name = t["symbol"].as_str().unwrap();
+        let (va, offset) = (t["va"].as_u64().unwrap(), t["offset"].as_u64().unwrap());
+        assert_eq!(kallsyms.get(name).map(|a| a + offset), Some(va), "{t:#}");
+    }
+    let quiesce: Vec<&str> = traps
+        .iter()
+        .filter(|t| t["event_name"] == "QUIESCE")
+        .map(|t| t["symbol"].as_str().unwrap())
+        .collect();
+    assert_eq!(quiesce, ["exit_to_user_mode_prepare"], "{v:#}");
     for s in sites {
         let name = s["symbol"].as_str().unwrap();
         let runtime =

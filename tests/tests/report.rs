@@ -114,6 +114,17 @@ fn debian_6_1_report_while_sleeping_and_while_spinning() {
     report_while_spinning(InProcessGuest::restore("debian-6.1"));
 }
 
+/// Both on Debian's 6.12 cloud kernel, whose return-to-user loop is
+/// inlined into the system-call exit and the interrupt exit and also kept
+/// out of line: a sleeper returns through the first, a spinner through the
+/// second.
+#[test]
+#[ignore = "an emulated Debian boot takes most of an hour on PVM; run scripts/test.sh --debian"]
+fn debian_6_12_report_while_sleeping_and_while_spinning() {
+    report_while_sleeping(InProcessGuest::restore("debian-6.12"));
+    report_while_spinning(InProcessGuest::restore("debian-6.12"));
+}
+
 /// Waits for the guest command, checks it exited with 0 printing
 /// `expect`, removes the tracer and ends the VM; the callback log and its
 /// text.

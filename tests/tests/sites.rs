@@ -4,7 +4,7 @@
 use hvtrace_tests::*;
 use serde_json::Value;
 
-const EVENTS: [&str; 10] = [
+const EVENTS: [&str; 11] = [
     "SYSCALL_ENTRY",
     "SYSCALL_EXIT",
     "CLONE",
@@ -13,6 +13,7 @@ const EVENTS: [&str; 10] = [
     "DEATH",
     "REAP",
     "SIGNAL",
+    "SIGNAL_FATAL",
     "JCTL",
     "QUIESCE",
 ];
@@ -31,12 +32,14 @@ fn sites(kernel: &str) -> Value {
 fn every_event_has_a_site_in_every_supported_kernel() {
     for kernel in ["minimal", "debian-6.1", "debian-6.12"] {
         let v = sites(kernel);
-        let got: Vec<&str> = v["sites"]
+        let mut got: Vec<&str> = v["sites"]
             .as_array()
             .unwrap()
             .iter()
             .map(|s| s["event"].as_str().unwrap())
             .collect();
+        // QUIESCE lists every function holding a copy of its code.
+        got.dedup();
         assert_eq!(got, EVENTS, "{kernel}: {v:#}");
         assert_eq!(v["errors"].as_array().unwrap().len(), 0, "{kernel}");
     }

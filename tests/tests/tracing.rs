@@ -51,14 +51,20 @@ fn hvtrace_trace(kernel: &str, program: &[&str]) -> (String, String) {
 }
 
 fn guest_strace(kernel: &str, program: &[&str]) -> (String, String) {
-    let mut args = vec!["run", "--kernel", kernel, "--", "strace", "-f"];
-    args.extend_from_slice(program);
-    let out = hvtrace(&args);
+    let (out, log) = guest_strace_output(kernel, program);
     assert!(
         out.status.success(),
         "strace {program:?} in the guest failed: {}",
         stderr(&out)
     );
+    (stdout(&out), log)
+}
+
+/// `strace -f program` in the guest: hvtrace run's output and strace's log.
+fn guest_strace_output(kernel: &str, program: &[&str]) -> (std::process::Output, String) {
+    let mut args = vec!["run", "--kernel", kernel, "--", "strace", "-f"];
+    args.extend_from_slice(program);
+    let out = hvtrace(&args);
     // The command's stderr is strace's log (hvtrace's own lines start
     // with "[hvtrace]").
     let log: String = stderr(&out)
@@ -66,7 +72,7 @@ fn guest_strace(kernel: &str, program: &[&str]) -> (String, String) {
         .filter(|l| !l.starts_with("[hvtrace]"))
         .map(|l| format!("{l}\n"))
         .collect();
-    (stdout(&out), log)
+    (out, log)
 }
 
 fn show(seqs: &[Vec<Call>]) -> String {
@@ -148,6 +154,61 @@ fn signal_calls_equal_guest_strace() {
     assert_eq!(hv, st);
 }
 
+/// A shell that signals itself with a signal whose default action kills
+/// it: a terminating one (short-circuited by the kernel, never dequeued),
+/// a core-dumping one (dequeued, then fatal) and SIGKILL (no siginfo at
+/// all). strace prints the signal (not SIGKILL) and `+++ killed by
+/// SIG... +++`; hvtrace must print the same lines, the same calls, and
+/// end with the same status.
+#[test]
+fn fatal_signals_equal_guest_strace() {
+    require_kvm();
+    fatal_signals_equal_guest_strace_on("minimal");
+}
+
+/// The signal and exit lines of a trace, without `[pid N] ` prefixes and
+/// from `, si_pid` on (the sender's pid differs under strace).
+fn ending_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .map(|l| match l.strip_prefix("[pid ") {
+            Some(r) => r.split_once("] ").map_or(l, |(_, r)| r),
+            None => l,
+        })
+        .filter(|l| l.starts_with("--- ") || l.starts_with("+++ "))
+        .map(|l| l.split(", si_pid").next().unwrap_or(l).to_string())
+        .collect()
+}
+
+fn fatal_signals_equal_guest_strace_on(kernel: &str) {
+    for (sig, signo) in [("TERM", 15), ("SEGV", 11), ("KILL", 9)] {
+        let script = format!("echo before; kill -{sig} $$; echo after");
+        let program = ["/bin/sh", "-c", script.as_str()];
+        let (hv_out, hv_log) = traced_on(kernel, &program);
+        let (st_out, st_log) = guest_strace_output(kernel, &program);
+        let what = format!(
+            "SIG{sig}:\n--- hvtrace ---\n{hv_log}\n--- strace ---\n{st_log}\n{}",
+            stderr(&hv_out)
+        );
+        assert_eq!(stdout(&hv_out), "before\n", "{what}");
+        assert_eq!(stdout(&st_out), "before\n", "{what}");
+        assert_eq!(hv_out.status.code(), Some(128 + signo), "{what}");
+        assert_eq!(st_out.status.code(), Some(128 + signo), "{what}");
+        let (hv, st) = (ending_lines(&hv_log), ending_lines(&st_log));
+        assert_eq!(
+            hv.last(),
+            Some(&format!("+++ killed by SIG{sig} +++")),
+            "{what}"
+        );
+        let shown = st
+            .iter()
+            .filter(|l| l.starts_with(&format!("--- SIG{sig} ")))
+            .count();
+        assert_eq!(shown, usize::from(sig != "KILL"), "{what}");
+        assert_eq!(hv, st, "{what}");
+        assert_eq!(calls(&hv_log), calls(&st_log), "{what}");
+    }
+}
+
 /// Debian's 6.1 cloud kernel, KASLR on: the same oracle on every program.
 /// Its cold boot takes over half an hour emulated on PVM KVM, too long for
 /// CI; `scripts/test.sh --debian` boots it once and runs this.
@@ -174,6 +235,7 @@ fn calls_equal_guest_strace_on(kernel: &str) {
     ] {
         let _ = assert_same_calls_on(kernel, program);
     }
+    fatal_signals_equal_guest_strace_on(kernel);
 }
 
 #[test]

@@ -6,7 +6,9 @@
 //! `exec_binprm`, `exit_notify` and `syscall_exit_work` are inlined in all
 //! three kernels we test), so every event has a ranked list of candidate
 //! functions. Resolution takes the first candidate present in the running
-//! kernel's symbols as a text symbol, accepting compiler suffixes
+//! kernel's symbols as a text symbol (or, for an event observed in code
+//! the compiler copied into several functions, every one present: see
+//! [`Reach`]), accepting compiler suffixes
 //! (`.isra.N`, `.constprop.N`, `.part.N`) but never a `.cold` fragment,
 //! which is not an entry point. `hvtrace sites` prints the choice and why.
 
@@ -41,6 +43,18 @@ pub struct Candidate {
     pub why: &'static str,
 }
 
+/// Which of an event's candidates get a trap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Reach {
+    /// The best one the kernel has: every thread passes through it.
+    First,
+    /// Every one the kernel has: each holds its own inlined copy of the
+    /// code that observes the event, and a thread passes through only one
+    /// of them (6.12 inlines the return-to-user loop into both the syscall
+    /// and the interrupt exit, and keeps an out-of-line copy besides).
+    Every,
+}
+
 /// The ranked candidates of one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SiteSpec {
@@ -48,6 +62,8 @@ pub struct SiteSpec {
     pub event: EventMask,
     /// Its name.
     pub name: &'static str,
+    /// Whether the best candidate or every one is trapped.
+    pub reach: Reach,
     /// Candidates, best first.
     pub candidates: &'static [Candidate],
 }
@@ -76,11 +92,17 @@ const fn branch(function: &'static str, why: &'static str) -> Candidate {
     }
 }
 
+/// The events of a signal taking a default action that kills: SIGNAL_TERM
+/// and SIGNAL_CORE, reported at `do_exit` from what `get_signal` dequeued
+/// or what is still queued (see [`crate::hv::signals`]).
+pub const FATAL_SIGNAL: EventMask = EventMask(EventMask::SIGNAL_TERM.0 | EventMask::SIGNAL_CORE.0);
+
 /// Every event and its candidates, best first.
 pub const SITES: &[SiteSpec] = &[
     SiteSpec {
         event: EventMask::SYSCALL_ENTRY,
         name: "SYSCALL_ENTRY",
+        reach: Reach::First,
         candidates: &[
             c("syscall_trace_enter", "runs only when the thread's syscall_work has an entry bit: traced threads are steered onto it, others never reach it"),
             c("syscall_enter_from_user_mode_work", "entry work slow path (syscall_trace_enter inlined)"),
@@ -90,6 +112,7 @@ pub const SITES: &[SiteSpec] = &[
     SiteSpec {
         event: EventMask::SYSCALL_EXIT,
         name: "SYSCALL_EXIT",
+        reach: Reach::First,
         candidates: &[
             c("syscall_exit_work", "runs only with syscall_work exit bits set"),
             branch("syscall_exit_to_user_mode_prepare", "syscall_exit_work inlined: the branch taken only with syscall_work exit bits set, found by disassembly"),
@@ -99,6 +122,7 @@ pub const SITES: &[SiteSpec] = &[
     SiteSpec {
         event: EventMask::CLONE,
         name: "CLONE",
+        reach: Reach::First,
         candidates: &[
             c("wake_up_new_task", "the child is complete and about to run for the first time; called by kernel_clone"),
             c("kernel_clone", "fork/vfork/clone entry; the child id is its return value"),
@@ -108,6 +132,7 @@ pub const SITES: &[SiteSpec] = &[
     SiteSpec {
         event: EventMask::EXEC,
         name: "EXEC",
+        reach: Reach::First,
         candidates: &[
             c("exec_binprm", "after a binary handler succeeded, where ptrace reports PTRACE_EVENT_EXEC"),
             c("begin_new_exec", "the point of no return of a successful exec; bprm->filename names the file"),
@@ -117,11 +142,13 @@ pub const SITES: &[SiteSpec] = &[
     SiteSpec {
         event: EventMask::EXIT,
         name: "EXIT",
+        reach: Reach::First,
         candidates: &[c("do_exit", "every thread exit, with the exit code argument")],
     },
     SiteSpec {
         event: EventMask::DEATH,
         name: "DEATH",
+        reach: Reach::First,
         candidates: &[
             c("exit_notify", "the parent is notified; the thread is dead to the world"),
             c("do_task_dead", "the dying thread's last schedule (exit_notify inlined)"),
@@ -130,19 +157,30 @@ pub const SITES: &[SiteSpec] = &[
     SiteSpec {
         event: EventMask::REAP,
         name: "REAP",
+        reach: Reach::First,
         candidates: &[c("release_task", "the task is unhashed and freed: always the last report")],
     },
     SiteSpec {
         event: EventMask::SIGNAL,
         name: "SIGNAL",
+        reach: Reach::First,
         candidates: &[
             c("signal_setup_done", "a signal was delivered to a user handler (its frame is set up); the ksignal has the number, siginfo and action"),
             c("get_signal", "signal dequeue on the return-to-user path, before delivery: a signal can be injected, changed or suppressed"),
         ],
     },
     SiteSpec {
+        event: FATAL_SIGNAL,
+        name: "SIGNAL_FATAL",
+        reach: Reach::First,
+        candidates: &[
+            c("get_signal", "every signal dequeue on the return-to-user path: the tracer keeps the ksignal of a traced thread, so a signal that kills by its default action (SIGNAL_TERM, SIGNAL_CORE) is reported with its siginfo when the thread reaches do_exit"),
+        ],
+    },
+    SiteSpec {
         event: EventMask::JCTL,
         name: "JCTL",
+        reach: Reach::First,
         candidates: &[
             c("do_signal_stop", "group stop for a job-control signal"),
             c("get_signal", "job-control stops are decided in get_signal (do_signal_stop inlined)"),
@@ -151,9 +189,12 @@ pub const SITES: &[SiteSpec] = &[
     SiteSpec {
         event: EventMask::QUIESCE,
         name: "QUIESCE",
+        reach: Reach::Every,
         candidates: &[
-            notify_resume("exit_to_user_mode_loop", "the return-to-user work loop (6.12 keeps it out of line), just after it clears TIF_NOTIFY_RESUME: REPORT without interrupting a syscall, found by disassembly"),
-            notify_resume("exit_to_user_mode_prepare", "the return-to-user work (6.1: the loop is inlined here), just after it clears TIF_NOTIFY_RESUME, found by disassembly"),
+            notify_resume("exit_to_user_mode_prepare", "the return-to-user work (6.1: the loop is inlined here and every return to user mode calls it), just after it clears TIF_NOTIFY_RESUME: REPORT without interrupting a syscall, found by disassembly"),
+            notify_resume("syscall_exit_to_user_mode", "the return from a system call (6.12 inlines the loop here), just after it clears TIF_NOTIFY_RESUME"),
+            notify_resume("irqentry_exit_to_user_mode", "the return from an interrupt or exception (6.12 inlines the loop here), just after it clears TIF_NOTIFY_RESUME"),
+            notify_resume("exit_to_user_mode_loop", "the loop's out-of-line copy (6.12, for callers outside kernel/entry), just after it clears TIF_NOTIFY_RESUME"),
         ],
     },
 ];
@@ -242,9 +283,49 @@ pub fn resolve(spec: &SiteSpec, symbols: &SymbolMap) -> Result<ResolvedSite, Sit
     })
 }
 
-/// Resolves every event.
+/// Resolves one event's candidates as its [`Reach`] says: the best one,
+/// or every one present (each with its rank; `missing` lists the absent
+/// ones ranked above it).
+pub fn resolve_each(spec: &SiteSpec, symbols: &SymbolMap) -> Result<Vec<ResolvedSite>, SiteError> {
+    if spec.reach == Reach::First {
+        return resolve(spec, symbols).map(|s| vec![s]);
+    }
+    let mut found = Vec::new();
+    let mut missing = Vec::new();
+    for (rank, cand) in spec.candidates.iter().enumerate() {
+        let one = SiteSpec {
+            candidates: std::slice::from_ref(cand),
+            ..*spec
+        };
+        match resolve(&one, symbols) {
+            Ok(site) => found.push(ResolvedSite {
+                rank,
+                missing: missing.clone(),
+                ..site
+            }),
+            Err(_) => missing.push(cand.function),
+        }
+    }
+    if found.is_empty() {
+        return Err(SiteError {
+            event: spec.name,
+            tried: missing,
+        });
+    }
+    Ok(found)
+}
+
+/// Resolves every event: one entry per site (several for an event that
+/// reaches every candidate), or the event's error.
 pub fn resolve_all(symbols: &SymbolMap) -> Vec<Result<ResolvedSite, SiteError>> {
-    SITES.iter().map(|s| resolve(s, symbols)).collect()
+    let mut all = Vec::new();
+    for spec in SITES {
+        match resolve_each(spec, symbols) {
+            Ok(sites) => all.extend(sites.into_iter().map(Ok)),
+            Err(e) => all.push(Err(e)),
+        }
+    }
+    all
 }
 
 #[cfg(test)]
@@ -307,5 +388,36 @@ mod tests {
             resolve(exit, &m).unwrap_err().to_string(),
             "no site for EXIT: none of [\"do_exit\"] is a function in this kernel"
         );
+    }
+
+    #[test]
+    fn an_event_copied_into_several_functions_reaches_every_one_present() {
+        let quiesce = SITES.iter().find(|s| s.name == "QUIESCE").unwrap();
+        assert_eq!(quiesce.reach, Reach::Every);
+        // 6.12's layout: no exit_to_user_mode_prepare, the other three.
+        let m = map(&[
+            (0x1000, 'T', "exit_to_user_mode_loop"),
+            (0x2000, 'T', "syscall_exit_to_user_mode"),
+            (0x3000, 'T', "irqentry_exit_to_user_mode"),
+        ]);
+        let sites = resolve_each(quiesce, &m).unwrap();
+        let got: Vec<_> = sites.iter().map(|s| (s.symbol.as_str(), s.rank)).collect();
+        assert_eq!(
+            got,
+            [
+                ("syscall_exit_to_user_mode", 1),
+                ("irqentry_exit_to_user_mode", 2),
+                ("exit_to_user_mode_loop", 3)
+            ]
+        );
+        assert_eq!(sites[0].missing, ["exit_to_user_mode_prepare"]);
+        let all = resolve_all(&m);
+        assert_eq!(
+            all.iter()
+                .filter(|r| matches!(r, Ok(s) if s.event == "QUIESCE"))
+                .count(),
+            3
+        );
+        assert!(resolve_each(quiesce, &map(&[(0x1000, 'T', "do_exit")])).is_err());
     }
 }

@@ -40,7 +40,9 @@ pub const STRACE_EVENTS: EventMask = EventMask(
         | EventMask::CLONE.0
         | EventMask::EXIT.0
         | EventMask::REAP.0
-        | EventMask::SIGNAL.0,
+        | EventMask::SIGNAL.0
+        | EventMask::SIGNAL_TERM.0
+        | EventMask::SIGNAL_CORE.0,
 );
 
 /// A no-memory reader for calls reported outside a callback.

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
+use serde_json::Value;
 
 use crate::{artifacts, introspect};
 
@@ -50,6 +51,29 @@ pub fn sites(args: SitesArgs) -> Result<i32> {
                     s["symbol"].as_str().unwrap_or("?"),
                     s["addr"].as_u64().unwrap_or(0),
                     s["runtime"].as_str().unwrap_or("?")
+                );
+            }
+            out += &format!(
+                "\n{:<14} {:<44} {:>18}  {:<14} {}\n",
+                "TRAP", "AT", "ADDRESS", "KIND", "DISPLACED INSTRUCTION"
+            );
+            for t in reply["traps"].as_array().into_iter().flatten() {
+                let kind = match &t["kind"] {
+                    Value::String(s) => s.clone(),
+                    Value::Object(o) => o.keys().next().cloned().unwrap_or_default(),
+                    _ => "?".into(),
+                };
+                out += &format!(
+                    "{:<14} {:<44} {:>#18x}  {:<14} {}\n",
+                    t["event_name"].as_str().unwrap_or("?"),
+                    format!(
+                        "{}+{:#x}",
+                        t["symbol"].as_str().unwrap_or("?"),
+                        t["offset"].as_u64().unwrap_or(0)
+                    ),
+                    t["va"].as_u64().unwrap_or(0),
+                    kind,
+                    t["instruction"].as_str().unwrap_or("?")
                 );
             }
             introspect::emit(&out);

@@ -27,6 +27,22 @@ impl PtRegsLayout {
     }
 }
 
+/// `kernel_siginfo` member offsets: `si_signo`, `si_code`,
+/// `_sifields._kill._pid`, `._kill._uid`, `._sigchld._status`.
+#[derive(Debug, Clone, Copy)]
+pub struct SiginfoLayout {
+    /// `si_signo`.
+    pub signo: u64,
+    /// `si_code`.
+    pub code: u64,
+    /// `_sifields._kill._pid`.
+    pub pid: u64,
+    /// `_sifields._kill._uid`.
+    pub uid: u64,
+    /// `_sifields._sigchld._status`.
+    pub status: u64,
+}
+
 /// Offsets and constants the tracer needs.
 #[derive(Debug, Clone)]
 pub struct TraceLayout {
@@ -63,18 +79,28 @@ pub struct TraceLayout {
     pub bprm_filename: u64,
     /// See `bprm_p`.
     pub bprm_mm: u64,
-    /// `ksignal.sig`, `ksignal.info` + `kernel_siginfo.si_code`,
-    /// `._sifields._kill._pid`, `._sifields._kill._uid`,
-    /// `._sifields._sigchld._status`.
+    /// `ksignal.sig`.
     pub ksig_sig: u64,
-    /// See `ksig_sig`.
-    pub ksig_code: u64,
-    /// See `ksig_sig`.
-    pub ksig_pid: u64,
-    /// See `ksig_sig`.
-    pub ksig_uid: u64,
-    /// See `ksig_sig`.
-    pub ksig_status: u64,
+    /// `ksignal.info`.
+    pub ksig_info: u64,
+    /// The `kernel_siginfo` members hvtrace reports.
+    pub siginfo: SiginfoLayout,
+    /// `task_struct.pending` (the thread's own `sigpending`).
+    pub task_pending: u64,
+    /// `task_struct.signal`.
+    pub task_signal: u64,
+    /// `signal_struct.shared_pending` (the thread group's `sigpending`).
+    pub signal_shared_pending: u64,
+    /// `sigpending.list`: the queue of `sigqueue.list` entries.
+    pub sigpending_list: u64,
+    /// `sigpending.signal`: the pending set (bit N-1 for signal N).
+    pub sigpending_signal: u64,
+    /// `signal_struct.group_exit_code`.
+    pub signal_group_exit_code: u64,
+    /// `sigqueue.list`.
+    pub sigqueue_list: u64,
+    /// `sigqueue.info`.
+    pub sigqueue_info: u64,
     /// `pt_regs`.
     pub pt_regs: PtRegsLayout,
     /// The `syscall_work` bit hvtrace sets on traced threads
@@ -127,14 +153,25 @@ impl TraceLayout {
         {
             *o = off("pt_regs", n)?;
         }
-        let info = off("ksignal", "info")?;
-        let si = |m: &str| -> Result<u64> { Ok(info + off("kernel_siginfo", m)?) };
+        let si = |m: &str| off("kernel_siginfo", m);
         Ok(Self {
             ksig_sig: off("ksignal", "sig")?,
-            ksig_code: si("si_code")?,
-            ksig_pid: si("_sifields._kill._pid")?,
-            ksig_uid: si("_sifields._kill._uid")?,
-            ksig_status: si("_sifields._sigchld._status")?,
+            ksig_info: off("ksignal", "info")?,
+            siginfo: SiginfoLayout {
+                signo: si("si_signo")?,
+                code: si("si_code")?,
+                pid: si("_sifields._kill._pid")?,
+                uid: si("_sifields._kill._uid")?,
+                status: si("_sifields._sigchld._status")?,
+            },
+            task_pending: off("task_struct", "pending")?,
+            task_signal: off("task_struct", "signal")?,
+            signal_shared_pending: off("signal_struct", "shared_pending")?,
+            sigpending_list: off("sigpending", "list")?,
+            sigpending_signal: off("sigpending", "signal")?,
+            signal_group_exit_code: off("signal_struct", "group_exit_code")?,
+            sigqueue_list: off("sigqueue", "list")?,
+            sigqueue_info: off("sigqueue", "info")?,
             current_task,
             task_pid: off("task_struct", "pid")?,
             task_tgid: off("task_struct", "tgid")?,

@@ -7,10 +7,13 @@
 //!   register).
 //! * [`tracer`]: installing the traps, tracing threads, handling each trap.
 //! * [`context`]: the traced thread as engine callbacks see it.
+//! * [`signals`]: siginfo of deliveries and of signals that kill by their
+//!   default action.
 
 pub mod context;
 pub mod layout;
 pub mod placement;
+pub mod signals;
 pub mod tracer;
 
 pub use tracer::{EngineSpec, Tracer, TracerError, TRACED_EVENTS};

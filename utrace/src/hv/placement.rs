@@ -34,7 +34,7 @@ use iced_x86::{
 
 use crate::event::EventMask;
 use crate::hv::layout::TraceLayout;
-use crate::sites::{resolve, At, SITES};
+use crate::sites::{resolve, At, Reach, SITES};
 
 /// How far into a function the exit-work branch is looked for.
 const SCAN_BYTES: usize = 512;
@@ -192,8 +192,10 @@ pub fn notify_resume_cleared(code: &[u8], start: u64) -> Option<u64> {
     None
 }
 
-/// Plans the traps of the events in `events` on the running kernel `k`.
-/// Returns the plans and, per event that cannot be placed, why.
+/// Plans the traps of the events in `events` on the running kernel `k`:
+/// per event the best candidate that can be placed, or every one for an
+/// event of [`Reach::Every`]. Returns the plans and, per event that cannot
+/// be placed anywhere, why.
 pub fn plan<M: PhysMemory + ?Sized>(
     k: &RunningKernel<'_, M>,
     symbols: &SymbolMap,
@@ -208,22 +210,23 @@ pub fn plan<M: PhysMemory + ?Sized>(
         }
         // A later candidate may work where a better one cannot (no branch
         // found): try them in order.
-        let mut last_error = String::new();
+        let mut misses = Vec::new();
         let mut placed = false;
         for cand in spec.candidates {
             let one = crate::sites::SiteSpec {
-                event: spec.event,
-                name: spec.name,
                 candidates: std::slice::from_ref(cand),
+                ..*spec
             };
             let site = match resolve(&one, symbols) {
                 Ok(s) => s,
                 Err(e) => {
-                    last_error = e.to_string();
+                    misses.push(e.to_string());
                     continue;
                 }
             };
-            match place(k, layout, &site.symbol, k.runtime(site.addr), site.at) {
+            let start = k.runtime(site.addr);
+            let end = symbols.next_above(site.addr).map(|a| k.runtime(a));
+            match place(k, layout, &site.symbol, start, end, site.at) {
                 Ok((va, insn)) => {
                     let kind = match displaced(&insn) {
                         Some(d) => TrapKind::Int3(d),
@@ -233,19 +236,21 @@ pub fn plan<M: PhysMemory + ?Sized>(
                         event: spec.event,
                         event_name: spec.name,
                         symbol: site.symbol.clone(),
-                        offset: va - k.runtime(site.addr),
+                        offset: va - start,
                         va,
                         kind,
                         instruction: format!("{insn}"),
                     });
                     placed = true;
-                    break;
+                    if spec.reach == Reach::First {
+                        break;
+                    }
                 }
-                Err(e) => last_error = format!("{}: {e}", site.symbol),
+                Err(e) => misses.push(format!("{}: {e}", site.symbol)),
             }
         }
         if !placed {
-            errors.push(format!("{}: {last_error}", spec.name));
+            errors.push(format!("{}: {}", spec.name, misses.join("; ")));
         }
     }
     (plans, errors)
@@ -257,26 +262,35 @@ fn place<M: PhysMemory + ?Sized>(
     layout: &TraceLayout,
     symbol: &str,
     start: u64,
+    end: Option<u64>,
     at: At,
 ) -> Result<(u64, Instruction)> {
+    // Scans stop at the next symbol: a pattern in the function after this
+    // one is not this function's.
+    let within = |limit: usize| match end {
+        Some(e) if e > start => limit.min((e - start) as usize),
+        _ => limit,
+    };
     let va = match at {
         At::Entry => start,
         At::NotifyResumeCleared => {
-            let mut code = vec![0u8; LOOP_SCAN_BYTES];
+            let mut code = vec![0u8; within(LOOP_SCAN_BYTES)];
             k.read(start, &mut code, "kernel text")?;
             notify_resume_cleared(&code, start).ok_or_else(|| {
                 IntrospectError::Corrupt(format!(
-                    "no locked clear of TIF_NOTIFY_RESUME in the first {LOOP_SCAN_BYTES} bytes of {symbol}"
+                    "no locked clear of TIF_NOTIFY_RESUME in the first {} bytes of {symbol}",
+                    code.len()
                 ))
             })?
         }
         At::ExitWorkBranch => {
-            let mut code = vec![0u8; SCAN_BYTES];
+            let mut code = vec![0u8; within(SCAN_BYTES)];
             k.read(start, &mut code, "kernel text")?;
             exit_work_branch(&code, start, layout.exit_work_mask).ok_or_else(|| {
                 IntrospectError::Corrupt(format!(
-                    "no test of syscall_work against {:#x} followed by a branch in the first {SCAN_BYTES} bytes of {symbol}",
-                    layout.exit_work_mask
+                    "no test of syscall_work against {:#x} followed by a branch in the first {} bytes of {symbol}",
+                    layout.exit_work_mask,
+                    code.len()
                 ))
             })?
         }

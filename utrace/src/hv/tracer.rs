@@ -23,7 +23,7 @@
 //! thread (they are rare and cost a process creation anyway); the handler
 //! returns at once for untraced threads.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -42,6 +42,8 @@ use crate::event::{Event, EventMask, Tid};
 use crate::hv::context::{self, ExecDetails, SignalDetails, ThreadContext};
 use crate::hv::layout::TraceLayout;
 use crate::hv::placement::{plan, Displaced, PlannedTrap, TrapKind};
+use crate::hv::signals;
+use crate::sites::FATAL_SIGNAL;
 use crate::syscalls::{SyscallTable, UserMemory};
 use crate::thread::ThreadUtrace;
 use crate::ResumeAction;
@@ -55,7 +57,8 @@ pub const TRACED_EVENTS: EventMask = EventMask(
         | EventMask::EXIT.0
         | EventMask::DEATH.0
         | EventMask::REAP.0
-        | EventMask::SIGNAL.0,
+        | EventMask::SIGNAL.0
+        | FATAL_SIGNAL.0,
 );
 
 /// The system-call events (steering is needed for them).
@@ -130,6 +133,10 @@ struct Traced {
     task: u64,
     /// A REPORT is due: report_quiesce(0) at its next return to user mode.
     report_pending: bool,
+    /// The `ksignal` pointer and stack pointer of its latest `get_signal`
+    /// entry: where a signal it dequeued and dies of is (see
+    /// [`signals`]).
+    get_signal: Option<(u64, u64)>,
 }
 
 impl Traced {
@@ -140,6 +147,7 @@ impl Traced {
             follow,
             task,
             report_pending: false,
+            get_signal: None,
         }
     }
 
@@ -162,6 +170,9 @@ struct Armed {
 struct State {
     threads: HashMap<Tid, Traced>,
     armed: Option<Armed>,
+    /// Thread groups whose killing signal was reported (by the first of
+    /// their threads to exit), until the group leader is reaped.
+    fatal_reported: HashSet<Tid>,
 }
 
 /// The tracer installed in one VM.
@@ -175,8 +186,9 @@ struct Inner {
     placement: KernelPlacement,
     layout: TraceLayout,
     plans: Vec<PlannedTrap>,
-    /// The QUIESCE trap, set when first needed.
-    quiesce: Mutex<Option<PlannedTrap>>,
+    /// The QUIESCE traps (one per copy of the return-to-user loop), set
+    /// when first needed.
+    quiesce: Mutex<Vec<PlannedTrap>>,
     syscalls: Arc<SyscallTable>,
     /// `task->stack` to its user `pt_regs`, found on the first user task.
     pt_regs_delta: OnceLock<u64>,
@@ -241,7 +253,7 @@ impl Tracer {
             placement,
             layout,
             plans,
-            quiesce: Mutex::new(None),
+            quiesce: Mutex::new(Vec::new()),
             syscalls,
             pt_regs_delta: OnceLock::new(),
             tracepoint_refcount,
@@ -266,11 +278,11 @@ impl Tracer {
         Ok(Self { inner })
     }
 
-    /// Plans and sets the QUIESCE trap if it is not set yet, with the vCPUs
-    /// paused. Called from outside the vCPU threads (attach, control).
+    /// Plans and sets the QUIESCE traps if they are not set yet, with the
+    /// vCPUs paused. Called from outside the vCPU threads (attach, control).
     fn ensure_quiesce_site(&self, vm: &RunningVm) -> Result<(), TracerError> {
         let inner = &self.inner;
-        if inner.quiesce_lock().is_some() {
+        if !inner.quiesce_lock().is_empty() {
             return Ok(());
         }
         vm.pause_all()?;
@@ -278,23 +290,31 @@ impl Tracer {
             let sregs = vm.with_vcpu(0, |fd| fd.get_sregs())??;
             let space = view(&sregs).kernel_space();
             let k = inner.kernel(space);
-            let (mut plans, errors) =
-                plan(&k, &inner.info.symbols, &inner.layout, EventMask::QUIESCE);
-            let Some(p) = plans.pop() else {
+            let (plans, errors) = plan(&k, &inner.info.symbols, &inner.layout, EventMask::QUIESCE);
+            if plans.is_empty() {
                 return Err(TracerError::Sites(errors.join("; ")));
-            };
-            set_trap(vm, inner, space, &p)?;
-            *inner.quiesce_lock() = Some(p);
+            }
+            let mut set = Vec::new();
+            for p in &plans {
+                if let Err(e) = set_trap(vm, inner, space, p) {
+                    for done in &set {
+                        remove_trap(vm, done);
+                    }
+                    return Err(e);
+                }
+                set.push(p.clone());
+            }
+            *inner.quiesce_lock() = plans;
             Ok(())
         })();
         vm.resume_all()?;
         result
     }
 
-    /// The traps the tracer set (the QUIESCE one once set).
+    /// The traps the tracer set (the QUIESCE ones once set).
     pub fn traps(&self) -> Vec<PlannedTrap> {
         let mut v = self.inner.plans.clone();
-        v.extend(self.inner.quiesce_lock().clone());
+        v.extend(self.inner.quiesce_lock().iter().cloned());
         v
     }
 
@@ -602,7 +622,7 @@ impl Inner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn quiesce_lock(&self) -> std::sync::MutexGuard<'_, Option<PlannedTrap>> {
+    fn quiesce_lock(&self) -> std::sync::MutexGuard<'_, Vec<PlannedTrap>> {
         self.quiesce.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -612,7 +632,7 @@ impl Inner {
             .iter()
             .find(|p| p.va == va)
             .cloned()
-            .or_else(|| self.quiesce_lock().clone().filter(|p| p.va == va))
+            .or_else(|| self.quiesce_lock().iter().find(|p| p.va == va).cloned())
     }
 
     fn kernel<'a>(&'a self, space: AddressSpace) -> RunningKernel<'a, GuestRam> {
@@ -689,6 +709,11 @@ impl Inner {
                     }
                 }
             }
+            // A call a SIGKILL cut short never returns to user mode: like
+            // a ptracer, engines see no exit (strace prints `= ?`).
+            if ev == EventMask::SYSCALL_EXIT && signals::dying_of_sigkill(&k, l, current)? {
+                return Ok(());
+            }
             let event = if ev == EventMask::SYSCALL_ENTRY {
                 let a = |n: &str| u[self.reg(n)];
                 Event::SyscallEntry {
@@ -709,14 +734,27 @@ impl Inner {
             self.on_clone(&k, space, current, regs.rdi, tid, tgid)?;
         } else if ev == EventMask::EXIT {
             if self.lock().threads.contains_key(&tid) {
+                let code = regs.rdi as i64;
+                if let Some(details) = self.fatal_signal(&k, current, tid, tgid, code, regs.rsp) {
+                    let mut ctx = ThreadContext::new(tid, tgid, self.ram.clone(), space);
+                    ctx.signal = Some(details);
+                    let event = Event::Signal {
+                        signo: details.signo,
+                        kind: signals::fatal_kind(details.signo),
+                    };
+                    self.report(tid, &event, ctx);
+                }
                 let ctx = ThreadContext::new(tid, tgid, self.ram.clone(), space);
-                self.report(
-                    tid,
-                    &Event::Exit {
-                        code: regs.rdi as i64,
-                    },
-                    ctx,
-                );
+                self.report(tid, &Event::Exit { code }, ctx);
+            }
+        } else if ev == FATAL_SIGNAL {
+            // get_signal(ksig): note where a signal this thread dequeues
+            // will be, should it die of it.
+            match self.lock().threads.get_mut(&tid) {
+                Some(t) => t.get_signal = Some((regs.rdi, regs.rsp)),
+                None => {
+                    self.stats.untraced.fetch_add(1, Ordering::Relaxed);
+                }
             }
         } else if ev == EventMask::DEATH {
             if self.lock().threads.contains_key(&tid) {
@@ -736,15 +774,9 @@ impl Inner {
             // handler unless the frame could not be written.
             if regs.rdi as i32 == 0 && self.lock().threads.contains_key(&tid) {
                 let ksig = regs.rsi;
-                let int = |off: u64, what: &str| -> Result<i32, IntrospectError> {
-                    Ok(k.read_u32(ksig + off, what)? as i32)
-                };
                 let details = SignalDetails {
-                    signo: int(l.ksig_sig, "ksignal.sig")?,
-                    code: int(l.ksig_code, "si_code")?,
-                    pid: int(l.ksig_pid, "si_pid")?,
-                    uid: int(l.ksig_uid, "si_uid")? as u32,
-                    status: int(l.ksig_status, "si_status")?,
+                    signo: k.read_u32(ksig + l.ksig_sig, "ksignal.sig")? as i32,
+                    ..signals::read_siginfo(&k, &l.siginfo, ksig + l.ksig_info)?
                 };
                 let mut ctx = ThreadContext::new(tid, tgid, self.ram.clone(), space);
                 ctx.signal = Some(details);
@@ -778,6 +810,9 @@ impl Inner {
             let task = regs.rdi;
             let rtid = k.read_u32(task + l.task_pid, "task_struct.pid")? as Tid;
             let rtgid = k.read_u32(task + l.task_tgid, "task_struct.tgid")? as Tid;
+            if rtid == rtgid {
+                self.lock().fatal_reported.remove(&rtgid);
+            }
             if self.lock().threads.contains_key(&rtid) {
                 let ctx = ThreadContext::new(rtid, rtgid, self.ram.clone(), space);
                 self.report(rtid, &Event::Reap, ctx);
@@ -818,7 +853,7 @@ impl Inner {
             && !matches!(event, Event::Quiesce | Event::Death { .. } | Event::Reap)
             && !t.report_pending
             && t.wants_quiesce()
-            && self.quiesce_lock().is_some();
+            && !self.quiesce_lock().is_empty();
         if report_due {
             t.report_pending = true;
             let task = t.task;
@@ -930,6 +965,50 @@ impl Inner {
         Err(IntrospectError::Corrupt(format!(
             "no user-mode pt_regs at the top of the kernel stack {stack:#x}"
         )))
+    }
+
+    /// The siginfo of the signal that kills `task` (thread `tid` of group
+    /// `tgid`) with exit code `code`, if it is the first of its group to
+    /// exit by it and the signal is one strace reports (not SIGKILL).
+    /// `rsp` is the stack pointer at `do_exit`.
+    fn fatal_signal(
+        &self,
+        k: &RunningKernel<'_, GuestRam>,
+        task: u64,
+        tid: Tid,
+        tgid: Tid,
+        code: i64,
+        rsp: u64,
+    ) -> Option<SignalDetails> {
+        let signo = signals::killed_by(code);
+        if signo == 0 || signo == signals::SIGKILL {
+            return None;
+        }
+        let dequeued = {
+            let mut st = self.lock();
+            if !st.fatal_reported.insert(tgid) {
+                return None;
+            }
+            st.threads.get_mut(&tid).and_then(|t| t.get_signal.take())
+        };
+        let l = &self.layout;
+        // Dequeued by get_signal, whose frame do_exit runs below.
+        if let Some((ksig, frame)) = dequeued {
+            if rsp < frame {
+                match signals::read_siginfo(k, &l.siginfo, ksig + l.ksig_info) {
+                    Ok(d) if d.signo == signo => return Some(d),
+                    _ => {}
+                }
+            }
+        }
+        // Short-circuited by complete_signal: still queued.
+        match signals::queued_siginfo(k, l, task, signo) {
+            Ok(found) => found,
+            Err(e) => {
+                log::warn!("tracer: the signal that killed thread {tid}: {e}");
+                None
+            }
+        }
     }
 
     fn group_dead(&self, k: &RunningKernel<'_, GuestRam>, task: u64) -> Option<bool> {

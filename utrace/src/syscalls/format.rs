@@ -124,7 +124,9 @@ impl Formatter {
 
     fn entry_arg(&self, kind: Arg, v: u64, all: &[u64; 6], mem: &dyn UserMemory) -> Option<String> {
         Some(match kind {
-            Arg::BufOut | Arg::BufOutHex | Arg::WaitStatus | Arg::NameOut => return None,
+            Arg::BufOut | Arg::BufOutHex | Arg::WaitStatus | Arg::NameOut | Arg::Utsname => {
+                return None
+            }
             Arg::PrctlOption => match v {
                 15 => "PR_SET_NAME".into(),
                 16 => "PR_GET_NAME".into(),
@@ -229,6 +231,23 @@ impl Formatter {
             }
             Arg::Str => self.c_string(v, mem),
             Arg::NameOut if ret == 0 => self.c_string(v, mem),
+            Arg::Utsname if ret == 0 => {
+                // struct utsname: six char[65], sysname first, nodename next.
+                const FIELD: u64 = 65;
+                let field = |i: u64| {
+                    let mut b = [0u8; FIELD as usize];
+                    mem.read(v + i * FIELD, &mut b).then(|| {
+                        let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+                        self.quoted(&String::from_utf8_lossy(&b[..end]))
+                    })
+                };
+                match (field(0), field(1)) {
+                    (Some(sys), Some(node)) => {
+                        format!("{{sysname={sys}, nodename={node}, ...}}")
+                    }
+                    _ => ptr(v),
+                }
+            }
             Arg::Argv => self.try_argv(v, mem).unwrap_or_else(|| ptr(v)),
             _ => format!("{v:#x}"),
         }
@@ -765,6 +784,25 @@ mod tests {
         assert_eq!(
             f.finish(&p, -9, &m),
             "read(3, 0x9000, 256) = -1 EBADF (Bad file descriptor)"
+        );
+    }
+
+    #[test]
+    fn uname_shows_the_first_two_fields_as_strace_does() {
+        let f = Formatter::default();
+        let mut uts = vec![0u8; 65 * 6];
+        uts[..5].copy_from_slice(b"Linux");
+        uts[65..65 + 13].copy_from_slice(b"hvtrace-guest");
+        let m = mem(&[(0x4000, &uts)]);
+        let p = f.enter("uname", [0x4000, 0, 0, 0, 0, 0], &m);
+        assert_eq!(
+            f.finish(&p, 0, &m),
+            r#"uname({sysname="Linux", nodename="hvtrace-guest", ...}) = 0"#
+        );
+        let p = f.enter("uname", [0x9000, 0, 0, 0, 0, 0], &m);
+        assert_eq!(
+            f.finish(&p, -14, &m),
+            "uname(0x9000) = -1 EFAULT (Bad address)"
         );
     }
 

@@ -62,6 +62,9 @@ pub enum Arg {
     NameOut,
     /// `getrandom` flags (`GRND_NONBLOCK`).
     GrndFlags,
+    /// A `struct utsname` the call fills (`uname`): shown at exit as
+    /// strace does without `-v`, `{sysname="Linux", nodename="...", ...}`.
+    Utsname,
 }
 
 /// How the return value is shown.
@@ -97,6 +100,7 @@ pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
         "faccessat" | "faccessat2" => (&[DirFd, Str, AccessMode], Ret::Int),
         "stat" | "lstat" => (&[Str, Ptr], Ret::Int),
         "fstat" => (&[Int, Ptr], Ret::Int),
+        "uname" => (&[Utsname], Ret::Int),
         "newfstatat" => (&[DirFd, Str, Ptr, Hex], Ret::Int),
         "readlink" => (&[Str, BufOut, Uint], Ret::Int),
         "readlinkat" => (&[DirFd, Str, BufOut, Uint], Ret::Int),
@@ -124,7 +128,6 @@ pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
         "set_tid_address" => (&[Ptr], Ret::Int),
         "set_robust_list" => (&[Ptr, Uint], Ret::Int),
         "arch_prctl" => (&[Hex, Hex], Ret::Int),
-        "uname" => (&[Ptr], Ret::Int),
         "ioctl" | "fcntl" => (&[Int, Hex, Hex], Ret::Int),
         "chroot" | "acct" | "swapoff" => (&[Str], Ret::Int),
         "sethostname" => (&[BufIn(1), Uint], Ret::Int),

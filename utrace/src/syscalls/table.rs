@@ -15,13 +15,33 @@ pub struct SyscallTable {
     names: Vec<Option<String>>,
 }
 
-/// The call name of a handler symbol (`__x64_sys_openat` -> `openat`);
-/// None for `sys_ni_syscall` and anything that is not a handler.
+/// Handlers whose x86-64 call has another name in the ABI (and in
+/// strace): the kernel kept the `new*` handlers of the old 32-bit ABI's
+/// second versions, and `umount2` is `sys_umount`.
+const ABI_NAMES: [(&str, &str); 5] = [
+    ("newstat", "stat"),
+    ("newlstat", "lstat"),
+    ("newfstat", "fstat"),
+    ("newuname", "uname"),
+    ("umount", "umount2"),
+];
+
+/// The call name of a handler symbol (`__x64_sys_openat` -> `openat`,
+/// `__x64_sys_newuname` -> `uname`); None for `sys_ni_syscall` and
+/// anything that is not a handler.
 pub fn call_name(symbol: &str) -> Option<&str> {
     let name = symbol
         .strip_prefix("__x64_sys_")
         .or_else(|| symbol.strip_prefix("__ia32_sys_"))?;
-    (name != "ni_syscall" && !name.is_empty()).then_some(name)
+    if name == "ni_syscall" || name.is_empty() {
+        return None;
+    }
+    Some(
+        ABI_NAMES
+            .iter()
+            .find(|(handler, _)| *handler == name)
+            .map_or(name, |(_, abi)| abi),
+    )
 }
 
 impl SyscallTable {
@@ -95,6 +115,14 @@ mod tests {
         assert_eq!(call_name("__x64_sys_openat"), Some("openat"));
         assert_eq!(call_name("__x64_sys_ni_syscall"), None);
         assert_eq!(call_name("do_sys_openat2"), None);
+        assert_eq!(call_name("__x64_sys_newuname"), Some("uname"));
+        assert_eq!(call_name("__x64_sys_newfstat"), Some("fstat"));
+        assert_eq!(
+            call_name("__x64_sys_newfstatat"),
+            Some("newfstatat"),
+            "strace keeps this one"
+        );
+        assert_eq!(call_name("__x64_sys_umount"), Some("umount2"));
         let t = SyscallTable::from_names(vec![Some("read".into()), None, Some("open".into())]);
         assert_eq!(t.name(2), Some("open"));
         assert_eq!(t.name(1), None);
