@@ -37,6 +37,7 @@ struct AttachRequest {
     follow: bool,
     trace: Option<Vec<String>>,
     string_limit: Option<usize>,
+    entries: bool,
 }
 
 /// An engine's output: whole lines, wrapped for the protocol and queued
@@ -97,6 +98,7 @@ impl Handler {
             follow,
             trace,
             string_limit,
+            entries,
         } = req;
         if self.attached.contains_key(&conn.id) {
             return Err("this connection is already attached; detach first".into());
@@ -123,6 +125,7 @@ impl Handler {
                 only: trace.map(|v| v.into_iter().collect::<HashSet<_>>()),
                 json: true,
                 timing: false,
+                entries,
             },
             tracer.syscalls(),
             Box::new(ConnSink {
@@ -204,6 +207,7 @@ impl Handler {
                 follow,
                 trace,
                 string_limit,
+                entries,
             } => self.attach(
                 session,
                 conn,
@@ -212,6 +216,7 @@ impl Handler {
                     follow,
                     trace,
                     string_limit,
+                    entries,
                 },
             ),
             Op::Detach | Op::Disconnected => self.detach(session, conn),

@@ -18,7 +18,11 @@
 //!   children too), one event per line, possibly before the reply:
 //!   `{"v":1,"event":{"pid":N,"syscall":"openat","line":"openat(AT_FDCWD, \"/x\", O_RDONLY) = 3","ret":3,..}}`,
 //!   `{"v":1,"event":{"pid":N,"event":"exit","code":0}}` (or `"killed"`
-//!   with `"signal"`). Events are queued per connection (65536 lines); a
+//!   with `"signal"`). With `"entries":true` each call also gets a record
+//!   at its entry, `{"pid":N,"syscall":"read","phase":"entry","line":"read(3, "}`,
+//!   and its exit record a `"rest"` (the line after that start): enough to
+//!   print strace's `<unfinished ...>`/`<... read resumed>` lines (the
+//!   client's `utrace::strace::text::TextRenderer` does). Events are queued per connection (65536 lines); a
 //!   client that stops reading loses events, never stalls the guest. When the client closes
 //!   the connection (or is killed) its engines are detached and its
 //!   threads run on untraced; when no engine is left the tracer's traps
@@ -60,6 +64,11 @@ pub enum Op {
         /// Longest string shown.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         string_limit: Option<usize>,
+        /// Also send a record at each call's entry, and the rest of the
+        /// line in each exit record, to render strace's text with
+        /// `<unfinished ...>` (what `hvtrace attach` does without `--json`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        entries: bool,
     },
     /// Detach this connection's engines.
     Detach,

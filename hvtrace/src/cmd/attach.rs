@@ -1,7 +1,6 @@
 //! `hvtrace attach`: trace a process of a running VM through its control
 //! socket until it exits; Ctrl-C (or killing this client) detaches.
 
-use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -9,6 +8,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::Value;
+use utrace::strace::text::TextRenderer;
 
 use crate::api::{Op, Request, PROTOCOL_VERSION};
 use crate::cmd::trace::{open_output, parse_filter};
@@ -39,36 +39,18 @@ pub struct AttachArgs {
     pub output: Option<PathBuf>,
 }
 
-/// Prints events as strace would: `[pid N]` prefixes while more than one
-/// thread is being traced.
+/// Prints events as JSON lines, or as strace's text (the same renderer
+/// `hvtrace trace` uses).
 struct Printer {
     out: Box<dyn Write + Send>,
-    json: bool,
-    live: BTreeSet<i64>,
+    text: Option<TextRenderer>,
 }
 
 impl Printer {
     fn event(&mut self, e: &Value) -> Result<()> {
-        let pid = e["pid"].as_i64().unwrap_or(0);
-        if self.json {
-            writeln!(self.out, "{e}")?;
-        } else {
-            self.live.insert(pid);
-            let text = match e["event"].as_str() {
-                Some("exit") => format!("+++ exited with {} +++", e["code"]),
-                Some("killed") => {
-                    format!("+++ killed by {} +++", e["signal"].as_str().unwrap_or("?"))
-                }
-                _ => e["line"].as_str().unwrap_or_default().to_string(),
-            };
-            if self.live.len() > 1 {
-                writeln!(self.out, "[pid {pid:>5}] {text}")?;
-            } else {
-                writeln!(self.out, "{text}")?;
-            }
-        }
-        if matches!(e["event"].as_str(), Some("exit" | "killed")) {
-            self.live.remove(&pid);
+        match &mut self.text {
+            Some(r) => write!(self.out, "{}", r.render(e))?,
+            None => writeln!(self.out, "{e}")?,
         }
         self.out.flush()?;
         Ok(())
@@ -80,8 +62,7 @@ pub fn attach(args: AttachArgs) -> Result<i32> {
     let only = parse_filter(&args.expr)?;
     let mut printer = Printer {
         out: open_output(args.output.as_deref())?,
-        json: args.json,
-        live: BTreeSet::new(),
+        text: (!args.json).then(TextRenderer::default),
     };
     let mut sock = UnixStream::connect(&args.api_sock)
         .with_context(|| format!("cannot connect to {}", args.api_sock.display()))?;
@@ -93,6 +74,7 @@ pub fn attach(args: AttachArgs) -> Result<i32> {
             follow: args.follow,
             trace: only.map(|s| s.into_iter().collect()),
             string_limit: Some(args.string_limit),
+            entries: !args.json,
         },
     };
     writeln!(sock, "{}", serde_json::to_string(&req)?)?;

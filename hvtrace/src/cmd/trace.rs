@@ -115,6 +115,7 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
             only,
             json: args.json,
             timing: args.timing,
+            entries: false,
         },
         tracer.syscalls(),
         out,

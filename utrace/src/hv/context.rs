@@ -28,7 +28,8 @@ pub struct ExecDetails {
     pub envc: u64,
 }
 
-/// What a signal report knows: the siginfo as the handler receives it.
+/// What a signal report knows: the siginfo as the handler receives it,
+/// and the disposition it was taken with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SignalDetails {
     /// Signal number.
@@ -41,6 +42,9 @@ pub struct SignalDetails {
     pub uid: u32,
     /// `si_status` (SIGCHLD).
     pub status: i32,
+    /// The action's `sa_handler`: the handler's user address for a
+    /// delivery, 0 (`SIG_DFL`) for a signal taking its default action.
+    pub handler: u64,
 }
 
 /// The thread a callback reports about.

@@ -83,6 +83,8 @@ pub struct TraceLayout {
     pub ksig_sig: u64,
     /// `ksignal.info`.
     pub ksig_info: u64,
+    /// `ksignal.ka.sa.sa_handler`.
+    pub ksig_handler: u64,
     /// The `kernel_siginfo` members hvtrace reports.
     pub siginfo: SiginfoLayout,
     /// `task_struct.pending` (the thread's own `sigpending`).
@@ -157,6 +159,7 @@ impl TraceLayout {
         Ok(Self {
             ksig_sig: off("ksignal", "sig")?,
             ksig_info: off("ksignal", "info")?,
+            ksig_handler: off("ksignal", "ka.sa.sa_handler")?,
             siginfo: SiginfoLayout {
                 signo: si("si_signo")?,
                 code: si("si_code")?,

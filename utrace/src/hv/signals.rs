@@ -61,7 +61,8 @@ pub fn killed_by(code: i64) -> i32 {
     (code & 0x7f) as i32
 }
 
-/// Reads the `kernel_siginfo` at kernel address `info`.
+/// Reads the `kernel_siginfo` at kernel address `info` (`handler` left at
+/// `SIG_DFL`).
 pub fn read_siginfo<M: PhysMemory + ?Sized>(
     k: &RunningKernel<'_, M>,
     l: &SiginfoLayout,
@@ -74,6 +75,7 @@ pub fn read_siginfo<M: PhysMemory + ?Sized>(
         pid: int(l.pid, "si_pid")?,
         uid: int(l.uid, "si_uid")? as u32,
         status: int(l.status, "si_status")?,
+        handler: 0,
     })
 }
 

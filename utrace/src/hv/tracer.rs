@@ -776,6 +776,7 @@ impl Inner {
                 let ksig = regs.rsi;
                 let details = SignalDetails {
                     signo: k.read_u32(ksig + l.ksig_sig, "ksignal.sig")? as i32,
+                    handler: k.read_u64(ksig + l.ksig_handler, "ksignal.ka.sa.sa_handler")?,
                     ..signals::read_siginfo(&k, &l.siginfo, ksig + l.ksig_info)?
                 };
                 let mut ctx = ThreadContext::new(tid, tgid, self.ram.clone(), space);

@@ -41,6 +41,21 @@ pub struct Pending {
     pub shown: Vec<Option<String>>,
 }
 
+impl Pending {
+    /// The start of the call's line as strace prints it at entry: the name
+    /// and the arguments known then, with `, ` if more follow at exit
+    /// (`read(3, `; `getpid(`; `write(1, "x", 1`). [`Formatter::finish`]
+    /// keeps those arguments, so its line starts with this.
+    pub fn entry_prefix(&self) -> String {
+        let known: Vec<&str> = self.shown.iter().map_while(|s| s.as_deref()).collect();
+        let mut s = format!("{}({}", self.name, known.join(", "));
+        if !known.is_empty() && known.len() < self.shown.len() {
+            s.push_str(", ");
+        }
+        s
+    }
+}
+
 impl Formatter {
     /// Renders the arguments known at entry.
     pub fn enter(&self, name: &str, args: [u64; 6], mem: &dyn UserMemory) -> Pending {
@@ -776,6 +791,11 @@ mod tests {
             r#"openat(AT_FDCWD, "/etc/hostname", O_RDWR|O_CREAT|O_TRUNC|O_CLOEXEC, 0644) = -1 ENOENT (No such file or directory)"#
         );
         let p = f.enter("read", [3, 0x2000, 256, 0, 0, 0], &m);
+        assert_eq!(p.entry_prefix(), "read(3, ");
+        assert!(f.finish(&p, 8, &m).starts_with(&p.entry_prefix()));
+        assert_eq!(f.enter("getpid", [0; 6], &m).entry_prefix(), "getpid(");
+        let w = f.enter("write", [1, 0x2000, 8, 0, 0, 0], &m);
+        assert_eq!(w.entry_prefix(), r#"write(1, "hvtrace\n", 8"#);
         assert!(!f.complete_at_entry("read"));
         assert_eq!(f.finish(&p, 8, &m), r#"read(3, "hvtrace\n", 256) = 8"#);
         let p = f.enter("write", [1, 0x2000, 8, 0, 0, 0], &m);

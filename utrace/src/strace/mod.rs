@@ -2,10 +2,13 @@
 //! traced thread's system calls, exits and signals as strace does (or one
 //! JSON object per event).
 //!
-//! A call's line is printed when it returns (strace prints its entry and,
-//! if another thread's line comes in between, an `<unfinished ...>`
-//! marker; printing at return keeps each line whole). With more than one
-//! thread alive every line gets strace's `[pid N]` prefix.
+//! Every output is first an event record (a JSON object); `--json` prints
+//! the records of completed events, text mode renders every record as
+//! strace's text ([`text::TextRenderer`]): a call's entry at once, its end
+//! at its exit, `<unfinished ...>`/`<... resumed>` when another line comes
+//! in between, `[pid N]` while more than one thread is alive.
+
+pub mod text;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -30,6 +33,11 @@ pub struct StraceOptions {
     pub json: bool,
     /// `-T`: time spent in each call.
     pub timing: bool,
+    /// With `json`: also a record at each call's entry
+    /// (`{"pid":N,"syscall":"read","phase":"entry","line":"read(3, "}`),
+    /// and `"rest"` in the exit record, for a client that renders text
+    /// itself (`hvtrace attach`).
+    pub entries: bool,
 }
 
 /// The events this engine asks for.
@@ -55,8 +63,15 @@ impl UserMemory for NoMemory {
 
 #[derive(Default)]
 struct State {
-    pending: HashMap<Tid, (Pending, Instant)>,
-    live: HashSet<Tid>,
+    /// Each thread's call in progress, when it started, and the start of
+    /// its line as printed at entry.
+    pending: HashMap<Tid, (Pending, Instant, String)>,
+}
+
+/// Where records go: JSON lines, or strace's text.
+struct Output {
+    out: Box<dyn Write + Send>,
+    text: Option<text::TextRenderer>,
 }
 
 /// The strace-like engine.
@@ -64,7 +79,7 @@ pub struct Strace {
     opts: StraceOptions,
     fmt: Formatter,
     syscalls: Arc<SyscallTable>,
-    out: Mutex<Box<dyn Write + Send>>,
+    out: Mutex<Output>,
     state: Mutex<State>,
 }
 
@@ -78,11 +93,12 @@ impl Strace {
         let fmt = Formatter {
             string_limit: opts.string_limit.unwrap_or(32),
         };
+        let text = (!opts.json).then(text::TextRenderer::default);
         Self {
             opts,
             fmt,
             syscalls,
-            out: Mutex::new(out),
+            out: Mutex::new(Output { out, text }),
             state: Mutex::new(State::default()),
         }
     }
@@ -97,24 +113,21 @@ impl Strace {
         self.opts.only.as_ref().is_none_or(|s| s.contains(name))
     }
 
-    fn emit(&self, tid: Tid, text: &str, json: serde_json::Value) {
-        let many = self
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .live
-            .len()
-            > 1;
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        let r = if self.opts.json {
-            writeln!(out, "{json}")
-        } else if many {
-            writeln!(out, "[pid {tid:>5}] {text}")
-        } else {
-            writeln!(out, "{text}")
+    /// Writes one record: as JSON, or rendered as text.
+    fn emit(&self, record: serde_json::Value) {
+        let mut o = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        let Output { out, text } = &mut *o;
+        let r = match text {
+            Some(renderer) => write!(out, "{}", renderer.render(&record)),
+            None => writeln!(out, "{record}"),
         };
         // A closed output (the reader went away) must not disturb the guest.
         let _ = r.and_then(|_| out.flush());
+    }
+
+    /// Whether entry records are produced.
+    fn entries(&self) -> bool {
+        !self.opts.json || self.opts.entries
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -137,9 +150,16 @@ impl EngineOps for Strace {
             None => &NoMemory,
         };
         let p = self.fmt.enter(&name, *args, mem);
-        let mut st = self.state();
-        st.live.insert(engine.tid());
-        st.pending.insert(engine.tid(), (p, Instant::now()));
+        let prefix = p.entry_prefix();
+        let tid = engine.tid();
+        if self.entries() && self.shown(&name) {
+            self.emit(serde_json::json!({
+                "pid": tid, "syscall": name, "phase": "entry", "line": prefix,
+            }));
+        }
+        self.state()
+            .pending
+            .insert(tid, (p, Instant::now(), prefix));
         ResumeAction::Resume
     }
 
@@ -151,13 +171,9 @@ impl EngineOps for Strace {
         ret: i64,
     ) -> ResumeAction {
         let tid = engine.tid();
-        let pending = {
-            let mut st = self.state();
-            st.live.insert(tid);
-            st.pending.remove(&tid)
-        };
+        let pending = self.state().pending.remove(&tid);
         let name = self.name(nr);
-        let (p, started) = match pending {
+        let (p, started, prefix) = match pending {
             Some(p) if p.0.name == name => p,
             // A new child's or thread's first report is its return from
             // the clone in its parent; strace shows nothing for it.
@@ -168,9 +184,9 @@ impl EngineOps for Strace {
             _ => {
                 if self.shown(&name) {
                     let line = format!("<... {name} resumed>) = {}", self.fmt.ret(&name, ret));
-                    let json =
-                        serde_json::json!({"pid": tid, "syscall": name, "line": line, "ret": ret});
-                    self.emit(tid, &line, json);
+                    self.emit(
+                        serde_json::json!({"pid": tid, "syscall": name, "line": line, "ret": ret}),
+                    );
                 }
                 return ResumeAction::Resume;
             }
@@ -193,7 +209,7 @@ impl EngineOps for Strace {
             Some((e, None)) => (Some(e), None),
             None => (None, None),
         };
-        let json = serde_json::json!({
+        let mut record = serde_json::json!({
             "pid": tid,
             "syscall": p.name,
             "nr": nr,
@@ -203,7 +219,10 @@ impl EngineOps for Strace {
             "error": error,
             "seconds": spent.as_secs_f64(),
         });
-        self.emit(tid, &line, json);
+        if self.entries() {
+            record["rest"] = line.strip_prefix(prefix.as_str()).into();
+        }
+        self.emit(record);
         ResumeAction::Resume
     }
 
@@ -217,7 +236,7 @@ impl EngineOps for Strace {
             return ResumeAction::Resume;
         };
         let mut st = self.state();
-        if let Some((p, _)) = st.pending.get_mut(&engine.tid()) {
+        if let Some((p, _, _)) = st.pending.get_mut(&engine.tid()) {
             if p.name == "execve" && p.shown.len() >= 2 {
                 if p.shown[0].is_none() {
                     p.shown[0] = Some(self.fmt.quoted(&exec.filename));
@@ -238,21 +257,11 @@ impl EngineOps for Strace {
             Some(d) => format!("--- {name} {} ---", siginfo(&d)),
             None => format!("--- {name} ---"),
         };
-        let json = serde_json::json!({
+        self.emit(serde_json::json!({
             "pid": tid, "event": "signal", "signal": name, "line": text,
             "si_code": d.map(|d| d.code), "si_pid": d.map(|d| d.pid),
-        });
-        self.emit(tid, &text, json);
-        ResumeAction::Resume
-    }
-
-    fn report_clone(
-        &self,
-        _action: ResumeAction,
-        _engine: &Engine,
-        _clone_flags: u64,
-        _child: Tid,
-    ) -> ResumeAction {
+            "handler": d.map(|d| format!("{:#x}", d.handler)),
+        }));
         ResumeAction::Resume
     }
 
@@ -265,42 +274,32 @@ impl EngineOps for Strace {
     ) -> ResumeAction {
         let tid = engine.tid();
         let pending = self.state().pending.remove(&tid);
-        if let Some((p, _)) = pending {
+        if let Some((p, _, prefix)) = pending {
             if self.shown(&p.name) {
                 let line = self.fmt.unreturned(&p);
-                let json =
+                let mut record =
                     serde_json::json!({"pid": tid, "syscall": p.name, "line": line, "ret": null});
-                self.emit(tid, &line, json);
+                if self.entries() {
+                    record["rest"] = line.strip_prefix(prefix.as_str()).into();
+                }
+                self.emit(record);
             }
         }
         let status = orig_code as i32;
-        let (text, json) = if status & 0x7f == 0 {
-            let code = (status >> 8) & 0xff;
-            (
-                format!("+++ exited with {code} +++"),
-                serde_json::json!({"pid": tid, "event": "exit", "code": code}),
-            )
+        let record = if status & 0x7f == 0 {
+            serde_json::json!({"pid": tid, "event": "exit", "code": (status >> 8) & 0xff})
         } else {
-            let sig = signal_name(status & 0x7f);
-            let core = if status & 0x80 != 0 {
-                " (core dumped)"
-            } else {
-                ""
-            };
-            (
-                format!("+++ killed by {sig}{core} +++"),
-                serde_json::json!({"pid": tid, "event": "killed", "signal": sig}),
-            )
+            serde_json::json!({
+                "pid": tid, "event": "killed", "signal": signal_name(status & 0x7f),
+                "core": status & 0x80 != 0,
+            })
         };
-        self.emit(tid, &text, json);
-        self.state().live.remove(&tid);
+        self.emit(record);
         ResumeAction::Resume
     }
 
     fn report_reap(&self, engine: &Engine) {
-        let mut st = self.state();
-        st.live.remove(&engine.tid());
-        st.pending.remove(&engine.tid());
+        self.state().pending.remove(&engine.tid());
     }
 }
 
