@@ -19,9 +19,11 @@
 //! Only traced threads pay for system-call tracing: the system-call sites
 //! run only for threads whose `syscall_work` has
 //! [`TraceLayout::steer_bit`], which hvtrace sets on the threads it traces
-//! and clears when it stops. Exec, clone and exit sites trap for every
-//! thread (they are rare and cost a process creation anyway); the handler
-//! returns at once for untraced threads.
+//! and clears when it stops. Exec, clone, exit and signal-delivery sites
+//! (`get_signal`, `signal_setup_done`) trap for every thread (they are
+//! rare: a process creation, an exit, a signal); the handler returns at
+//! once for untraced threads. A traced thread's syscall exit reads one
+//! more word (its pending set, for a SIGKILL that cuts the call short).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
