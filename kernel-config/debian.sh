@@ -17,8 +17,11 @@ case "$series" in
     *) hv_log "unknown Debian kernel series '$series' (want 6.1 or 6.12)"; exit 2 ;;
 esac
 
+# 6.12 comes from bookworm-backports, which a fresh machine's apt lacks.
+[ "$series" = 6.12 ] && hv_apt_backports
+
 resolve() {
-    apt-cache depends "$meta" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
+    apt-cache depends "$meta" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}' || true
 }
 pkg=$(resolve)
 if [ -z "$pkg" ]; then

@@ -36,3 +36,23 @@ hv_hash() {
         if [ -f "$x" ]; then sha256sum "$x"; else printf '%s\n' "$x"; fi
     done | sha256sum | cut -c1-16
 }
+
+# Make bookworm-backports (Debian's 6.12 kernels, newer QEMU) known to apt,
+# idempotently. A fresh Debian 12 machine lists only bookworm and its
+# updates; the suite is added in a file of its own, with the archive URI
+# the system already uses, and apt's default backports priority (100), so
+# nothing is ever upgraded from it unless asked for by version.
+hv_apt_backports() {
+    if grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        return 0
+    fi
+    local uri
+    uri=$(awk '/^URIs:/ && /debian\/?$/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+    [ -n "$uri" ] || uri=http://deb.debian.org/debian
+    hv_log "adding bookworm-backports ($uri) to apt's sources"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$uri" |
+        $sudo tee /etc/apt/sources.list.d/hvtrace-bookworm-backports.sources >/dev/null
+    $sudo apt-get update -qq >&2
+}

@@ -3,3 +3,4 @@
 
 pub mod bus;
 pub mod serial;
+pub mod uart16550;
