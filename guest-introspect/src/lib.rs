@@ -22,5 +22,6 @@ pub mod kernel;
 pub mod le;
 pub mod memory;
 pub mod paging;
+pub mod stacks;
 pub mod symbols;
 pub mod tasks;

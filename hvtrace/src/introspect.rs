@@ -64,7 +64,8 @@ pub fn load_info(
     }
 }
 
-fn attach<'a, M: PhysMemory + ?Sized>(
+/// The running kernel in `mem`, located through the first vCPU.
+pub(crate) fn attach<'a, M: PhysMemory + ?Sized>(
     mem: &'a M,
     vcpus: &[VcpuView],
     info: &'a KernelInfo,

@@ -5,6 +5,7 @@ mod artifacts;
 mod cmd;
 mod introspect;
 mod snapcache;
+mod stacks;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +35,8 @@ enum Command {
     Ps(cmd::ps::PsArgs),
     /// Show one guest task in detail: state, parent, creds, flags, user registers, executable.
     Inspect(cmd::ps::InspectArgs),
+    /// What every vCPU is doing and its kernel stack; with -a every task's kernel stack (like sysrq-t).
+    Stacks(cmd::ps::StacksArgs),
     /// Print a kernel's symbols (System.map format) from the best source available.
     Symbols(cmd::symbols::SymbolsArgs),
     /// Print struct layouts from a kernel's BTF.
@@ -56,6 +59,7 @@ fn main() {
         Command::CachedSnapshot(a) => cmd::cached::cached(a),
         Command::Ps(a) => cmd::ps::ps(a),
         Command::Inspect(a) => cmd::ps::inspect(a),
+        Command::Stacks(a) => cmd::ps::stacks(a),
         Command::Symbols(a) => cmd::symbols::symbols(a),
         Command::Types(a) => cmd::symbols::types(a),
         Command::Sites(a) => cmd::sites::sites(a),
@@ -66,7 +70,29 @@ fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("hvtrace: {e:#}");
-            std::process::exit(125);
+            std::process::exit(failure_status(&e));
         }
+    }
+}
+
+/// Exit status when hvtrace itself failed.
+const HVTRACE_FAILED: i32 = 125;
+/// Exit status when the guest kernel crashed (panic, oops, BUG, lockup,
+/// hung task, RCU stall): distinct from hvtrace's own failures and from
+/// the guest command's statuses.
+const GUEST_KERNEL_CRASHED: i32 = 123;
+
+fn failure_status(e: &anyhow::Error) -> i32 {
+    use vmm::session::SessionError;
+    let crashed = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<SessionError>(),
+            Some(SessionError::Crashed { .. } | SessionError::Panic(_))
+        )
+    });
+    if crashed {
+        GUEST_KERNEL_CRASHED
+    } else {
+        HVTRACE_FAILED
     }
 }

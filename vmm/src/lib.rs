@@ -21,6 +21,7 @@
 pub mod arch;
 pub mod builder;
 pub mod control;
+pub mod crash;
 pub mod devices;
 pub mod initrd;
 pub mod kvm_kind;

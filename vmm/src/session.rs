@@ -10,6 +10,7 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 
 use crate::builder::{build, BuildError, Sinks, VmConfig};
 use crate::control::{exec_request, run_request, ControlMessage};
+use crate::crash::CrashKind;
 use crate::devices::serial::{ConsoleLog, LineSink, Sink};
 use crate::machine::{MachineError, RunningVm, VmEvent};
 use crate::vstate::vcpu::VcpuEvent;
@@ -26,6 +27,16 @@ pub fn default_stall_timeout(kind: crate::kvm_kind::KvmKind) -> Duration {
     }
 }
 
+/// How long a guest may be silent before the session describes what it is
+/// doing (once per silence), by KVM kind: long enough that a busy boot on
+/// PVM KVM (a minute of ftrace checks without a line) rarely triggers it.
+pub fn default_stall_report_after(kind: crate::kvm_kind::KvmKind) -> Duration {
+    match kind {
+        crate::kvm_kind::KvmKind::Pvm => Duration::from_secs(180),
+        crate::kvm_kind::KvmKind::Hardware => Duration::from_secs(20),
+    }
+}
+
 /// Errors of a session.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -38,6 +49,17 @@ pub enum SessionError {
     /// The guest kernel panicked.
     #[error("guest kernel panicked: {0}")]
     Panic(String),
+    /// The guest kernel printed a crash report (oops, BUG, lockup, hung
+    /// task, RCU stall) and the run was ended.
+    #[error("guest kernel {kind}: {line}\nlast console lines:\n{tail}")]
+    Crashed {
+        /// What happened ("oopsed", ...).
+        kind: &'static str,
+        /// The report's first line.
+        line: String,
+        /// Console tail, the report included.
+        tail: String,
+    },
     /// The guest reset or powered off before finishing.
     #[error("guest {what} while {during}; last console lines:\n{tail}")]
     Ended {
@@ -93,6 +115,10 @@ pub struct Session {
     vm: RunningVm,
     control: Receiver<ControlMessage>,
     console: ConsoleLog,
+    crash: CrashSeen,
+    /// The guest's init has been ready at least once.
+    booted: bool,
+    stall_report: Option<StallReport>,
     last_progress: Arc<Mutex<Instant>>,
     stall_timeout: Duration,
     timings: Arc<Mutex<Timings>>,
@@ -101,6 +127,21 @@ pub struct Session {
     rip_sampling: Option<(Duration, Instant)>,
     symbols: Option<guest_introspect::symbols::SymbolMap>,
 }
+
+/// Describes a stalled guest (see [`Session::report_stalls_after`]).
+pub type StallDescriber = Box<dyn FnMut(&RunningVm) -> String + Send>;
+
+struct StallReport {
+    after: Duration,
+    describe: StallDescriber,
+    reported: bool,
+}
+
+/// How long a crash report may take to finish printing before the session
+/// ends with what it has.
+const CRASH_REPORT_GRACE: Duration = Duration::from_secs(20);
+/// Console silence that marks a crash report as complete.
+const CRASH_REPORT_QUIET: Duration = Duration::from_secs(2);
 
 /// A sink that records the time of its first byte and forwards.
 struct TimedSink {
@@ -125,16 +166,42 @@ impl Write for TimedSink {
     }
 }
 
+/// The first crash report line seen on the console, and when.
+type CrashSeen = Arc<Mutex<Option<(CrashKind, String, Instant)>>>;
+
 struct ConsoleSink {
     log: ConsoleLog,
     echo: Option<Sink>,
     progress: Arc<Mutex<Instant>>,
+    line: Vec<u8>,
+    crash: CrashSeen,
+}
+
+impl ConsoleSink {
+    /// Watches whole lines for a crash report.
+    fn watch(&mut self, data: &[u8]) {
+        for &b in data {
+            if b != b'\n' {
+                if self.line.len() < 4096 {
+                    self.line.push(b);
+                }
+                continue;
+            }
+            let text = String::from_utf8_lossy(&self.line).trim_end().to_string();
+            self.line.clear();
+            if let Some(kind) = crate::crash::classify(&text) {
+                let mut c = self.crash.lock().unwrap_or_else(|e| e.into_inner());
+                c.get_or_insert((kind, text, Instant::now()));
+            }
+        }
+    }
 }
 
 impl Write for ConsoleSink {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         self.log.push(data);
+        self.watch(data);
         if let Some(e) = &mut self.echo {
             let _ = e.write_all(data);
             let _ = e.flush();
@@ -152,6 +219,7 @@ impl Write for ConsoleSink {
 struct Wiring {
     control: Receiver<ControlMessage>,
     console: ConsoleLog,
+    crash: CrashSeen,
     progress: Arc<Mutex<Instant>>,
     timings: Arc<Mutex<Timings>>,
 }
@@ -165,6 +233,7 @@ fn wire(outputs: Outputs) -> (Sinks, Wiring) {
         first_output: None,
     }));
     let console = ConsoleLog::default();
+    let crash = CrashSeen::default();
     let (tx, rx): (Sender<ControlMessage>, Receiver<ControlMessage>) = unbounded();
     let p = progress.clone();
     let control = LineSink::new(move |line: &str| {
@@ -183,6 +252,8 @@ fn wire(outputs: Outputs) -> (Sinks, Wiring) {
             log: console.clone(),
             echo: outputs.console_echo,
             progress: progress.clone(),
+            line: Vec::new(),
+            crash: crash.clone(),
         }),
         control: Box::new(control),
         stdout: timed(outputs.stdout),
@@ -193,6 +264,7 @@ fn wire(outputs: Outputs) -> (Sinks, Wiring) {
         Wiring {
             control: rx,
             console,
+            crash,
             progress,
             timings,
         },
@@ -207,6 +279,9 @@ impl Wiring {
             vm,
             control: self.control,
             console: self.console,
+            crash: self.crash,
+            booted: false,
+            stall_report: None,
             last_progress: self.progress,
             stall_timeout,
             timings: self.timings,
@@ -325,7 +400,12 @@ impl Session {
     /// Marks the guest ready without waiting (a restored snapshot was taken
     /// while init waited for a request).
     pub fn assume_ready(&mut self) {
+        self.mark_ready();
+    }
+
+    fn mark_ready(&mut self) {
         self.ready = true;
+        self.booted = true;
     }
 
     fn vm_ended(&self, event: VmEvent, during: &'static str) -> SessionError {
@@ -400,6 +480,18 @@ impl Session {
     /// up to 20 ms for a VM event (an ended VM is an error) and a RIP
     /// sample if one is due.
     fn poll_once(&mut self, during: &'static str) -> Result<Option<ControlMessage>, SessionError> {
+        if self.check_crash()? {
+            // A crash report is printing: no message is handed out (the
+            // command's exit may follow the oops that killed it); the VM's
+            // end or the report's completion ends the wait.
+            if let Some(ev) = self.vm.next_event(Duration::from_millis(20)) {
+                if !matches!(ev, VmEvent::Vcpu(VcpuEvent::Finished(_))) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    return Err(self.vm_ended(ev, during));
+                }
+            }
+            return Ok(None);
+        }
         if let Ok(m) = self.control.try_recv() {
             return Ok(Some(m));
         }
@@ -411,15 +503,87 @@ impl Session {
             }
         }
         self.maybe_sample_rip();
+        let idle = self
+            .last_progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed();
+        self.maybe_report_stall(idle, during);
         Ok(None)
+    }
+
+    /// Has the kernel printed a crash report? Once its printing has gone
+    /// quiet (or after a grace period), the session ends with it; until
+    /// then this returns true. A panic is left to the VM's end (it resets
+    /// at once with `panic=-1`), which reports it with the whole console.
+    fn check_crash(&mut self) -> Result<bool, SessionError> {
+        let seen = self.crash.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some((kind, line, at)) = seen else {
+            return Ok(false);
+        };
+        // Lockup and hung-task reports during a boot are left to the
+        // stall timeout: see CrashKind::may_be_slowness.
+        if kind.may_be_slowness() && !self.booted {
+            log::warn!("guest kernel {} while booting: {line}", kind.describe());
+            *self.crash.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            return Ok(false);
+        }
+        if kind == CrashKind::Panic && at.elapsed() < CRASH_REPORT_GRACE {
+            return Ok(true);
+        }
+        let quiet = self
+            .last_progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed();
+        if quiet < CRASH_REPORT_QUIET && at.elapsed() < CRASH_REPORT_GRACE {
+            return Ok(true);
+        }
+        Err(SessionError::Crashed {
+            kind: kind.describe(),
+            line: line.trim().to_string(),
+            tail: self.console.tail(40),
+        })
+    }
+
+    /// Once the guest has made no progress (no console, command or control
+    /// output) for `after`, print on stderr, once per stall, what
+    /// `describe` says it is doing (hvtrace passes a reader of every
+    /// vCPU's and task's kernel stack).
+    pub fn report_stalls_after(&mut self, after: Duration, describe: StallDescriber) {
+        self.stall_report = Some(StallReport {
+            after,
+            describe,
+            reported: false,
+        });
+    }
+
+    fn maybe_report_stall(&mut self, idle: Duration, during: &'static str) {
+        let Some(r) = &mut self.stall_report else {
+            return;
+        };
+        if idle < r.after {
+            r.reported = false;
+            return;
+        }
+        if r.reported {
+            return;
+        }
+        r.reported = true;
+        let text = (r.describe)(&self.vm);
+        eprintln!(
+            "hvtrace: the guest has made no progress for {} s while {during} (no console or command output); what it is doing:\n{text}",
+            idle.as_secs()
+        );
     }
 
     /// Returns an error if the VM has ended (reset, power-off, vCPU failure);
     /// otherwise drains control messages. For long-running VMs.
     pub fn check_running(&mut self) -> Result<(), SessionError> {
+        self.check_crash()?;
         while let Ok(m) = self.control.try_recv() {
             match m {
-                ControlMessage::Ready => self.ready = true,
+                ControlMessage::Ready => self.mark_ready(),
                 ControlMessage::Error(e) => self.unexpected_errors.push(e),
                 _ => {}
             }
@@ -434,7 +598,7 @@ impl Session {
     pub fn wait_ready(&mut self) -> Result<(), SessionError> {
         while !self.ready {
             match self.next_message("waiting for the guest's init to start")? {
-                ControlMessage::Ready => self.ready = true,
+                ControlMessage::Ready => self.mark_ready(),
                 ControlMessage::Error(e) => self.unexpected_errors.push(e),
                 _ => {}
             }

@@ -18,6 +18,7 @@ use vmm::vstate::memory::GuestRam;
 use super::server::Conn;
 use super::{Op, PROTOCOL_VERSION};
 use crate::introspect::{self, KernelSource};
+use crate::stacks::CpuState;
 
 /// State kept between requests.
 pub struct Handler {
@@ -257,6 +258,12 @@ impl Handler {
                     introspect::inspect_json(mem, vcpus, info, pid)
                 })
             }
+            Op::Stacks { all } => {
+                let source = self.default_source.clone();
+                self.live_cpus(session, &source, |mem, cpus, info| {
+                    crate::stacks::stacks_json(mem, cpus, info, all)
+                })
+            }
             Op::Shutdown => Err("shutdown is handled by the VM owner".into()),
         }
     }
@@ -279,6 +286,19 @@ impl Handler {
         source: &KernelSource,
         f: impl FnOnce(&GuestRam, &[VcpuView], &KernelInfo) -> anyhow::Result<Value>,
     ) -> Result<Value, String> {
+        self.live_cpus(session, source, |mem, cpus, info| {
+            let views: Vec<VcpuView> = cpus.iter().map(|c| c.view).collect();
+            f(mem, &views, info)
+        })
+    }
+
+    /// [`Handler::live`] with each vCPU's whole state.
+    fn live_cpus(
+        &mut self,
+        session: &Session,
+        source: &KernelSource,
+        f: impl FnOnce(&GuestRam, &[CpuState], &KernelInfo) -> anyhow::Result<Value>,
+    ) -> Result<Value, String> {
         let vm = session.vm();
         if let KernelSource::Files { kernel, system_map } = source {
             if !self.infos.contains_key(source) {
@@ -289,16 +309,12 @@ impl Handler {
         }
         vm.pause_all().map_err(|e| e.to_string())?;
         let result = (|| -> anyhow::Result<Value> {
-            let mut vcpus = Vec::new();
-            for id in 0..vm.vcpu_count() {
-                let sregs = vm.with_vcpu(id, |fd| fd.get_sregs())??;
-                vcpus.push(introspect::vcpu_view(&sregs));
-            }
+            let cpus = crate::stacks::cpu_states(vm)?;
             if !self.infos.contains_key(source) {
-                let info = introspect::load_info(source, vm.ram(), &vcpus[0])?;
+                let info = introspect::load_info(source, vm.ram(), &cpus[0].view)?;
                 self.infos.insert(source.clone(), Arc::new(info));
             }
-            f(vm.ram(), &vcpus, &self.infos[source])
+            f(vm.ram(), &cpus, &self.infos[source])
         })();
         let resumed = vm.resume_all();
         let value = result.map_err(|e| format!("{e:#}"))?;

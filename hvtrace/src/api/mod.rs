@@ -98,6 +98,13 @@ pub enum Op {
     /// Each utrace event's site in the running kernel, at its runtime
     /// (KASLR-shifted) address.
     Sites,
+    /// Every vCPU's state and kernel stack and, with `all`, every task's
+    /// kernel stack (vCPUs paused for the duration of the walk).
+    Stacks {
+        /// Every task too, not only what runs on the vCPUs.
+        #[serde(default)]
+        all: bool,
+    },
     /// Details of one task.
     Inspect {
         /// Thread id.

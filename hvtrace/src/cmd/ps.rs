@@ -128,3 +128,29 @@ pub fn inspect(args: InspectArgs) -> Result<i32> {
     }
     Ok(0)
 }
+
+/// Arguments of `hvtrace stacks`.
+#[derive(Args, Debug)]
+pub struct StacksArgs {
+    /// Control socket of a running VM (see `hvtrace boot`).
+    #[arg(long)]
+    pub api_sock: PathBuf,
+    /// Every task's kernel stack, not only the vCPUs'.
+    #[arg(long, short)]
+    pub all: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Shows what each vCPU runs and the kernel stacks, like the guest's own
+/// `echo t > /proc/sysrq-trigger`.
+pub fn stacks(args: StacksArgs) -> Result<i32> {
+    let reply = client::call(&args.api_sock, Op::Stacks { all: args.all })?;
+    if args.json {
+        introspect::emit(&format!("{}\n", serde_json::to_string_pretty(&reply)?));
+    } else {
+        introspect::emit(&crate::stacks::format_stacks(&reply));
+    }
+    Ok(0)
+}

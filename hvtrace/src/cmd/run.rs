@@ -48,6 +48,11 @@ pub struct GuestArgs {
     /// [default: 2400 on PVM KVM, where kernel code is emulated; 120 on hardware KVM].
     #[arg(long)]
     pub stall_timeout: Option<u64>,
+    /// Seconds without guest output before hvtrace prints, once, what every
+    /// vCPU and task of the guest is doing (0: never)
+    /// [default: 180 on PVM KVM; 20 on hardware KVM].
+    #[arg(long)]
+    pub stall_report: Option<u64>,
 }
 
 impl GuestArgs {
@@ -99,6 +104,16 @@ impl GuestArgs {
             .unwrap_or_else(|| vmm::session::default_stall_timeout(KvmKind::detect()))
     }
 
+    /// When to describe a quiet guest: as given, or the default for this
+    /// host's KVM kind; None when turned off.
+    pub fn stall_report(&self) -> Option<Duration> {
+        match self.stall_report {
+            Some(0) => None,
+            Some(s) => Some(Duration::from_secs(s)),
+            None => Some(vmm::session::default_stall_report_after(KvmKind::detect())),
+        }
+    }
+
     /// Outputs wired to the host's stdout and stderr.
     pub fn outputs(&self) -> Outputs {
         Outputs {
@@ -143,6 +158,23 @@ pub struct RunArgs {
 /// snapshot of `guest` (unless `no_cache`), else a fresh boot that caches
 /// one. Returns the session and whether it was restored.
 pub fn open_guest(
+    guest: &GuestArgs,
+    no_cache: bool,
+    restore: Option<&std::path::Path>,
+    sample_rip: Option<u64>,
+) -> Result<(Session, bool)> {
+    let (mut session, restored) = open_guest_session(guest, no_cache, restore, sample_rip)?;
+    if let Some(after) = guest.stall_report() {
+        let kernel = match restore {
+            Some(_) => None,
+            None => Some(std::path::absolute(guest.config()?.kernel)?),
+        };
+        session.report_stalls_after(after, crate::stacks::stall_describer(kernel));
+    }
+    Ok((session, restored))
+}
+
+fn open_guest_session(
     guest: &GuestArgs,
     no_cache: bool,
     restore: Option<&std::path::Path>,
