@@ -22,6 +22,14 @@ if [ ! -e /dev/kvm ]; then
     echo "*** /dev/kvm is missing: every guest test below will FAIL.  ***" >&2
     echo "***************************************************************" >&2
 fi
+step "checking format and lints"
+# rustfmt and clippy come with the toolchain's default profile; add them
+# where a minimal profile left them out.
+if command -v rustup >/dev/null; then
+    rustup component add rustfmt clippy >/dev/null 2>&1 || true
+fi
+cargo fmt --all --check
+cargo clippy --release --workspace --all-targets -q -- -D warnings
 step "building hvtrace"
 cargo build --release --workspace --all-targets
 step "guest image and Debian kernels"

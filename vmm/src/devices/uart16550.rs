@@ -255,11 +255,7 @@ impl<T: Trigger, W: Write> Uart16550<T, W> {
                     self.regs.thre_pending = true;
                 }
             }
-            reg::IIR_FCR => {
-                if value & FCR_CLEAR_RX != 0 {
-                    self.rx.clear();
-                }
-            }
+            reg::IIR_FCR if value & FCR_CLEAR_RX != 0 => self.rx.clear(),
             reg::LCR => self.regs.lcr = value,
             reg::MCR => self.regs.mcr = value,
             reg::SCR => self.regs.scr = value,
