@@ -10,7 +10,6 @@ use guest_introspect::image::KernelInfo;
 use guest_introspect::kernel::{RunningKernel, VcpuView};
 use guest_introspect::memory::PhysMemory;
 use guest_introspect::tasks::{TaskReader, UserRegs, WalkLimits};
-use kvm_bindings::kvm_sregs;
 use serde_json::{json, Value};
 
 /// Where a kernel's symbols and types come from.
@@ -28,14 +27,7 @@ pub enum KernelSource {
 }
 
 /// What introspection needs of a vCPU, from KVM's special registers.
-pub fn vcpu_view(sregs: &kvm_sregs) -> VcpuView {
-    VcpuView {
-        cr3: sregs.cr3,
-        cr4: sregs.cr4,
-        idt_base: sregs.idt.base,
-        idt_limit: sregs.idt.limit,
-    }
-}
+pub use vmm::trap::vcpu_view;
 
 /// Loads a kernel file's information.
 pub fn info_from_files(kernel: &Path, system_map: Option<&Path>) -> Result<KernelInfo> {

@@ -36,6 +36,9 @@ pub enum MachineError {
     /// Host thread or signal set-up failed.
     #[error("cannot start vCPU threads: {0}")]
     Thread(std::io::Error),
+    /// A KVM call on a paused vCPU failed.
+    #[error("vCPU {0}: {1}")]
+    Kvm(u8, kvm_ioctls::Error),
 }
 
 /// A VM that is built but not yet running.
@@ -325,6 +328,15 @@ impl RunningVm {
     /// Resumes every vCPU.
     pub fn resume_all(&self) -> Result<(), MachineError> {
         (0..self.vcpu_count()).try_for_each(|id| self.resume(id))
+    }
+
+    /// The special-register facts (page tables, IDT, GS base) of paused
+    /// vCPU `id`.
+    pub fn vcpu_sregs(&self, id: u8) -> Result<crate::trap::GuestSregs, MachineError> {
+        let sregs = self
+            .with_vcpu(id, |fd| fd.get_sregs())?
+            .map_err(|e| MachineError::Kvm(id, e))?;
+        Ok((&sregs).into())
     }
 
     /// Runs `f` on paused vCPU `id`'s thread and returns its result.

@@ -31,12 +31,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use guest_introspect::error::IntrospectError;
 use guest_introspect::image::KernelInfo;
-use guest_introspect::kernel::{KernelPlacement, RunningKernel, VcpuView};
+use guest_introspect::kernel::{KernelPlacement, RunningKernel};
 use guest_introspect::memory::VirtAddr;
 use guest_introspect::paging::{translate, AddressSpace};
-use kvm_bindings::{kvm_regs, kvm_sregs};
 use vmm::machine::{MachineError, RunningVm};
-use vmm::trap::{TrapError, TrapHandler, TrapHit, TrapOwner, TrapResume};
+use vmm::trap::{GuestRegs, GuestSregs, TrapContext, TrapError, TrapHandler, TrapHit, TrapOwner};
 use vmm::vstate::memory::GuestRam;
 
 use crate::engine::{AttachFlags, Engine, EngineData, EngineOps};
@@ -83,9 +82,6 @@ pub enum TracerError {
     /// A trap could not be set.
     #[error(transparent)]
     Trap(#[from] TrapError),
-    /// A register ioctl failed.
-    #[error("vCPU register access failed: {0}")]
-    Kvm(#[from] kvm_ioctls::Error),
     /// Some event has no usable site in this kernel.
     #[error("cannot place the tracer's traps: {0}")]
     Sites(String),
@@ -204,16 +200,6 @@ struct Inner {
     stats: TracerStats,
 }
 
-/// What introspection needs of a vCPU.
-fn view(sregs: &kvm_sregs) -> VcpuView {
-    VcpuView {
-        cr3: sregs.cr3,
-        cr4: sregs.cr4,
-        idt_base: sregs.idt.base,
-        idt_limit: sregs.idt.limit,
-    }
-}
-
 impl Tracer {
     /// Locates the kernel, plans every site of [`TRACED_EVENTS`], and sets
     /// the traps, with all vCPUs paused for the duration.
@@ -225,8 +211,7 @@ impl Tracer {
     }
 
     fn install_paused(vm: &RunningVm, info: Arc<KernelInfo>) -> Result<Self, TracerError> {
-        let sregs = vm.with_vcpu(0, |fd| fd.get_sregs())??;
-        let v = view(&sregs);
+        let v = vm.vcpu_sregs(0)?.view;
         let ram = vm.ram().clone();
         let k =
             RunningKernel::attach(&ram, &v, &info.symbols, &info.types, info.banner.as_deref())?;
@@ -289,8 +274,7 @@ impl Tracer {
         }
         vm.pause_all()?;
         let result = (|| -> Result<(), TracerError> {
-            let sregs = vm.with_vcpu(0, |fd| fd.get_sregs())??;
-            let space = view(&sregs).kernel_space();
+            let space = vm.vcpu_sregs(0)?.view.kernel_space();
             let k = inner.kernel(space);
             let (plans, errors) = plan(&k, &inner.info.symbols, &inner.layout, EventMask::QUIESCE);
             if plans.is_empty() {
@@ -579,43 +563,27 @@ fn remove_trap(vm: &RunningVm, p: &PlannedTrap) {
 }
 
 impl TrapHandler for Inner {
-    fn on_trap(
-        &self,
-        _vcpu_id: u8,
-        vcpu: &kvm_ioctls::VcpuFd,
-        _ram: &GuestRam,
-        va: u64,
-        hit: TrapHit,
-    ) -> TrapResume {
+    fn on_trap(&self, ctx: &mut TrapContext<'_>, va: u64, hit: TrapHit) {
         self.stats.traps.fetch_add(1, Ordering::Relaxed);
-        let (mut regs, sregs) = match (vcpu.get_regs(), vcpu.get_sregs()) {
-            (Ok(r), Ok(s)) => (r, s),
-            _ => {
-                log::error!("tracer: cannot read the registers of a vCPU at {va:#x}");
-                return TrapResume::Continue;
-            }
+        let space = ctx.sregs.view.kernel_space();
+        let Some(p) = self.plan_at(va) else {
+            log::error!("tracer: a trap at {va:#x} has no plan");
+            return;
         };
-        let space = view(&sregs).kernel_space();
-        if let Some(p) = self.plan_at(va) {
-            if let Err(e) = self.handle(&p, &regs, &sregs, space) {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                log::warn!(
-                    "tracer: {} at {}+{:#x}: {e}",
-                    p.event_name,
-                    p.symbol,
-                    p.offset
-                );
-            }
+        if let Err(e) = self.handle(&p, ctx.regs(), &ctx.sregs, space) {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "tracer: {} at {}+{:#x}: {e}",
+                p.event_name,
+                p.symbol,
+                p.offset
+            );
         }
         if let TrapHit::Int3 { .. } = hit {
-            if let Err(e) = self.execute_displaced(va, &mut regs, space) {
+            if let Err(e) = self.execute_displaced(&p, ctx.regs_mut(), space) {
                 log::error!("tracer: cannot continue past {va:#x}: {e}");
             }
-            if let Err(e) = vcpu.set_regs(&regs) {
-                log::error!("tracer: cannot set registers at {va:#x}: {e}");
-            }
         }
-        TrapResume::Continue
     }
 }
 
@@ -650,13 +618,11 @@ impl Inner {
     /// Does what the instruction under the `int3` would have done.
     fn execute_displaced(
         &self,
-        va: u64,
-        regs: &mut kvm_regs,
+        p: &PlannedTrap,
+        regs: &mut GuestRegs,
         space: AddressSpace,
     ) -> Result<(), String> {
-        let p = self
-            .plan_at(va)
-            .ok_or_else(|| format!("no plan for {va:#x}"))?;
+        let va = p.va;
         match p.kind {
             TrapKind::Int3(Displaced::Skip { len }) => regs.rip = va + u64::from(len),
             TrapKind::Int3(Displaced::Call { len, target }) => {
@@ -679,13 +645,13 @@ impl Inner {
     fn handle(
         &self,
         p: &PlannedTrap,
-        regs: &kvm_regs,
-        sregs: &kvm_sregs,
+        regs: &GuestRegs,
+        sregs: &GuestSregs,
         space: AddressSpace,
     ) -> Result<(), IntrospectError> {
         let k = self.kernel(space);
         let l = &self.layout;
-        let current = k.read_u64(sregs.gs.base.wrapping_add(l.current_task), "current task")?;
+        let current = k.read_u64(sregs.gs_base.wrapping_add(l.current_task), "current task")?;
         let tid = k.read_u32(current + l.task_pid, "task_struct.pid")? as Tid;
         let tgid = k.read_u32(current + l.task_tgid, "task_struct.tgid")? as Tid;
         let ev = p.event;

@@ -14,11 +14,20 @@
 //! of a patch. And, for sites whose first instruction the VMM cannot
 //! execute itself, an instruction breakpoint in a debug register
 //! ([`TrapTable::set_hw_breakpoint`], at most four, the same on every
-//! vCPU): guest text stays untouched and the CPU runs the instruction when
-//! the vCPU resumes with RFLAGS.RF set. Both fire on PVM KVM in ring 0
-//! (measured, `docs/tracing.md`) and on hardware KVM.
+//! vCPU): guest text stays untouched; after the handler, the vCPU loop
+//! single-steps that one vCPU over the instruction with its breakpoints
+//! off and then re-arms them (RFLAGS.RF is not honoured for emulated ring-0
+//! code on PVM KVM), while the other vCPUs keep theirs. Both fire on PVM
+//! KVM in ring 0 (measured, `docs/tracing.md`) and on hardware KVM.
+//!
+//! Handlers see the stopped vCPU through a [`TrapContext`]
+//! (`context.rs`): registers read once and written back only if changed,
+//! the special-register facts introspection needs, and guest memory.
 
+pub mod context;
 pub mod pvm;
+
+pub use context::{vcpu_view, GuestRegs, GuestSregs, TrapContext};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,13 +70,6 @@ pub struct Trap {
     pub owner: TrapOwner,
 }
 
-/// What a trap handler asks the vCPU loop to do next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TrapResume {
-    /// Registers were updated by the handler; run on.
-    Continue,
-}
-
 /// How the vCPU reached a tracer trap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrapHit {
@@ -78,22 +80,18 @@ pub enum TrapHit {
         original: u8,
     },
     /// A debug-register breakpoint: the instruction at RIP has not run; the
-    /// vCPU loop sets RFLAGS.RF after the handler so that it runs once.
+    /// vCPU loop steps over it after the handler, so that it runs once.
     DebugRegister,
 }
 
 /// A tracer's handler for its own traps; called on the vCPU thread with the
-/// vCPU stopped at the trap.
+/// vCPU stopped at the trap. Registers the handler changes in `ctx` are
+/// written back before the vCPU runs on; after an `Int3` hit the handler
+/// must have moved RIP past the displaced instruction (having executed it)
+/// or elsewhere.
 pub trait TrapHandler: Send + Sync {
-    /// Handles the trap at `va` on vCPU `vcpu_id`.
-    fn on_trap(
-        &self,
-        vcpu_id: u8,
-        vcpu: &kvm_ioctls::VcpuFd,
-        ram: &GuestRam,
-        va: u64,
-        hit: TrapHit,
-    ) -> TrapResume;
+    /// Handles the trap at `va`.
+    fn on_trap(&self, ctx: &mut TrapContext<'_>, va: u64, hit: TrapHit);
 }
 
 /// Number of x86 debug address registers (DR0-DR3).
@@ -288,13 +286,6 @@ impl TrapTable {
             .find(|(a, _)| *a == va)
             .map(|(_, h)| h.clone())
     }
-
-    /// Whether `pa` holds one of our traps (used to show guest memory with
-    /// the original bytes).
-    pub fn original_at(&self, pa: u64) -> Option<u8> {
-        let traps = self.traps.lock().unwrap_or_else(|e| e.into_inner());
-        traps.values().find(|t| t.pa == pa).map(|t| t.original)
-    }
 }
 
 #[cfg(test)]
@@ -344,16 +335,7 @@ mod tests {
 
     struct Nothing;
     impl TrapHandler for Nothing {
-        fn on_trap(
-            &self,
-            _: u8,
-            _: &kvm_ioctls::VcpuFd,
-            _: &GuestRam,
-            _: u64,
-            _: TrapHit,
-        ) -> TrapResume {
-            TrapResume::Continue
-        }
+        fn on_trap(&self, _: &mut TrapContext<'_>, _: u64, _: TrapHit) {}
     }
 
     #[test]

@@ -167,9 +167,9 @@ pub fn handle_page_fault_entry(
     vcpu: &VcpuFd,
     ram: &GuestRam,
     msrs: &mut Option<SyscallMsrs>,
+    at: &Stopped,
 ) -> Result<PageFaultOutcome, FixupError> {
-    let mut regs = vcpu.get_regs()?;
-    let sregs = vcpu.get_sregs()?;
+    let (mut regs, sregs) = (at.regs, at.sregs);
     let mut frame = [0u8; 48];
     read_virt(ram, address_space(&sregs), VirtAddr(regs.rsp), &mut frame).map_err(|e| {
         FixupError::Frame {
@@ -235,20 +235,45 @@ fn kernel_segment(selector: u16, type_: u8, code: bool) -> kvm_segment {
     }
 }
 
-/// Reads up to 15 instruction bytes at the vCPU's RIP.
-pub fn instruction_bytes(vcpu: &VcpuFd, ram: &GuestRam) -> Option<(u64, Vec<u8>)> {
-    let regs = vcpu.get_regs().ok()?;
-    let sregs = vcpu.get_sregs().ok()?;
-    let space = address_space(&sregs);
-    let mut bytes = Vec::new();
-    for i in 0..15u64 {
-        let mut b = [0u8];
-        if read_virt(ram, space, VirtAddr(regs.rip + i), &mut b).is_err() {
-            break;
-        }
-        bytes.push(b[0]);
+/// The registers of a vCPU stopped at an exit, read once and handed to
+/// every step that looks at that exit.
+#[derive(Debug, Clone, Copy)]
+pub struct Stopped {
+    /// General-purpose registers.
+    pub regs: kvm_regs,
+    /// Special registers.
+    pub sregs: kvm_sregs,
+}
+
+impl Stopped {
+    /// Reads both register sets of `vcpu`.
+    pub fn read(vcpu: &VcpuFd) -> Result<Self, kvm_ioctls::Error> {
+        Ok(Self {
+            regs: vcpu.get_regs()?,
+            sregs: vcpu.get_sregs()?,
+        })
     }
-    Some((regs.rip, bytes))
+}
+
+/// Longest x86 instruction.
+const MAX_INSN_LEN: u64 = 15;
+
+/// Reads up to 15 instruction bytes at the stopped vCPU's RIP: one page
+/// walk, or two when the bytes cross into a mapped next page.
+pub fn instruction_bytes(ram: &GuestRam, at: &Stopped) -> Vec<u8> {
+    let space = address_space(&at.sregs);
+    let rip = at.regs.rip;
+    let mut bytes = vec![0u8; MAX_INSN_LEN as usize];
+    if read_virt(ram, space, VirtAddr(rip), &mut bytes).is_ok() {
+        return bytes;
+    }
+    // The next page is not mapped: the instruction ends on this one.
+    let in_page = (0x1000 - (rip & 0xfff)).min(MAX_INSN_LEN) as usize;
+    bytes.truncate(in_page);
+    match read_virt(ram, space, VirtAddr(rip), &mut bytes) {
+        Ok(()) => bytes,
+        Err(_) => Vec::new(),
+    }
 }
 
 /// Length of an instruction the VMM may skip as a no-op on PVM, if `bytes`
@@ -337,11 +362,11 @@ pub fn decode_mxcsr_access(
 pub fn emulate_mxcsr_access(
     vcpu: &VcpuFd,
     ram: &GuestRam,
-    rip: u64,
     bytes: &[u8],
+    at: &Stopped,
 ) -> Result<bool, String> {
-    let mut regs = vcpu.get_regs().map_err(|e| e.to_string())?;
-    let sregs = vcpu.get_sregs().map_err(|e| e.to_string())?;
+    let (mut regs, sregs) = (at.regs, at.sregs);
+    let rip = regs.rip;
     let Some((access, ea, len)) = decode_mxcsr_access(rip, bytes, &regs, &sregs) else {
         return Ok(false);
     };

@@ -19,7 +19,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::devices::bus::PortIoBus;
 use crate::kvm_kind::KvmKind;
 use crate::trap::pvm::{self, EntrySearch, PageFaultOutcome, SyscallMsrs};
-use crate::trap::{Breakpoint, TrapHit, TrapOwner, TrapResume, TrapTable, INT3};
+use crate::trap::{Breakpoint, TrapContext, TrapHandler, TrapHit, TrapOwner, TrapTable, INT3};
 use crate::vstate::memory::GuestRam;
 
 /// Work another thread asks a vCPU thread to do.
@@ -321,11 +321,15 @@ impl VcpuThread {
     /// PVM: an emulation failure is either a breakpoint (ours or the
     /// guest's), an instruction we can skip, or a fatal error.
     fn on_internal_error(&mut self) -> Next {
-        let Some((rip, bytes)) = pvm::instruction_bytes(&self.fd, &self.shared.ram) else {
+        // Registers are read once here and handed to whatever handles the
+        // exit (this path carries every failed syscall on PVM KVM).
+        let Ok(at) = pvm::Stopped::read(&self.fd) else {
             return self.fail("KVM internal error and the vCPU registers cannot be read".into());
         };
+        let rip = at.regs.rip;
+        let bytes = pvm::instruction_bytes(&self.shared.ram, &at);
         if bytes.first() == Some(&INT3) {
-            return self.on_breakpoint(rip);
+            return self.on_breakpoint(rip, Some(at));
         }
         if let Some(len) = pvm::skippable_instruction(&bytes) {
             self.shared.stats[self.id as usize]
@@ -333,7 +337,7 @@ impl VcpuThread {
                 .fetch_add(1, Ordering::Relaxed);
             return self.advance_rip(len);
         }
-        match pvm::emulate_mxcsr_access(&self.fd, &self.shared.ram, rip, &bytes) {
+        match pvm::emulate_mxcsr_access(&self.fd, &self.shared.ram, &bytes, &at) {
             Ok(true) => {
                 self.shared.stats[self.id as usize]
                     .skipped_instructions
@@ -413,7 +417,7 @@ impl VcpuThread {
     /// anything else is unexpected.
     fn on_debug_exit(&mut self, exception: u32, pc: u64) -> Next {
         if exception == 3 {
-            return self.on_breakpoint(pc);
+            return self.on_breakpoint(pc, None);
         }
         if exception == 1 && self.stepping_over {
             // The instruction under the breakpoint has run: re-arm.
@@ -425,13 +429,11 @@ impl VcpuThread {
         }
         if exception == 1 {
             if let Some(handler) = self.shared.traps.hw_handler(pc) {
-                let TrapResume::Continue = handler.on_trap(
-                    self.id,
-                    &self.fd,
-                    &self.shared.ram,
-                    pc,
-                    TrapHit::DebugRegister,
-                );
+                if let Err(e) =
+                    self.call_trap_handler(handler.as_ref(), pc, TrapHit::DebugRegister, None)
+                {
+                    return self.fail(format!("tracer trap at {pc:#x}: {e}"));
+                }
                 // Step over the instruction with this vCPU's breakpoint off
                 // (RFLAGS.RF is not honoured for emulated ring-0 code on PVM
                 // KVM); the other vCPUs keep theirs, so none can miss it.
@@ -447,11 +449,23 @@ impl VcpuThread {
         ))
     }
 
-    fn on_breakpoint(&mut self, rip: u64) -> Next {
+    /// An `int3` at `rip`, with the registers if the exit already read them.
+    fn on_breakpoint(&mut self, rip: u64, at: Option<pvm::Stopped>) -> Next {
         match self.shared.traps.classify(rip) {
             Breakpoint::Ours(trap) => match trap.owner {
                 TrapOwner::PvmPageFaultEntry => {
-                    match pvm::handle_page_fault_entry(&self.fd, &self.shared.ram, &mut self.msrs) {
+                    let at = match at.map(Ok).unwrap_or_else(|| pvm::Stopped::read(&self.fd)) {
+                        Ok(at) => at,
+                        Err(e) => {
+                            return self.fail(format!("PVM page-fault trap at {rip:#x}: {e}"))
+                        }
+                    };
+                    match pvm::handle_page_fault_entry(
+                        &self.fd,
+                        &self.shared.ram,
+                        &mut self.msrs,
+                        &at,
+                    ) {
                         Ok(PageFaultOutcome::SyscallCompleted) => {
                             self.shared.stats[self.id as usize]
                                 .syscall_fixups
@@ -468,16 +482,12 @@ impl VcpuThread {
                     }
                 }
                 TrapOwner::Tracer(ref handler) => {
-                    match handler.on_trap(
-                        self.id,
-                        &self.fd,
-                        &self.shared.ram,
-                        trap.va,
-                        TrapHit::Int3 {
-                            original: trap.original,
-                        },
-                    ) {
-                        TrapResume::Continue => Next::Run,
+                    let hit = TrapHit::Int3 {
+                        original: trap.original,
+                    };
+                    match self.call_trap_handler(handler.as_ref(), trap.va, hit, at) {
+                        Ok(()) => Next::Run,
+                        Err(e) => self.fail(format!("tracer trap at {:#x}: {e}", trap.va)),
                     }
                 }
             },
@@ -488,6 +498,32 @@ impl VcpuThread {
                 self.reinject_breakpoint()
             }
         }
+    }
+
+    /// Calls a tracer's handler with this vCPU's state read once, and writes
+    /// the registers back only if the handler changed them.
+    fn call_trap_handler(
+        &self,
+        handler: &dyn TrapHandler,
+        va: u64,
+        hit: TrapHit,
+        at: Option<pvm::Stopped>,
+    ) -> Result<(), kvm_ioctls::Error> {
+        let at = match at {
+            Some(at) => at,
+            None => pvm::Stopped::read(&self.fd)?,
+        };
+        let mut ctx = TrapContext::new(
+            self.id,
+            (&at.regs).into(),
+            (&at.sregs).into(),
+            &self.shared.ram,
+        );
+        handler.on_trap(&mut ctx, va, hit);
+        if let Some(changed) = ctx.changed_regs() {
+            self.fd.set_regs(&changed.into())?;
+        }
+        Ok(())
     }
 
     /// Delivers a guest-owned `int3` to the guest as the CPU would: RIP past
