@@ -19,6 +19,13 @@ use vmm::session::StallDescriber;
 
 use crate::introspect::{self, KernelSource};
 
+/// System calls whose first argument is a file descriptor the call may
+/// block on.
+const FD_FIRST_CALLS: &[&str] = &[
+    "read", "write", "readv", "writev", "pread64", "pwrite64", "ioctl", "recvfrom", "recvmsg",
+    "sendto", "sendmsg", "accept", "accept4", "connect", "flock", "fsync", "splice",
+];
+
 /// `KVM_MP_STATE_HALTED`: the vCPU executed `hlt` and waits for an interrupt.
 const MP_STATE_HALTED: u32 = 3;
 /// RFLAGS.IF.
@@ -133,10 +140,17 @@ pub fn stacks_json(
                 .flatten()
                 .and_then(|r| r.syscall())
                 .map(|(nr, args)| {
+                    let name = table.as_ref().and_then(|t| t.name(nr));
+                    // What a blocked call waits on: the file behind its
+                    // descriptor (a tty, a pipe, a socket).
+                    let fd_path = name
+                        .filter(|n| FD_FIRST_CALLS.contains(n))
+                        .and_then(|_| tasks.fd_path(t, args[0]).ok().flatten());
                     json!({
                         "nr": nr,
-                        "name": table.as_ref().and_then(|t| t.name(nr)),
+                        "name": name,
                         "args": args.iter().map(|a| format!("{a:#x}")).collect::<Vec<_>>(),
+                        "fd_path": fd_path,
                     })
                 });
             task_stacks.push(json!({
@@ -210,12 +224,17 @@ pub fn format_stacks(reply: &Value) -> String {
             t["state"].as_str().unwrap_or("?")
         ));
         if let Some(sc) = t["syscall"].as_object() {
-            let args: Vec<&str> = sc["args"]
+            let mut args: Vec<String> = sc["args"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|a| a.as_str().unwrap_or("?"))
+                .map(|a| a.as_str().unwrap_or("?").to_string())
                 .collect();
+            if let (Some(path), Some(first)) = (sc["fd_path"].as_str(), args.first_mut()) {
+                // strace -y's notation: the descriptor in decimal.
+                let fd = u64::from_str_radix(first.trim_start_matches("0x"), 16).unwrap_or(0);
+                *first = format!("{fd}<{path}>");
+            }
             match sc["name"].as_str() {
                 Some(name) => out.push_str(&format!(" in {name}({})", args.join(", "))),
                 None => out.push_str(&format!(
