@@ -179,6 +179,10 @@ fn blocked_tasks_stacks_match_the_guests_proc_stack() {
             .any(|l| l.trim().starts_with("hrtimer_nanosleep+0x")),
         "{block:?}"
     );
+    // What the reader waits on: its descriptor 0, the pipe (as the guest's
+    // own /proc/PID/fd/0 link names it).
+    let header = format!("pid {reader} tid {reader} hv-sleeper (S) in read(0<pipe:[");
+    assert!(text.contains(&header), "no `{header}` in:\n{text}");
 }
 
 /// A crash report ends the run with the report and its own status.
