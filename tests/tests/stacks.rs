@@ -116,7 +116,7 @@ fn is_subsequence(want: &[String], have: &[String]) -> bool {
 fn blocked_tasks_stacks_match_the_guests_proc_stack() {
     let script = "hv-sleeper 300 >/dev/null & s=$!; hv-sleeper --read >/dev/null & r=$!; \
                   sleep 3; echo $s $r; cat /proc/$s/stack; echo ===; cat /proc/$r/stack; echo ===; \
-                  wait";
+                  readlink /proc/$r/fd/0; echo ===; wait";
     let mut g = SocketGuest::start(script);
     let pids = g.read_until("===");
     let (sleeper, reader): (i64, i64) = {
@@ -125,6 +125,7 @@ fn blocked_tasks_stacks_match_the_guests_proc_stack() {
     };
     let sleeper_proc = proc_stack_functions(&pids[1..]);
     let reader_proc = proc_stack_functions(&g.read_until("==="));
+    let reader_fd0 = g.read_until("===").join("");
     assert!(
         sleeper_proc
             .iter()
@@ -181,7 +182,8 @@ fn blocked_tasks_stacks_match_the_guests_proc_stack() {
     );
     // What the reader waits on: its descriptor 0, the pipe (as the guest's
     // own /proc/PID/fd/0 link names it).
-    let header = format!("pid {reader} tid {reader} hv-sleeper (S) in read(0<pipe:[");
+    assert!(reader_fd0.starts_with("pipe:["), "{reader_fd0}");
+    let header = format!("pid {reader} tid {reader} hv-sleeper (S) in read(0<{reader_fd0}>, ");
     assert!(text.contains(&header), "no `{header}` in:\n{text}");
 }
 
