@@ -26,8 +26,6 @@ const FD_FIRST_CALLS: &[&str] = &[
     "sendto", "sendmsg", "accept", "accept4", "connect", "flock", "fsync", "splice",
 ];
 
-/// `KVM_MP_STATE_HALTED`: the vCPU executed `hlt` and waits for an interrupt.
-const MP_STATE_HALTED: u32 = 3;
 /// RFLAGS.IF.
 const RFLAGS_IF: u64 = 1 << 9;
 
@@ -57,21 +55,19 @@ impl CpuState {
 
 /// The state of every vCPU of `vm`, which must be paused.
 pub fn cpu_states(vm: &RunningVm) -> Result<Vec<CpuState>> {
-    let mut out = Vec::new();
-    for id in 0..vm.vcpu_count() {
-        let (regs, sregs, mp) =
-            vm.with_vcpu(id, |fd| (fd.get_regs(), fd.get_sregs(), fd.get_mp_state()))?;
-        let (regs, sregs) = (regs?, sregs?);
-        out.push(CpuState {
-            view: introspect::vcpu_view(&sregs),
-            rip: regs.rip,
-            rsp: regs.rsp,
-            rflags: regs.rflags,
-            cs: sregs.cs.selector,
-            halted: mp.map(|m| m.mp_state == MP_STATE_HALTED).unwrap_or(false),
-        });
-    }
-    Ok(out)
+    (0..vm.vcpu_count())
+        .map(|id| {
+            let v = vm.vcpu_state(id)?;
+            Ok(CpuState {
+                view: v.sregs.view,
+                rip: v.regs.rip,
+                rsp: v.regs.rsp,
+                rflags: v.regs.rflags,
+                cs: v.sregs.cs,
+                halted: v.halted,
+            })
+        })
+        .collect()
 }
 
 fn frames_json(frames: &[Frame]) -> Value {

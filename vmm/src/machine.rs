@@ -21,6 +21,17 @@ use crate::vstate::vcpu::{
     install_kick_handler, kick_signal, VcpuCommand, VcpuEvent, VcpuShared, VcpuStats, VcpuThread,
 };
 
+/// A paused vCPU's registers and run state.
+#[derive(Debug, Clone, Copy)]
+pub struct VcpuState {
+    /// General-purpose registers.
+    pub regs: crate::trap::GuestRegs,
+    /// Special-register facts.
+    pub sregs: crate::trap::GuestSregs,
+    /// Halted, waiting for an interrupt.
+    pub halted: bool,
+}
+
 /// Errors driving a running VM.
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
@@ -328,6 +339,20 @@ impl RunningVm {
     /// Resumes every vCPU.
     pub fn resume_all(&self) -> Result<(), MachineError> {
         (0..self.vcpu_count()).try_for_each(|id| self.resume(id))
+    }
+
+    /// What paused vCPU `id` is doing: its registers and whether it is
+    /// halted (waiting for an interrupt).
+    pub fn vcpu_state(&self, id: u8) -> Result<VcpuState, MachineError> {
+        let (regs, sregs, mp) =
+            self.with_vcpu(id, |fd| (fd.get_regs(), fd.get_sregs(), fd.get_mp_state()))?;
+        let regs = regs.map_err(|e| MachineError::Kvm(id, e))?;
+        let sregs = sregs.map_err(|e| MachineError::Kvm(id, e))?;
+        Ok(VcpuState {
+            regs: (&regs).into(),
+            sregs: (&sregs).into(),
+            halted: mp.is_ok_and(|m| m.mp_state == kvm_bindings::KVM_MP_STATE_HALTED),
+        })
     }
 
     /// The special-register facts (page tables, IDT, GS base) of paused

@@ -91,12 +91,8 @@ fn kernel_info(session: &Session, guest: &GuestArgs, from_memory: bool) -> Resul
     let vm = session.vm();
     vm.pause_all()?;
     let info = (|| -> Result<KernelInfo> {
-        let sregs = vm.with_vcpu(0, |fd| fd.get_sregs())??;
-        introspect::load_info(
-            &introspect::KernelSource::Memory,
-            vm.ram(),
-            &introspect::vcpu_view(&sregs),
-        )
+        let view = vm.vcpu_sregs(0)?.view;
+        introspect::load_info(&introspect::KernelSource::Memory, vm.ram(), &view)
     })();
     vm.resume_all()?;
     info
