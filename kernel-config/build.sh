@@ -13,7 +13,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 hv_apt_install linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev dwarves xz-utils cpio kmod
 
 src_version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
-key=$(hv_hash "$src_version" "$here/minimal.config" "$here/build.sh")
+# Relative names: the key must not depend on where the checkout is (CI
+# clones into a new folder each run; an absolute path in the hash made every
+# CI run rebuild the kernel and cold-boot its guests).
+key=$(cd "$here" && hv_hash "$src_version" minimal.config build.sh)
 out="$(hv_cache_dir)/kernels/minimal-6.1-$key"
 if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ] && [ -f "$out/System.map" ]; then
     echo "$out"
@@ -39,6 +42,9 @@ while IFS= read -r line; do
 done < "$here/minimal.config"
 [ $fail -eq 0 ] || { hv_log "kernel config fragment does not apply to $src_version"; exit 1; }
 
+# Reproducible: no build time, user or host in the image, so the same
+# inputs give the same bytes (and the same guest snapshot key) anywhere.
+export KBUILD_BUILD_TIMESTAMP="Thu Jan  1 00:00:00 UTC 1970" KBUILD_BUILD_USER=hvtrace KBUILD_BUILD_HOST=hvtrace
 make -s ARCH=x86_64 -j"$(nproc)" vmlinux bzImage >&2
 mkdir -p "$out.tmp"
 cp vmlinux System.map .config "$out.tmp/"
