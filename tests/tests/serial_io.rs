@@ -47,10 +47,14 @@ fn echo_with_request_len(len: usize) -> Vec<String> {
 fn requests_of_every_length_reach_the_guest() {
     let mut guest = InProcessGuest::restore_default();
     // A request is "RUN " + base64 + "\n": its length is 1 modulo 4. Every
-    // such length across the old window (257-320) and its edges, then far
-    // beyond (several FIFO refills and several 256-character passes).
-    let mut lengths: Vec<usize> = (201..=401).step_by(4).collect();
-    lengths.extend([513, 1001, 2049, 4097, 16385]);
+    // other such length across the old window (257-320), its edges, then
+    // far beyond (several FIFO refills and 256-character passes). Each
+    // request costs seconds of emulated guest work on PVM, so the sweep is
+    // sparse here; the device-model test in vmm/src/devices/serial.rs feeds
+    // every length from 1 to 2,000 to a replica of Linux's driver.
+    let mut lengths: Vec<usize> = vec![249, 253];
+    lengths.extend((257..=321).step_by(8));
+    lengths.extend([325, 1001, 4097]);
     for len in lengths {
         let argv = echo_with_request_len(len);
         let (status, out) = run_with_limit(&mut guest, &argv, Duration::from_secs(60));
