@@ -103,18 +103,42 @@ impl SymbolMap {
     }
 
     /// The text symbol containing link-time address `addr`, with the offset
-    /// into it (`name+0x12`); None outside the kernel text.
+    /// into it (`name+0x12`); None outside the kernel text. Of several
+    /// symbols at one address the one the kernel itself prints is chosen
+    /// (see [`alias_rank`]): `__schedule`, not `__sched_text_start`.
     pub fn symbolize(&self, addr: u64) -> Option<String> {
-        let i = self
-            .symbols
-            .partition_point(|s| s.addr <= addr)
-            .checked_sub(1)?;
-        let s = &self.symbols[i];
+        let end = self.symbols.partition_point(|s| s.addr <= addr);
+        let last = end.checked_sub(1)?;
+        let at = self.symbols[last].addr;
+        let start = self.symbols[..end].partition_point(|s| s.addr < at);
+        let s = self.symbols[start..end]
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, s)| (alias_rank(s), *i))
+            .map(|(_, s)| s)?;
         if !matches!(s.kind, 'T' | 't' | 'W' | 'w') || addr - s.addr > 1 << 20 {
             return None;
         }
         Some(format!("{}+{:#x}", s.name, addr - s.addr))
     }
+}
+
+/// How `scripts/kallsyms` orders symbols that share an address, the first
+/// being the one `kallsyms_lookup` reports: strong before weak, then
+/// anything before a linker-script marker (`__start_X`, `__stop_X`,
+/// `__end_X`, `__X_start`, `__X_end`), then fewer leading underscores.
+pub fn alias_rank(s: &Symbol) -> (bool, bool, usize) {
+    let n = &s.name;
+    let weak = matches!(s.kind, 'w' | 'W');
+    let marker = n.len() >= 8
+        && n.starts_with("__")
+        && (n[2..].starts_with("start_")
+            || n[2..].starts_with("stop_")
+            || n[2..].starts_with("end_")
+            || n.ends_with("_start")
+            || n.ends_with("_end"));
+    let underscores = n.bytes().take_while(|&b| b == b'_').count();
+    (weak, marker, underscores)
 }
 
 #[cfg(test)]
@@ -141,6 +165,28 @@ mod tests {
         assert_eq!(m.next_above(0xffffffff81000100), Some(0xffffffff81001000));
         assert_eq!(m.next_above(0xffffffff81000104), Some(0xffffffff81001000));
         assert_eq!(m.next_above(0xffffffff82000000), None);
+    }
+
+    #[test]
+    fn aliases_resolve_as_the_kernel_prints_them() {
+        let m = SymbolMap::parse_system_map(
+            "ffffffff81a00000 T __sched_text_start\nffffffff81a00000 T __schedule\n\
+             ffffffff81b00000 T __cpuidle_text_start\nffffffff81b00000 t default_idle\n\
+             ffffffff81c00000 W weak_fn\nffffffff81c00000 T _strong_fn\n",
+        )
+        .unwrap();
+        assert_eq!(
+            m.symbolize(0xffffffff81a00010).as_deref(),
+            Some("__schedule+0x10")
+        );
+        assert_eq!(
+            m.symbolize(0xffffffff81b00013).as_deref(),
+            Some("default_idle+0x13")
+        );
+        assert_eq!(
+            m.symbolize(0xffffffff81c00001).as_deref(),
+            Some("_strong_fn+0x1")
+        );
     }
 
     #[test]

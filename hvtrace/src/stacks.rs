@@ -93,10 +93,14 @@ pub fn stacks_json(
     let current = k.current_tasks().unwrap_or_default();
     // System-call names from the guest's own sys_call_table, when readable.
     let table = utrace::syscalls::table::SyscallTable::read(&k).ok();
+    // A CPU's idle task (pid 0, `swapper/N`) is on no task list: read it
+    // where the CPU's `current` points.
     let task_json = |addr: u64| {
-        all.iter().find(|t| t.addr == addr).map(
-            |t| json!({"pid": t.pid, "tid": t.tid, "comm": t.comm, "state": t.state.to_string()}),
-        )
+        all.iter()
+            .find(|t| t.addr == addr)
+            .cloned()
+            .or_else(|| tasks.task(addr).ok())
+            .map(|t| json!({"pid": t.pid, "tid": t.tid, "comm": t.comm, "state": t.state.to_string()}))
     };
     let mut vcpus = Vec::new();
     for (i, c) in cpus.iter().enumerate() {
