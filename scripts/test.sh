@@ -73,7 +73,8 @@ step "running tests"
 # One test at a time: each guest test occupies a CPU and the machine has two.
 # --lib --bins --tests: no doc-test binaries (the crates have no doc tests),
 # so the run closes on a real test binary's summary.
-cargo test --release --workspace --lib --bins --tests -- --test-threads=1 "$@"
+# --no-fail-fast: one failing test binary does not hide the others' results.
+cargo test --release --workspace --no-fail-fast --lib --bins --tests -- --test-threads=1 "$@"
 if [ $debian -eq 1 ]; then
     step "Debian kernel tests"
     cargo test --release -p hvtrace-tests --test boot_matches_qemu --test tracing --test introspect --test report --test engines --test attach -- --ignored --test-threads=1
