@@ -33,9 +33,12 @@ pub struct GuestRegs {
     pub rflags: u64,
 }
 
-impl From<&kvm_regs> for GuestRegs {
-    fn from(r: &kvm_regs) -> Self {
-        Self {
+/// Builds a `$to` from `$from`, whose x86-64 registers have the same
+/// field names (kvm_regs and GuestRegs): the one list of the 18 fields.
+macro_rules! copy_regs {
+    ($to:ident, $from:expr) => {{
+        let r = $from;
+        $to {
             rax: r.rax,
             rbx: r.rbx,
             rcx: r.rcx,
@@ -55,31 +58,18 @@ impl From<&kvm_regs> for GuestRegs {
             rip: r.rip,
             rflags: r.rflags,
         }
+    }};
+}
+
+impl From<&kvm_regs> for GuestRegs {
+    fn from(r: &kvm_regs) -> Self {
+        copy_regs!(GuestRegs, r)
     }
 }
 
 impl From<&GuestRegs> for kvm_regs {
     fn from(r: &GuestRegs) -> Self {
-        kvm_regs {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: r.rsp,
-            rbp: r.rbp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: r.rip,
-            rflags: r.rflags,
-        }
+        copy_regs!(kvm_regs, r)
     }
 }
 
