@@ -220,6 +220,66 @@ fn rand_suffix() -> u64 {
         .unwrap_or(0)
 }
 
+/// One request line on a fresh connection to a VM's control socket; the
+/// reply (event lines before it are skipped).
+pub fn api_call(sock: &Path, line: &str) -> std::io::Result<serde_json::Value> {
+    let mut s = UnixStream::connect(sock)?;
+    writeln!(s, "{line}")?;
+    for l in BufReader::new(&s).lines() {
+        let v: serde_json::Value = serde_json::from_str(&l?).unwrap_or(serde_json::Value::Null);
+        if v.get("event").is_none() {
+            return Ok(v);
+        }
+    }
+    Ok(serde_json::Value::Null)
+}
+
+/// A VM that `hvtrace run --api-sock` serves: asked to shut down over its
+/// socket when dropped, and killed if it has not ended 30 s later.
+pub struct ApiVm {
+    /// The control socket.
+    pub sock: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl ApiVm {
+    /// Takes charge of `child`, which serves `sock`.
+    pub fn new(child: std::process::Child, sock: PathBuf) -> Self {
+        Self {
+            sock,
+            child: Some(child),
+        }
+    }
+
+    /// The hvtrace process, e.g. to take its stdout.
+    pub fn child_mut(&mut self) -> &mut std::process::Child {
+        self.child.as_mut().expect("the VM's process")
+    }
+
+    /// The hvtrace process, to wait for it: no shutdown on drop then.
+    pub fn take_child(&mut self) -> std::process::Child {
+        self.child.take().expect("the VM's process")
+    }
+}
+
+impl Drop for ApiVm {
+    fn drop(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let _ = api_call(&self.sock, r#"{"v":1,"op":"shutdown"}"#);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 /// A unique temporary path.
 pub fn temp_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!(

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hvtrace_tests::*;
@@ -14,39 +14,9 @@ use serde_json::Value;
 /// A VM running `hv-getpid-loop N` with a control socket; shut down when
 /// dropped.
 struct LoopGuest {
-    child: Option<Child>,
+    vm: ApiVm,
     sock: PathBuf,
     pid: i64,
-}
-
-impl Drop for LoopGuest {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = call(&self.sock, r#"{"v":1,"op":"shutdown"}"#);
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// One request on a fresh connection; its reply (events skipped).
-fn call(sock: &Path, line: &str) -> std::io::Result<Value> {
-    let mut s = UnixStream::connect(sock)?;
-    writeln!(s, "{line}")?;
-    for l in BufReader::new(&s).lines() {
-        let v: Value = serde_json::from_str(&l?).unwrap_or(Value::Null);
-        if v.get("event").is_none() {
-            return Ok(v);
-        }
-    }
-    Ok(Value::Null)
 }
 
 fn start(calls: u32) -> LoopGuest {
@@ -73,13 +43,13 @@ fn start_on(kernel: &str, calls: u32) -> LoopGuest {
         .spawn()
         .expect("start hvtrace run");
     let mut g = LoopGuest {
-        child: Some(child),
+        vm: ApiVm::new(child, sock.clone()),
         sock,
         pid: 0,
     };
     let deadline = Instant::now() + Duration::from_secs(300);
     while Instant::now() < deadline {
-        if let Ok(v) = call(&g.sock, r#"{"v":1,"op":"ps"}"#) {
+        if let Ok(v) = api_call(&g.sock, r#"{"v":1,"op":"ps"}"#) {
             if let Some(t) = v["tasks"]
                 .as_array()
                 .and_then(|ts| ts.iter().find(|t| t["comm"] == "hv-getpid-loop"))
@@ -95,13 +65,13 @@ fn start_on(kernel: &str, calls: u32) -> LoopGuest {
 
 /// Waits for the VM's command to end; its stdout and exit status.
 fn finish(mut g: LoopGuest) -> (String, Option<i32>) {
-    let child = g.child.take().unwrap();
+    let child = g.vm.take_child();
     let out = child.wait_with_output().unwrap();
     (stdout(&out), out.status.code())
 }
 
 fn text_hash(sock: &Path) -> (String, u64) {
-    let v = call(sock, r#"{"v":1,"op":"text_hash"}"#).unwrap();
+    let v = api_call(sock, r#"{"v":1,"op":"text_hash"}"#).unwrap();
     assert_eq!(v["ok"], true, "{v}");
     (
         v["sha256"].as_str().unwrap().to_string(),

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hvtrace_tests::*;
@@ -18,7 +18,7 @@ type Row = (i64, i64, i64, String, String);
 /// A guest running `hv-procs` with a control socket, stopped at its
 /// "ready" line; shut down when dropped.
 struct ProcsGuest {
-    child: Child,
+    _vm: ApiVm,
     sock: PathBuf,
     /// Tasks as the guest's /proc listed them, by tid.
     guest: BTreeMap<i64, Row>,
@@ -27,30 +27,6 @@ struct ProcsGuest {
     exe: String,
     /// Other lines the guest printed before hv-procs was ready.
     other: Vec<String>,
-}
-
-impl Drop for ProcsGuest {
-    fn drop(&mut self) {
-        let _ = api_call(&self.sock, r#"{"v":1,"op":"shutdown"}"#);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn api_call(sock: &Path, line: &str) -> std::io::Result<Value> {
-    use std::io::Write;
-    let mut s = std::os::unix::net::UnixStream::connect(sock)?;
-    writeln!(s, "{line}")?;
-    let mut reply = String::new();
-    BufReader::new(&s).read_line(&mut reply)?;
-    Ok(serde_json::from_str(&reply).unwrap_or(Value::Null))
 }
 
 fn start_procs_guest(extra: &[&str], children: u32, threads: u32) -> ProcsGuest {
@@ -123,7 +99,7 @@ fn start_procs_guest_after(
         panic!("hv-procs never became ready (hvtrace: {status:?})")
     });
     ProcsGuest {
-        child,
+        _vm: ApiVm::new(child, sock.clone()),
         sock,
         guest,
         ready,

@@ -1,11 +1,8 @@
 //! `hvtrace stacks` against the guest's own view of its kernel stacks, and
 //! a guest kernel crash ending the run with its report and status 123.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::io::{BufRead, BufReader};
+use std::process::{ChildStdout, Command, Stdio};
 
 use hvtrace_tests::*;
 use serde_json::Value;
@@ -16,32 +13,8 @@ const GUEST_KERNEL_CRASHED: i32 = 123;
 /// `hvtrace run --api-sock` of a shell script whose stdout is read line by
 /// line; shut down when dropped.
 struct SocketGuest {
-    child: Child,
-    sock: PathBuf,
+    vm: ApiVm,
     lines: std::io::Lines<BufReader<ChildStdout>>,
-}
-
-impl Drop for SocketGuest {
-    fn drop(&mut self) {
-        let _ = call(&self.sock, r#"{"v":1,"op":"shutdown"}"#);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn call(sock: &Path, line: &str) -> std::io::Result<Value> {
-    let mut s = UnixStream::connect(sock)?;
-    writeln!(s, "{line}")?;
-    let mut reply = String::new();
-    BufReader::new(&s).read_line(&mut reply)?;
-    Ok(serde_json::from_str(&reply).unwrap_or(Value::Null))
 }
 
 impl SocketGuest {
@@ -64,7 +37,10 @@ impl SocketGuest {
             .spawn()
             .expect("start hvtrace run");
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Self { child, sock, lines }
+        Self {
+            vm: ApiVm::new(child, sock),
+            lines,
+        }
     }
 
     /// Lines of the command's stdout up to (without) the line `end`.
@@ -140,7 +116,7 @@ fn blocked_tasks_stacks_match_the_guests_proc_stack() {
     let out = hvtrace(&[
         "stacks",
         "--api-sock",
-        g.sock.to_str().unwrap(),
+        g.vm.sock.to_str().unwrap(),
         "-a",
         "--json",
     ]);
@@ -164,7 +140,7 @@ fn blocked_tasks_stacks_match_the_guests_proc_stack() {
     let text = stdout(&hvtrace(&[
         "stacks",
         "--api-sock",
-        g.sock.to_str().unwrap(),
+        g.vm.sock.to_str().unwrap(),
         "-a",
     ]));
     let header = format!("pid {sleeper} tid {sleeper} hv-sleeper (S)");
