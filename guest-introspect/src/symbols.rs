@@ -102,6 +102,13 @@ impl SymbolMap {
         self.symbols.get(i).map(|s| s.addr)
     }
 
+    /// Every symbol at exactly link-time address `addr` (aliases share one).
+    pub fn at(&self, addr: u64) -> &[Symbol] {
+        let start = self.symbols.partition_point(|s| s.addr < addr);
+        let end = self.symbols.partition_point(|s| s.addr <= addr);
+        &self.symbols[start..end]
+    }
+
     /// The text symbol containing link-time address `addr`, with the offset
     /// into it (`name+0x12`); None outside the kernel text. Of several
     /// symbols at one address the one the kernel itself prints is chosen
@@ -187,6 +194,13 @@ mod tests {
             m.symbolize(0xffffffff81c00001).as_deref(),
             Some("_strong_fn+0x1")
         );
+        let names: Vec<&str> = m
+            .at(0xffffffff81a00000)
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(names, ["__sched_text_start", "__schedule"]);
+        assert!(m.at(0xffffffff81a00001).is_empty());
     }
 
     #[test]

@@ -286,18 +286,46 @@ impl Handler {
         source: &KernelSource,
         f: impl FnOnce(&GuestRam, &[VcpuView], &KernelInfo) -> anyhow::Result<Value>,
     ) -> Result<Value, String> {
-        self.live_cpus(session, source, |mem, cpus, info| {
-            let views: Vec<VcpuView> = cpus.iter().map(|c| c.view).collect();
-            f(mem, &views, info)
-        })
+        self.live_with(
+            session,
+            source,
+            |vm| {
+                (0..vm.vcpu_count())
+                    .map(|id| Ok(vm.vcpu_sregs(id)?.view))
+                    .collect()
+            },
+            |v: &VcpuView| *v,
+            f,
+        )
     }
 
-    /// [`Handler::live`] with each vCPU's whole state.
+    /// [`Handler::live`] with each vCPU's whole state (registers and run
+    /// state too), for `stacks`.
     fn live_cpus(
         &mut self,
         session: &Session,
         source: &KernelSource,
         f: impl FnOnce(&GuestRam, &[CpuState], &KernelInfo) -> anyhow::Result<Value>,
+    ) -> Result<Value, String> {
+        self.live_with(
+            session,
+            source,
+            crate::stacks::cpu_states,
+            |c: &CpuState| c.view,
+            f,
+        )
+    }
+
+    /// Pauses the VM, reads what `read` reads of each vCPU, loads the
+    /// kernel information if needed (through the first vCPU's view), runs
+    /// `f`, and resumes the VM.
+    fn live_with<C>(
+        &mut self,
+        session: &Session,
+        source: &KernelSource,
+        read: impl FnOnce(&vmm::machine::RunningVm) -> anyhow::Result<Vec<C>>,
+        view: impl Fn(&C) -> VcpuView,
+        f: impl FnOnce(&GuestRam, &[C], &KernelInfo) -> anyhow::Result<Value>,
     ) -> Result<Value, String> {
         let vm = session.vm();
         if let KernelSource::Files { kernel, system_map } = source {
@@ -309,9 +337,12 @@ impl Handler {
         }
         vm.pause_all().map_err(|e| e.to_string())?;
         let result = (|| -> anyhow::Result<Value> {
-            let cpus = crate::stacks::cpu_states(vm)?;
+            let cpus = read(vm)?;
+            let Some(first) = cpus.first() else {
+                anyhow::bail!("the VM has no vCPU");
+            };
             if !self.infos.contains_key(source) {
-                let info = introspect::load_info(source, vm.ram(), &cpus[0].view)?;
+                let info = introspect::load_info(source, vm.ram(), &view(first))?;
                 self.infos.insert(source.clone(), Arc::new(info));
             }
             f(vm.ram(), &cpus, &self.infos[source])

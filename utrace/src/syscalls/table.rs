@@ -74,9 +74,13 @@ impl SyscallTable {
             .map(|c| {
                 let handler = u64::from_le_bytes(c.try_into().expect("8 bytes"));
                 let link = handler.wrapping_sub(offset);
-                let sym = syms.symbolize(link)?;
-                let (name, off) = sym.rsplit_once('+')?;
-                (off == "0x0").then(|| call_name(name).map(str::to_string))?
+                // The entry point, whichever alias of it the symbol table
+                // would print (`__do_sys_getpid` shares its address with
+                // `__x64_sys_getpid`).
+                syms.at(link)
+                    .iter()
+                    .find_map(|s| call_name(&s.name))
+                    .map(str::to_string)
             })
             .collect();
         Ok(Self { names })
