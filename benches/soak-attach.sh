@@ -30,7 +30,7 @@ iters=$(python3 -c "import math; print(math.ceil($cycles * ($window + 0.4) / 1.5
 script="strace -f -o /tmp/other.txt hv-forkexec-loop 100000 >/dev/null 2>&1 &
 strace -o /tmp/target.txt hv-forkexec-loop $iters >/dev/null
 echo target-exit=\$?
-cat /tmp/target.txt"
+gzip -c /tmp/target.txt | base64"
 "$hv" run -- true >/dev/null 2>&1   # the cached snapshot
 "$hv" run --api-sock "$sock" -- /bin/sh -c "$script" >"$work/guest.out" 2>"$work/guest.err" &
 vm=$!
@@ -86,8 +86,12 @@ import json, os, re, sys
 work, cycles, hash0, hash1, hung, t0, t1 = sys.argv[1:]
 cycles, hung = int(cycles), int(hung)
 h0, h1 = json.loads(hash0), json.loads(hash1)
-out = open(os.path.join(work, "guest.out")).read().splitlines()
-assert out and out[0] == "target-exit=0", out[:3]
+import base64, gzip
+raw = open(os.path.join(work, "guest.out")).read().splitlines()
+assert raw and raw[0] == "target-exit=0", raw[:3]
+# The in-guest strace log comes gzipped and base64-encoded (the guest's
+# serial output is slow).
+out = [raw[0]] + gzip.decompress(base64.b64decode("".join(raw[1:]))).decode().splitlines()
 # The in-guest strace's calls of the target: (name, return value).
 call = re.compile(r"^(?:<\.\.\. )?([a-z0-9_]+)(?:\(| resumed>).*\) += (-?\w+|\?)")
 oracle = []

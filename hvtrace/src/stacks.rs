@@ -126,7 +126,8 @@ pub fn stacks_json(
             // A task current on a vCPU is shown with that vCPU; its saved
             // stack pointer is stale while it runs.
             let running = t.cpu.is_some();
-            let (frames, error) = if running {
+            // An exited task (zombie) has given its stack back.
+            let (frames, error) = if running || t.exit_state != 0 {
                 (Vec::new(), None)
             } else {
                 match stacks.sleeping_task(t) {
