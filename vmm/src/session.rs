@@ -572,7 +572,7 @@ impl Session {
         r.reported = true;
         let text = (r.describe)(&self.vm);
         eprintln!(
-            "hvtrace: the guest has made no progress for {} s while {during} (no console or command output); what it is doing:\n{text}",
+            "hvtrace: the guest has been silent for {} s while {during} (no console, command or control output); what it is doing:\n{text}",
             idle.as_secs()
         );
     }
