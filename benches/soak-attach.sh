@@ -21,13 +21,16 @@ hv=$root/target/release/hvtrace
 cycles=${1:-1000}
 window=${2:-0.4}
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+# Kept on failure, for a look at the windows and the attach clients' errors.
+trap 'if [ "${ok:-0}" = 1 ]; then rm -rf "$work"; else echo "soak: files kept in $work" >&2; fi' EXIT
 sock=$work/vm.sock
 
 # One fork+exec iteration takes ~1.5-2 s of emulated kernel time here; the
 # attached process runs long enough for every cycle, then prints the log.
-iters=$(python3 -c "import math; print(math.ceil($cycles * ($window + 0.4) / 1.5) + 10)")
-script="strace -f -o /tmp/other.txt hv-forkexec-loop 100000 >/dev/null 2>&1 &
+iters=$(python3 -c "import math; print(math.ceil($cycles * ($window + 0.2) / 1.5) + 10)")
+# The other in-guest strace follows a shell's fork/exec loop: a different
+# comm, so the attached process is found without doubt.
+script="strace -f -o /tmp/other.txt /bin/sh -c 'while :; do /bin/true; done' >/dev/null 2>&1 &
 strace -o /tmp/target.txt hv-forkexec-loop $iters >/dev/null
 echo target-exit=\$?
 gzip -c /tmp/target.txt | base64"
@@ -53,9 +56,8 @@ for _ in $(seq 600); do
     [ -S "$sock" ] && pid=$(call '{"op":"ps"}' 2>/dev/null | python3 -c '
 import json, sys
 ts = json.load(sys.stdin).get("tasks", [])
-stracers = {t["pid"] for t in ts if t["comm"] == "strace"}
 for t in ts:
-    if t["comm"] == "hv-forkexec-loo" and t["ppid"] in stracers and t["tid"] == t["pid"]:
+    if t["comm"] == "hv-forkexec-loo" and t["tid"] == t["pid"]:
         print(t["pid"])' 2>/dev/null | tail -1 || true)
     [ -n "$pid" ] && break
     sleep 1
@@ -68,12 +70,14 @@ hung=0
 for i in $(seq "$cycles"); do
     # SIGINT detaches like Ctrl-C; KILL after 20 s more counts as a hang.
     rc=0
+    c0=$(date +%s%N)
     timeout -s INT -k 20 "$window" "$hv" attach --api-sock "$sock" -p "$pid" --json \
         -o "$work/win-$i.json" 2>>"$work/attach.err" || rc=$?
     [ $rc -eq 137 ] && hung=$((hung + 1))
+    echo "$i $rc $(( ($(date +%s%N) - c0) / 1000000 ))" >>"$work/cycles.txt"
     # A killed client (every tenth cycle): no detach, only a closed socket.
     if [ $((i % 10)) -eq 0 ]; then
-        timeout -s KILL "$window" "$hv" attach --api-sock "$sock" -p "$pid" --json >/dev/null 2>&1 || true
+        (timeout -s KILL "$window" "$hv" attach --api-sock "$sock" -p "$pid" --json >/dev/null 2>&1 || true) 2>/dev/null
     fi
 done
 t1=$(date +%s.%N)
@@ -136,3 +140,4 @@ ok = lost == 0 and hung == 0 and h0["sha256"] == h1["sha256"] and h1["traps"] ==
 print("soak", "passed" if ok else "FAILED")
 sys.exit(0 if ok else 1)
 EOF
+ok=1
