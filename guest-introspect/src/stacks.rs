@@ -37,15 +37,6 @@ pub struct Frame {
     pub symbol: Option<String>,
 }
 
-impl Frame {
-    /// `function+0xoff`, or the hex address.
-    pub fn describe(&self) -> String {
-        self.symbol
-            .clone()
-            .unwrap_or_else(|| format!("{:#x}", self.addr))
-    }
-}
-
 /// Reads kernel stacks of one running kernel.
 pub struct StackReader<'k, 'a, M: PhysMemory + ?Sized> {
     k: &'k RunningKernel<'a, M>,

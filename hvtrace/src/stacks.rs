@@ -29,44 +29,18 @@ const FD_FIRST_CALLS: &[&str] = &[
 /// RFLAGS.IF.
 const RFLAGS_IF: u64 = 1 << 9;
 
-/// One paused vCPU, as much as the stack report needs.
-#[derive(Debug, Clone, Copy)]
-pub struct CpuState {
-    /// What introspection needs of its special registers.
-    pub view: VcpuView,
-    /// Instruction pointer.
-    pub rip: u64,
-    /// Stack pointer.
-    pub rsp: u64,
-    /// Flags (interrupts on or off).
-    pub rflags: u64,
-    /// Code segment selector (its low two bits: the privilege level).
-    pub cs: u16,
-    /// Halted, waiting for an interrupt.
-    pub halted: bool,
-}
+/// One paused vCPU: its registers and run state, as vmm reads them.
+pub use vmm::machine::VcpuState as CpuState;
 
-impl CpuState {
-    /// Whether the vCPU runs kernel code.
-    pub fn in_kernel(&self) -> bool {
-        self.cs & 3 == 0
-    }
+/// Whether the vCPU runs kernel code (privilege level 0).
+fn in_kernel(c: &CpuState) -> bool {
+    c.sregs.cs & 3 == 0
 }
 
 /// The state of every vCPU of `vm`, which must be paused.
 pub fn cpu_states(vm: &RunningVm) -> Result<Vec<CpuState>> {
     (0..vm.vcpu_count())
-        .map(|id| {
-            let v = vm.vcpu_state(id)?;
-            Ok(CpuState {
-                view: v.sregs.view,
-                rip: v.regs.rip,
-                rsp: v.regs.rsp,
-                rflags: v.regs.rflags,
-                cs: v.sregs.cs,
-                halted: v.halted,
-            })
-        })
+        .map(|id| Ok(vm.vcpu_state(id)?))
         .collect()
 }
 
@@ -85,7 +59,7 @@ pub fn stacks_json(
     info: &KernelInfo,
     all_tasks: bool,
 ) -> Result<Value> {
-    let views: Vec<VcpuView> = cpus.iter().map(|c| c.view).collect();
+    let views: Vec<VcpuView> = cpus.iter().map(|c| c.sregs.view).collect();
     let k = introspect::attach(mem, &views, info)?;
     let tasks = TaskReader::new(&k)?;
     let stacks = StackReader::new(&k)?;
@@ -104,18 +78,18 @@ pub fn stacks_json(
     };
     let mut vcpus = Vec::new();
     for (i, c) in cpus.iter().enumerate() {
-        let frames = if c.in_kernel() {
-            stacks.running(c.rip, c.rsp)
+        let frames = if in_kernel(c) {
+            stacks.running(c.regs.rip, c.regs.rsp)
         } else {
             Vec::new()
         };
         vcpus.push(json!({
             "vcpu": i,
             "halted": c.halted,
-            "interrupts": c.rflags & RFLAGS_IF != 0,
-            "mode": if c.in_kernel() { "kernel" } else { "user" },
-            "rip": format!("{:#x}", c.rip),
-            "symbol": if c.in_kernel() { stacks.symbolize(c.rip) } else { None },
+            "interrupts": c.regs.rflags & RFLAGS_IF != 0,
+            "mode": if in_kernel(c) { "kernel" } else { "user" },
+            "rip": format!("{:#x}", c.regs.rip),
+            "symbol": if in_kernel(c) { stacks.symbolize(c.regs.rip) } else { None },
             "task": current.get(i).and_then(|&a| task_json(a)),
             "frames": frames_json(&frames),
         }));
@@ -276,7 +250,11 @@ pub fn stall_describer(kernel: Option<PathBuf>) -> StallDescriber {
                     },
                     None => KernelSource::Memory,
                 };
-                info = Some(introspect::load_info(&source, vm.ram(), &cpus[0].view)?);
+                info = Some(introspect::load_info(
+                    &source,
+                    vm.ram(),
+                    &cpus[0].sregs.view,
+                )?);
             }
             stacks_json(vm.ram(), &cpus, info.as_ref().expect("loaded above"), true)
         })();

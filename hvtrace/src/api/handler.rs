@@ -311,7 +311,7 @@ impl Handler {
             session,
             source,
             crate::stacks::cpu_states,
-            |c: &CpuState| c.view,
+            |c: &CpuState| c.sregs.view,
             f,
         )
     }
