@@ -10,6 +10,7 @@ use crate::memory::{PhysAddr, PhysMemory, PhysReadError, VirtAddr};
 /// Address bits 12..51 of a page-table entry.
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 const PRESENT: u64 = 1;
+const WRITABLE: u64 = 1 << 1;
 const PAGE_SIZE_BIT: u64 = 1 << 7;
 /// CR4 bit that selects 5-level paging.
 pub const CR4_LA57: u64 = 1 << 12;
@@ -70,11 +71,30 @@ pub fn translate(
     space: AddressSpace,
     va: VirtAddr,
 ) -> Result<PhysAddr, TranslateError> {
+    translate_access(mem, space, va).map(|(pa, _)| pa)
+}
+
+/// Whether a mapping may be written: every level's R/W bit is set (with
+/// CR0.WP, which Linux always sets, this binds the kernel too, so a
+/// copy-on-write page reads as not writable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageAccess {
+    /// All R/W bits on the walk are set.
+    pub writable: bool,
+}
+
+/// Translates `va` and reports whether the mapping is writable.
+pub fn translate_access(
+    mem: &(impl PhysMemory + ?Sized),
+    space: AddressSpace,
+    va: VirtAddr,
+) -> Result<(PhysAddr, PageAccess), TranslateError> {
     let top: u8 = match space.levels {
         PagingLevels::Four => 4,
         PagingLevels::Five => 5,
     };
     let mut table = space.cr3 & ADDR_MASK;
+    let mut writable = true;
     for level in (1..=top).rev() {
         let shift = 12 + 9 * (u32::from(level) - 1);
         let index = (va.0 >> shift) & 0x1ff;
@@ -84,12 +104,12 @@ pub fn translate(
         if entry & PRESENT == 0 {
             return Err(TranslateError::NotPresent { va, level });
         }
+        writable &= entry & WRITABLE != 0;
         let large = (2..=3).contains(&level) && entry & PAGE_SIZE_BIT != 0;
         if large || level == 1 {
             let page_mask = (1u64 << shift) - 1;
-            return Ok(PhysAddr(
-                (entry & ADDR_MASK & !page_mask) | (va.0 & page_mask),
-            ));
+            let pa = PhysAddr((entry & ADDR_MASK & !page_mask) | (va.0 & page_mask));
+            return Ok((pa, PageAccess { writable }));
         }
         table = entry & ADDR_MASK;
     }
@@ -237,5 +257,19 @@ mod tests {
         let mut buf = [0u8; 4];
         read_virt(&g.0[..], s, VirtAddr(0xffff_8880_0000_0ffe), &mut buf).unwrap();
         assert_eq!(buf, [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_read_only_entry_at_any_level_makes_the_page_read_only() {
+        let (mut g, s) = four_level();
+        let base = 0xffff_8880_0000_0000u64;
+        let access = |g: &Guest, va| translate_access(&g.0[..], s, VirtAddr(va)).unwrap().1;
+        assert!(access(&g, base).writable);
+        g.set(PT, 0, 0x10_0000 | 1); // present, read-only PTE (copy-on-write)
+        assert!(!access(&g, base).writable);
+        assert!(access(&g, base + 0x1000).writable);
+        g.set(PD, 0, PT | 1); // read-only page directory entry
+        assert!(!access(&g, base + 0x1000).writable);
+        assert!(access(&g, base + 0x20_0000).writable);
     }
 }

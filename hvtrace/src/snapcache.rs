@@ -38,8 +38,9 @@ fn hash_file(h: &mut Sha256, path: &Path) -> Result<()> {
 
 /// The cache key of a guest: kernel and initrd contents, the effective
 /// command line (with what the KVM kind adds), memory, vCPUs, KASLR mode,
-/// KVM kind, and this hvtrace's version, snapshot format and machine
-/// revision.
+/// KVM kind, the host CPU's XSAVE layout (a guest kernel keeps the layout
+/// of the CPU it booted on), and this hvtrace's version, snapshot format
+/// and machine revision.
 pub fn key(config: &VmConfig, kind: KvmKind) -> Result<String> {
     let mut h = Sha256::new();
     h.update(format!(
@@ -54,6 +55,10 @@ pub fn key(config: &VmConfig, kind: KvmKind) -> Result<String> {
         "kind-cmdline {} | {}\n",
         kind.guest_cmdline_defaults(),
         kind.guest_cmdline()
+    ));
+    h.update(format!(
+        "xsave-layout {:?}\n",
+        vmm::arch::x86_64::xsave::Layout::host()
     ));
     hash_file(&mut h, &config.kernel)?;
     for i in &config.initrds {

@@ -23,10 +23,14 @@ pub enum KvmKind {
 /// `pclmulqdq` and `aes` keep a distribution kernel's built-in SIMD code
 /// (Debian 6.1 runs `blake2s_compress_ssse3` for its random pool while
 /// unpacking the initramfs) on the generic C paths: the emulator has no
-/// SSE arithmetic. User space runs natively and still sees every feature in
-/// CPUID.
+/// SSE arithmetic; `avx2` likewise. User space runs natively and still
+/// sees every feature in CPUID, so the kernel must keep XSAVE to save the
+/// AVX registers of its tasks: `xsaveopt`, `xsavec`, `xsaves` and
+/// `xgetbv1` are hidden so that it uses only the standard `xsave64` and
+/// `xrstor64`, which the VMM performs (`trap/pvm_xsave.rs`); `pku` so that
+/// it never runs `wrpkru` in ring 0.
 pub const PVM_GUEST_CMDLINE: &str =
-    "noxsave clearcpuid=cx16,smap,popcnt,rdrand,rdseed,fsgsbase,pcid,invpcid,ssse3,pclmulqdq,aes";
+    "clearcpuid=cx16,smap,popcnt,rdrand,rdseed,fsgsbase,pcid,invpcid,ssse3,pclmulqdq,aes,xsaveopt,xsavec,xsaves,xgetbv1,pku,avx2";
 
 /// Defaults that save emulated time on PVM, where every ring-0 instruction
 /// is emulated: `mitigations=off` drops the speculation mitigations' MSR

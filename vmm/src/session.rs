@@ -672,6 +672,7 @@ impl Session {
             "page_faults_trapped": sum(&|s| s.page_faults.load(Relaxed)),
             "guest_breakpoints_reinjected": sum(&|s| s.guest_breakpoints.load(Relaxed)),
             "pio_exits": sum(&|s| s.pio_exits.load(Relaxed)),
+            "xsave_emulations": sum(&|s| s.xsave_emulations.load(Relaxed)),
             "vmm_rss_kib": rss_kib,
             "guest_ram_resident_kib": guest_kib,
             "vmm_rss_beyond_guest_ram_kib": rss_kib.saturating_sub(guest_kib),

@@ -20,7 +20,7 @@ use std::io::{Read, Write};
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"HVTSNAP\0";
 /// Current format version; bumped on any incompatible change.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 const PAGE: usize = 4096;
 
 /// Why a snapshot file cannot be used.

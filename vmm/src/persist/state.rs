@@ -34,6 +34,10 @@ pub struct VcpuState {
     pub debugregs: kvm_debugregs,
     /// Extended control registers, where supported.
     pub xcrs: Option<kvm_xcrs>,
+    /// The whole XSAVE area (`KVM_GET_XSAVE`, 1,024 words): the x87/SSE
+    /// state of `fpu` plus the AVX upper halves and every other extended
+    /// component user mode may hold.
+    pub xsave: Option<Vec<u32>>,
 }
 
 /// The whole machine except memory.
@@ -104,6 +108,7 @@ pub fn capture_vcpu(fd: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, kvm_i
         mp_state: fd.get_mp_state()?,
         debugregs: fd.get_debug_regs()?,
         xcrs: fd.get_xcrs().ok(),
+        xsave: fd.get_xsave().ok().map(|x| x.region.to_vec()),
     })
 }
 
@@ -116,6 +121,17 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), (&'static str, kvm
     fd.set_fpu(&s.fpu).map_err(|e| ("KVM_SET_FPU", e))?;
     if let Some(x) = &s.xcrs {
         fd.set_xcrs(x).map_err(|e| ("KVM_SET_XCRS", e))?;
+    }
+    if let Some(words) = &s.xsave {
+        let mut x = kvm_bindings::kvm_xsave::default();
+        for (dst, src) in x.region.iter_mut().zip(words) {
+            *dst = *src;
+        }
+        // SAFETY: KVM reads the guest's uabi XSAVE size from `x`; the area
+        // was captured by KVM_GET_XSAVE, which fails for guests whose size
+        // exceeds the 4096 bytes of `struct kvm_xsave`, on a host with the
+        // same XSAVE layout (hvtrace's snapshot cache key includes it).
+        unsafe { fd.set_xsave(&x) }.map_err(|e| ("KVM_SET_XSAVE", e))?;
     }
     fd.set_debug_regs(&s.debugregs)
         .map_err(|e| ("KVM_SET_DEBUGREGS", e))?;

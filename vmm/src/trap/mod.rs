@@ -26,6 +26,7 @@
 
 pub mod context;
 pub mod pvm;
+pub mod pvm_xsave;
 
 pub use context::{vcpu_view, GuestRegs, GuestSregs, TrapContext};
 

@@ -295,26 +295,15 @@ pub enum MxcsrAccess {
     Store,
 }
 
-/// Decodes `bytes` at `rip`: an `ldmxcsr`/`stmxcsr` with its effective
-/// address (flat segments as in a 64-bit kernel, FS/GS bases honoured) and
-/// length. Distribution kernels use them in `kernel_fpu_begin`.
-pub fn decode_mxcsr_access(
-    rip: u64,
-    bytes: &[u8],
+/// The effective address of `insn`'s memory operand (flat segments as in
+/// a 64-bit kernel, FS/GS bases honoured), or None for an operand built
+/// from registers other than the 16 general ones.
+pub(crate) fn effective_address(
+    insn: &iced_x86::Instruction,
     regs: &kvm_regs,
     sregs: &kvm_sregs,
-) -> Option<(MxcsrAccess, u64, u64)> {
-    use iced_x86::{OpKind, Register};
-    let mut decoder = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE);
-    let insn = decoder.decode();
-    let access = match insn.mnemonic() {
-        Mnemonic::Ldmxcsr => MxcsrAccess::Load,
-        Mnemonic::Stmxcsr => MxcsrAccess::Store,
-        _ => return None,
-    };
-    if insn.op0_kind() != OpKind::Memory {
-        return None;
-    }
+) -> Option<u64> {
+    use iced_x86::Register;
     let reg = |r: Register| -> Option<u64> {
         Some(match r {
             Register::None => 0,
@@ -349,10 +338,33 @@ pub fn decode_mxcsr_access(
         Register::GS => sregs.gs.base,
         _ => 0,
     };
-    let ea = seg
-        .wrapping_add(base)
-        .wrapping_add(index)
-        .wrapping_add(insn.memory_displacement64());
+    Some(
+        seg.wrapping_add(base)
+            .wrapping_add(index)
+            .wrapping_add(insn.memory_displacement64()),
+    )
+}
+
+/// Decodes `bytes` at `rip`: an `ldmxcsr`/`stmxcsr` with its effective
+/// address and length. Distribution kernels use them in `kernel_fpu_begin`.
+pub fn decode_mxcsr_access(
+    rip: u64,
+    bytes: &[u8],
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+) -> Option<(MxcsrAccess, u64, u64)> {
+    use iced_x86::OpKind;
+    let mut decoder = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE);
+    let insn = decoder.decode();
+    let access = match insn.mnemonic() {
+        Mnemonic::Ldmxcsr => MxcsrAccess::Load,
+        Mnemonic::Stmxcsr => MxcsrAccess::Store,
+        _ => return None,
+    };
+    if insn.op0_kind() != OpKind::Memory {
+        return None;
+    }
+    let ea = effective_address(&insn, regs, sregs)?;
     Some((access, ea, insn.len() as u64))
 }
 

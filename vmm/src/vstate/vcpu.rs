@@ -19,6 +19,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::devices::bus::PortIoBus;
 use crate::kvm_kind::KvmKind;
 use crate::trap::pvm::{self, EntrySearch, PageFaultOutcome, SyscallMsrs};
+use crate::trap::pvm_xsave::{self, XsaveOutcome};
 use crate::trap::{Breakpoint, TrapContext, TrapHandler, TrapHit, TrapOwner, TrapTable, INT3};
 use crate::vstate::memory::GuestRam;
 
@@ -60,6 +61,8 @@ pub struct VcpuStats {
     pub pio_exits: std::sync::atomic::AtomicU64,
     /// Instructions the VMM skipped or performed for the emulator (`fwait`, `ldmxcsr`, `stmxcsr`).
     pub skipped_instructions: std::sync::atomic::AtomicU64,
+    /// `xsave`/`xrstor` performed (or faulted) for the PVM emulator.
+    pub xsave_emulations: std::sync::atomic::AtomicU64,
     /// Nanoseconds from the VM's start to vCPU 0's first KVM_RUN.
     pub first_run_at_ns: std::sync::atomic::AtomicU64,
 }
@@ -345,6 +348,21 @@ impl VcpuThread {
                 return Next::Run;
             }
             Ok(false) => {}
+            Err(e) => {
+                return self.fail(format!(
+                    "cannot perform {} for the guest at {rip:#x}: {e}",
+                    pvm::describe_instruction(rip, &bytes)
+                ))
+            }
+        }
+        match pvm_xsave::emulate(&self.fd, &self.shared.ram, &bytes, &at) {
+            Ok(XsaveOutcome::NotXsave) => {}
+            Ok(XsaveOutcome::Done | XsaveOutcome::Faulted) => {
+                self.shared.stats[self.id as usize]
+                    .xsave_emulations
+                    .fetch_add(1, Ordering::Relaxed);
+                return Next::Run;
+            }
             Err(e) => {
                 return self.fail(format!(
                     "cannot perform {} for the guest at {rip:#x}: {e}",

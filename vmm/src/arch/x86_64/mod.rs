@@ -1,5 +1,6 @@
 //! x86-64 machine facts, one per file: memory layout, GDT, boot page
-//! tables, boot registers, MSRs, CPUID, `boot_params`/e820 and the MP table.
+//! tables, boot registers, MSRs, CPUID, `boot_params`/e820, the MP table, and the
+//! XSAVE area.
 
 pub mod bootparams;
 pub mod cpuid;
@@ -9,3 +10,4 @@ pub mod mptable;
 pub mod msr;
 pub mod paging;
 pub mod regs;
+pub mod xsave;
