@@ -51,7 +51,16 @@ enum Command {
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = Cli::parse();
+    // A usage error is hvtrace's failure like any other: 125, as `env` and
+    // `timeout` do, never clap's 2, which a caller could not tell from the
+    // guest command's own status 2. `--help` and `--version` exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() { HVTRACE_FAILED } else { 0 });
+        }
+    };
     let result = match cli.command {
         Command::Run(a) => cmd::run::run(a),
         Command::Boot(a) => cmd::boot::boot(a),

@@ -138,3 +138,82 @@ fn a_kernel_that_panics_is_reported_with_its_panic_line() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&cpio);
 }
+
+/// Runs hvtrace and checks it failed with status 125 (hvtrace's own
+/// failure, as `env` and `timeout` use it) and a message with `needle`.
+fn expect_hvtrace_failure(args: &[&str], needle: &str) {
+    let out = hvtrace(args);
+    let err = stderr(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "hvtrace {args:?} should exit 125; stderr: {err}"
+    );
+    assert!(
+        err.contains(needle),
+        "hvtrace {args:?}: expected {needle:?} in: {err}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_125_not_a_status_the_guest_command_could_have() {
+    // Each is a mistake a user makes at the prompt; clap's own status (2)
+    // would read as the guest command's exit status 2.
+    expect_hvtrace_failure(&["run", "--no-such-flag", "--", "true"], "--no-such-flag");
+    expect_hvtrace_failure(&["no-such-command"], "no-such-command");
+    expect_hvtrace_failure(&["run", "--cpus", "many", "--", "true"], "many");
+    expect_hvtrace_failure(&["run"], "COMMAND");
+    // Help is not a failure.
+    let out = hvtrace(&["--help"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("Usage"), "{}", stdout(&out));
+}
+
+#[test]
+fn string_limits_are_bounded() {
+    // `-s` sizes a read of guest memory per string argument: a huge value
+    // (a typo, or an overflow of `N + 1`) is refused before anything runs.
+    for (value, needle) in [
+        ("99999999999", "above the largest accepted, 1048576"),
+        ("18446744073709551615", "above the largest accepted"),
+        ("-1", "-1"),
+    ] {
+        expect_hvtrace_failure(&["trace", "-s", value, "--", "true"], needle);
+        expect_hvtrace_failure(
+            &[
+                "attach",
+                "--api-sock",
+                "/nonexistent",
+                "-p",
+                "1",
+                "-s",
+                value,
+            ],
+            needle,
+        );
+    }
+}
+
+#[test]
+fn an_api_socket_path_that_is_a_file_is_refused_and_left_alone() {
+    // `--api-sock` names a path hvtrace creates; an existing regular file,
+    // directory or symbolic link there is a mistake, not a stale socket.
+    let dir = temp_path("api-sock-refusal");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("notes.txt");
+    std::fs::write(&file, "a user's notes\n").unwrap();
+    let link = dir.join("link.sock");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    for path in [&file, &dir, &link] {
+        let p = path.to_str().unwrap();
+        expect_hvtrace_failure(&["boot", "--api-sock", p], "is not a socket");
+        expect_hvtrace_failure(&["run", "--api-sock", p, "--", "true"], "is not a socket");
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "a user's notes\n");
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

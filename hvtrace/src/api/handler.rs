@@ -104,6 +104,9 @@ impl Handler {
         if self.attached.contains_key(&conn.id) {
             return Err("this connection is already attached; detach first".into());
         }
+        if let Some(n) = string_limit {
+            utrace::syscalls::format::check_string_limit(n)?;
+        }
         if let Some(names) = &trace {
             if let Some(bad) = names
                 .iter()

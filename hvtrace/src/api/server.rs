@@ -2,7 +2,7 @@
 //! hands each request to the VM's owner over a channel.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -163,13 +163,31 @@ fn serve_requests(
 }
 
 impl ApiServer {
-    /// Binds `path` (mode 0600) and starts accepting connections.
-    pub fn bind(path: &Path) -> Result<Self> {
-        if path.exists() {
-            // A stale socket from a VMM that died; refuse to steal a live one.
-            if UnixStream::connect(path).is_ok() {
-                anyhow::bail!("{} is in use by another running VM", path.display());
+    /// Checks that `path` can become the control socket: absent, or a
+    /// stale socket (one no VM answers on). A regular file, directory or
+    /// symbolic link there is refused, so a mistyped `--api-sock` never
+    /// deletes a user's file. Returns whether a stale socket is there.
+    pub fn check_path(path: &Path) -> Result<bool> {
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_socket() => anyhow::bail!(
+                "{} exists and is not a socket; refusing to replace it (choose another --api-sock path)",
+                path.display()
+            ),
+            Ok(_) => {
+                if UnixStream::connect(path).is_ok() {
+                    anyhow::bail!("{} is in use by another running VM", path.display());
+                }
+                Ok(true)
             }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("cannot look at {}", path.display())),
+        }
+    }
+
+    /// Binds `path` (mode 0600) and starts accepting connections, after
+    /// [`ApiServer::check_path`]; only a stale socket is removed first.
+    pub fn bind(path: &Path) -> Result<Self> {
+        if Self::check_path(path)? {
             std::fs::remove_file(path)
                 .with_context(|| format!("cannot remove stale {}", path.display()))?;
         }

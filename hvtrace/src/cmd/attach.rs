@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+
+use super::parse_string_limit;
 use serde_json::Value;
 use utrace::strace::text::TextRenderer;
 
@@ -28,8 +30,8 @@ pub struct AttachArgs {
     /// Which calls to show: `trace=openat,read` (or just `openat,read`).
     #[arg(short = 'e', value_name = "EXPR")]
     pub expr: Vec<String>,
-    /// Longest string shown (`strace -s`).
-    #[arg(short = 's', default_value_t = 32)]
+    /// Longest string shown (`strace -s`), at most 1048576.
+    #[arg(short = 's', default_value_t = 32, value_parser = parse_string_limit)]
     pub string_limit: usize,
     /// One JSON object per event instead of strace lines.
     #[arg(long)]

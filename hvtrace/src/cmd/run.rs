@@ -202,6 +202,10 @@ fn open_guest_session(
 
 /// Runs the command; returns the guest command's exit status.
 pub fn run(args: RunArgs) -> Result<i32> {
+    // Before minutes of booting, not after.
+    if let Some(sock) = &args.api_sock {
+        ApiServer::check_path(sock)?;
+    }
     let (mut session, restored) = open_guest(
         &args.guest,
         args.no_cache,

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+
+use super::parse_string_limit;
 use guest_introspect::image::KernelInfo;
 use utrace::hv::{EngineSpec, Tracer};
 use utrace::strace::{Strace, StraceOptions, STRACE_EVENTS};
@@ -34,8 +36,8 @@ pub struct TraceArgs {
     /// Which calls to show: `trace=openat,read` (or just `openat,read`).
     #[arg(short = 'e', value_name = "EXPR")]
     pub expr: Vec<String>,
-    /// Longest string shown (`strace -s`).
-    #[arg(short = 's', default_value_t = 32)]
+    /// Longest string shown (`strace -s`), at most 1048576.
+    #[arg(short = 's', default_value_t = 32, value_parser = parse_string_limit)]
     pub string_limit: usize,
     /// Show the time spent in each call (`strace -T`).
     #[arg(short = 'T')]

@@ -14,6 +14,22 @@ pub trait UserMemory {
 /// Longest `argv` shown before `...`, as strace's default.
 const MAX_ARRAY: usize = 32;
 
+/// The largest `-s` accepted (1 MiB): a string argument is read from guest
+/// memory up to this many bytes, once per argument, so the bound caps what a
+/// guest (or a typo) can make the tracer allocate.
+pub const MAX_STRING_LIMIT: usize = 1 << 20;
+
+/// Checks a requested string limit against [`MAX_STRING_LIMIT`].
+pub fn check_string_limit(n: usize) -> Result<usize, String> {
+    if n > MAX_STRING_LIMIT {
+        Err(format!(
+            "string limit {n} is above the largest accepted, {MAX_STRING_LIMIT}"
+        ))
+    } else {
+        Ok(n)
+    }
+}
+
 /// Renders calls with strace's conventions.
 #[derive(Debug, Clone, Copy)]
 pub struct Formatter {
