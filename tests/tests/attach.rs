@@ -223,7 +223,10 @@ fn attach_runs_until_the_process_exits_and_bad_requests_get_errors() {
     // argument the guest passes.
     let v = ask(r#"{"v":1,"op":"attach","pid":1,"string_limit":1099511627776}"#);
     assert!(
-        v["error"].as_str().unwrap().contains("above the largest accepted"),
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("above the largest accepted"),
         "{v}"
     );
     assert_eq!(ask(r#"{"v":1,"op":"ping"}"#)["ok"], true);
