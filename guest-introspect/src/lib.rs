@@ -12,6 +12,7 @@
 //! * [`kernel`]: a running kernel located in guest memory (KASLR offset,
 //!   banner check, per-CPU data).
 //! * [`tasks`]: every process and thread, decoded from `task_struct`s.
+//! * [`pt_regs`]: a task's saved user registers, one typed layout.
 
 pub mod btf;
 pub mod elf;
@@ -22,6 +23,7 @@ pub mod kernel;
 pub mod le;
 pub mod memory;
 pub mod paging;
+pub mod pt_regs;
 pub mod stacks;
 pub mod symbols;
 pub mod tasks;

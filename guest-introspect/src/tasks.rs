@@ -13,6 +13,8 @@ use crate::error::{IntrospectError, Result};
 use crate::kernel::{c_string, RunningKernel};
 use crate::memory::{PhysMemory, VirtAddr};
 use crate::paging::{read_virt, translate, AddressSpace};
+pub use crate::pt_regs::UserRegs;
+use crate::pt_regs::{PtRegsLayout, UserRegsFinder};
 
 /// `PF_KTHREAD`: the task is a kernel thread.
 pub const PF_KTHREAD: u32 = 0x0020_0000;
@@ -391,40 +393,21 @@ impl<'k, 'a, M: PhysMemory + ?Sized> TaskReader<'k, 'a, M> {
     }
 
     /// The saved user-mode registers of a user task (`pt_regs` at the top of
-    /// its kernel stack), or None for a kernel thread. The stack size and the
-    /// padding above `pt_regs` differ by config (16 or 32 KiB; 16 bytes with
-    /// FRED), so each candidate is tried and the one holding user-mode
-    /// segment selectors wins.
+    /// its kernel stack, found by [`UserRegsFinder`]), or None for a kernel
+    /// thread.
     pub fn user_regs(&self, task: &Task) -> Result<Option<UserRegs>> {
         let k = self.k;
         if task.is_kernel_thread() || k.field(task.addr, "task_struct", "mm")? == 0 {
             return Ok(None);
         }
         let stack = k.field(task.addr, "task_struct", "stack")?;
-        let size = k.types().struct_size("pt_regs")?;
-        let names = UserRegs::NAMES;
-        for thread_size in [16u64 << 10, 32 << 10] {
-            for pad in [0u64, 16] {
-                let regs = stack.wrapping_add(thread_size - pad - size);
-                let get = |n: &str| k.field(regs, "pt_regs", n);
-                let (Ok(cs), Ok(ss)) = (get("cs"), get("ss")) else {
-                    continue;
-                };
-                // __USER_CS / __USER32_CS, __USER_DS with RPL 3.
-                if !matches!(cs & 0xffff, 0x33 | 0x23) || ss & 0xffff != 0x2b {
-                    continue;
-                }
-                let mut values = [0u64; UserRegs::NAMES.len()];
-                for (v, n) in values.iter_mut().zip(names) {
-                    *v = get(n)?;
-                }
-                return Ok(Some(UserRegs { addr: regs, values }));
+        let finder = UserRegsFinder::new(PtRegsLayout::resolve(k.types())?);
+        finder.read(k, stack).map(Some).map_err(|e| match e {
+            IntrospectError::Corrupt(why) => {
+                IntrospectError::Corrupt(format!("pid {}: {why}", task.tid))
             }
-        }
-        Err(IntrospectError::Corrupt(format!(
-            "no user-mode pt_regs at the top of pid {}'s kernel stack ({stack:#x})",
-            task.tid
-        )))
+            e => e,
+        })
     }
 
     /// The task's user address space (`mm->pgd`, translated to the
@@ -585,42 +568,6 @@ impl<'k, 'a, M: PhysMemory + ?Sized> TaskReader<'k, 'a, M> {
         };
         let ino = k.field(inode, "inode", "i_ino")?;
         Ok(Some(format!("{prefix}:[{ino}]")))
-    }
-}
-
-/// Saved user-mode registers (`struct pt_regs`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UserRegs {
-    /// Where the `pt_regs` lies.
-    pub addr: u64,
-    /// Values in [`UserRegs::NAMES`] order.
-    pub values: [u64; 21],
-}
-
-impl UserRegs {
-    /// Register names, as `struct pt_regs` spells them.
-    pub const NAMES: [&'static str; 21] = [
-        "r15", "r14", "r13", "r12", "bp", "bx", "r11", "r10", "r9", "r8", "ax", "cx", "dx", "si",
-        "di", "orig_ax", "ip", "cs", "flags", "sp", "ss",
-    ];
-
-    /// The value of register `name`.
-    pub fn get(&self, name: &str) -> Option<u64> {
-        Self::NAMES
-            .iter()
-            .position(|n| *n == name)
-            .map(|i| self.values[i])
-    }
-
-    /// The system call this task entered, if it is in one: number and the
-    /// six arguments (di, si, dx, r10, r8, r9).
-    pub fn syscall(&self) -> Option<(u64, [u64; 6])> {
-        let nr = self.get("orig_ax")?;
-        if nr as i64 == -1 {
-            return None;
-        }
-        let a = |n| self.get(n).unwrap_or(0);
-        Some((nr, [a("di"), a("si"), a("dx"), a("r10"), a("r8"), a("r9")]))
     }
 }
 

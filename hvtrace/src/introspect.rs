@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use guest_introspect::image::KernelInfo;
 use guest_introspect::kernel::{RunningKernel, VcpuView};
 use guest_introspect::memory::PhysMemory;
+use guest_introspect::pt_regs::Reg;
 use guest_introspect::tasks::{TaskReader, UserRegs, WalkLimits};
 use serde_json::{json, Value};
 
@@ -151,8 +152,9 @@ pub fn sites_json(
     // Where the tracer puts each trap on this kernel (QUIESCE's are set
     // only once an engine asks for it), found by disassembling the text.
     let layout = utrace::hv::layout::TraceLayout::resolve(&k)?;
-    let events = utrace::hv::TRACED_EVENTS | utrace::EventMask::QUIESCE;
-    let (traps, trap_errors) = utrace::hv::placement::plan(&k, &info.symbols, &layout, events);
+    let mut all = utrace::sites::Site::TRACED.to_vec();
+    all.push(utrace::sites::Site::Quiesce);
+    let (traps, trap_errors) = utrace::hv::placement::plan(&k, &info.symbols, &layout, &all);
     errors.extend(trap_errors);
     Ok(json!({
         "kernel": kernel_facts(&k, info),
@@ -182,7 +184,7 @@ pub fn inspect_json(
     // that is not an error of the request, so it shows as null.
     let cmdline = reader.cmdline(&task).ok().flatten();
     let regs_json = regs.as_ref().map(|r: &UserRegs| {
-        let m: serde_json::Map<String, Value> = UserRegs::NAMES
+        let m: serde_json::Map<String, Value> = Reg::NAMES
             .iter()
             .zip(r.values)
             .map(|(n, v)| (n.to_string(), json!(format!("{v:#x}"))))
@@ -294,7 +296,7 @@ pub fn format_inspect(reply: &Value) -> String {
     }
     if let Some(regs) = reply["user_regs"].as_object() {
         lines.push("user registers:".into());
-        for n in UserRegs::NAMES {
+        for n in Reg::NAMES {
             lines.push(format!("  {:<8} {}", n, regs[n].as_str().unwrap_or("?")));
         }
     }

@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use hvtrace_tests::*;
+use utrace::context::ThreadContext;
 use utrace::engine::Engine;
 use utrace::hv::{EngineSpec, Tracer};
 use utrace::{EngineOps, EventMask, ResumeAction};
@@ -32,14 +33,31 @@ impl EngineOps for Rec {
     fn report_syscall_entry(
         &self,
         a: ResumeAction,
-        _: &Engine,
+        e: &Engine,
+        thread: &ThreadContext,
         nr: u64,
-        _: &[u64; 6],
+        args: &[u64; 6],
     ) -> ResumeAction {
+        // The context is the reporting thread's, with the registers the
+        // call was entered with.
+        let regs = thread
+            .regs
+            .as_ref()
+            .map(|r| (r.syscall_nr(), r.syscall_args()));
+        if thread.tid != e.tid() || regs != Some((nr, *args)) {
+            self.push(format!("BAD-CONTEXT:{}:{regs:?}", thread.tid));
+        }
         self.push(format!("entry:{nr}:{}", a.name()));
         ResumeAction::Resume
     }
-    fn report_syscall_exit(&self, a: ResumeAction, _: &Engine, nr: u64, ret: i64) -> ResumeAction {
+    fn report_syscall_exit(
+        &self,
+        a: ResumeAction,
+        _: &Engine,
+        _thread: &ThreadContext,
+        nr: u64,
+        ret: i64,
+    ) -> ResumeAction {
         let mut n = self.exits.lock().unwrap();
         *n += 1;
         self.push(format!("exit:{nr}:{ret}:{}", a.name()));
@@ -48,11 +66,24 @@ impl EngineOps for Rec {
             .find(|(at, _)| *at == *n)
             .map_or(ResumeAction::Resume, |(_, v)| *v)
     }
-    fn report_exec(&self, a: ResumeAction, _: &Engine, filename: &str) -> ResumeAction {
+    fn report_exec(
+        &self,
+        a: ResumeAction,
+        _: &Engine,
+        _thread: &ThreadContext,
+        filename: &str,
+    ) -> ResumeAction {
         self.push(format!("exec:{filename}:{}", a.name()));
         ResumeAction::Resume
     }
-    fn report_exit(&self, a: ResumeAction, _: &Engine, code: i64, _: &mut i64) -> ResumeAction {
+    fn report_exit(
+        &self,
+        a: ResumeAction,
+        _: &Engine,
+        _thread: &ThreadContext,
+        code: i64,
+        _: &mut i64,
+    ) -> ResumeAction {
         self.push(format!("exit_code:{code}:{}", a.name()));
         ResumeAction::Resume
     }

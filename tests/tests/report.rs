@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hvtrace_tests::*;
+use utrace::context::ThreadContext;
 use utrace::engine::Engine;
 use utrace::hv::{EngineSpec, Tracer, TracerError};
 use utrace::{EngineOps, EventMask, ResumeAction, UtraceError};
@@ -35,7 +36,13 @@ impl Recorder {
 }
 
 impl EngineOps for Recorder {
-    fn report_quiesce(&self, _: ResumeAction, _: &Engine, event: EventMask) -> ResumeAction {
+    fn report_quiesce(
+        &self,
+        _: ResumeAction,
+        _: &Engine,
+        _thread: &ThreadContext,
+        event: EventMask,
+    ) -> ResumeAction {
         self.push(format!("quiesce:{}", event.0));
         ResumeAction::Resume
     }
@@ -43,24 +50,45 @@ impl EngineOps for Recorder {
         &self,
         _: ResumeAction,
         _: &Engine,
+        _thread: &ThreadContext,
         nr: u64,
         _: &[u64; 6],
     ) -> ResumeAction {
         self.push(format!("entry:{nr}"));
         ResumeAction::Resume
     }
-    fn report_syscall_exit(&self, _: ResumeAction, _: &Engine, nr: u64, ret: i64) -> ResumeAction {
+    fn report_syscall_exit(
+        &self,
+        _: ResumeAction,
+        _: &Engine,
+        _thread: &ThreadContext,
+        nr: u64,
+        ret: i64,
+    ) -> ResumeAction {
         self.push(format!("exit:{nr}:{ret}"));
         ResumeAction::Resume
     }
-    fn report_exec(&self, _: ResumeAction, e: &Engine, _: &str) -> ResumeAction {
+    fn report_exec(
+        &self,
+        _: ResumeAction,
+        e: &Engine,
+        _thread: &ThreadContext,
+        _: &str,
+    ) -> ResumeAction {
         self.push("exec".into());
         if let Some(tx) = self.exec.lock().unwrap().take() {
             let _ = tx.send(e.tid());
         }
         ResumeAction::Resume
     }
-    fn report_exit(&self, _: ResumeAction, _: &Engine, code: i64, _: &mut i64) -> ResumeAction {
+    fn report_exit(
+        &self,
+        _: ResumeAction,
+        _: &Engine,
+        _thread: &ThreadContext,
+        code: i64,
+        _: &mut i64,
+    ) -> ResumeAction {
         self.push(format!("exit_code:{code}"));
         ResumeAction::Resume
     }

@@ -5,12 +5,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::action::ResumeAction;
+use crate::context::ThreadContext;
 use crate::event::{EventMask, Tid};
 
 /// The callbacks of an engine. Every method has a default that votes
 /// RESUME (or does nothing), so an engine implements only what it asks
 /// for. Each callback but death/reap receives the action prevailing so far
 /// among the engines already called for this event, and returns its vote.
+/// Every callback receives the thread it reports about ([`ThreadContext`]);
+/// no tracer lock is held while it runs, so it may call back into the
+/// tracer (control, attach to another thread).
 pub trait EngineOps: Send + Sync {
     /// Before each event's own callback (with that event's bit), and for a
     /// plain REPORT/STOP quiescence (with 0).
@@ -18,6 +22,7 @@ pub trait EngineOps: Send + Sync {
         &self,
         _action: ResumeAction,
         _engine: &Engine,
+        _thread: &ThreadContext,
         _event: EventMask,
     ) -> ResumeAction {
         ResumeAction::Resume
@@ -27,6 +32,7 @@ pub trait EngineOps: Send + Sync {
         &self,
         _action: ResumeAction,
         _engine: &Engine,
+        _thread: &ThreadContext,
         _clone_flags: u64,
         _child: Tid,
     ) -> ResumeAction {
@@ -37,6 +43,7 @@ pub trait EngineOps: Send + Sync {
         &self,
         _action: ResumeAction,
         _engine: &Engine,
+        _thread: &ThreadContext,
         _filename: &str,
     ) -> ResumeAction {
         ResumeAction::Resume
@@ -46,6 +53,7 @@ pub trait EngineOps: Send + Sync {
         &self,
         _action: ResumeAction,
         _engine: &Engine,
+        _thread: &ThreadContext,
         _nr: u64,
         _args: &[u64; 6],
     ) -> ResumeAction {
@@ -56,6 +64,7 @@ pub trait EngineOps: Send + Sync {
         &self,
         _action: ResumeAction,
         _engine: &Engine,
+        _thread: &ThreadContext,
         _nr: u64,
         _ret: i64,
     ) -> ResumeAction {
@@ -66,19 +75,33 @@ pub trait EngineOps: Send + Sync {
         &self,
         _action: ResumeAction,
         _engine: &Engine,
+        _thread: &ThreadContext,
         _orig_code: i64,
         _code: &mut i64,
     ) -> ResumeAction {
         ResumeAction::Resume
     }
     /// A signal is about to be delivered.
-    fn report_signal(&self, _action: ResumeAction, _engine: &Engine, _signo: i32) -> ResumeAction {
+    fn report_signal(
+        &self,
+        _action: ResumeAction,
+        _engine: &Engine,
+        _thread: &ThreadContext,
+        _signo: i32,
+    ) -> ResumeAction {
         ResumeAction::Resume
     }
     /// The thread is dead (no vote: it cannot resume).
-    fn report_death(&self, _engine: &Engine, _group_dead: bool, _signal: i32) {}
+    fn report_death(
+        &self,
+        _engine: &Engine,
+        _thread: &ThreadContext,
+        _group_dead: bool,
+        _signal: i32,
+    ) {
+    }
     /// The thread was reaped; the engine is gone after this.
-    fn report_reap(&self, _engine: &Engine) {}
+    fn report_reap(&self, _engine: &Engine, _thread: &ThreadContext) {}
 }
 
 /// Attach flags (`UTRACE_ATTACH_*`).

@@ -5,11 +5,13 @@
 //!   BLOCKSTEP < RESUME < DETACH (the seed's order); the smallest prevails.
 //! * [`event`]: event bits and the events reported, with their details.
 //! * [`engine`]: the callbacks an engine implements ([`engine::EngineOps`]),
-//!   attach flags and the errno-style errors.
+//!   attach flags and the errno-style errors; [`context::ThreadContext`]:
+//!   the thread each callback reports about.
 //! * [`thread::ThreadUtrace`]: one thread's engines and the dispatch rules
 //!   (order, report_quiesce first, prevailing action, STOP persistence,
 //!   death before reap).
-//! * [`sites`]: per event, ranked candidate kernel functions resolved
+//! * [`sites`]: the places the tracer traps ([`sites::Site`]), each with
+//!   ranked candidate kernel functions resolved
 //!   against the running kernel's symbols (`hvtrace sites`).
 //!
 //! * [`hv`]: the model served from the hypervisor: traps on the sites
@@ -19,6 +21,7 @@
 //!   strace-style rendering; [`strace`]: the engine `hvtrace trace` uses.
 
 pub mod action;
+pub mod context;
 pub mod engine;
 pub mod event;
 pub mod hv;

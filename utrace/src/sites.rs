@@ -16,6 +16,102 @@ use guest_introspect::symbols::SymbolMap;
 
 use crate::event::EventMask;
 
+/// A place the tracer traps in the guest kernel, named by what a thread
+/// passing it is doing. Most sites observe one utrace event; a signal is
+/// observed at two (its delivery to a handler, and its dequeue, kept for a
+/// thread that then dies of it: see [`crate::hv::signals`]), and QUIESCE's
+/// site is where REPORT takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Site {
+    /// Entry to a system call of a steered thread.
+    SyscallEntry,
+    /// Exit from a system call of a steered thread.
+    SyscallExit,
+    /// A new task about to run for the first time.
+    Clone,
+    /// A successful exec.
+    Exec,
+    /// A thread starting to exit.
+    Exit,
+    /// A thread dead to the world (its parent notified).
+    Death,
+    /// A task unhashed and freed.
+    Reap,
+    /// A signal delivered to a user handler.
+    SignalDelivered,
+    /// A signal dequeued on the return-to-user path: a traced thread that
+    /// then exits by its default action reports it (SIGNAL_TERM,
+    /// SIGNAL_CORE) with its siginfo.
+    SignalDequeued,
+    /// A job-control stop.
+    JobControl,
+    /// The return-to-user work, just after TIF_NOTIFY_RESUME was consumed.
+    Quiesce,
+}
+
+impl Site {
+    /// Every site the tracer sets at install; QUIESCE's is set when an
+    /// engine first asks for QUIESCE.
+    pub const TRACED: [Site; 9] = [
+        Site::SyscallEntry,
+        Site::SyscallExit,
+        Site::Clone,
+        Site::Exec,
+        Site::Exit,
+        Site::Death,
+        Site::Reap,
+        Site::SignalDelivered,
+        Site::SignalDequeued,
+    ];
+
+    /// The name `hvtrace sites` shows (the utrace event's, where there is
+    /// one).
+    pub fn name(self) -> &'static str {
+        match self {
+            Site::SyscallEntry => "SYSCALL_ENTRY",
+            Site::SyscallExit => "SYSCALL_EXIT",
+            Site::Clone => "CLONE",
+            Site::Exec => "EXEC",
+            Site::Exit => "EXIT",
+            Site::Death => "DEATH",
+            Site::Reap => "REAP",
+            Site::SignalDelivered => "SIGNAL",
+            Site::SignalDequeued => "SIGNAL_FATAL",
+            Site::JobControl => "JCTL",
+            Site::Quiesce => "QUIESCE",
+        }
+    }
+
+    /// The utrace events reported from this site.
+    pub fn events(self) -> EventMask {
+        match self {
+            Site::SyscallEntry => EventMask::SYSCALL_ENTRY,
+            Site::SyscallExit => EventMask::SYSCALL_EXIT,
+            Site::Clone => EventMask::CLONE,
+            Site::Exec => EventMask::EXEC,
+            Site::Exit => EventMask::EXIT,
+            Site::Death => EventMask::DEATH,
+            Site::Reap => EventMask::REAP,
+            Site::SignalDelivered => EventMask::SIGNAL,
+            Site::SignalDequeued => EventMask::SIGNAL_TERM | EventMask::SIGNAL_CORE,
+            Site::JobControl => EventMask::JCTL,
+            Site::Quiesce => EventMask::QUIESCE,
+        }
+    }
+}
+
+impl serde::Serialize for Site {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl std::fmt::Display for Site {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Where in a candidate function the trap goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum At {
@@ -55,13 +151,11 @@ pub enum Reach {
     Every,
 }
 
-/// The ranked candidates of one event.
+/// The ranked candidates of one site.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SiteSpec {
-    /// The event.
-    pub event: EventMask,
-    /// Its name.
-    pub name: &'static str,
+    /// The site.
+    pub site: Site,
     /// Whether the best candidate or every one is trapped.
     pub reach: Reach,
     /// Candidates, best first.
@@ -92,16 +186,10 @@ const fn branch(function: &'static str, why: &'static str) -> Candidate {
     }
 }
 
-/// The events of a signal taking a default action that kills: SIGNAL_TERM
-/// and SIGNAL_CORE, reported at `do_exit` from what `get_signal` dequeued
-/// or what is still queued (see [`crate::hv::signals`]).
-pub const FATAL_SIGNAL: EventMask = EventMask(EventMask::SIGNAL_TERM.0 | EventMask::SIGNAL_CORE.0);
-
 /// Every event and its candidates, best first.
 pub const SITES: &[SiteSpec] = &[
     SiteSpec {
-        event: EventMask::SYSCALL_ENTRY,
-        name: "SYSCALL_ENTRY",
+        site: Site::SyscallEntry,
         reach: Reach::First,
         candidates: &[
             c("syscall_trace_enter", "runs only when the thread's syscall_work has an entry bit: traced threads are steered onto it, others never reach it"),
@@ -110,8 +198,7 @@ pub const SITES: &[SiteSpec] = &[
         ],
     },
     SiteSpec {
-        event: EventMask::SYSCALL_EXIT,
-        name: "SYSCALL_EXIT",
+        site: Site::SyscallExit,
         reach: Reach::First,
         candidates: &[
             c("syscall_exit_work", "runs only with syscall_work exit bits set"),
@@ -120,8 +207,7 @@ pub const SITES: &[SiteSpec] = &[
         ],
     },
     SiteSpec {
-        event: EventMask::CLONE,
-        name: "CLONE",
+        site: Site::Clone,
         reach: Reach::First,
         candidates: &[
             c("wake_up_new_task", "the child is complete and about to run for the first time; called by kernel_clone"),
@@ -130,8 +216,7 @@ pub const SITES: &[SiteSpec] = &[
         ],
     },
     SiteSpec {
-        event: EventMask::EXEC,
-        name: "EXEC",
+        site: Site::Exec,
         reach: Reach::First,
         candidates: &[
             c("exec_binprm", "after a binary handler succeeded, where ptrace reports PTRACE_EVENT_EXEC"),
@@ -140,14 +225,12 @@ pub const SITES: &[SiteSpec] = &[
         ],
     },
     SiteSpec {
-        event: EventMask::EXIT,
-        name: "EXIT",
+        site: Site::Exit,
         reach: Reach::First,
         candidates: &[c("do_exit", "every thread exit, with the exit code argument")],
     },
     SiteSpec {
-        event: EventMask::DEATH,
-        name: "DEATH",
+        site: Site::Death,
         reach: Reach::First,
         candidates: &[
             c("exit_notify", "the parent is notified; the thread is dead to the world"),
@@ -155,14 +238,12 @@ pub const SITES: &[SiteSpec] = &[
         ],
     },
     SiteSpec {
-        event: EventMask::REAP,
-        name: "REAP",
+        site: Site::Reap,
         reach: Reach::First,
         candidates: &[c("release_task", "the task is unhashed and freed: always the last report")],
     },
     SiteSpec {
-        event: EventMask::SIGNAL,
-        name: "SIGNAL",
+        site: Site::SignalDelivered,
         reach: Reach::First,
         candidates: &[
             c("signal_setup_done", "a signal was delivered to a user handler (its frame is set up); the ksignal has the number, siginfo and action"),
@@ -170,16 +251,14 @@ pub const SITES: &[SiteSpec] = &[
         ],
     },
     SiteSpec {
-        event: FATAL_SIGNAL,
-        name: "SIGNAL_FATAL",
+        site: Site::SignalDequeued,
         reach: Reach::First,
         candidates: &[
             c("get_signal", "every signal dequeue on the return-to-user path: the tracer keeps the ksignal of a traced thread, so a signal that kills by its default action (SIGNAL_TERM, SIGNAL_CORE) is reported with its siginfo when the thread reaches do_exit"),
         ],
     },
     SiteSpec {
-        event: EventMask::JCTL,
-        name: "JCTL",
+        site: Site::JobControl,
         reach: Reach::First,
         candidates: &[
             c("do_signal_stop", "group stop for a job-control signal"),
@@ -187,8 +266,7 @@ pub const SITES: &[SiteSpec] = &[
         ],
     },
     SiteSpec {
-        event: EventMask::QUIESCE,
-        name: "QUIESCE",
+        site: Site::Quiesce,
         reach: Reach::Every,
         candidates: &[
             notify_resume("exit_to_user_mode_prepare", "the return-to-user work (6.1: the loop is inlined here and every return to user mode calls it), just after it clears TIF_NOTIFY_RESUME: REPORT without interrupting a syscall, found by disassembly"),
@@ -265,7 +343,7 @@ pub fn resolve(spec: &SiteSpec, symbols: &SymbolMap) -> Result<ResolvedSite, Sit
         match found {
             Some((addr, symbol)) => {
                 return Ok(ResolvedSite {
-                    event: spec.name,
+                    event: spec.site.name(),
                     symbol,
                     addr,
                     rank,
@@ -278,7 +356,7 @@ pub fn resolve(spec: &SiteSpec, symbols: &SymbolMap) -> Result<ResolvedSite, Sit
         }
     }
     Err(SiteError {
-        event: spec.name,
+        event: spec.site.name(),
         tried: missing,
     })
 }
@@ -308,7 +386,7 @@ pub fn resolve_each(spec: &SiteSpec, symbols: &SymbolMap) -> Result<Vec<Resolved
     }
     if found.is_empty() {
         return Err(SiteError {
-            event: spec.name,
+            event: spec.site.name(),
             tried: missing,
         });
     }
@@ -377,13 +455,13 @@ mod tests {
             (entry.symbol.as_str(), entry.rank),
             ("syscall_trace_enter.constprop.0", 0)
         );
-        let exec = SITES.iter().find(|s| s.name == "EXEC").unwrap();
+        let exec = SITES.iter().find(|s| s.site.name() == "EXEC").unwrap();
         let r = resolve(exec, &m).unwrap();
         assert_eq!(
             (r.symbol.as_str(), r.rank, r.missing.clone()),
             ("begin_new_exec", 1, vec!["exec_binprm"])
         );
-        let exit = SITES.iter().find(|s| s.name == "EXIT").unwrap();
+        let exit = SITES.iter().find(|s| s.site.name() == "EXIT").unwrap();
         assert_eq!(
             resolve(exit, &m).unwrap_err().to_string(),
             "no site for EXIT: none of [\"do_exit\"] is a function in this kernel"
@@ -392,7 +470,7 @@ mod tests {
 
     #[test]
     fn an_event_copied_into_several_functions_reaches_every_one_present() {
-        let quiesce = SITES.iter().find(|s| s.name == "QUIESCE").unwrap();
+        let quiesce = SITES.iter().find(|s| s.site.name() == "QUIESCE").unwrap();
         assert_eq!(quiesce.reach, Reach::Every);
         // 6.12's layout: no exit_to_user_mode_prepare, the other three.
         let m = map(&[

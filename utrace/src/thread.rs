@@ -4,9 +4,10 @@
 //! the guest thread reaches an event and applies the action it returns.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::action::ResumeAction;
+use crate::context::ThreadContext;
 use crate::engine::{AttachFlags, Engine, EngineData, EngineOps, UtraceError};
 use crate::event::{Event, EventMask, Tid};
 
@@ -22,9 +23,18 @@ pub enum Lifecycle {
 }
 
 /// The utrace state of one guest thread.
+///
+/// Internally locked, and never across a callback: [`ThreadUtrace::report`]
+/// takes a snapshot of the engines, calls each with no lock held and
+/// applies its vote under a short lock, so a callback may call
+/// [`ThreadUtrace::control`], attach or set events on this very thread.
 pub struct ThreadUtrace {
     tid: Tid,
     kernel_thread: bool,
+    state: Mutex<State>,
+}
+
+struct State {
     engines: Vec<Arc<Engine>>,
     life: Lifecycle,
     /// Engines whose last vote was STOP: the thread stays stopped while any
@@ -32,69 +42,11 @@ pub struct ThreadUtrace {
     stop_votes: HashSet<u64>,
 }
 
-impl ThreadUtrace {
-    /// A thread with no engines; kernel threads refuse attachment.
-    pub fn new(tid: Tid, kernel_thread: bool) -> Self {
-        Self {
-            tid,
-            kernel_thread,
-            engines: Vec::new(),
-            life: Lifecycle::Alive,
-            stop_votes: HashSet::new(),
-        }
-    }
-
-    /// The thread id.
-    pub fn tid(&self) -> Tid {
-        self.tid
-    }
-
-    /// Engines attached, in attach order.
-    pub fn engines(&self) -> &[Arc<Engine>] {
-        &self.engines
-    }
-
-    /// Whether an engine holds the thread stopped.
-    pub fn is_stopped(&self) -> bool {
-        !self.stop_votes.is_empty()
-    }
-
-    /// Where the thread is in its life.
-    pub fn lifecycle(&self) -> Lifecycle {
-        self.life
-    }
-
-    /// `utrace_attach_task`: look up an engine matching `flags`, or create
-    /// one (`flags.create`). A new engine starts with no events.
-    pub fn attach(
-        &mut self,
-        flags: AttachFlags,
-        ops: Arc<dyn EngineOps>,
-        data: Option<EngineData>,
-    ) -> Result<Arc<Engine>, UtraceError> {
-        if self.life == Lifecycle::Reaped {
-            return Err(UtraceError::NoSuchThread);
-        }
-        let found = self
-            .engines
-            .iter()
-            .find(|e| e.matches(flags, &ops, data.as_ref()))
-            .cloned();
-        if !flags.create {
-            return found.ok_or(UtraceError::NoEntry);
-        }
-        if flags.exclusive && found.is_some() {
-            return Err(UtraceError::Exists);
-        }
-        if self.kernel_thread {
-            return Err(UtraceError::Permission);
-        }
-        if self.life == Lifecycle::Dying {
-            return Err(UtraceError::Already);
-        }
-        let engine = Arc::new(Engine::new(self.tid, ops, data));
-        self.engines.push(engine.clone());
-        Ok(engine)
+impl State {
+    fn detach(&mut self, engine: &Engine) {
+        *engine.detached.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.stop_votes.remove(&engine.id());
+        self.engines.retain(|e| e.id() != engine.id());
     }
 
     fn check_live(&self, engine: &Engine) -> Result<(), UtraceError> {
@@ -105,57 +57,6 @@ impl ThreadUtrace {
             return Err(UtraceError::NoSuchThread);
         }
         Ok(())
-    }
-
-    /// `utrace_set_events`: takes effect at the next event.
-    pub fn set_events(&mut self, engine: &Engine, mask: EventMask) -> Result<(), UtraceError> {
-        self.check_live(engine)?;
-        if self.life == Lifecycle::Dying {
-            return Err(UtraceError::Already);
-        }
-        *engine.events.lock().unwrap_or_else(|e| e.into_inner()) = mask;
-        Ok(())
-    }
-
-    /// `utrace_control`: asynchronous requests. STOP returns Ok only if
-    /// the thread is already stopped (else EINPROGRESS: it stops at its next
-    /// report); REPORT, INTERRUPT and SINGLESTEP need QUIESCE in the mask;
-    /// RESUME withdraws this engine's STOP; DETACH detaches.
-    pub fn control(&mut self, engine: &Engine, action: ResumeAction) -> Result<(), UtraceError> {
-        self.check_live(engine)?;
-        if self.life == Lifecycle::Dying && action != ResumeAction::Detach {
-            return Err(UtraceError::NoSuchThread);
-        }
-        match action {
-            ResumeAction::Detach => {
-                self.detach(engine);
-                Ok(())
-            }
-            ResumeAction::Stop => {
-                let already = self.is_stopped();
-                self.stop_votes.insert(engine.id());
-                if already {
-                    Ok(())
-                } else {
-                    Err(UtraceError::InProgress)
-                }
-            }
-            ResumeAction::Report | ResumeAction::Interrupt | ResumeAction::SingleStep
-                if !engine.events().contains(EventMask::QUIESCE) =>
-            {
-                Err(UtraceError::Invalid)
-            }
-            _ => {
-                self.stop_votes.remove(&engine.id());
-                Ok(())
-            }
-        }
-    }
-
-    fn detach(&mut self, engine: &Engine) {
-        *engine.detached.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        self.stop_votes.remove(&engine.id());
-        self.engines.retain(|e| e.id() != engine.id());
     }
 
     /// Records one engine's vote and returns the new prevailing action.
@@ -176,14 +77,144 @@ impl ThreadUtrace {
         }
         prevailing.prevail(vote.for_thread())
     }
+}
 
-    /// SIGKILL: always breaks STOP.
-    pub fn kill(&mut self) {
-        self.stop_votes.clear();
+impl ThreadUtrace {
+    /// A thread with no engines; kernel threads refuse attachment.
+    pub fn new(tid: Tid, kernel_thread: bool) -> Self {
+        Self {
+            tid,
+            kernel_thread,
+            state: Mutex::new(State {
+                engines: Vec::new(),
+                life: Lifecycle::Alive,
+                stop_votes: HashSet::new(),
+            }),
+        }
     }
 
-    /// Reports `event` to the engines that asked for it and returns the
-    /// action that prevails for the thread.
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The thread id.
+    pub fn tid(&self) -> Tid {
+        self.tid
+    }
+
+    /// Engines attached, in attach order.
+    pub fn engines(&self) -> Vec<Arc<Engine>> {
+        self.state().engines.clone()
+    }
+
+    /// Whether no engine is attached.
+    pub fn has_no_engines(&self) -> bool {
+        self.state().engines.is_empty()
+    }
+
+    /// Whether an engine holds the thread stopped.
+    pub fn is_stopped(&self) -> bool {
+        !self.state().stop_votes.is_empty()
+    }
+
+    /// Where the thread is in its life.
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.state().life
+    }
+
+    /// `utrace_attach_task`: look up an engine matching `flags`, or create
+    /// one (`flags.create`). A new engine starts with no events.
+    pub fn attach(
+        &self,
+        flags: AttachFlags,
+        ops: Arc<dyn EngineOps>,
+        data: Option<EngineData>,
+    ) -> Result<Arc<Engine>, UtraceError> {
+        let mut st = self.state();
+        if st.life == Lifecycle::Reaped {
+            return Err(UtraceError::NoSuchThread);
+        }
+        let found = st
+            .engines
+            .iter()
+            .find(|e| e.matches(flags, &ops, data.as_ref()))
+            .cloned();
+        if !flags.create {
+            return found.ok_or(UtraceError::NoEntry);
+        }
+        if flags.exclusive && found.is_some() {
+            return Err(UtraceError::Exists);
+        }
+        if self.kernel_thread {
+            return Err(UtraceError::Permission);
+        }
+        if st.life == Lifecycle::Dying {
+            return Err(UtraceError::Already);
+        }
+        let engine = Arc::new(Engine::new(self.tid, ops, data));
+        st.engines.push(engine.clone());
+        Ok(engine)
+    }
+
+    /// `utrace_set_events`: takes effect at the next event.
+    pub fn set_events(&self, engine: &Engine, mask: EventMask) -> Result<(), UtraceError> {
+        let st = self.state();
+        st.check_live(engine)?;
+        if st.life == Lifecycle::Dying {
+            return Err(UtraceError::Already);
+        }
+        *engine.events.lock().unwrap_or_else(|e| e.into_inner()) = mask;
+        Ok(())
+    }
+
+    /// `utrace_control`: asynchronous requests. STOP returns Ok only if
+    /// the thread is already stopped (else EINPROGRESS: it stops at its next
+    /// report); REPORT, INTERRUPT and SINGLESTEP need QUIESCE in the mask;
+    /// RESUME withdraws this engine's STOP; DETACH detaches.
+    pub fn control(&self, engine: &Engine, action: ResumeAction) -> Result<(), UtraceError> {
+        let mut st = self.state();
+        st.check_live(engine)?;
+        if st.life == Lifecycle::Dying && action != ResumeAction::Detach {
+            return Err(UtraceError::NoSuchThread);
+        }
+        match action {
+            ResumeAction::Detach => {
+                st.detach(engine);
+                Ok(())
+            }
+            ResumeAction::Stop => {
+                let already = !st.stop_votes.is_empty();
+                st.stop_votes.insert(engine.id());
+                if already {
+                    Ok(())
+                } else {
+                    Err(UtraceError::InProgress)
+                }
+            }
+            ResumeAction::Report | ResumeAction::Interrupt | ResumeAction::SingleStep
+                if !engine.events().contains(EventMask::QUIESCE) =>
+            {
+                Err(UtraceError::Invalid)
+            }
+            _ => {
+                st.stop_votes.remove(&engine.id());
+                Ok(())
+            }
+        }
+    }
+
+    /// Applies `vote` of `engine` under the lock; the new prevailing action.
+    fn vote(&self, engine: &Engine, vote: ResumeAction, prevailing: ResumeAction) -> ResumeAction {
+        self.state().apply_vote(engine, vote, prevailing)
+    }
+
+    /// SIGKILL: always breaks STOP.
+    pub fn kill(&self) {
+        self.state().stop_votes.clear();
+    }
+
+    /// Reports `event` about `thread` to the engines that asked for it and
+    /// returns the action that prevails for the thread.
     ///
     /// Engines run in attach order (system-call entry: reverse order), each
     /// from a snapshot of the list taken now, so an engine attached during
@@ -193,38 +224,42 @@ impl ThreadUtrace {
     /// passed the action prevailing so far and returns its vote; the
     /// smallest prevails (DETACH counts as RESUME and detaches that engine
     /// after its callback). Death is reported without votes, then reap, and
-    /// after reap no engine remains.
-    pub fn report(&mut self, event: &Event) -> ResumeAction {
-        if self.life == Lifecycle::Reaped {
-            return ResumeAction::Resume;
-        }
+    /// after reap no engine remains. No lock is held while a callback runs.
+    pub fn report(&self, event: &Event, thread: &ThreadContext) -> ResumeAction {
+        let mut order = {
+            let mut st = self.state();
+            if st.life == Lifecycle::Reaped {
+                return ResumeAction::Resume;
+            }
+            if let Event::Death { .. } = event {
+                st.life = Lifecycle::Dying;
+            }
+            st.engines.clone()
+        };
         let bit = event.mask();
-        let mut order: Vec<Arc<Engine>> = self.engines.clone();
         if matches!(event, Event::SyscallEntry { .. }) {
             order.reverse();
-        }
-        if let Event::Death { .. } = event {
-            self.life = Lifecycle::Dying;
         }
         let mut prevailing = ResumeAction::Resume;
         for engine in order {
             if engine.is_detached() {
                 continue;
             }
+            let ops = &engine.ops;
             let mask = engine.events();
             let wants_event = bit != EventMask::NONE && mask.contains(bit);
             let wants_quiesce = mask.contains(EventMask::QUIESCE);
             if matches!(event, Event::Reap) {
                 if wants_event {
-                    engine.ops.report_reap(&engine);
+                    ops.report_reap(&engine, thread);
                 }
                 continue;
             }
             // Each vote is applied as it is cast (utrace's finish_callback),
             // so the event callback already sees the engine's quiesce vote.
             if wants_quiesce && (wants_event || bit == EventMask::NONE) {
-                let vote = engine.ops.report_quiesce(prevailing, &engine, bit);
-                prevailing = self.apply_vote(&engine, vote, prevailing);
+                let vote = ops.report_quiesce(prevailing, &engine, thread, bit);
+                prevailing = self.vote(&engine, vote, prevailing);
                 if vote == ResumeAction::Detach {
                     continue;
                 }
@@ -232,43 +267,43 @@ impl ThreadUtrace {
             if !wants_event {
                 continue;
             }
+            let p = prevailing;
             let vote = match event {
                 Event::Quiesce | Event::Reap => continue,
                 Event::Death { group_dead, signal } => {
-                    engine.ops.report_death(&engine, *group_dead, *signal);
+                    ops.report_death(&engine, thread, *group_dead, *signal);
                     continue;
                 }
                 Event::Clone { child, flags } => {
-                    engine.ops.report_clone(prevailing, &engine, *flags, *child)
+                    ops.report_clone(p, &engine, thread, *flags, *child)
                 }
-                Event::Exec { filename } => engine.ops.report_exec(prevailing, &engine, filename),
-                Event::SyscallEntry { nr, args } => engine
-                    .ops
-                    .report_syscall_entry(prevailing, &engine, *nr, args),
-                Event::SyscallExit { nr, ret } => engine
-                    .ops
-                    .report_syscall_exit(prevailing, &engine, *nr, *ret),
+                Event::Exec { filename } => ops.report_exec(p, &engine, thread, filename),
+                Event::SyscallEntry { nr, args } => {
+                    ops.report_syscall_entry(p, &engine, thread, *nr, args)
+                }
+                Event::SyscallExit { nr, ret } => {
+                    ops.report_syscall_exit(p, &engine, thread, *nr, *ret)
+                }
                 Event::Exit { code } => {
                     let mut c = *code;
-                    engine.ops.report_exit(prevailing, &engine, *code, &mut c)
+                    ops.report_exit(p, &engine, thread, *code, &mut c)
                 }
-                Event::Signal { signo, .. } => {
-                    engine.ops.report_signal(prevailing, &engine, *signo)
-                }
+                Event::Signal { signo, .. } => ops.report_signal(p, &engine, thread, *signo),
             };
-            prevailing = self.apply_vote(&engine, vote, prevailing);
+            prevailing = self.vote(&engine, vote, prevailing);
         }
+        let mut st = self.state();
         if matches!(event, Event::Reap) {
-            for e in std::mem::take(&mut self.engines) {
+            for e in std::mem::take(&mut st.engines) {
                 *e.detached.lock().unwrap_or_else(|x| x.into_inner()) = true;
             }
-            self.stop_votes.clear();
-            self.life = Lifecycle::Reaped;
+            st.stop_votes.clear();
+            st.life = Lifecycle::Reaped;
         }
-        if self.is_stopped() {
-            ResumeAction::Stop
-        } else {
+        if st.stop_votes.is_empty() {
             prevailing
+        } else {
+            ResumeAction::Stop
         }
     }
 }
@@ -276,7 +311,6 @@ impl ThreadUtrace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
     use ResumeAction::*;
 
     /// An engine that logs every callback (`name:callback:prevailing`) and
@@ -298,7 +332,13 @@ mod tests {
     }
 
     impl EngineOps for Rec {
-        fn report_quiesce(&self, a: ResumeAction, _: &Engine, ev: EventMask) -> ResumeAction {
+        fn report_quiesce(
+            &self,
+            a: ResumeAction,
+            _: &Engine,
+            _: &ThreadContext,
+            ev: EventMask,
+        ) -> ResumeAction {
             self.push(&format!("quiesce({ev})"), a);
             self.quiesce
         }
@@ -306,20 +346,27 @@ mod tests {
             &self,
             a: ResumeAction,
             _: &Engine,
+            _: &ThreadContext,
             nr: u64,
             _: &[u64; 6],
         ) -> ResumeAction {
             self.push(&format!("entry({nr})"), a);
             self.event
         }
-        fn report_exec(&self, a: ResumeAction, _: &Engine, f: &str) -> ResumeAction {
+        fn report_exec(
+            &self,
+            a: ResumeAction,
+            _: &Engine,
+            _: &ThreadContext,
+            f: &str,
+        ) -> ResumeAction {
             self.push(&format!("exec({f})"), a);
             self.event
         }
-        fn report_death(&self, _: &Engine, _: bool, _: i32) {
+        fn report_death(&self, _: &Engine, _: &ThreadContext, _: bool, _: i32) {
             self.push("death", Resume);
         }
-        fn report_reap(&self, _: &Engine) {
+        fn report_reap(&self, _: &Engine, _: &ThreadContext) {
             self.push("reap", Resume);
         }
     }
@@ -330,7 +377,7 @@ mod tests {
 
     fn setup(specs: &[Spec]) -> (ThreadUtrace, Vec<Arc<Engine>>, Log) {
         let log = Arc::new(Mutex::new(Vec::new()));
-        let mut t = ThreadUtrace::new(42, false);
+        let t = ThreadUtrace::new(42, false);
         let create = AttachFlags {
             create: true,
             ..Default::default()
@@ -352,6 +399,10 @@ mod tests {
         (t, engines, log)
     }
 
+    fn ctx() -> ThreadContext {
+        ThreadContext::without_memory(42, 42)
+    }
+
     fn take(log: &Log) -> Vec<String> {
         std::mem::take(&mut *log.lock().unwrap())
     }
@@ -361,14 +412,17 @@ mod tests {
 
     #[test]
     fn quiesce_comes_first_with_the_event_bit_and_each_callback_sees_the_prevailing_action() {
-        let (mut t, _, log) = setup(&[
+        let (t, _, log) = setup(&[
             ("a", Q | EXEC, Resume, Report),
             ("b", EXEC, Resume, Interrupt),
             ("c", Q, Stop, Stop), // wants QUIESCE only: not called for EXEC
         ]);
-        let action = t.report(&Event::Exec {
-            filename: "/bin/true".into(),
-        });
+        let action = t.report(
+            &Event::Exec {
+                filename: "/bin/true".into(),
+            },
+            &ctx(),
+        );
         assert_eq!(
             take(&log),
             [
@@ -380,7 +434,7 @@ mod tests {
         assert_eq!(action, Report, "REPORT < INTERRUPT: the smallest prevails");
         // A plain REPORT quiescence: report_quiesce with event 0, for every
         // engine that wants QUIESCE.
-        let action = t.report(&Event::Quiesce);
+        let action = t.report(&Event::Quiesce, &ctx());
         assert_eq!(
             take(&log),
             ["a:quiesce(0):UTRACE_RESUME", "c:quiesce(0):UTRACE_RESUME"]
@@ -392,11 +446,14 @@ mod tests {
     #[test]
     fn syscall_entry_runs_engines_in_reverse_order() {
         let e = EventMask::SYSCALL_ENTRY;
-        let (mut t, _, log) = setup(&[("a", e, Resume, Resume), ("b", e, Resume, Resume)]);
-        t.report(&Event::SyscallEntry {
-            nr: 0,
-            args: [0; 6],
-        });
+        let (t, _, log) = setup(&[("a", e, Resume, Resume), ("b", e, Resume, Resume)]);
+        t.report(
+            &Event::SyscallEntry {
+                nr: 0,
+                args: [0; 6],
+            },
+            &ctx(),
+        );
         assert_eq!(
             take(&log),
             ["b:entry(0):UTRACE_RESUME", "a:entry(0):UTRACE_RESUME"]
@@ -405,16 +462,15 @@ mod tests {
 
     #[test]
     fn detach_implies_resume_and_leaves_the_other_engine_working() {
-        let (mut t, engines, log) =
-            setup(&[("a", EXEC, Resume, Detach), ("b", EXEC, Resume, Resume)]);
+        let (t, engines, log) = setup(&[("a", EXEC, Resume, Detach), ("b", EXEC, Resume, Resume)]);
         let ev = Event::Exec {
             filename: "x".into(),
         };
-        assert_eq!(t.report(&ev), Resume);
+        assert_eq!(t.report(&ev, &ctx()), Resume);
         assert!(engines[0].is_detached());
         assert_eq!(t.engines().len(), 1);
         take(&log);
-        t.report(&ev);
+        t.report(&ev, &ctx());
         assert_eq!(take(&log), ["b:exec(x):UTRACE_RESUME"]);
         assert_eq!(
             t.set_events(&engines[0], EXEC),
@@ -424,12 +480,12 @@ mod tests {
 
     #[test]
     fn stop_holds_until_every_engine_lets_go_or_sigkill() {
-        let (mut t, engines, _) =
+        let (t, engines, _) =
             setup(&[("a", Q | EXEC, Resume, Stop), ("b", Q | EXEC, Resume, Stop)]);
         let ev = Event::Exec {
             filename: "x".into(),
         };
-        assert_eq!(t.report(&ev), Stop);
+        assert_eq!(t.report(&ev, &ctx()), Stop);
         t.control(&engines[0], Resume).unwrap();
         assert!(t.is_stopped(), "b still wants it stopped");
         t.control(&engines[1], Resume).unwrap();
@@ -450,7 +506,7 @@ mod tests {
             event: Resume,
         });
         let data: EngineData = Arc::new(7u32);
-        let mut t = ThreadUtrace::new(1, false);
+        let t = ThreadUtrace::new(1, false);
         let lookup = AttachFlags {
             match_ops: true,
             ..Default::default()
@@ -491,7 +547,7 @@ mod tests {
             Err(UtraceError::Invalid),
             "REPORT needs QUIESCE"
         );
-        let mut kt = ThreadUtrace::new(2, true);
+        let kt = ThreadUtrace::new(2, true);
         let any = AttachFlags {
             create: true,
             ..Default::default()
@@ -506,13 +562,16 @@ mod tests {
     #[test]
     fn death_before_reap_and_nothing_after() {
         let d = EventMask::DEATH | EventMask::REAP;
-        let (mut t, engines, log) = setup(&[("a", d, Resume, Resume)]);
-        t.report(&Event::Death {
-            group_dead: true,
-            signal: 17,
-        });
+        let (t, engines, log) = setup(&[("a", d, Resume, Resume)]);
+        t.report(
+            &Event::Death {
+                group_dead: true,
+                signal: 17,
+            },
+            &ctx(),
+        );
         assert_eq!(t.set_events(&engines[0], d), Err(UtraceError::Already));
-        t.report(&Event::Reap);
+        t.report(&Event::Reap, &ctx());
         assert_eq!(
             take(&log),
             ["a:death:UTRACE_RESUME", "a:reap:UTRACE_RESUME"]

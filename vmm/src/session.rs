@@ -673,6 +673,8 @@ impl Session {
             "guest_breakpoints_reinjected": sum(&|s| s.guest_breakpoints.load(Relaxed)),
             "pio_exits": sum(&|s| s.pio_exits.load(Relaxed)),
             "xsave_emulations": sum(&|s| s.xsave_emulations.load(Relaxed)),
+            "vm_exits": sum(&|s| s.exits.load(Relaxed)),
+            "tracer_trap_exits": sum(&|s| s.tracer_trap_exits.load(Relaxed)),
             "vmm_rss_kib": rss_kib,
             "guest_ram_resident_kib": guest_kib,
             "vmm_rss_beyond_guest_ram_kib": rss_kib.saturating_sub(guest_kib),

@@ -10,6 +10,7 @@ use clap::Args;
 
 use super::parse_string_limit;
 use serde_json::Value;
+use utrace::strace::record::Record;
 use utrace::strace::text::TextRenderer;
 
 use crate::api::{Op, Request, PROTOCOL_VERSION};
@@ -51,7 +52,11 @@ struct Printer {
 impl Printer {
     fn event(&mut self, e: &Value) -> Result<()> {
         match &mut self.text {
-            Some(r) => write!(self.out, "{}", r.render(e))?,
+            Some(r) => {
+                let record = Record::from_json(e)
+                    .with_context(|| format!("malformed event from the VM: {e}"))?;
+                write!(self.out, "{}", r.render(&record))?
+            }
             None => writeln!(self.out, "{e}")?,
         }
         self.out.flush()?;

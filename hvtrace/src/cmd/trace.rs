@@ -48,6 +48,10 @@ pub struct TraceArgs {
     /// Write the trace to FILE instead of stderr.
     #[arg(short = 'o', value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// Print the session's and the tracer's figures (traps, VM exits per
+    /// trap, handler time per trap) as one JSON line on stderr at the end.
+    #[arg(long)]
+    pub report: bool,
     /// The command to trace in the guest.
     #[arg(trailing_var_arg = true, required = true)]
     pub command: Vec<String>,
@@ -136,18 +140,25 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
             break code;
         }
     };
-    let seen = tracer
-        .stats()
-        .traps
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let errors = tracer
-        .stats()
-        .errors
-        .load(std::sync::atomic::Ordering::Relaxed);
+    use std::sync::atomic::Ordering::Relaxed;
+    let stats = tracer.stats();
+    let (seen, errors) = (stats.traps.load(Relaxed), stats.errors.load(Relaxed));
+    let handler_ns = stats.handler_ns.load(Relaxed);
+    let untraced = stats.untraced.load(Relaxed);
     tracer.remove(session.vm()).context("removing the tracer")?;
     log::info!("tracer: {seen} traps, {errors} handler errors");
     if errors > 0 {
         eprintln!("hvtrace: warning: {errors} trap(s) could not be decoded (run with RUST_LOG=warn for details)");
+    }
+    if args.report {
+        let mut r = session.report();
+        let per_trap = |n: f64| (seen > 0).then(|| n / seen as f64);
+        r["tracer_traps"] = seen.into();
+        r["tracer_traps_untraced"] = untraced.into();
+        r["tracer_handler_errors"] = errors.into();
+        r["vm_exits_per_trap"] = per_trap(r["tracer_trap_exits"].as_f64().unwrap_or(0.0)).into();
+        r["handler_us_per_trap"] = per_trap(handler_ns as f64 / 1e3).into();
+        eprintln!("hvtrace-report {r}");
     }
     session.shutdown();
     Ok(code)

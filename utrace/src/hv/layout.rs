@@ -5,27 +5,7 @@
 use guest_introspect::error::{IntrospectError, Result};
 use guest_introspect::kernel::RunningKernel;
 use guest_introspect::memory::PhysMemory;
-
-/// `struct pt_regs` member offsets, in [`guest_introspect::tasks::UserRegs::NAMES`]
-/// order, and its size.
-#[derive(Debug, Clone)]
-pub struct PtRegsLayout {
-    /// Offsets of r15 ... ss.
-    pub offsets: [u64; 21],
-    /// `sizeof(struct pt_regs)`.
-    pub size: u64,
-}
-
-impl PtRegsLayout {
-    /// Offset of register `name` (a `pt_regs` member name).
-    pub fn offset(&self, name: &str) -> u64 {
-        let i = guest_introspect::tasks::UserRegs::NAMES
-            .iter()
-            .position(|n| *n == name)
-            .expect("a pt_regs register name");
-        self.offsets[i]
-    }
-}
+use guest_introspect::pt_regs::PtRegsLayout;
 
 /// `kernel_siginfo` member offsets: `si_signo`, `si_code`,
 /// `_sifields._kill._pid`, `._kill._uid`, `._sigchld._status`.
@@ -97,6 +77,8 @@ pub struct TraceLayout {
     pub sigpending_list: u64,
     /// `sigpending.signal`: the pending set (bit N-1 for signal N).
     pub sigpending_signal: u64,
+    /// `signal_struct.live`: the group's threads not yet exited.
+    pub signal_live: u64,
     /// `signal_struct.group_exit_code`.
     pub signal_group_exit_code: u64,
     /// `sigqueue.list`.
@@ -148,13 +130,6 @@ impl TraceLayout {
         for name in EXIT_WORK_BITS {
             exit_work_mask |= bit(name)?;
         }
-        let mut offsets = [0u64; 21];
-        for (o, n) in offsets
-            .iter_mut()
-            .zip(guest_introspect::tasks::UserRegs::NAMES)
-        {
-            *o = off("pt_regs", n)?;
-        }
         let si = |m: &str| off("kernel_siginfo", m);
         Ok(Self {
             ksig_sig: off("ksignal", "sig")?,
@@ -191,10 +166,8 @@ impl TraceLayout {
             bprm_envc: off("linux_binprm", "envc")?,
             bprm_filename: off("linux_binprm", "filename")?,
             bprm_mm: off("linux_binprm", "mm")?,
-            pt_regs: PtRegsLayout {
-                offsets,
-                size: t.struct_size("pt_regs")?,
-            },
+            pt_regs: PtRegsLayout::resolve(t)?,
+            signal_live: off("signal_struct", "live")?,
             steer_bit: bit("SYSCALL_WORK_BIT_SYSCALL_TRACEPOINT")?,
             exit_work_mask,
             virt_offset: k.placement().virt_offset,

@@ -1,19 +1,33 @@
 //! utrace served from the hypervisor: traps on the running guest kernel's
 //! tracehook sites, the traced-thread table, steering through task state,
-//! and the dispatch of events to engines.
+//! and the dispatch of events to engines. In the order a trap passes them:
 //!
-//! * [`layout`]: the offsets and flag bits the trap handlers use, from BTF.
-//! * [`placement`]: each event's trap address and kind (int3 or debug
-//!   register).
-//! * [`tracer`]: installing the traps, tracing threads, handling each trap.
-//! * [`context`]: the traced thread as engine callbacks see it.
+//! * [`placement`]: each site's trap address and kind (int3 or debug
+//!   register), found once at install from symbols and disassembly.
+//! * [`tracer`]: installing the traps; the client's operations (trace the
+//!   next exec, attach, control, detach); removing it all.
+//! * [`dispatch`]: the trap handler: which site, which thread, which event
+//!   module; engines called with no lock held; the displaced instruction.
+//! * [`events`]: one module per event family (system calls, exec, clone,
+//!   exit/death/reap, signals, quiesce).
+//! * [`threads`]: the traced-thread table and what it keeps per thread.
+//! * [`task_bits`]: steering a thread through its own task flags.
+//! * [`layout`]: the offsets and flag bits the handlers use, from BTF.
 //! * [`signals`]: siginfo of deliveries and of signals that kill by their
 //!   default action.
 
-pub mod context;
+pub mod dispatch;
+pub mod events;
 pub mod layout;
 pub mod placement;
 pub mod signals;
+pub mod task_bits;
+pub mod threads;
 pub mod tracer;
 
-pub use tracer::{EngineSpec, Tracer, TracerError, TRACED_EVENTS};
+#[cfg(test)]
+mod tests;
+
+pub use dispatch::TracerStats;
+pub use threads::EngineSpec;
+pub use tracer::{Tracer, TracerError};

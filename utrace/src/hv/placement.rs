@@ -32,8 +32,8 @@ use iced_x86::{
     Code, Decoder, DecoderOptions, Instruction, MemorySize, Mnemonic, OpKind, Register,
 };
 
-use crate::event::EventMask;
 use crate::hv::layout::TraceLayout;
+use crate::sites::Site;
 use crate::sites::{resolve, At, Reach, SITES};
 
 /// How far into a function the exit-work branch is looked for.
@@ -77,11 +77,10 @@ pub enum TrapKind {
 /// One trap to set.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct PlannedTrap {
-    /// The event it reports.
-    #[serde(skip)]
-    pub event: EventMask,
-    /// Event name.
-    pub event_name: &'static str,
+    /// The site it observes (serialized as its name, the field `hvtrace
+    /// sites --json` has always called `event_name`).
+    #[serde(rename = "event_name")]
+    pub site: Site,
     /// The function it lies in.
     pub symbol: String,
     /// Offset from the function's start.
@@ -192,20 +191,20 @@ pub fn notify_resume_cleared(code: &[u8], start: u64) -> Option<u64> {
     None
 }
 
-/// Plans the traps of the events in `events` on the running kernel `k`:
-/// per event the best candidate that can be placed, or every one for an
-/// event of [`Reach::Every`]. Returns the plans and, per event that cannot
-/// be placed anywhere, why.
+/// Plans the traps of `sites` on the running kernel `k`: per site the
+/// best candidate that can be placed, or every one for a site of
+/// [`Reach::Every`]. Returns the plans and, per site that cannot be placed
+/// anywhere, why.
 pub fn plan<M: PhysMemory + ?Sized>(
     k: &RunningKernel<'_, M>,
     symbols: &SymbolMap,
     layout: &TraceLayout,
-    events: EventMask,
+    sites: &[Site],
 ) -> (Vec<PlannedTrap>, Vec<String>) {
     let mut plans = Vec::new();
     let mut errors = Vec::new();
     for spec in SITES {
-        if !events.intersects(spec.event) {
+        if !sites.contains(&spec.site) {
             continue;
         }
         // A later candidate may work where a better one cannot (no branch
@@ -233,8 +232,7 @@ pub fn plan<M: PhysMemory + ?Sized>(
                         None => TrapKind::DebugRegister,
                     };
                     plans.push(PlannedTrap {
-                        event: spec.event,
-                        event_name: spec.name,
+                        site: spec.site,
                         symbol: site.symbol.clone(),
                         offset: va - start,
                         va,
@@ -250,7 +248,7 @@ pub fn plan<M: PhysMemory + ?Sized>(
             }
         }
         if !placed {
-            errors.push(format!("{}: {}", spec.name, misses.join("; ")));
+            errors.push(format!("{}: {}", spec.site, misses.join("; ")));
         }
     }
     (plans, errors)

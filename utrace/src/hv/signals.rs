@@ -26,8 +26,8 @@ use guest_introspect::error::{IntrospectError, Result};
 use guest_introspect::kernel::RunningKernel;
 use guest_introspect::memory::PhysMemory;
 
+use crate::context::SignalDetails;
 use crate::event::EventMask;
-use crate::hv::context::SignalDetails;
 use crate::hv::layout::{SiginfoLayout, TraceLayout};
 
 /// SIGKILL's number on x86-64.

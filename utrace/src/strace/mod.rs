@@ -2,12 +2,14 @@
 //! traced thread's system calls, exits and signals as strace does (or one
 //! JSON object per event).
 //!
-//! Every output is first an event record (a JSON object); `--json` prints
-//! the records of completed events, text mode renders every record as
-//! strace's text ([`text::TextRenderer`]): a call's entry at once, its end
-//! at its exit, `<unfinished ...>`/`<... resumed>` when another line comes
-//! in between, `[pid N]` while more than one thread is alive.
+//! Every output is first a typed event record ([`record::Record`]);
+//! `--json` prints the records of completed events as JSON, text mode
+//! renders every record as strace's text ([`text::TextRenderer`]): a
+//! call's entry at once, its end at its exit, `<unfinished ...>`/`<...
+//! resumed>` when another line comes in between, `[pid N]` while more than
+//! one thread is alive.
 
+pub mod record;
 pub mod text;
 
 use std::collections::{HashMap, HashSet};
@@ -16,11 +18,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::action::ResumeAction;
+use crate::context::{SignalDetails, ThreadContext};
 use crate::engine::{Engine, EngineOps};
 use crate::event::{EventMask, Tid};
-use crate::hv::context::{self, SignalDetails};
 use crate::syscalls::format::{errno_name, errno_of, signal_name, Pending};
-use crate::syscalls::{Formatter, SyscallTable, UserMemory};
+use crate::syscalls::{Formatter, SyscallTable};
+use record::{CallEnd, Record};
 
 /// What to print and how.
 #[derive(Debug, Clone, Default)]
@@ -52,14 +55,6 @@ pub const STRACE_EVENTS: EventMask = EventMask(
         | EventMask::SIGNAL_TERM.0
         | EventMask::SIGNAL_CORE.0,
 );
-
-/// A no-memory reader for calls reported outside a callback.
-struct NoMemory;
-impl UserMemory for NoMemory {
-    fn read(&self, _: u64, _: &mut [u8]) -> bool {
-        false
-    }
-}
 
 #[derive(Default)]
 struct State {
@@ -114,12 +109,12 @@ impl Strace {
     }
 
     /// Writes one record: as JSON, or rendered as text.
-    fn emit(&self, record: serde_json::Value) {
+    fn emit(&self, record: Record) {
         let mut o = self.out.lock().unwrap_or_else(|e| e.into_inner());
         let Output { out, text } = &mut *o;
         let r = match text {
             Some(renderer) => write!(out, "{}", renderer.render(&record)),
-            None => writeln!(out, "{record}"),
+            None => writeln!(out, "{}", record.to_json()),
         };
         // A closed output (the reader went away) must not disturb the guest.
         let _ = r.and_then(|_| out.flush());
@@ -140,22 +135,20 @@ impl EngineOps for Strace {
         &self,
         _action: ResumeAction,
         engine: &Engine,
+        thread: &ThreadContext,
         nr: u64,
         args: &[u64; 6],
     ) -> ResumeAction {
         let name = self.name(nr);
-        let ctx = context::current();
-        let mem: &dyn UserMemory = match &ctx {
-            Some(c) => c.as_ref(),
-            None => &NoMemory,
-        };
-        let p = self.fmt.enter(&name, *args, mem);
+        let p = self.fmt.enter(&name, *args, thread);
         let prefix = p.entry_prefix();
         let tid = engine.tid();
         if self.entries() && self.shown(&name) {
-            self.emit(serde_json::json!({
-                "pid": tid, "syscall": name, "phase": "entry", "line": prefix,
-            }));
+            self.emit(Record::Entry {
+                pid: tid,
+                syscall: name,
+                line: prefix.clone(),
+            });
         }
         self.state()
             .pending
@@ -167,12 +160,18 @@ impl EngineOps for Strace {
         &self,
         _action: ResumeAction,
         engine: &Engine,
+        thread: &ThreadContext,
         nr: u64,
         ret: i64,
     ) -> ResumeAction {
         let tid = engine.tid();
         let pending = self.state().pending.remove(&tid);
         let name = self.name(nr);
+        let (errno, error) = match errno_of(ret).map(|e| (e, errno_name(e))) {
+            Some((e, Some((n, _)))) => (Some(e), Some(n.to_string())),
+            Some((e, None)) => (Some(e), None),
+            None => (None, None),
+        };
         let (p, started, prefix) = match pending {
             Some(p) if p.0.name == name => p,
             // A new child's or thread's first report is its return from
@@ -184,9 +183,17 @@ impl EngineOps for Strace {
             _ => {
                 if self.shown(&name) {
                     let line = format!("<... {name} resumed>) = {}", self.fmt.ret(&name, ret));
-                    self.emit(
-                        serde_json::json!({"pid": tid, "syscall": name, "line": line, "ret": ret}),
-                    );
+                    self.emit(Record::Call(CallEnd {
+                        pid: tid,
+                        syscall: name,
+                        nr: Some(nr),
+                        line,
+                        ret: Some(ret),
+                        errno,
+                        error,
+                        seconds: None,
+                        rest: None,
+                    }));
                 }
                 return ResumeAction::Resume;
             }
@@ -194,45 +201,39 @@ impl EngineOps for Strace {
         if !self.shown(&p.name) {
             return ResumeAction::Resume;
         }
-        let ctx = context::current();
-        let mem: &dyn UserMemory = match &ctx {
-            Some(c) => c.as_ref(),
-            None => &NoMemory,
-        };
-        let mut line = self.fmt.finish(&p, ret, mem);
+        let mut line = self.fmt.finish(&p, ret, thread);
         let spent = started.elapsed();
         if self.opts.timing {
             line.push_str(&format!(" <{:.6}>", spent.as_secs_f64()));
         }
-        let (errno, error) = match errno_of(ret).map(|e| (e, errno_name(e))) {
-            Some((e, Some((n, _)))) => (Some(e), Some(n)),
-            Some((e, None)) => (Some(e), None),
-            None => (None, None),
-        };
-        let mut record = serde_json::json!({
-            "pid": tid,
-            "syscall": p.name,
-            "nr": nr,
-            "line": line,
-            "ret": ret,
-            "errno": errno,
-            "error": error,
-            "seconds": spent.as_secs_f64(),
-        });
-        if self.entries() {
-            record["rest"] = line.strip_prefix(prefix.as_str()).into();
-        }
-        self.emit(record);
+        let rest = self
+            .entries()
+            .then(|| line.strip_prefix(prefix.as_str()).map(str::to_string))
+            .flatten();
+        self.emit(Record::Call(CallEnd {
+            pid: tid,
+            syscall: p.name.clone(),
+            nr: Some(nr),
+            line,
+            ret: Some(ret),
+            errno,
+            error,
+            seconds: Some(spent.as_secs_f64()),
+            rest,
+        }));
         ResumeAction::Resume
     }
 
-    fn report_exec(&self, _action: ResumeAction, engine: &Engine, _filename: &str) -> ResumeAction {
+    fn report_exec(
+        &self,
+        _action: ResumeAction,
+        engine: &Engine,
+        thread: &ThreadContext,
+        _filename: &str,
+    ) -> ResumeAction {
         // The execve's strings may have been unreadable at its entry (see
         // Formatter::enter); the kernel's own copies are known now.
-        let Some(ctx) = context::current() else {
-            return ResumeAction::Resume;
-        };
-        let Some(exec) = &ctx.exec else {
+        let Some(exec) = &thread.exec else {
             return ResumeAction::Resume;
         };
         let mut st = self.state();
@@ -249,19 +250,27 @@ impl EngineOps for Strace {
         ResumeAction::Resume
     }
 
-    fn report_signal(&self, _action: ResumeAction, engine: &Engine, signo: i32) -> ResumeAction {
-        let tid = engine.tid();
-        let d = context::current().and_then(|c| c.signal);
+    fn report_signal(
+        &self,
+        _action: ResumeAction,
+        engine: &Engine,
+        thread: &ThreadContext,
+        signo: i32,
+    ) -> ResumeAction {
+        let d = thread.signal;
         let name = signal_name(signo);
-        let text = match d {
+        let line = match d {
             Some(d) => format!("--- {name} {} ---", siginfo(&d)),
             None => format!("--- {name} ---"),
         };
-        self.emit(serde_json::json!({
-            "pid": tid, "event": "signal", "signal": name, "line": text,
-            "si_code": d.map(|d| d.code), "si_pid": d.map(|d| d.pid),
-            "handler": d.map(|d| format!("{:#x}", d.handler)),
-        }));
+        self.emit(Record::Signal {
+            pid: engine.tid(),
+            signal: name,
+            line,
+            si_code: d.map(|d| d.code),
+            si_pid: d.map(|d| d.pid),
+            handler: d.map(|d| d.handler),
+        });
         ResumeAction::Resume
     }
 
@@ -269,6 +278,7 @@ impl EngineOps for Strace {
         &self,
         _action: ResumeAction,
         engine: &Engine,
+        _thread: &ThreadContext,
         orig_code: i64,
         _code: &mut i64,
     ) -> ResumeAction {
@@ -277,28 +287,40 @@ impl EngineOps for Strace {
         if let Some((p, _, prefix)) = pending {
             if self.shown(&p.name) {
                 let line = self.fmt.unreturned(&p);
-                let mut record =
-                    serde_json::json!({"pid": tid, "syscall": p.name, "line": line, "ret": null});
-                if self.entries() {
-                    record["rest"] = line.strip_prefix(prefix.as_str()).into();
-                }
-                self.emit(record);
+                let rest = self
+                    .entries()
+                    .then(|| line.strip_prefix(prefix.as_str()).map(str::to_string))
+                    .flatten();
+                self.emit(Record::Call(CallEnd {
+                    pid: tid,
+                    syscall: p.name.clone(),
+                    nr: None,
+                    line,
+                    ret: None,
+                    errno: None,
+                    error: None,
+                    seconds: None,
+                    rest,
+                }));
             }
         }
         let status = orig_code as i32;
-        let record = if status & 0x7f == 0 {
-            serde_json::json!({"pid": tid, "event": "exit", "code": (status >> 8) & 0xff})
+        self.emit(if status & 0x7f == 0 {
+            Record::Exited {
+                pid: tid,
+                code: (status >> 8) & 0xff,
+            }
         } else {
-            serde_json::json!({
-                "pid": tid, "event": "killed", "signal": signal_name(status & 0x7f),
-                "core": status & 0x80 != 0,
-            })
-        };
-        self.emit(record);
+            Record::Killed {
+                pid: tid,
+                signal: signal_name(status & 0x7f),
+                core: status & 0x80 != 0,
+            }
+        });
         ResumeAction::Resume
     }
 
-    fn report_reap(&self, engine: &Engine) {
+    fn report_reap(&self, engine: &Engine, _thread: &ThreadContext) {
         self.state().pending.remove(&engine.tid());
     }
 }

@@ -12,80 +12,78 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use serde_json::Value;
+use super::record::Record;
+use crate::event::Tid;
 
 /// Renders event records as strace's text.
 #[derive(Debug, Default)]
 pub struct TextRenderer {
     /// Threads seen and not yet exited: `[pid N]` once there are two.
-    live: BTreeSet<i64>,
+    live: BTreeSet<Tid>,
     /// The thread and call whose entry ends the output so far.
-    open: Option<(i64, String)>,
+    open: Option<(Tid, String)>,
     /// Calls left `<unfinished ...>`, by thread.
-    unfinished: HashMap<i64, String>,
+    unfinished: HashMap<Tid, String>,
 }
 
 impl TextRenderer {
-    /// The text for record `e` (complete lines end with `\n`; a call's
+    /// The text for record `r` (complete lines end with `\n`; a call's
     /// entry does not).
-    pub fn render(&mut self, e: &Value) -> String {
-        let pid = e["pid"].as_i64().unwrap_or(0);
+    pub fn render(&mut self, r: &Record) -> String {
+        let pid = r.pid();
         self.live.insert(pid);
         let tag = if self.live.len() > 1 {
             format!("[pid {pid:>5}] ")
         } else {
             String::new()
         };
-        let line = e["line"].as_str().unwrap_or_default();
-        let syscall = e["syscall"].as_str();
         let mut out = String::new();
-        match (e["phase"].as_str(), syscall) {
-            (Some("entry"), Some(name)) => {
+        match r {
+            Record::Entry { syscall, line, .. } => {
                 out += &self.interrupt_open();
                 out += &format!("{tag}{line}");
-                self.open = Some((pid, name.to_string()));
+                self.open = Some((pid, syscall.clone()));
             }
-            (_, Some(name)) => {
-                let rest = e["rest"].as_str();
-                let this_open = self.open.as_ref() == Some(&(pid, name.to_string()));
-                match rest {
+            Record::Call(c) => {
+                let name = &c.syscall;
+                let this_open = self
+                    .open
+                    .as_ref()
+                    .is_some_and(|(p, n)| *p == pid && n == name);
+                match &c.rest {
                     Some(rest) if this_open => {
                         self.open = None;
                         out += &format!("{rest}\n");
                     }
-                    _ => {
+                    rest => {
                         out += &self.interrupt_open();
+                        let resumed =
+                            rest.is_some() && self.unfinished.get(&pid).is_some_and(|n| n == name);
                         match rest {
-                            Some(rest)
-                                if self.unfinished.get(&pid).map(String::as_str) == Some(name) =>
-                            {
+                            Some(rest) if resumed => {
                                 self.unfinished.remove(&pid);
                                 out += &format!("{tag}<... {name} resumed>{rest}\n");
                             }
-                            _ => out += &format!("{tag}{line}\n"),
+                            _ => out += &format!("{tag}{}\n", c.line),
                         }
                     }
                 }
             }
-            _ => {
+            Record::Signal { line, .. } => {
                 out += &self.interrupt_open();
-                let text = match e["event"].as_str() {
-                    Some("exit") => format!("+++ exited with {} +++", e["code"]),
-                    Some("killed") => format!(
-                        "+++ killed by {}{} +++",
-                        e["signal"].as_str().unwrap_or("?"),
-                        if e["core"] == true {
-                            " (core dumped)"
-                        } else {
-                            ""
-                        }
-                    ),
-                    _ => line.to_string(),
-                };
-                out += &format!("{tag}{text}\n");
+                out += &format!("{tag}{line}\n");
+            }
+            Record::Exited { code, .. } => {
+                out += &self.interrupt_open();
+                out += &format!("{tag}+++ exited with {code} +++\n");
+            }
+            Record::Killed { signal, core, .. } => {
+                out += &self.interrupt_open();
+                let dumped = if *core { " (core dumped)" } else { "" };
+                out += &format!("{tag}+++ killed by {signal}{dumped} +++\n");
             }
         }
-        if matches!(e["event"].as_str(), Some("exit" | "killed")) {
+        if r.ends_thread() {
             self.live.remove(&pid);
             self.unfinished.remove(&pid);
         }
@@ -107,19 +105,41 @@ impl TextRenderer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::strace::record::CallEnd;
 
-    fn render(records: &[Value]) -> String {
+    fn render(records: &[Record]) -> String {
         let mut r = TextRenderer::default();
         records.iter().map(|e| r.render(e)).collect()
+    }
+
+    fn entry(pid: Tid, syscall: &str, line: &str) -> Record {
+        Record::Entry {
+            pid,
+            syscall: syscall.into(),
+            line: line.into(),
+        }
+    }
+
+    fn end(pid: Tid, syscall: &str, line: &str, rest: Option<&str>) -> Record {
+        Record::Call(CallEnd {
+            pid,
+            syscall: syscall.into(),
+            nr: None,
+            line: line.into(),
+            ret: Some(0),
+            errno: None,
+            error: None,
+            seconds: None,
+            rest: rest.map(str::to_string),
+        })
     }
 
     #[test]
     fn a_call_alone_is_one_line() {
         let text = render(&[
-            json!({"pid": 5, "syscall": "read", "phase": "entry", "line": "read(3, "}),
-            json!({"pid": 5, "syscall": "read", "line": "read(3, \"x\", 9) = 1", "rest": "\"x\", 9) = 1"}),
-            json!({"pid": 5, "event": "exit", "code": 0}),
+            entry(5, "read", "read(3, "),
+            end(5, "read", "read(3, \"x\", 9) = 1", Some("\"x\", 9) = 1")),
+            Record::Exited { pid: 5, code: 0 },
         ]);
         assert_eq!(text, "read(3, \"x\", 9) = 1\n+++ exited with 0 +++\n");
     }
@@ -127,12 +147,21 @@ mod tests {
     #[test]
     fn an_interrupted_call_is_unfinished_then_resumed() {
         let text = render(&[
-            json!({"pid": 5, "syscall": "getpid", "line": "getpid() = 5", "rest": ") = 5"}),
-            json!({"pid": 6, "syscall": "getpid", "line": "getpid() = 6", "rest": ") = 6"}),
-            json!({"pid": 5, "syscall": "wait4", "phase": "entry", "line": "wait4(-1, "}),
-            json!({"pid": 6, "event": "exit", "code": 3}),
-            json!({"pid": 5, "syscall": "wait4", "line": "wait4(-1, [...], 0, NULL) = 6", "rest": "[...], 0, NULL) = 6"}),
-            json!({"pid": 5, "event": "killed", "signal": "SIGTERM"}),
+            end(5, "getpid", "getpid() = 5", Some(") = 5")),
+            end(6, "getpid", "getpid() = 6", Some(") = 6")),
+            entry(5, "wait4", "wait4(-1, "),
+            Record::Exited { pid: 6, code: 3 },
+            end(
+                5,
+                "wait4",
+                "wait4(-1, [...], 0, NULL) = 6",
+                Some("[...], 0, NULL) = 6"),
+            ),
+            Record::Killed {
+                pid: 5,
+                signal: "SIGTERM".into(),
+                core: false,
+            },
         ]);
         assert_eq!(
             text,
@@ -148,10 +177,22 @@ mod tests {
     #[test]
     fn a_signal_line_interrupts_and_an_unseen_entry_prints_whole() {
         let text = render(&[
-            json!({"pid": 7, "syscall": "pause", "phase": "entry", "line": "pause("}),
-            json!({"pid": 7, "line": "--- SIGUSR1 {si_signo=SIGUSR1} ---"}),
-            json!({"pid": 7, "syscall": "pause", "line": "pause() = ? ERESTARTNOHAND", "rest": ") = ? ERESTARTNOHAND"}),
-            json!({"pid": 7, "syscall": "read", "line": "<... read resumed>) = 0"}),
+            entry(7, "pause", "pause("),
+            Record::Signal {
+                pid: 7,
+                signal: "SIGUSR1".into(),
+                line: "--- SIGUSR1 {si_signo=SIGUSR1} ---".into(),
+                si_code: None,
+                si_pid: None,
+                handler: None,
+            },
+            end(
+                7,
+                "pause",
+                "pause() = ? ERESTARTNOHAND",
+                Some(") = ? ERESTARTNOHAND"),
+            ),
+            end(7, "read", "<... read resumed>) = 0", None),
         ]);
         assert_eq!(
             text,

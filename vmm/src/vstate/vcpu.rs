@@ -65,6 +65,11 @@ pub struct VcpuStats {
     pub xsave_emulations: std::sync::atomic::AtomicU64,
     /// Nanoseconds from the VM's start to vCPU 0's first KVM_RUN.
     pub first_run_at_ns: std::sync::atomic::AtomicU64,
+    /// Every exit from KVM_RUN to this VMM (kicks included).
+    pub exits: std::sync::atomic::AtomicU64,
+    /// Exits spent on tracer traps: the trap itself, and for a
+    /// debug-register trap the single-step over its instruction.
+    pub tracer_trap_exits: std::sync::atomic::AtomicU64,
 }
 
 thread_local! {
@@ -202,7 +207,11 @@ impl VcpuThread {
                     }
                 }
             }
-            let next = match self.fd.run() {
+            let ran = self.fd.run();
+            self.shared.stats[self.id as usize]
+                .exits
+                .fetch_add(1, Ordering::Relaxed);
+            let next = match ran {
                 Ok(exit) => match exit {
                     VcpuExit::IoOut(port, data) => {
                         self.shared.stats[self.id as usize]
@@ -439,6 +448,7 @@ impl VcpuThread {
         }
         if exception == 1 && self.stepping_over {
             // The instruction under the breakpoint has run: re-arm.
+            self.count_tracer_trap_exit();
             self.stepping_over = false;
             return match self.apply_debug_registers(None) {
                 Ok(()) => Next::Run,
@@ -518,6 +528,12 @@ impl VcpuThread {
         }
     }
 
+    fn count_tracer_trap_exit(&self) {
+        self.shared.stats[self.id as usize]
+            .tracer_trap_exits
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Calls a tracer's handler with this vCPU's state read once, and writes
     /// the registers back only if the handler changed them.
     fn call_trap_handler(
@@ -527,6 +543,7 @@ impl VcpuThread {
         hit: TrapHit,
         at: Option<pvm::Stopped>,
     ) -> Result<(), kvm_ioctls::Error> {
+        self.count_tracer_trap_exit();
         let at = match at {
             Some(at) => at,
             None => pvm::Stopped::read(&self.fd)?,

@@ -3,15 +3,15 @@
 //! In the kernel, utrace callbacks run in the traced thread itself, so
 //! `current` is the thread and its user memory can be read directly. Here
 //! they run on the VMM's vCPU thread while that vCPU is stopped at the
-//! trap; [`current`] gives the callback the same view: the thread's ids
-//! and its user memory (and, at an exec report, the new program's argv).
-//! Outside a callback it is `None`.
-
-use std::cell::RefCell;
-use std::rc::Rc;
+//! trap, and every callback receives a [`ThreadContext`]: the thread's ids,
+//! its saved user registers where the event has them, its user memory, and
+//! the event's details (an exec's argv, a signal's siginfo). It is an
+//! argument, not a thread-local: a callback may hand it on, and the tracer
+//! calls engines with no lock of its own held.
 
 use guest_introspect::memory::VirtAddr;
 use guest_introspect::paging::{read_virt, AddressSpace};
+use guest_introspect::pt_regs::UserRegs;
 use vmm::vstate::memory::GuestRam;
 
 use crate::event::Tid;
@@ -58,28 +58,37 @@ pub struct ThreadContext {
     pub exec: Option<ExecDetails>,
     /// At a signal report, the siginfo.
     pub signal: Option<SignalDetails>,
-    ram: GuestRam,
-    space: AddressSpace,
+    /// The user registers the kernel saved at its entry (`pt_regs`), where
+    /// the report read them (system-call and exec reports).
+    pub regs: Option<UserRegs>,
+    memory: Option<(GuestRam, AddressSpace)>,
 }
 
 impl ThreadContext {
     /// A context whose user memory is `space` of `ram`.
     pub fn new(tid: Tid, tgid: Tid, ram: GuestRam, space: AddressSpace) -> Self {
         Self {
+            memory: Some((ram, space)),
+            ..Self::without_memory(tid, tgid)
+        }
+    }
+
+    /// A context with no user memory (every read fails): a thread whose
+    /// memory is gone, or a test of engine logic.
+    pub fn without_memory(tid: Tid, tgid: Tid) -> Self {
+        Self {
             tid,
             tgid,
             exec: None,
             signal: None,
-            ram,
-            space,
+            regs: None,
+            memory: None,
         }
     }
-}
 
-impl ThreadContext {
     /// The address space its user memory is read in.
-    pub fn space(&self) -> AddressSpace {
-        self.space
+    pub fn space(&self) -> Option<AddressSpace> {
+        self.memory.as_ref().map(|(_, space)| *space)
     }
 }
 
@@ -93,33 +102,9 @@ impl UserMemory for ThreadContext {
         {
             return false;
         }
-        read_virt(&self.ram, self.space, VirtAddr(addr), buf).is_ok()
-    }
-}
-
-thread_local! {
-    static CURRENT: RefCell<Option<Rc<ThreadContext>>> = const { RefCell::new(None) };
-}
-
-/// The thread the running callback reports about (None outside callbacks).
-pub fn current() -> Option<Rc<ThreadContext>> {
-    CURRENT.with(|c| c.borrow().clone())
-}
-
-/// Makes `ctx` current until the guard is dropped.
-pub(crate) fn enter(ctx: ThreadContext) -> Entered {
-    let previous = CURRENT.with(|c| c.borrow_mut().replace(Rc::new(ctx)));
-    Entered { previous }
-}
-
-/// Restores the previous context when dropped.
-pub(crate) struct Entered {
-    previous: Option<Rc<ThreadContext>>,
-}
-
-impl Drop for Entered {
-    fn drop(&mut self) {
-        let previous = self.previous.take();
-        CURRENT.with(|c| *c.borrow_mut() = previous);
+        let Some((ram, space)) = &self.memory else {
+            return false;
+        };
+        read_virt(ram, *space, VirtAddr(addr), buf).is_ok()
     }
 }

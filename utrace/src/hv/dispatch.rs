@@ -1,0 +1,289 @@
+//! From a trap to the engines: the handler `vmm` calls when a vCPU hits
+//! one of the tracer's traps.
+//!
+//! [`Dispatcher::on_trap`] finds the trap's plan (one lookup), reads who
+//! is running on the vCPU (the current task from the per-CPU area, its
+//! pid and tgid), and hands a [`Trap`] to the module of the site's event
+//! family under `hv/events/`. Those handlers read what their event needs,
+//! update the thread table under its lock, and call
+//! [`Dispatcher::report`], which runs the engines with no tracer lock held
+//! and then applies their outcome. Last, an `int3` trap's displaced
+//! instruction is executed in the VMM, and `vmm` writes the registers back
+//! if they changed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Instant;
+
+use guest_introspect::error::IntrospectError;
+use guest_introspect::image::KernelInfo;
+use guest_introspect::kernel::{KernelPlacement, RunningKernel};
+use guest_introspect::memory::VirtAddr;
+use guest_introspect::paging::{translate, AddressSpace};
+use guest_introspect::pt_regs::{UserRegs, UserRegsFinder};
+use vmm::trap::{GuestRegs, TrapContext, TrapHandler, TrapHit};
+use vmm::vstate::memory::GuestRam;
+
+use crate::context::ThreadContext;
+use crate::event::{Event, Tid};
+use crate::hv::layout::TraceLayout;
+use crate::hv::placement::{Displaced, PlannedTrap, TrapKind};
+use crate::hv::threads::Threads;
+use crate::sites::Site;
+use crate::syscalls::SyscallTable;
+use crate::thread::ThreadUtrace;
+use crate::ResumeAction;
+
+/// Counters, for reports and benchmarks.
+#[derive(Debug, Default)]
+pub struct TracerStats {
+    /// Traps handled.
+    pub traps: AtomicU64,
+    /// Traps by threads that were not traced (and were steered off).
+    pub untraced: AtomicU64,
+    /// Handler errors (each also logged).
+    pub errors: AtomicU64,
+    /// Host time spent in the trap handler, in nanoseconds (engines
+    /// included; the VM exit and the register transfer not).
+    pub handler_ns: AtomicU64,
+}
+
+/// The tracer's state the trap handlers share; `vmm` holds it as the
+/// handler of every trap the tracer set.
+pub(crate) struct Dispatcher {
+    pub ram: GuestRam,
+    pub info: Arc<KernelInfo>,
+    pub placement: KernelPlacement,
+    pub layout: TraceLayout,
+    /// Every trap set, by address (QUIESCE's are added when first needed).
+    pub plans: RwLock<HashMap<u64, Arc<PlannedTrap>>>,
+    pub syscalls: Arc<SyscallTable>,
+    /// Finds a task's saved user registers.
+    pub user_regs: UserRegsFinder,
+    /// Runtime address of `sys_tracepoint_refcount`, if the kernel has it.
+    pub tracepoint_refcount: Option<u64>,
+    /// The kernel's own page tables (`init_top_pgt`), for work outside a
+    /// trap: every process's tables map the kernel the same way, but a
+    /// process's may be freed with it.
+    pub kernel_space: AddressSpace,
+    pub threads: Mutex<Threads>,
+    pub stats: TracerStats,
+}
+
+/// A trap as its event handler sees it: who hit it and where.
+pub(crate) struct Trap<'a> {
+    /// The guest kernel, through the trapping vCPU's page tables.
+    pub k: RunningKernel<'a, GuestRam>,
+    /// The vCPU's registers at the trap (the trapped function's arguments
+    /// are in rdi, rsi, ...).
+    pub regs: &'a GuestRegs,
+    /// The current task's `task_struct`.
+    pub current: u64,
+    /// Its thread id.
+    pub tid: Tid,
+    /// Its thread-group id.
+    pub tgid: Tid,
+}
+
+impl Trap<'_> {
+    /// The address space of the trap.
+    pub fn space(&self) -> AddressSpace {
+        self.k.space()
+    }
+}
+
+impl TrapHandler for Dispatcher {
+    fn on_trap(&self, ctx: &mut TrapContext<'_>, va: u64, hit: TrapHit) {
+        let started = Instant::now();
+        self.stats.traps.fetch_add(1, Ordering::Relaxed);
+        let plan = self.plan_at(va);
+        let Some(p) = plan else {
+            log::error!("tracer: a trap at {va:#x} has no plan");
+            return;
+        };
+        let space = ctx.sregs.view.kernel_space();
+        if let Err(e) = self.handle(p.site, ctx, space) {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            log::warn!("tracer: {} at {}+{:#x}: {e}", p.site, p.symbol, p.offset);
+        }
+        if let TrapHit::Int3 { .. } = hit {
+            if let Err(e) = self.execute_displaced(&p, ctx.regs_mut(), space) {
+                log::error!("tracer: cannot continue past {va:#x}: {e}");
+            }
+        }
+        let spent = started.elapsed().as_nanos();
+        self.stats
+            .handler_ns
+            .fetch_add(u64::try_from(spent).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+}
+
+impl Dispatcher {
+    /// The thread table, locked. Never held across a callback.
+    pub fn lock(&self) -> MutexGuard<'_, Threads> {
+        self.threads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The trap planned at `va`.
+    pub fn plan_at(&self, va: u64) -> Option<Arc<PlannedTrap>> {
+        let plans = self.plans.read().unwrap_or_else(|e| e.into_inner());
+        plans.get(&va).cloned()
+    }
+
+    /// The kernel seen through `space`.
+    pub fn kernel(&self, space: AddressSpace) -> RunningKernel<'_, GuestRam> {
+        RunningKernel::assume(
+            &self.ram,
+            space,
+            &self.info.symbols,
+            &self.info.types,
+            self.placement,
+        )
+    }
+
+    /// Reads who hit the trap and hands it to its event's handler.
+    fn handle(
+        &self,
+        site: Site,
+        ctx: &TrapContext<'_>,
+        space: AddressSpace,
+    ) -> Result<(), IntrospectError> {
+        let k = self.kernel(space);
+        let l = &self.layout;
+        let current_at = ctx.sregs.gs_base.wrapping_add(l.current_task);
+        let current = k.read_u64(current_at, "current task")?;
+        let t = Trap {
+            regs: ctx.regs(),
+            current,
+            tid: k.read_u32(current.wrapping_add(l.task_pid), "task_struct.pid")? as Tid,
+            tgid: k.read_u32(current.wrapping_add(l.task_tgid), "task_struct.tgid")? as Tid,
+            k,
+        };
+        match site {
+            Site::SyscallEntry => self.on_syscall_entry(&t),
+            Site::SyscallExit => self.on_syscall_exit(&t),
+            Site::Exec => self.on_exec(&t),
+            Site::Clone => self.on_clone(&t),
+            Site::Exit => self.on_exit(&t),
+            Site::Death => self.on_death(&t),
+            Site::Reap => self.on_reap(&t),
+            Site::SignalDelivered => self.on_signal_delivered(&t),
+            Site::SignalDequeued => self.on_signal_dequeued(&t),
+            Site::Quiesce => self.on_quiesce(&t),
+            // Planned only on request; nothing reports it yet.
+            Site::JobControl => Ok(()),
+        }
+    }
+
+    /// Counts a trap taken by a thread nobody traces.
+    pub fn count_untraced(&self) {
+        self.stats.untraced.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The user registers saved at the top of `task`'s kernel stack.
+    pub fn user_regs(
+        &self,
+        k: &RunningKernel<'_, GuestRam>,
+        task: u64,
+    ) -> Result<UserRegs, IntrospectError> {
+        let stack = k.read_u64(
+            task.wrapping_add(self.layout.task_stack),
+            "task_struct.stack",
+        )?;
+        self.user_regs.read(k, stack)
+    }
+
+    /// A context for callbacks about `t`'s thread.
+    pub fn thread_context(&self, t: &Trap<'_>) -> ThreadContext {
+        ThreadContext::new(t.tid, t.tgid, self.ram.clone(), t.space())
+    }
+
+    /// Reports `event` to `tid`'s engines, with no tracer lock held while
+    /// they run, then applies the outcome: a thread left with no engine
+    /// stops being traced; a REPORT vote makes it report_quiesce on its
+    /// way back to user mode.
+    pub fn report(&self, tid: Tid, event: &Event, thread: &ThreadContext, space: AddressSpace) {
+        let Some(utrace) = self.lock().utrace(tid) else {
+            return;
+        };
+        let action = utrace.report(event, thread);
+        self.apply_outcome(tid, &utrace, event, action, space);
+    }
+
+    fn apply_outcome(
+        &self,
+        tid: Tid,
+        utrace: &Arc<ThreadUtrace>,
+        event: &Event,
+        action: ResumeAction,
+        space: AddressSpace,
+    ) {
+        let mut threads = self.lock();
+        // Detached (and perhaps traced anew) while the engines ran: the
+        // outcome belongs to a table entry that is gone.
+        let Some(t) = threads
+            .traced
+            .get_mut(&tid)
+            .filter(|t| Arc::ptr_eq(&t.utrace, utrace))
+        else {
+            return;
+        };
+        if utrace.has_no_engines() && !matches!(event, Event::Reap) {
+            let task = t.task;
+            threads.traced.remove(&tid);
+            drop(threads);
+            let _ = self.steer(space, task, false);
+            return;
+        }
+        // A REPORT vote asks for a report_quiesce on the way back to user
+        // mode; the quiesce report itself is that report (a REPORT from
+        // it would only loop).
+        let report_due = action == ResumeAction::Report
+            && !matches!(event, Event::Quiesce | Event::Death { .. } | Event::Reap)
+            && !t.report_pending
+            && t.wants_quiesce()
+            && self.has_quiesce_site();
+        if report_due {
+            t.report_pending = true;
+            let task = t.task;
+            drop(threads);
+            if let Err(e) = self.notify_resume(space, task) {
+                log::warn!("tracer: REPORT for thread {tid}: {e}");
+            }
+        }
+    }
+
+    /// Whether the QUIESCE traps are set.
+    pub fn has_quiesce_site(&self) -> bool {
+        let plans = self.plans.read().unwrap_or_else(|e| e.into_inner());
+        plans.values().any(|p| p.site == Site::Quiesce)
+    }
+
+    /// Does what the instruction under the `int3` would have done.
+    fn execute_displaced(
+        &self,
+        p: &PlannedTrap,
+        regs: &mut GuestRegs,
+        space: AddressSpace,
+    ) -> Result<(), String> {
+        let va = p.va;
+        match p.kind {
+            TrapKind::Int3(Displaced::Skip { len }) => regs.rip = va + u64::from(len),
+            TrapKind::Int3(Displaced::Call { len, target }) => {
+                let sp = regs.rsp.wrapping_sub(8);
+                let pa = translate(&self.ram, space, VirtAddr(sp)).map_err(|e| e.to_string())?;
+                let ret = va + u64::from(len);
+                // The stack slot lies in one page: rsp is 8-byte aligned here
+                // (function entry, after the caller's call).
+                self.ram
+                    .write(pa.0, &ret.to_le_bytes())
+                    .map_err(|e| e.to_string())?;
+                regs.rsp = sp;
+                regs.rip = target;
+            }
+            TrapKind::DebugRegister => {}
+        }
+        Ok(())
+    }
+}

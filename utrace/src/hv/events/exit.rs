@@ -1,0 +1,81 @@
+//! The end of a thread: `do_exit` (EXIT, with the exit code in rdi, and a
+//! killing signal reported first), `exit_notify` (DEATH) and
+//! `release_task` (REAP, with the task in rdi: the last report, after
+//! which the thread leaves the table).
+
+use guest_introspect::error::IntrospectError;
+
+use crate::event::{Event, Tid};
+use crate::hv::dispatch::{Dispatcher, Trap};
+use crate::hv::signals;
+
+impl Dispatcher {
+    /// `do_exit(code)`.
+    pub(crate) fn on_exit(&self, t: &Trap<'_>) -> Result<(), IntrospectError> {
+        if !self.lock().is_traced(t.tid) {
+            return Ok(());
+        }
+        let code = t.regs.rdi as i64;
+        if let Some(details) = self.fatal_signal(t, code) {
+            let mut ctx = self.thread_context(t);
+            ctx.signal = Some(details);
+            let event = Event::Signal {
+                signo: details.signo,
+                kind: signals::fatal_kind(details.signo),
+            };
+            self.report(t.tid, &event, &ctx, t.space());
+        }
+        let ctx = self.thread_context(t);
+        self.report(t.tid, &Event::Exit { code }, &ctx, t.space());
+        Ok(())
+    }
+
+    /// `exit_notify`: dead to the world.
+    pub(crate) fn on_death(&self, t: &Trap<'_>) -> Result<(), IntrospectError> {
+        if !self.lock().is_traced(t.tid) {
+            return Ok(());
+        }
+        let group_dead = self.group_dead(t).unwrap_or(t.tid == t.tgid);
+        let event = Event::Death {
+            group_dead,
+            signal: -1,
+        };
+        self.report(t.tid, &event, &self.thread_context(t), t.space());
+        Ok(())
+    }
+
+    /// `release_task(task)`: reaped, by whichever thread runs it.
+    pub(crate) fn on_reap(&self, t: &Trap<'_>) -> Result<(), IntrospectError> {
+        let k = &t.k;
+        let l = &self.layout;
+        let task = t.regs.rdi;
+        let tid = k.read_u32(task.wrapping_add(l.task_pid), "task_struct.pid")? as Tid;
+        let tgid = k.read_u32(task.wrapping_add(l.task_tgid), "task_struct.tgid")? as Tid;
+        let traced = {
+            let mut threads = self.lock();
+            if tid == tgid {
+                threads.fatal_reported.remove(&tgid);
+            }
+            threads.is_traced(tid)
+        };
+        if traced {
+            let ctx = crate::context::ThreadContext::new(tid, tgid, self.ram.clone(), t.space());
+            self.report(tid, &Event::Reap, &ctx, t.space());
+            self.lock().traced.remove(&tid);
+        }
+        Ok(())
+    }
+
+    /// Whether the exiting thread is the last of its group
+    /// (`signal->live` has reached 0).
+    fn group_dead(&self, t: &Trap<'_>) -> Option<bool> {
+        let l = &self.layout;
+        let signal =
+            t.k.read_u64(t.current.wrapping_add(l.task_signal), "task_struct.signal")
+                .ok()?;
+        let live =
+            t.k.read_u32(signal.wrapping_add(l.signal_live), "signal_struct.live")
+                .ok()?;
+        Some(live == 0)
+    }
+}

@@ -1,0 +1,414 @@
+//! The trap path without /dev/kvm: a guest memory image built by hand
+//! (page tables, a per-CPU area, a `task_struct`, a kernel stack with the
+//! user `pt_regs` on top), a [`Dispatcher`] over it with a layout chosen
+//! here, and traps delivered through `vmm`'s [`TrapContext`] exactly as
+//! the vCPU loop delivers them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+
+use guest_introspect::btf::KernelTypes;
+use guest_introspect::image::{KernelInfo, SymbolSource};
+use guest_introspect::kernel::{KernelPlacement, VcpuView};
+use guest_introspect::pt_regs::{PtRegsLayout, Reg, UserRegsFinder, REG_COUNT};
+use guest_introspect::symbols::SymbolMap;
+use vmm::trap::{GuestRegs, GuestSregs, TrapContext, TrapHandler, TrapHit};
+use vmm::vstate::memory::GuestRam;
+
+use crate::context::ThreadContext;
+use crate::engine::{Engine, EngineOps};
+use crate::event::{EventMask, Tid};
+use crate::hv::dispatch::{Dispatcher, TracerStats};
+use crate::hv::layout::{SiginfoLayout, TraceLayout};
+use crate::hv::placement::{Displaced, PlannedTrap, TrapKind};
+use crate::hv::threads::{EngineSpec, Threads, Traced};
+use crate::sites::Site;
+use crate::syscalls::SyscallTable;
+use crate::ResumeAction;
+
+/// The direct map: kernel virtual address of physical address 0.
+const KERNEL_BASE: u64 = 0xffff_8880_0000_0000;
+const PML4: u64 = 0x1000;
+const PDPT: u64 = 0x2000;
+const PD: u64 = 0x3000;
+/// The per-CPU area (`gs_base` in kernel mode).
+const PERCPU: u64 = 0x10000;
+const TASK: u64 = 0x20000;
+const STACK: u64 = 0x40000;
+/// `sys_tracepoint_refcount`: the guest's own syscall tracepoint users.
+const TRACEPOINT_REFCOUNT: u64 = 0x30000;
+/// Where the user `pt_regs` lies: the top of a 16 KiB stack.
+const PT_REGS: u64 = STACK + 0x4000 - 8 * REG_COUNT as u64;
+/// Addresses of the planted traps.
+const ENTRY_VA: u64 = 0xffff_ffff_8100_1000;
+const EXIT_VA: u64 = 0xffff_ffff_8100_2000;
+const QUIESCE_VA: u64 = 0xffff_ffff_8100_3000;
+const STEER_BIT: u64 = 1 << 3;
+const TID: Tid = 77;
+const GETPID: u64 = 39;
+
+fn kva(pa: u64) -> u64 {
+    KERNEL_BASE + pa
+}
+
+/// A test layout: each field at its own offset in a 0x400-byte task.
+fn layout() -> TraceLayout {
+    TraceLayout {
+        current_task: 0x20,
+        task_pid: 0x10,
+        task_tgid: 0x14,
+        task_stack: 0x18,
+        task_mm: 0x38,
+        task_real_parent: 0x48,
+        task_vfork_done: 0x50,
+        task_comm: 0x58,
+        task_syscall_work: 0x28,
+        task_ti_flags: 0x30,
+        mm_pgd: 0,
+        bprm_p: 0,
+        bprm_argc: 8,
+        bprm_envc: 0x10,
+        bprm_filename: 0x18,
+        bprm_mm: 0x20,
+        ksig_sig: 0,
+        ksig_info: 8,
+        ksig_handler: 0x40,
+        siginfo: SiginfoLayout {
+            signo: 0,
+            code: 8,
+            pid: 0x10,
+            uid: 0x14,
+            status: 0x18,
+        },
+        task_pending: 0x100,
+        task_signal: 0x40,
+        signal_shared_pending: 0x20,
+        sigpending_list: 0,
+        sigpending_signal: 0x10,
+        signal_live: 0x8,
+        signal_group_exit_code: 0x30,
+        sigqueue_list: 0,
+        sigqueue_info: 0x18,
+        pt_regs: PtRegsLayout::new(std::array::from_fn(|i| 8 * i as u64), 168).unwrap(),
+        steer_bit: STEER_BIT,
+        exit_work_mask: STEER_BIT,
+        virt_offset: 0,
+    }
+}
+
+/// An empty but valid BTF blob: a header and an empty string table.
+fn empty_types() -> KernelTypes {
+    let mut b = Vec::new();
+    b.extend_from_slice(&0xeb9fu16.to_le_bytes());
+    b.extend_from_slice(&[1, 0]);
+    for w in [24u32, 0, 0, 0, 1] {
+        b.extend_from_slice(&w.to_le_bytes());
+    }
+    b.push(0);
+    KernelTypes::from_btf_bytes(&b).expect("an empty BTF")
+}
+
+/// Guest memory holding one user thread (TID) in a system call, with
+/// `syscall_work` steered on.
+fn guest() -> GuestRam {
+    let ram = GuestRam::new(4 << 20).unwrap();
+    let put = |pa: u64, v: u64| ram.write(pa, &v.to_le_bytes()).unwrap();
+    // One 2 MiB page: the direct map of physical 0..2 MiB.
+    put(PML4 + 8 * ((KERNEL_BASE >> 39) & 511), PDPT | 3);
+    put(PDPT, PD | 3);
+    put(PD, 3 | 0x80);
+    let l = layout();
+    put(PERCPU + l.current_task, kva(TASK));
+    ram.write(TASK + l.task_pid, &(TID as u32).to_le_bytes())
+        .unwrap();
+    ram.write(TASK + l.task_tgid, &(TID as u32).to_le_bytes())
+        .unwrap();
+    put(TASK + l.task_stack, kva(STACK));
+    put(TASK + l.task_syscall_work, STEER_BIT);
+    let reg = |r: Reg, v: u64| put(PT_REGS + l.pt_regs.offset(r), v);
+    reg(Reg::Cs, 0x33);
+    reg(Reg::Ss, 0x2b);
+    reg(Reg::OrigAx, GETPID);
+    reg(Reg::Di, 0x1111);
+    reg(Reg::R9, 0x9999);
+    reg(Reg::Ax, TID as u64);
+    ram
+}
+
+fn plan(site: Site, va: u64, kind: TrapKind) -> (u64, Arc<PlannedTrap>) {
+    let p = PlannedTrap {
+        site,
+        symbol: format!("{site}_function"),
+        offset: 0,
+        va,
+        kind,
+        instruction: "nop".into(),
+    };
+    (va, Arc::new(p))
+}
+
+fn dispatcher(ram: GuestRam) -> Arc<Dispatcher> {
+    let layout = layout();
+    let plans = HashMap::from([
+        plan(Site::SyscallEntry, ENTRY_VA, TrapKind::DebugRegister),
+        plan(
+            Site::SyscallExit,
+            EXIT_VA,
+            TrapKind::Int3(Displaced::Skip { len: 4 }),
+        ),
+        plan(Site::Quiesce, QUIESCE_VA, TrapKind::DebugRegister),
+    ]);
+    let mut names = vec![None; 64];
+    names[GETPID as usize] = Some("getpid".to_string());
+    Arc::new(Dispatcher {
+        ram,
+        info: Arc::new(KernelInfo {
+            symbols: SymbolMap::from_symbols(Vec::new()),
+            symbol_source: SymbolSource::SystemMap,
+            types: empty_types(),
+            banner: None,
+            symbols_shift: 0,
+        }),
+        placement: KernelPlacement {
+            virt_offset: 0,
+            text: 0xffff_ffff_8100_0000,
+            text_phys: 0x100_0000,
+        },
+        user_regs: UserRegsFinder::new(layout.pt_regs.clone()),
+        layout,
+        plans: RwLock::new(plans),
+        syscalls: Arc::new(SyscallTable::from_names(names)),
+        tracepoint_refcount: Some(kva(TRACEPOINT_REFCOUNT)),
+        kernel_space: guest_introspect::paging::AddressSpace {
+            cr3: PML4,
+            levels: guest_introspect::paging::PagingLevels::Four,
+        },
+        threads: Mutex::new(Threads::default()),
+        stats: TracerStats::default(),
+    })
+}
+
+/// Delivers the trap at `va` to `d` as the vCPU loop does; returns the
+/// registers as they would be written back.
+fn hit(d: &Dispatcher, va: u64, how: TrapHit) -> Option<GuestRegs> {
+    let regs = GuestRegs {
+        rip: va,
+        rsp: kva(STACK + 0x3000),
+        ..Default::default()
+    };
+    let sregs = GuestSregs {
+        view: VcpuView {
+            cr3: PML4,
+            cr4: 0,
+            idt_base: 0,
+            idt_limit: 0,
+        },
+        gs_base: kva(PERCPU),
+        cs: 0x10,
+    };
+    let mut ctx = TrapContext::new(0, regs, sregs, &d.ram);
+    d.on_trap(&mut ctx, va, how);
+    ctx.changed_regs().copied()
+}
+
+fn word(d: &Dispatcher, pa: u64) -> u64 {
+    let mut b = [0u8; 8];
+    d.ram.read(pa, &mut b).unwrap();
+    u64::from_le_bytes(b)
+}
+
+/// An engine that records what it saw and, at a system-call exit, votes
+/// `exit_vote` after calling `control_at_exit` on its own thread through
+/// the dispatcher (which the old design, calling engines under the
+/// tracer's lock, deadlocked on).
+#[derive(Default)]
+struct Probe {
+    seen: Mutex<Vec<String>>,
+    exit_vote: Option<ResumeAction>,
+    control_at_exit: Option<ResumeAction>,
+    dispatcher: OnceLock<Weak<Dispatcher>>,
+}
+
+impl Probe {
+    fn note(&self, s: String) {
+        self.seen.lock().unwrap().push(s);
+    }
+}
+
+impl EngineOps for Probe {
+    fn report_quiesce(
+        &self,
+        _: ResumeAction,
+        _: &Engine,
+        thread: &ThreadContext,
+        event: EventMask,
+    ) -> ResumeAction {
+        if event == EventMask::NONE {
+            self.note(format!("quiesce:{}", thread.tid));
+        }
+        ResumeAction::Resume
+    }
+
+    fn report_syscall_entry(
+        &self,
+        _: ResumeAction,
+        engine: &Engine,
+        thread: &ThreadContext,
+        nr: u64,
+        args: &[u64; 6],
+    ) -> ResumeAction {
+        let regs_nr = thread.regs.as_ref().map(|r| r.syscall_nr());
+        self.note(format!(
+            "entry:{}:{}:{nr}:{:#x}:{:#x}:{regs_nr:?}",
+            engine.tid(),
+            thread.tid,
+            args[0],
+            args[5]
+        ));
+        ResumeAction::Resume
+    }
+
+    fn report_syscall_exit(
+        &self,
+        _: ResumeAction,
+        engine: &Engine,
+        thread: &ThreadContext,
+        nr: u64,
+        ret: i64,
+    ) -> ResumeAction {
+        self.note(format!("exit:{}:{nr}:{ret}", thread.tid));
+        if let Some(action) = self.control_at_exit {
+            let d = self.dispatcher.get().and_then(Weak::upgrade).unwrap();
+            let r = d.control(thread.tid, engine, action);
+            self.note(format!("control:{}", r.is_ok()));
+        }
+        self.exit_vote.unwrap_or(ResumeAction::Resume)
+    }
+}
+
+fn trace(d: &Arc<Dispatcher>, probe: Probe, events: EventMask) -> Arc<Probe> {
+    let probe = Arc::new(probe);
+    probe.dispatcher.set(Arc::downgrade(d)).unwrap();
+    let spec = EngineSpec {
+        ops: probe.clone(),
+        events,
+        follow: false,
+        data: None,
+    };
+    let traced = Traced::new(TID, kva(TASK), &[spec]).unwrap();
+    d.lock().traced.insert(TID, traced);
+    probe
+}
+
+const SYSCALLS: EventMask = EventMask(EventMask::SYSCALL_ENTRY.0 | EventMask::SYSCALL_EXIT.0);
+
+#[test]
+fn a_system_call_is_reported_from_the_saved_registers_with_its_context() {
+    let d = dispatcher(guest());
+    let probe = trace(&d, Probe::default(), SYSCALLS);
+    assert_eq!(hit(&d, ENTRY_VA, TrapHit::DebugRegister), None);
+    let after = hit(&d, EXIT_VA, TrapHit::Int3 { original: 0xf3 }).expect("rip moved");
+    assert_eq!(
+        after.rip,
+        EXIT_VA + 4,
+        "the displaced 4-byte instruction ran"
+    );
+    assert_eq!(
+        *probe.seen.lock().unwrap(),
+        [
+            format!("entry:{TID}:{TID}:{GETPID}:0x1111:0x9999:Some({GETPID})"),
+            format!("exit:{TID}:{GETPID}:{TID}"),
+        ]
+    );
+    assert_eq!(d.stats.errors.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert!(
+        d.stats
+            .handler_ns
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+}
+
+#[test]
+fn an_untraced_thread_is_steered_off_unless_the_guest_traces_system_calls_itself() {
+    let d = dispatcher(guest());
+    hit(&d, ENTRY_VA, TrapHit::DebugRegister);
+    let l = layout();
+    assert_eq!(word(&d, TASK + l.task_syscall_work) & STEER_BIT, 0);
+    assert_eq!(
+        d.stats.untraced.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // With a syscall tracepoint enabled in the guest, the bit is its own.
+    let d = dispatcher(guest());
+    d.ram
+        .write(TRACEPOINT_REFCOUNT, &1u32.to_le_bytes())
+        .unwrap();
+    hit(&d, ENTRY_VA, TrapHit::DebugRegister);
+    assert_eq!(word(&d, TASK + l.task_syscall_work) & STEER_BIT, STEER_BIT);
+}
+
+#[test]
+fn a_callback_may_detach_itself_through_the_tracer_and_the_thread_is_let_go() {
+    let d = dispatcher(guest());
+    let probe = trace(
+        &d,
+        Probe {
+            control_at_exit: Some(ResumeAction::Detach),
+            ..Default::default()
+        },
+        SYSCALLS,
+    );
+    hit(&d, EXIT_VA, TrapHit::Int3 { original: 0xf3 });
+    assert_eq!(
+        *probe.seen.lock().unwrap(),
+        [format!("exit:{TID}:{GETPID}:{TID}"), "control:true".into()]
+    );
+    assert!(!d.lock().is_traced(TID), "no engine left");
+    let l = layout();
+    assert_eq!(word(&d, TASK + l.task_syscall_work) & STEER_BIT, 0);
+    // The next call is not reported.
+    hit(&d, ENTRY_VA, TrapHit::DebugRegister);
+    assert_eq!(probe.seen.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn a_report_vote_sets_notify_resume_and_the_quiesce_site_reports_once() {
+    let d = dispatcher(guest());
+    let probe = trace(
+        &d,
+        Probe {
+            exit_vote: Some(ResumeAction::Report),
+            ..Default::default()
+        },
+        SYSCALLS | EventMask::QUIESCE,
+    );
+    hit(&d, EXIT_VA, TrapHit::Int3 { original: 0xf3 });
+    let l = layout();
+    assert_eq!(
+        word(&d, TASK + l.task_ti_flags),
+        1 << 1,
+        "TIF_NOTIFY_RESUME"
+    );
+    hit(&d, QUIESCE_VA, TrapHit::DebugRegister);
+    hit(&d, QUIESCE_VA, TrapHit::DebugRegister);
+    let seen = probe.seen.lock().unwrap();
+    assert_eq!(
+        seen.iter().filter(|s| s.starts_with("quiesce")).count(),
+        1,
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn a_hostile_current_pointer_is_an_error_not_a_crash() {
+    let d = dispatcher(guest());
+    trace(&d, Probe::default(), SYSCALLS);
+    d.ram
+        .write(PERCPU + layout().current_task, &u64::MAX.to_le_bytes())
+        .unwrap();
+    hit(&d, ENTRY_VA, TrapHit::DebugRegister);
+    assert_eq!(d.stats.errors.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // And a trap with no plan leaves the registers alone.
+    assert_eq!(hit(&d, 0xdead_beef, TrapHit::Int3 { original: 0x90 }), None);
+}
