@@ -40,10 +40,7 @@ impl EngineOps for Rec {
     ) -> ResumeAction {
         // The context is the reporting thread's, with the registers the
         // call was entered with.
-        let regs = thread
-            .regs
-            .as_ref()
-            .map(|r| (r.syscall_nr(), r.syscall_args()));
+        let regs = thread.regs().map(|r| (r.syscall_nr(), r.syscall_args()));
         if thread.tid != e.tid() || regs != Some((nr, *args)) {
             self.push(format!("BAD-CONTEXT:{}:{regs:?}", thread.tid));
         }

@@ -9,13 +9,22 @@
 //! argument, not a thread-local: a callback may hand it on, and the tracer
 //! calls engines with no lock of its own held.
 
+use std::cell::RefCell;
+use std::sync::Arc;
+
 use guest_introspect::memory::VirtAddr;
-use guest_introspect::paging::{read_virt, AddressSpace};
-use guest_introspect::pt_regs::UserRegs;
+use guest_introspect::paging::{read_virt, translate, AddressSpace};
+use guest_introspect::pt_regs::{PtRegsLayout, Reg, UserRegs};
 use vmm::vstate::memory::GuestRam;
 
+use crate::engine::UtraceError;
 use crate::event::Tid;
 use crate::syscalls::UserMemory;
+
+/// The RFLAGS bits a tracer may change in a user thread, as ptrace allows
+/// (`FLAG_MASK` in `arch/x86/kernel/ptrace.c`: CF PF AF ZF SF TF DF OF RF
+/// AC); the rest keep the thread's values.
+const USER_FLAGS: u64 = 0x5_0dd5;
 
 /// What an exec report knows beyond the file name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,9 +68,20 @@ pub struct ThreadContext {
     /// At a signal report, the siginfo.
     pub signal: Option<SignalDetails>,
     /// The user registers the kernel saved at its entry (`pt_regs`), where
-    /// the report read them (system-call and exec reports).
-    pub regs: Option<UserRegs>,
+    /// the report read them (system-call and exec reports); changed by
+    /// [`ThreadContext::set_reg`].
+    regs: RefCell<Option<SavedRegs>>,
     memory: Option<(GuestRam, AddressSpace)>,
+}
+
+/// A thread's saved user registers and where they lie.
+#[derive(Debug, Clone)]
+struct SavedRegs {
+    values: UserRegs,
+    layout: Arc<PtRegsLayout>,
+    /// Whether the report is a system-call entry (the call may be
+    /// aborted).
+    at_syscall_entry: bool,
 }
 
 impl ThreadContext {
@@ -81,9 +101,79 @@ impl ThreadContext {
             tgid,
             exec: None,
             signal: None,
-            regs: None,
+            regs: RefCell::new(None),
             memory: None,
         }
+    }
+
+    /// The context with the thread's saved user registers `regs` (laid out
+    /// as `layout` says); `at_syscall_entry` for a system-call entry
+    /// report.
+    pub(crate) fn with_regs(
+        self,
+        regs: UserRegs,
+        layout: Arc<PtRegsLayout>,
+        at_syscall_entry: bool,
+    ) -> Self {
+        *self.regs.borrow_mut() = Some(SavedRegs {
+            values: regs,
+            layout,
+            at_syscall_entry,
+        });
+        self
+    }
+
+    /// The saved user registers, as changed so far in this report; None
+    /// where the report has none.
+    pub fn regs(&self) -> Option<UserRegs> {
+        self.regs.borrow().as_ref().map(|r| r.values.clone())
+    }
+
+    /// Changes saved user register `reg`: what the thread has when it
+    /// returns to user mode; at a system-call entry, `orig_ax` and the
+    /// argument registers are the call the kernel then runs, at its exit
+    /// `ax` is the value returned. As ptrace, the segment selectors cannot
+    /// be changed (EINVAL) and only the user-changeable RFLAGS bits are
+    /// taken. EINVAL where the report has no registers, EFAULT if they
+    /// cannot be written.
+    pub fn set_reg(&self, reg: Reg, value: u64) -> Result<(), UtraceError> {
+        if matches!(reg, Reg::Cs | Reg::Ss) {
+            return Err(UtraceError::Invalid);
+        }
+        let mut regs = self.regs.borrow_mut();
+        let saved = regs.as_mut().ok_or(UtraceError::Invalid)?;
+        let (ram, space) = self.memory.as_ref().ok_or(UtraceError::NoSuchThread)?;
+        let value = match reg {
+            Reg::Flags => (saved.values.get(reg) & !USER_FLAGS) | (value & USER_FLAGS),
+            _ => value,
+        };
+        // pt_regs lies on the thread's kernel stack, mapped alike in every
+        // address space; its 8-byte fields never cross a page.
+        let va = saved.values.addr.wrapping_add(saved.layout.offset(reg));
+        let pa = translate(ram, *space, VirtAddr(va)).map_err(|_| UtraceError::Fault)?;
+        ram.write(pa.0, &value.to_le_bytes())
+            .map_err(|_| UtraceError::Fault)?;
+        saved.values.values[reg as usize] = value;
+        Ok(())
+    }
+
+    /// At a system-call entry report: the kernel skips the call and the
+    /// thread sees `ret` as its result (utrace's UTRACE_SYSCALL_ABORT, with
+    /// the return value set as a ptracer would). The exit is still
+    /// reported, with `ret`. EINVAL at any other report.
+    pub fn abort_syscall(&self, ret: i64) -> Result<(), UtraceError> {
+        let at_entry = self
+            .regs
+            .borrow()
+            .as_ref()
+            .is_some_and(|r| r.at_syscall_entry);
+        if !at_entry {
+            return Err(UtraceError::Invalid);
+        }
+        // syscall_trace_enter re-reads orig_ax after the tracehooks: -1
+        // makes do_syscall_64 run nothing and leave ax as set here.
+        self.set_reg(Reg::Ax, ret as u64)?;
+        self.set_reg(Reg::OrigAx, u64::MAX)
     }
 
     /// The address space its user memory is read in.

@@ -141,6 +141,9 @@ pub enum UtraceError {
     /// The request is invalid here (EINVAL).
     #[error("invalid request (EINVAL)")]
     Invalid,
+    /// Guest memory could not be read or written (EFAULT).
+    #[error("bad address (EFAULT)")]
+    Fault,
     /// The hypervisor side does not act on this resume action yet
     /// (EOPNOTSUPP): thread stop, interrupt and stepping.
     #[error("not supported by the hypervisor side yet (EOPNOTSUPP)")]
@@ -158,6 +161,7 @@ impl UtraceError {
             Self::Already => 114,
             Self::NoSuchThread => 3,
             Self::Invalid => 22,
+            Self::Fault => 14,
             Self::NotSupported => 95,
         }
     }

@@ -130,6 +130,7 @@ impl Handler {
                 json: true,
                 timing: false,
                 entries,
+                tamper: Vec::new(),
             },
             tracer.syscalls(),
             Box::new(ConnSink {

@@ -14,7 +14,7 @@ use utrace::strace::record::Record;
 use utrace::strace::text::TextRenderer;
 
 use crate::api::{Op, Request, PROTOCOL_VERSION};
-use crate::cmd::trace::{open_output, parse_filter};
+use crate::cmd::trace::{open_output, parse_exprs};
 
 /// Arguments of `hvtrace attach`.
 #[derive(Args, Debug)]
@@ -66,7 +66,11 @@ impl Printer {
 
 /// Attaches and prints events until the process exits; returns 0.
 pub fn attach(args: AttachArgs) -> Result<i32> {
-    let only = parse_filter(&args.expr)?;
+    let exprs = parse_exprs(&args.expr)?;
+    if !exprs.tamper.is_empty() {
+        bail!("-e inject=/fault= work with `hvtrace trace` only (not yet over the control socket)");
+    }
+    let only = exprs.only;
     let mut printer = Printer {
         out: open_output(args.output.as_deref())?,
         text: (!args.json).then(TextRenderer::default),

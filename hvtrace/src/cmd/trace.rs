@@ -13,6 +13,7 @@ use clap::Args;
 use super::parse_string_limit;
 use guest_introspect::image::KernelInfo;
 use utrace::hv::{EngineSpec, Tracer};
+use utrace::strace::tamper::Tamper;
 use utrace::strace::{Strace, StraceOptions, STRACE_EVENTS};
 use vmm::session::Session;
 
@@ -33,7 +34,11 @@ pub struct TraceArgs {
     /// Follow children and threads (`strace -f`).
     #[arg(short = 'f', long = "follow")]
     pub follow: bool,
-    /// Which calls to show: `trace=openat,read` (or just `openat,read`).
+    /// Which calls to show: `trace=openat,read` (or just `openat,read`);
+    /// `inject=SET:error=ERRNO|retval=N[:when=EXPR]` and
+    /// `fault=SET[:error=ERRNO][:when=EXPR]` make the chosen invocations
+    /// fail or return N without running, as strace's do (`when=` is
+    /// `first[..last][+[step]]`).
     #[arg(short = 'e', value_name = "EXPR")]
     pub expr: Vec<String>,
     /// Longest string shown (`strace -s`), at most 1048576.
@@ -57,16 +62,33 @@ pub struct TraceArgs {
     pub command: Vec<String>,
 }
 
-/// `-e` expressions to the set of calls shown (None: all).
-pub fn parse_filter(exprs: &[String]) -> Result<Option<HashSet<String>>> {
-    let mut only: Option<HashSet<String>> = None;
+/// What the `-e` expressions ask for.
+#[derive(Debug, Default)]
+pub struct Exprs {
+    /// `trace=`: the calls shown (None: all).
+    pub only: Option<HashSet<String>>,
+    /// `inject=` and `fault=`: calls to tamper with.
+    pub tamper: Vec<Tamper>,
+}
+
+/// Parses `-e` expressions: `trace=SET` (or just `SET`),
+/// `inject=SET:error=E|retval=N[:when=W]` and `fault=SET[:error=E][:when=W]`.
+pub fn parse_exprs(exprs: &[String]) -> Result<Exprs> {
+    let mut out = Exprs::default();
     for e in exprs {
         let list = match e.split_once('=') {
             Some(("trace", list)) => list,
-            Some((q, _)) => bail!("unsupported -e qualifier `{q}` (only trace=...)"),
+            Some((q @ ("inject" | "fault"), spec)) => {
+                let t = Tamper::parse(spec, q == "fault").map_err(anyhow::Error::msg)?;
+                out.tamper.push(t);
+                continue;
+            }
+            Some((q, _)) => {
+                bail!("unsupported -e qualifier `{q}` (trace=, inject= and fault= are supported)")
+            }
             None => e.as_str(),
         };
-        let set = only.get_or_insert_with(HashSet::new);
+        let set = out.only.get_or_insert_with(HashSet::new);
         for name in list.split(',').filter(|n| !n.is_empty()) {
             if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 bail!("-e: `{name}` is not a system call name");
@@ -74,7 +96,22 @@ pub fn parse_filter(exprs: &[String]) -> Result<Option<HashSet<String>>> {
             set.insert(name.to_string());
         }
     }
-    Ok(only)
+    Ok(out)
+}
+
+/// Refuses tampering with a call the guest kernel does not have.
+fn check_tampered_calls(
+    tamper: &[Tamper],
+    syscalls: &utrace::syscalls::SyscallTable,
+) -> Result<()> {
+    for t in tamper {
+        let mut names: Vec<&String> = t.calls.iter().collect();
+        names.sort();
+        if let Some(n) = names.into_iter().find(|n| syscalls.number(n).is_none()) {
+            bail!("-e inject/fault: the guest kernel has no system call `{n}`");
+        }
+    }
+    Ok(())
 }
 
 /// Where the trace goes.
@@ -106,11 +143,12 @@ fn kernel_info(session: &Session, guest: &GuestArgs, from_memory: bool) -> Resul
 
 /// Traces the command; returns its exit status.
 pub fn trace(args: TraceArgs) -> Result<i32> {
-    let only = parse_filter(&args.expr)?;
+    let Exprs { only, tamper } = parse_exprs(&args.expr)?;
     let out = open_output(args.output.as_deref())?;
     let (mut session, _) = open_guest(&args.guest, args.no_cache, args.restore.as_deref(), None)?;
     let info = Arc::new(kernel_info(&session, &args.guest, args.restore.is_some())?);
     let tracer = Tracer::install(session.vm(), info).context("installing the tracer")?;
+    check_tampered_calls(&tamper, &tracer.syscalls())?;
     let engine = Arc::new(Strace::new(
         StraceOptions {
             string_limit: Some(args.string_limit),
@@ -118,6 +156,7 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
             json: args.json,
             timing: args.timing,
             entries: false,
+            tamper,
         },
         tracer.syscalls(),
         out,

@@ -21,7 +21,7 @@ use guest_introspect::image::KernelInfo;
 use guest_introspect::kernel::{KernelPlacement, RunningKernel};
 use guest_introspect::memory::VirtAddr;
 use guest_introspect::paging::{translate, AddressSpace};
-use guest_introspect::pt_regs::{UserRegs, UserRegsFinder};
+use guest_introspect::pt_regs::{PtRegsLayout, UserRegs, UserRegsFinder};
 use vmm::trap::{GuestRegs, TrapContext, TrapHandler, TrapHit};
 use vmm::vstate::memory::GuestRam;
 
@@ -61,6 +61,8 @@ pub(crate) struct Dispatcher {
     pub syscalls: Arc<SyscallTable>,
     /// Finds a task's saved user registers.
     pub user_regs: UserRegsFinder,
+    /// Their layout, for callbacks that change them.
+    pub pt_regs: Arc<PtRegsLayout>,
     /// Runtime address of `sys_tracepoint_refcount`, if the kernel has it.
     pub tracepoint_refcount: Option<u64>,
     /// The kernel's own page tables (`init_top_pgt`), for work outside a

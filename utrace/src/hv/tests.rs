@@ -175,6 +175,7 @@ fn dispatcher(ram: GuestRam) -> Arc<Dispatcher> {
             text_phys: 0x100_0000,
         },
         user_regs: UserRegsFinder::new(layout.pt_regs.clone()),
+        pt_regs: Arc::new(layout.pt_regs.clone()),
         layout,
         plans: RwLock::new(plans),
         syscalls: Arc::new(SyscallTable::from_names(names)),
@@ -226,6 +227,7 @@ struct Probe {
     seen: Mutex<Vec<String>>,
     exit_vote: Option<ResumeAction>,
     control_at_exit: Option<ResumeAction>,
+    abort_at_entry: Option<i64>,
     dispatcher: OnceLock<Weak<Dispatcher>>,
 }
 
@@ -257,7 +259,7 @@ impl EngineOps for Probe {
         nr: u64,
         args: &[u64; 6],
     ) -> ResumeAction {
-        let regs_nr = thread.regs.as_ref().map(|r| r.syscall_nr());
+        let regs_nr = thread.regs().map(|r| r.syscall_nr());
         self.note(format!(
             "entry:{}:{}:{nr}:{:#x}:{:#x}:{regs_nr:?}",
             engine.tid(),
@@ -265,6 +267,11 @@ impl EngineOps for Probe {
             args[0],
             args[5]
         ));
+        if let Some(ret) = self.abort_at_entry {
+            let refused = thread.set_reg(Reg::Cs, 0x10);
+            let r = thread.abort_syscall(ret);
+            self.note(format!("abort:{r:?}:cs:{refused:?}"));
+        }
         ResumeAction::Resume
     }
 
@@ -277,6 +284,10 @@ impl EngineOps for Probe {
         ret: i64,
     ) -> ResumeAction {
         self.note(format!("exit:{}:{nr}:{ret}", thread.tid));
+        if self.abort_at_entry.is_some() {
+            let r = thread.abort_syscall(0);
+            self.note(format!("abort-at-exit:{r:?}"));
+        }
         if let Some(action) = self.control_at_exit {
             let d = self.dispatcher.get().and_then(Weak::upgrade).unwrap();
             let r = d.control(thread.tid, engine, action);
@@ -411,4 +422,32 @@ fn a_hostile_current_pointer_is_an_error_not_a_crash() {
     assert_eq!(d.stats.errors.load(std::sync::atomic::Ordering::Relaxed), 1);
     // And a trap with no plan leaves the registers alone.
     assert_eq!(hit(&d, 0xdead_beef, TrapHit::Int3 { original: 0x90 }), None);
+}
+
+#[test]
+fn an_engine_aborts_a_call_at_its_entry_and_the_exit_reports_its_value() {
+    let d = dispatcher(guest());
+    let probe = trace(
+        &d,
+        Probe {
+            abort_at_entry: Some(-13),
+            ..Default::default()
+        },
+        SYSCALLS,
+    );
+    hit(&d, ENTRY_VA, TrapHit::DebugRegister);
+    // What the kernel reads on: no call to run, -EACCES in ax.
+    let l = layout();
+    assert_eq!(word(&d, PT_REGS + l.pt_regs.offset(Reg::OrigAx)), u64::MAX);
+    assert_eq!(word(&d, PT_REGS + l.pt_regs.offset(Reg::Ax)) as i64, -13);
+    hit(&d, EXIT_VA, TrapHit::Int3 { original: 0xf3 });
+    let seen = probe.seen.lock().unwrap();
+    assert_eq!(
+        seen[1..],
+        [
+            "abort:Ok(()):cs:Err(Invalid)".to_string(),
+            format!("exit:{TID}:{GETPID}:-13"),
+            "abort-at-exit:Err(Invalid)".to_string(),
+        ]
+    );
 }

@@ -113,6 +113,7 @@ impl Tracer {
             info: info.clone(),
             placement: k.placement(),
             user_regs: UserRegsFinder::new(layout.pt_regs.clone()),
+            pt_regs: Arc::new(layout.pt_regs.clone()),
             layout,
             plans: RwLock::new(HashMap::new()),
             syscalls: Arc::new(SyscallTable::read(&k)?),

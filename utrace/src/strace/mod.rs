@@ -10,6 +10,7 @@
 //! one thread is alive.
 
 pub mod record;
+pub mod tamper;
 pub mod text;
 
 use std::collections::{HashMap, HashSet};
@@ -41,6 +42,9 @@ pub struct StraceOptions {
     /// and `"rest"` in the exit record, for a client that renders text
     /// itself (`hvtrace attach`).
     pub entries: bool,
+    /// `-e inject=` / `-e fault=`: calls to tamper with (a later
+    /// expression naming a call overrides an earlier one, as in strace).
+    pub tamper: Vec<tamper::Tamper>,
 }
 
 /// The events this engine asks for.
@@ -56,11 +60,23 @@ pub const STRACE_EVENTS: EventMask = EventMask(
         | EventMask::SIGNAL_CORE.0,
 );
 
+/// A call between its entry and its exit.
+struct InFlight {
+    call: Pending,
+    started: Instant,
+    /// The start of its line, as printed at entry.
+    prefix: String,
+    /// Whether it was tampered with (`-e inject=`).
+    injected: bool,
+}
+
 #[derive(Default)]
 struct State {
-    /// Each thread's call in progress, when it started, and the start of
-    /// its line as printed at entry.
-    pending: HashMap<Tid, (Pending, Instant, String)>,
+    /// Each thread's call in progress.
+    pending: HashMap<Tid, InFlight>,
+    /// Invocations of each tampered call, per thread (strace counts them
+    /// per thread and call).
+    invocations: HashMap<(Tid, String), u64>,
 }
 
 /// Where records go: JSON lines, or strace's text.
@@ -125,6 +141,37 @@ impl Strace {
         !self.opts.json || self.opts.entries
     }
 
+    /// At a call's entry: counts the invocation if `-e inject=` names the
+    /// call and, if this one is chosen, aborts it with the chosen result.
+    /// Whether it did.
+    fn tamper(&self, tid: Tid, name: &str, thread: &ThreadContext) -> bool {
+        let Some(t) = self
+            .opts
+            .tamper
+            .iter()
+            .rev()
+            .find(|t| t.calls.contains(name))
+        else {
+            return false;
+        };
+        let n = {
+            let mut st = self.state();
+            let n = st.invocations.entry((tid, name.to_string())).or_insert(0);
+            *n += 1;
+            *n
+        };
+        if !t.when.matches(n) {
+            return false;
+        }
+        match thread.abort_syscall(t.outcome.ret()) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("strace: cannot tamper with {name} of thread {tid}: {e}");
+                false
+            }
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -143,6 +190,7 @@ impl EngineOps for Strace {
         let p = self.fmt.enter(&name, *args, thread);
         let prefix = p.entry_prefix();
         let tid = engine.tid();
+        let injected = self.tamper(tid, &name, thread);
         if self.entries() && self.shown(&name) {
             self.emit(Record::Entry {
                 pid: tid,
@@ -150,9 +198,13 @@ impl EngineOps for Strace {
                 line: prefix.clone(),
             });
         }
-        self.state()
-            .pending
-            .insert(tid, (p, Instant::now(), prefix));
+        let in_flight = InFlight {
+            call: p,
+            started: Instant::now(),
+            prefix,
+            injected,
+        };
+        self.state().pending.insert(tid, in_flight);
         ResumeAction::Resume
     }
 
@@ -172,8 +224,8 @@ impl EngineOps for Strace {
             Some((e, None)) => (Some(e), None),
             None => (None, None),
         };
-        let (p, started, prefix) = match pending {
-            Some(p) if p.0.name == name => p,
+        let f = match pending {
+            Some(f) if f.call.name == name => f,
             // A new child's or thread's first report is its return from
             // the clone in its parent; strace shows nothing for it.
             _ if ret == 0 && matches!(name.as_str(), "clone" | "clone3" | "fork" | "vfork") => {
@@ -193,16 +245,26 @@ impl EngineOps for Strace {
                         error,
                         seconds: None,
                         rest: None,
+                        injected: false,
                     }));
                 }
                 return ResumeAction::Resume;
             }
         };
+        let InFlight {
+            call: p,
+            started,
+            prefix,
+            injected,
+        } = f;
         if !self.shown(&p.name) {
             return ResumeAction::Resume;
         }
         let mut line = self.fmt.finish(&p, ret, thread);
         let spent = started.elapsed();
+        if injected {
+            line.push_str(" (INJECTED)");
+        }
         if self.opts.timing {
             line.push_str(&format!(" <{:.6}>", spent.as_secs_f64()));
         }
@@ -220,6 +282,7 @@ impl EngineOps for Strace {
             error,
             seconds: Some(spent.as_secs_f64()),
             rest,
+            injected,
         }));
         ResumeAction::Resume
     }
@@ -237,7 +300,7 @@ impl EngineOps for Strace {
             return ResumeAction::Resume;
         };
         let mut st = self.state();
-        if let Some((p, _, _)) = st.pending.get_mut(&engine.tid()) {
+        if let Some(InFlight { call: p, .. }) = st.pending.get_mut(&engine.tid()) {
             if p.name == "execve" && p.shown.len() >= 2 {
                 if p.shown[0].is_none() {
                     p.shown[0] = Some(self.fmt.quoted(&exec.filename));
@@ -284,7 +347,10 @@ impl EngineOps for Strace {
     ) -> ResumeAction {
         let tid = engine.tid();
         let pending = self.state().pending.remove(&tid);
-        if let Some((p, _, prefix)) = pending {
+        if let Some(InFlight {
+            call: p, prefix, ..
+        }) = pending
+        {
             if self.shown(&p.name) {
                 let line = self.fmt.unreturned(&p);
                 let rest = self
@@ -301,6 +367,7 @@ impl EngineOps for Strace {
                     error: None,
                     seconds: None,
                     rest,
+                    injected: false,
                 }));
             }
         }
@@ -321,7 +388,10 @@ impl EngineOps for Strace {
     }
 
     fn report_reap(&self, engine: &Engine, _thread: &ThreadContext) {
-        self.state().pending.remove(&engine.tid());
+        let tid = engine.tid();
+        let mut st = self.state();
+        st.pending.remove(&tid);
+        st.invocations.retain(|(t, _), _| *t != tid);
     }
 }
 

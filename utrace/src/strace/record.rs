@@ -80,6 +80,9 @@ pub struct CallEnd {
     /// What follows the entry record's line, for a renderer that printed
     /// that entry (absent unless entry records are produced).
     pub rest: Option<String>,
+    /// The call was tampered with (`-e inject=`): not run, its result
+    /// chosen by the tracer.
+    pub injected: bool,
 }
 
 impl Record {
@@ -118,6 +121,9 @@ impl Record {
                 }
                 if let Some(rest) = &c.rest {
                     v["rest"] = rest.as_str().into();
+                }
+                if c.injected {
+                    v["injected"] = true.into();
                 }
                 v
             }
@@ -185,6 +191,7 @@ impl Record {
             error: text("error"),
             seconds: v["seconds"].as_f64(),
             rest: text("rest"),
+            injected: v["injected"].as_bool().unwrap_or(false),
         }))
     }
 }
@@ -212,6 +219,7 @@ mod tests {
                 error: Some("ENOENT".into()),
                 seconds: Some(0.25),
                 rest: Some("\"/x\", O_RDONLY) = -1 ENOENT (No such file or directory)".into()),
+                injected: true,
             }),
             Record::Call(CallEnd {
                 pid: 6,
@@ -223,6 +231,7 @@ mod tests {
                 error: None,
                 seconds: None,
                 rest: None,
+                injected: false,
             }),
             Record::Signal {
                 pid: 7,

@@ -131,6 +131,7 @@ mod tests {
             error: None,
             seconds: None,
             rest: rest.map(str::to_string),
+            injected: false,
         })
     }
 

@@ -37,8 +37,9 @@ impl Dispatcher {
         // in the saved registers.
         let u = self.user_regs(k, t.current)?;
         let (nr, args) = (u.syscall_nr(), u.syscall_args());
-        let mut ctx = self.thread_context(t);
-        ctx.regs = Some(u);
+        let mut ctx = self
+            .thread_context(t)
+            .with_regs(u, self.pt_regs.clone(), false);
         let argv_ptr = match self.syscalls.name(nr) {
             Some("execve") => Some(args[1]),
             Some("execveat") => Some(args[2]),

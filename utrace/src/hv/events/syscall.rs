@@ -25,8 +25,9 @@ impl Dispatcher {
             nr,
             args: u.syscall_args(),
         };
-        let mut ctx = self.thread_context(t);
-        ctx.regs = Some(u);
+        let ctx = self
+            .thread_context(t)
+            .with_regs(u, self.pt_regs.clone(), true);
         self.report(t.tid, &event, &ctx, t.space());
         Ok(())
     }
@@ -55,8 +56,9 @@ impl Dispatcher {
             nr,
             ret: u.get(Reg::Ax) as i64,
         };
-        let mut ctx = self.thread_context(t);
-        ctx.regs = Some(u);
+        let ctx = self
+            .thread_context(t)
+            .with_regs(u, self.pt_regs.clone(), false);
         self.report(t.tid, &event, &ctx, t.space());
         Ok(())
     }
