@@ -48,8 +48,8 @@ measure() { # label, binary
             exits=$(field vm_exits_per_trap "$report")
             handler=$(field handler_us_per_trap "$report")
             keep "$label.traps_per_call" "$(awk -v t="$traps" -v n="$n" 'BEGIN { printf "%.3f", t / n }')"
-            keep "$label.exits_per_trap" "$exits"
-            keep "$label.handler_us" "$handler"
+            keep "$label.exits_per_trap" "$(printf '%.3f' "$exits")"
+            keep "$label.handler_us" "$(printf '%.2f' "$handler")"
         fi
     else
         # A build without `trace --report`: the time figures only.

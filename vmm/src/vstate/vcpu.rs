@@ -70,6 +70,10 @@ pub struct VcpuStats {
     /// Exits spent on tracer traps: the trap itself, and for a
     /// debug-register trap the single-step over its instruction.
     pub tracer_trap_exits: std::sync::atomic::AtomicU64,
+    /// Host time inside KVM_RUN, in nanoseconds.
+    pub in_guest_ns: std::sync::atomic::AtomicU64,
+    /// Host time between KVM_RUN calls (handling exits), in nanoseconds.
+    pub in_vmm_ns: std::sync::atomic::AtomicU64,
 }
 
 thread_local! {
@@ -140,6 +144,8 @@ pub struct VcpuThread {
     /// Single-stepping the instruction under a debug-register trap (with
     /// that breakpoint off on this vCPU only).
     stepping_over: bool,
+    /// When the last KVM_RUN returned (for the time split in VcpuStats).
+    left_guest_at: Option<std::time::Instant>,
     /// Whether KVM accepts `KVM_GUESTDBG_BLOCKIRQ` (no interrupt is
     /// injected during that step); learnt on first use.
     block_irq: Option<bool>,
@@ -173,6 +179,7 @@ impl VcpuThread {
             entry_unrecognised_reported: false,
             applied_hw_generation: 0,
             stepping_over: false,
+            left_guest_at: None,
             block_irq: None,
         }
     }
@@ -207,10 +214,22 @@ impl VcpuThread {
                     }
                 }
             }
+            let entered = std::time::Instant::now();
+            if let Some(left) = self.left_guest_at.take() {
+                let ns = entered.duration_since(left).as_nanos() as u64;
+                self.shared.stats[self.id as usize]
+                    .in_vmm_ns
+                    .fetch_add(ns, Ordering::Relaxed);
+            }
             let ran = self.fd.run();
-            self.shared.stats[self.id as usize]
-                .exits
-                .fetch_add(1, Ordering::Relaxed);
+            let left = std::time::Instant::now();
+            self.left_guest_at = Some(left);
+            let stats = &self.shared.stats[self.id as usize];
+            stats.exits.fetch_add(1, Ordering::Relaxed);
+            stats.in_guest_ns.fetch_add(
+                left.duration_since(entered).as_nanos() as u64,
+                Ordering::Relaxed,
+            );
             let next = match ran {
                 Ok(exit) => match exit {
                     VcpuExit::IoOut(port, data) => {
