@@ -136,6 +136,15 @@ impl Strace {
         let _ = r.and_then(|_| out.flush());
     }
 
+    /// What follows the entry record's `prefix` in a call's whole `line`,
+    /// for a renderer that printed that entry (None without entry records).
+    fn rest_after(&self, line: &str, prefix: &str) -> Option<String> {
+        if !self.entries() {
+            return None;
+        }
+        line.strip_prefix(prefix).map(str::to_string)
+    }
+
     /// Whether entry records are produced.
     fn entries(&self) -> bool {
         !self.opts.json || self.opts.entries
@@ -268,10 +277,7 @@ impl EngineOps for Strace {
         if self.opts.timing {
             line.push_str(&format!(" <{:.6}>", spent.as_secs_f64()));
         }
-        let rest = self
-            .entries()
-            .then(|| line.strip_prefix(prefix.as_str()).map(str::to_string))
-            .flatten();
+        let rest = self.rest_after(&line, &prefix);
         self.emit(Record::Call(CallEnd {
             pid: tid,
             syscall: p.name.clone(),
@@ -353,10 +359,7 @@ impl EngineOps for Strace {
         {
             if self.shown(&p.name) {
                 let line = self.fmt.unreturned(&p);
-                let rest = self
-                    .entries()
-                    .then(|| line.strip_prefix(prefix.as_str()).map(str::to_string))
-                    .flatten();
+                let rest = self.rest_after(&line, &prefix);
                 self.emit(Record::Call(CallEnd {
                     pid: tid,
                     syscall: p.name.clone(),

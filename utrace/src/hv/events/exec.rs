@@ -12,7 +12,7 @@ use vmm::vstate::memory::GuestRam;
 use crate::context::{ExecDetails, ThreadContext};
 use crate::event::Event;
 use crate::hv::dispatch::{Dispatcher, Trap};
-use crate::hv::threads::{Traced, SYSCALL_EVENTS};
+use crate::hv::threads::Traced;
 use crate::syscalls::UserMemory;
 
 /// Longest argv read at an exec, in bytes.
@@ -51,9 +51,10 @@ impl Dispatcher {
             return Ok(());
         }
         // The new program's name and argv, from the bprm.
-        let filename_ptr = k.read_u64(bprm + l.bprm_filename, "linux_binprm.filename")?;
+        let filename_ptr =
+            k.read_u64(bprm.wrapping_add(l.bprm_filename), "linux_binprm.filename")?;
         let filename = k.read_cstr(filename_ptr, 4096, "linux_binprm.filename")?;
-        let envc = u64::from(k.read_u32(bprm + l.bprm_envc, "linux_binprm.envc")?);
+        let envc = u64::from(k.read_u32(bprm.wrapping_add(l.bprm_envc), "linux_binprm.envc")?);
         // The new image's copy, when the old one's pages are not mapped
         // (a fresh fork's data the kernel has not touched).
         let argv = syscall_argv
@@ -89,13 +90,10 @@ impl Dispatcher {
         let armed = threads.armed.take().expect("checked");
         let traced = Traced::new(t.tid, t.current, &armed.specs)
             .map_err(|e| IntrospectError::Corrupt(format!("attach to {}: {e}", t.tid)))?;
+        let wants_syscalls = traced.wants_syscalls();
         threads.traced.insert(t.tid, traced);
         drop(threads);
-        if armed
-            .specs
-            .iter()
-            .any(|s| s.events.intersects(SYSCALL_EVENTS))
-        {
+        if wants_syscalls {
             self.steer(t.space(), t.current, true)?;
         }
         Ok(true)
@@ -109,8 +107,8 @@ impl Dispatcher {
         bprm: u64,
     ) -> Result<Vec<String>, IntrospectError> {
         let l = &self.layout;
-        let mm = k.read_u64(bprm + l.bprm_mm, "linux_binprm.mm")?;
-        let pgd = k.read_u64(mm + l.mm_pgd, "mm_struct.pgd")?;
+        let mm = k.read_u64(bprm.wrapping_add(l.bprm_mm), "linux_binprm.mm")?;
+        let pgd = k.read_u64(mm.wrapping_add(l.mm_pgd), "mm_struct.pgd")?;
         let pa =
             translate(&self.ram, k.space(), VirtAddr(pgd)).map_err(|e| IntrospectError::Read {
                 what: "the new image's page tables".into(),
@@ -121,14 +119,14 @@ impl Dispatcher {
             cr3: pa.0,
             levels: k.space().levels,
         };
-        let argc = k.read_u32(bprm + l.bprm_argc, "linux_binprm.argc")? as usize;
+        let argc = k.read_u32(bprm.wrapping_add(l.bprm_argc), "linux_binprm.argc")? as usize;
         if argc > ARGV_MAX_ITEMS {
             return Err(IntrospectError::Corrupt(format!(
                 "exec with {argc} arguments"
             )));
         }
         let mem = ThreadContext::new(0, 0, self.ram.clone(), space);
-        let mut at = k.read_u64(bprm + l.bprm_p, "linux_binprm.p")?;
+        let mut at = k.read_u64(bprm.wrapping_add(l.bprm_p), "linux_binprm.p")?;
         let mut out = Vec::with_capacity(argc);
         let mut total = 0;
         for _ in 0..argc {
