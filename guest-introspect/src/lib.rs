@@ -12,7 +12,8 @@
 //! * [`kernel`]: a running kernel located in guest memory (KASLR offset,
 //!   banner check, per-CPU data).
 //! * [`tasks`]: every process and thread, decoded from `task_struct`s.
-//! * [`pt_regs`]: a task's saved user registers, one typed layout.
+//! * [`pt_regs`]: a task's saved user registers, one typed layout;
+//!   [`task_layout`]: every task field read, resolved once.
 
 pub mod btf;
 pub mod elf;
@@ -26,4 +27,5 @@ pub mod paging;
 pub mod pt_regs;
 pub mod stacks;
 pub mod symbols;
+pub mod task_layout;
 pub mod tasks;

@@ -14,7 +14,8 @@ use crate::kernel::{c_string, RunningKernel};
 use crate::memory::{PhysMemory, VirtAddr};
 use crate::paging::{read_virt, translate, AddressSpace};
 pub use crate::pt_regs::UserRegs;
-use crate::pt_regs::{PtRegsLayout, UserRegsFinder};
+use crate::pt_regs::UserRegsFinder;
+use crate::task_layout::{Field, TaskLayout, COMM_LEN};
 
 /// `PF_KTHREAD`: the task is a kernel thread.
 pub const PF_KTHREAD: u32 = 0x0020_0000;
@@ -22,8 +23,6 @@ pub const PF_KTHREAD: u32 = 0x0020_0000;
 pub const PF_WQ_WORKER: u32 = 0x0000_0020;
 /// Longest name /proc shows (`proc_task_name`'s buffer, less the NUL).
 const PROC_NAME_MAX: usize = 63;
-/// `TASK_COMM_LEN`.
-const COMM_LEN: usize = 16;
 /// `ps` state letters in `task_state_index` order.
 const STATE_LETTERS: &[u8; 9] = b"RSDTtXZPI";
 /// Highest pid Linux allows (`PID_MAX_LIMIT` on 64-bit).
@@ -116,6 +115,8 @@ pub fn state_letter(state: u32, exit_state: u32) -> char {
 /// Decodes tasks of one kernel; holds the offsets it needs.
 pub struct TaskReader<'k, 'a, M: PhysMemory + ?Sized> {
     k: &'k RunningKernel<'a, M>,
+    layout: TaskLayout,
+    user_regs: UserRegsFinder,
     tasks_off: u64,
     /// `thread_node` + `signal_struct.thread_head`, or `thread_group`.
     threads: ThreadLinks,
@@ -133,6 +134,11 @@ impl<'k, 'a, M: PhysMemory + ?Sized> TaskReader<'k, 'a, M> {
     /// Prepares to read tasks of `k`: resolves the offsets and which task is
     /// current on each CPU.
     pub fn new(k: &'k RunningKernel<'a, M>) -> Result<Self> {
+        Self::with_layout(k, TaskLayout::resolve(k.types())?)
+    }
+
+    /// [`TaskReader::new`] with a layout already resolved from `k`'s types.
+    pub fn with_layout(k: &'k RunningKernel<'a, M>, layout: TaskLayout) -> Result<Self> {
         let t = k.types();
         let tasks_off = t.member("task_struct", "tasks")?.offset;
         let threads = if t.has_member("task_struct", "thread_node")
@@ -156,6 +162,8 @@ impl<'k, 'a, M: PhysMemory + ?Sized> TaskReader<'k, 'a, M> {
             .collect();
         Ok(Self {
             k,
+            user_regs: UserRegsFinder::new(layout.pt_regs.clone()),
+            layout,
             tasks_off,
             threads,
             current,
@@ -242,17 +250,19 @@ impl<'k, 'a, M: PhysMemory + ?Sized> TaskReader<'k, 'a, M> {
         Ok(out)
     }
 
-    /// Decodes the `task_struct` at `addr`.
+    /// The layout it reads with.
+    pub fn layout(&self) -> &TaskLayout {
+        &self.layout
+    }
+
+    /// Decodes the `task_struct` at `addr` (one read of its fields' span).
     pub fn task(&self, addr: u64) -> Result<Task> {
         let k = self.k;
-        let f = |path: &str| k.field(addr, "task_struct", path);
-        let state_path = if k.types().has_member("task_struct", "__state") {
-            "__state"
-        } else {
-            "state"
-        };
-        let tid = f("pid")? as u32 as i32;
-        let pid = f("tgid")? as u32 as i32;
+        let l = &self.layout.task;
+        let (raw, start) = self.layout.read_task(k, addr)?;
+        let f = |field: Field| field.decode(&raw, start).unwrap_or(0);
+        let tid = f(l.pid) as u32 as i32;
+        let pid = f(l.tgid) as u32 as i32;
         for (name, v) in [("pid", tid), ("tgid", pid)] {
             if !(0..=PID_MAX_LIMIT as i32).contains(&v) {
                 return Err(IntrospectError::Corrupt(format!(
@@ -260,26 +270,20 @@ impl<'k, 'a, M: PhysMemory + ?Sized> TaskReader<'k, 'a, M> {
                 )));
             }
         }
-        let state_raw = f(state_path)? as u32;
-        let exit_state = f("exit_state")? as u32;
-        let parent = f("real_parent")?;
+        let state_raw = f(l.state) as u32;
+        let exit_state = f(l.exit_state) as u32;
+        let parent = f(l.real_parent);
         let ppid = if parent == 0 {
             0
         } else {
-            k.field(parent, "task_struct", "tgid")? as u32 as i32
+            l.tgid.read(k, parent, "task_struct.tgid")? as u32 as i32
         };
-        let comm_off = k.types().member("task_struct", "comm")?.offset;
-        let mut comm = [0u8; COMM_LEN];
-        k.read(addr + comm_off, &mut comm, "task_struct.comm")?;
-        let cred = f("real_cred")?;
-        let c = |path: &str| k.field(cred, "cred", path).map(|v| v as u32);
-        let syscall_work = if k.types().has_member("thread_info", "syscall_work") {
-            Some(f("thread_info.syscall_work")?)
-        } else {
-            None
-        };
-        let comm = c_string(&comm);
-        let flags = f("flags")? as u32;
+        let comm_at = (l.comm - start) as usize;
+        let comm = c_string(&raw[comm_at..comm_at + COMM_LEN as usize]);
+        let cred = f(l.real_cred);
+        let c = &self.layout.cred;
+        let cred_field = |field: Field, what| field.read(k, cred, what).map(|v| v as u32);
+        let flags = f(l.flags) as u32;
         Ok(Task {
             addr,
             tid,
@@ -291,11 +295,11 @@ impl<'k, 'a, M: PhysMemory + ?Sized> TaskReader<'k, 'a, M> {
             state_raw,
             exit_state,
             flags,
-            uid: c("uid")?,
-            gid: c("gid")?,
-            euid: c("euid")?,
-            ti_flags: f("thread_info.flags")?,
-            syscall_work,
+            uid: cred_field(c.uid, "cred.uid")?,
+            gid: cred_field(c.gid, "cred.gid")?,
+            euid: cred_field(c.euid, "cred.euid")?,
+            ti_flags: f(l.ti_flags),
+            syscall_work: l.syscall_work.map(f),
             cpu: self.current.get(&addr).copied(),
         })
     }
@@ -309,7 +313,10 @@ impl<'k, 'a, M: PhysMemory + ?Sized> TaskReader<'k, 'a, M> {
         }
         let k = self.k;
         let extra = || -> Result<Option<String>> {
-            let kthread = k.field(addr, "task_struct", "worker_private")?;
+            let Some(worker_private) = self.layout.task.worker_private else {
+                return Ok(None);
+            };
+            let kthread = worker_private.read(k, addr, "task_struct.worker_private")?;
             if kthread == 0 {
                 return Ok(None);
             }
@@ -363,7 +370,8 @@ impl<'k, 'a, M: PhysMemory + ?Sized> TaskReader<'k, 'a, M> {
             // Every entry must be what the list claims: a leader leads
             // itself, a thread is led by its leader. This catches pointers
             // into the wrong place that would otherwise decode as tasks.
-            let led_by = |t: u64| self.k.field(t, "task_struct", "group_leader");
+            let group_leader = self.layout.task.group_leader;
+            let led_by = |t: u64| group_leader.read(self.k, t, "task_struct.group_leader");
             if led_by(leader)? != leader {
                 return Err(IntrospectError::Corrupt(format!(
                     "the task list holds {leader:#x}, which is not a process leader"
@@ -397,28 +405,39 @@ impl<'k, 'a, M: PhysMemory + ?Sized> TaskReader<'k, 'a, M> {
     /// thread.
     pub fn user_regs(&self, task: &Task) -> Result<Option<UserRegs>> {
         let k = self.k;
-        if task.is_kernel_thread() || k.field(task.addr, "task_struct", "mm")? == 0 {
+        let t = &self.layout.task;
+        if task.is_kernel_thread() || t.mm.read(k, task.addr, "task_struct.mm")? == 0 {
             return Ok(None);
         }
-        let stack = k.field(task.addr, "task_struct", "stack")?;
-        let finder = UserRegsFinder::new(PtRegsLayout::resolve(k.types())?);
-        finder.read(k, stack).map(Some).map_err(|e| match e {
-            IntrospectError::Corrupt(why) => {
-                IntrospectError::Corrupt(format!("pid {}: {why}", task.tid))
-            }
-            e => e,
-        })
+        let stack = t.stack.read(k, task.addr, "task_struct.stack")?;
+        self.user_regs
+            .read(k, stack)
+            .map(Some)
+            .map_err(|e| match e {
+                IntrospectError::Corrupt(why) => {
+                    IntrospectError::Corrupt(format!("pid {}: {why}", task.tid))
+                }
+                e => e,
+            })
+    }
+
+    /// The task's `mm` (0 for a kernel thread).
+    fn mm(&self, task: &Task) -> Result<u64> {
+        self.layout
+            .task
+            .mm
+            .read(self.k, task.addr, "task_struct.mm")
     }
 
     /// The task's user address space (`mm->pgd`, translated to the
     /// physical address CR3 would hold); None for kernel threads.
     pub fn user_space(&self, task: &Task) -> Result<Option<AddressSpace>> {
         let k = self.k;
-        let mm = k.field(task.addr, "task_struct", "mm")?;
+        let mm = self.mm(task)?;
         if mm == 0 {
             return Ok(None);
         }
-        let pgd = k.field(mm, "mm_struct", "pgd")?;
+        let pgd = self.layout.mm.pgd.read(k, mm, "mm_struct.pgd")?;
         let pa =
             translate(k.memory(), k.space(), VirtAddr(pgd)).map_err(|e| IntrospectError::Read {
                 what: format!("mm->pgd of pid {}", task.tid),
@@ -440,9 +459,13 @@ impl<'k, 'a, M: PhysMemory + ?Sized> TaskReader<'k, 'a, M> {
         let Some(space) = self.user_space(task)? else {
             return Ok(None);
         };
-        let mm = k.field(task.addr, "task_struct", "mm")?;
-        let start = k.field(mm, "mm_struct", "arg_start")?;
-        let end = k.field(mm, "mm_struct", "arg_end")?;
+        let mm = self.mm(task)?;
+        let start = self
+            .layout
+            .mm
+            .arg_start
+            .read(k, mm, "mm_struct.arg_start")?;
+        let end = self.layout.mm.arg_end.read(k, mm, "mm_struct.arg_end")?;
         if end < start {
             return Err(IntrospectError::Corrupt(format!(
                 "pid {}: arg_end {end:#x} is below arg_start {start:#x}",
@@ -471,12 +494,15 @@ impl<'k, 'a, M: PhysMemory + ?Sized> TaskReader<'k, 'a, M> {
     /// The executable's path (`mm->exe_file`), rebuilt from dentries and
     /// mounts; None for kernel threads.
     pub fn exe_path(&self, task: &Task) -> Result<Option<String>> {
-        let k = self.k;
-        let mm = k.field(task.addr, "task_struct", "mm")?;
+        let mm = self.mm(task)?;
         if mm == 0 {
             return Ok(None);
         }
-        let file = k.field(mm, "mm_struct", "exe_file")?;
+        let file = self
+            .layout
+            .mm
+            .exe_file
+            .read(self.k, mm, "mm_struct.exe_file")?;
         if file == 0 {
             return Ok(None);
         }

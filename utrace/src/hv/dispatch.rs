@@ -158,8 +158,8 @@ impl Dispatcher {
         let t = Trap {
             regs: ctx.regs(),
             current,
-            tid: k.read_u32(current.wrapping_add(l.task_pid), "task_struct.pid")? as Tid,
-            tgid: k.read_u32(current.wrapping_add(l.task_tgid), "task_struct.tgid")? as Tid,
+            tid: l.tasks.task.pid.read(&k, current, "task_struct.pid")? as u32 as Tid,
+            tgid: l.tasks.task.tgid.read(&k, current, "task_struct.tgid")? as u32 as Tid,
             k,
         };
         match site {
@@ -189,10 +189,12 @@ impl Dispatcher {
         k: &RunningKernel<'_, GuestRam>,
         task: u64,
     ) -> Result<UserRegs, IntrospectError> {
-        let stack = k.read_u64(
-            task.wrapping_add(self.layout.task_stack),
-            "task_struct.stack",
-        )?;
+        let stack = self
+            .layout
+            .tasks
+            .task
+            .stack
+            .read(k, task, "task_struct.stack")?;
         self.user_regs.read(k, stack)
     }
 

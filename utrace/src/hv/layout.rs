@@ -5,7 +5,7 @@
 use guest_introspect::error::{IntrospectError, Result};
 use guest_introspect::kernel::RunningKernel;
 use guest_introspect::memory::PhysMemory;
-use guest_introspect::pt_regs::PtRegsLayout;
+use guest_introspect::task_layout::{Field, TaskLayout};
 
 /// `kernel_siginfo` member offsets: `si_signo`, `si_code`,
 /// `_sifields._kill._pid`, `._kill._uid`, `._sigchld._status`.
@@ -29,26 +29,6 @@ pub struct TraceLayout {
     /// Per-CPU offset of the current task pointer (`current_task`, or
     /// `pcpu_hot.current_task` on 6.2+): `gs_base + this` holds `current`.
     pub current_task: u64,
-    /// `task_struct.pid`.
-    pub task_pid: u64,
-    /// `task_struct.tgid`.
-    pub task_tgid: u64,
-    /// `task_struct.stack`.
-    pub task_stack: u64,
-    /// `task_struct.mm`.
-    pub task_mm: u64,
-    /// `task_struct.real_parent`.
-    pub task_real_parent: u64,
-    /// `task_struct.vfork_done` (set for a `CLONE_VFORK` child).
-    pub task_vfork_done: u64,
-    /// `task_struct.comm`.
-    pub task_comm: u64,
-    /// `task_struct.thread_info.syscall_work`.
-    pub task_syscall_work: u64,
-    /// `task_struct.thread_info.flags` (the TIF_* bits).
-    pub task_ti_flags: u64,
-    /// `mm_struct.pgd`.
-    pub mm_pgd: u64,
     /// `linux_binprm.p`, `.argc`, `.envc`, `.filename`, `.mm`.
     pub bprm_p: u64,
     /// See `bprm_p`.
@@ -69,8 +49,6 @@ pub struct TraceLayout {
     pub siginfo: SiginfoLayout,
     /// `task_struct.pending` (the thread's own `sigpending`).
     pub task_pending: u64,
-    /// `task_struct.signal`.
-    pub task_signal: u64,
     /// `signal_struct.shared_pending` (the thread group's `sigpending`).
     pub signal_shared_pending: u64,
     /// `sigpending.list`: the queue of `sigqueue.list` entries.
@@ -85,8 +63,10 @@ pub struct TraceLayout {
     pub sigqueue_list: u64,
     /// `sigqueue.info`.
     pub sigqueue_info: u64,
-    /// `pt_regs`.
-    pub pt_regs: PtRegsLayout,
+    /// The task fields (shared with the task decoder) and `pt_regs`.
+    pub tasks: TaskLayout,
+    /// `task_struct.thread_info.syscall_work`, which the tracer steers by.
+    pub syscall_work: Field,
     /// The `syscall_work` bit hvtrace sets on traced threads
     /// (`SYSCALL_WORK_SYSCALL_TRACEPOINT`): it sends the thread through
     /// `syscall_trace_enter` and the exit work, and does nothing else while
@@ -131,6 +111,7 @@ impl TraceLayout {
             exit_work_mask |= bit(name)?;
         }
         let si = |m: &str| off("kernel_siginfo", m);
+        let tasks = TaskLayout::resolve(t)?;
         Ok(Self {
             ksig_sig: off("ksignal", "sig")?,
             ksig_info: off("ksignal", "info")?,
@@ -143,7 +124,6 @@ impl TraceLayout {
                 status: si("_sifields._sigchld._status")?,
             },
             task_pending: off("task_struct", "pending")?,
-            task_signal: off("task_struct", "signal")?,
             signal_shared_pending: off("signal_struct", "shared_pending")?,
             sigpending_list: off("sigpending", "list")?,
             sigpending_signal: off("sigpending", "signal")?,
@@ -151,22 +131,17 @@ impl TraceLayout {
             sigqueue_list: off("sigqueue", "list")?,
             sigqueue_info: off("sigqueue", "info")?,
             current_task,
-            task_pid: off("task_struct", "pid")?,
-            task_tgid: off("task_struct", "tgid")?,
-            task_stack: off("task_struct", "stack")?,
-            task_mm: off("task_struct", "mm")?,
-            task_real_parent: off("task_struct", "real_parent")?,
-            task_vfork_done: off("task_struct", "vfork_done")?,
-            task_comm: off("task_struct", "comm")?,
-            task_syscall_work: off("task_struct", "thread_info.syscall_work")?,
-            task_ti_flags: off("task_struct", "thread_info.flags")?,
-            mm_pgd: off("mm_struct", "pgd")?,
             bprm_p: off("linux_binprm", "p")?,
             bprm_argc: off("linux_binprm", "argc")?,
             bprm_envc: off("linux_binprm", "envc")?,
             bprm_filename: off("linux_binprm", "filename")?,
             bprm_mm: off("linux_binprm", "mm")?,
-            pt_regs: PtRegsLayout::resolve(t)?,
+            syscall_work: tasks.task.syscall_work.ok_or_else(|| {
+                IntrospectError::Corrupt(
+                    "task_struct has no thread_info.syscall_work (Linux 5.11+ is needed)".into(),
+                )
+            })?,
+            tasks,
             signal_live: off("signal_struct", "live")?,
             steer_bit: bit("SYSCALL_WORK_BIT_SYSCALL_TRACEPOINT")?,
             exit_work_mask,

@@ -98,7 +98,7 @@ pub fn dying_of_sigkill<M: PhysMemory + ?Sized>(
     if pending & (1 << (SIGKILL - 1)) == 0 {
         return Ok(false);
     }
-    let signal = k.read_u64(task + l.task_signal, "task_struct.signal")?;
+    let signal = l.tasks.task.signal.read(k, task, "task_struct.signal")?;
     let code = k.read_u32(
         signal + l.signal_group_exit_code,
         "signal_struct.group_exit_code",
@@ -115,7 +115,7 @@ pub fn queued_siginfo<M: PhysMemory + ?Sized>(
     task: u64,
     signo: i32,
 ) -> Result<Option<SignalDetails>> {
-    let signal = k.read_u64(task + l.task_signal, "task_struct.signal")?;
+    let signal = l.tasks.task.signal.read(k, task, "task_struct.signal")?;
     for pending in [task + l.task_pending, signal + l.signal_shared_pending] {
         let head = pending + l.sigpending_list;
         let mut next = k.read_u64(head, "sigpending.list")?;

@@ -24,7 +24,10 @@ impl Dispatcher {
         space: AddressSpace,
         task: u64,
     ) -> Result<(), IntrospectError> {
-        let flags = (self.layout.task_ti_flags, "task_struct.thread_info.flags");
+        let flags = (
+            self.layout.tasks.task.ti_flags.offset(),
+            "task_struct.thread_info.flags",
+        );
         self.update_task_bits(space, task, flags, 1 << TIF_NOTIFY_RESUME, true)
     }
 
@@ -36,7 +39,7 @@ impl Dispatcher {
         on: bool,
     ) -> Result<(), IntrospectError> {
         let work = (
-            self.layout.task_syscall_work,
+            self.layout.syscall_work.offset(),
             "task_struct.thread_info.syscall_work",
         );
         self.update_task_bits(space, task, work, self.layout.steer_bit, on)

@@ -12,6 +12,7 @@ use guest_introspect::image::{KernelInfo, SymbolSource};
 use guest_introspect::kernel::{KernelPlacement, VcpuView};
 use guest_introspect::pt_regs::{PtRegsLayout, Reg, UserRegsFinder, REG_COUNT};
 use guest_introspect::symbols::SymbolMap;
+use guest_introspect::task_layout::{CredFields, Field, MmFields, TaskFields, TaskLayout};
 use vmm::trap::{GuestRegs, GuestSregs, TrapContext, TrapHandler, TrapHit};
 use vmm::vstate::memory::GuestRam;
 
@@ -53,18 +54,40 @@ fn kva(pa: u64) -> u64 {
 
 /// A test layout: each field at its own offset in a 0x400-byte task.
 fn layout() -> TraceLayout {
+    let word = |offset| Field::at(offset, 8);
+    let int = |offset| Field::at(offset, 4);
+    let task = TaskFields {
+        pid: int(0x10),
+        tgid: int(0x14),
+        stack: word(0x18),
+        syscall_work: Some(word(0x28)),
+        ti_flags: word(0x30),
+        mm: word(0x38),
+        signal: word(0x40),
+        real_parent: word(0x48),
+        vfork_done: word(0x50),
+        comm: 0x58,
+        state: int(0x68),
+        exit_state: int(0x6c),
+        flags: int(0x70),
+        group_leader: word(0x78),
+        real_cred: word(0x80),
+        worker_private: None,
+    };
+    let cred = CredFields {
+        uid: int(4),
+        gid: int(8),
+        euid: int(0x14),
+    };
+    let mm = MmFields {
+        pgd: word(0),
+        arg_start: word(0x10),
+        arg_end: word(0x18),
+        exe_file: word(0x20),
+    };
+    let pt_regs = PtRegsLayout::new(std::array::from_fn(|i| 8 * i as u64), 168).unwrap();
     TraceLayout {
         current_task: 0x20,
-        task_pid: 0x10,
-        task_tgid: 0x14,
-        task_stack: 0x18,
-        task_mm: 0x38,
-        task_real_parent: 0x48,
-        task_vfork_done: 0x50,
-        task_comm: 0x58,
-        task_syscall_work: 0x28,
-        task_ti_flags: 0x30,
-        mm_pgd: 0,
         bprm_p: 0,
         bprm_argc: 8,
         bprm_envc: 0x10,
@@ -81,7 +104,6 @@ fn layout() -> TraceLayout {
             status: 0x18,
         },
         task_pending: 0x100,
-        task_signal: 0x40,
         signal_shared_pending: 0x20,
         sigpending_list: 0,
         sigpending_signal: 0x10,
@@ -89,7 +111,8 @@ fn layout() -> TraceLayout {
         signal_group_exit_code: 0x30,
         sigqueue_list: 0,
         sigqueue_info: 0x18,
-        pt_regs: PtRegsLayout::new(std::array::from_fn(|i| 8 * i as u64), 168).unwrap(),
+        syscall_work: word(0x28),
+        tasks: TaskLayout::new(task, cred, mm, pt_regs).unwrap(),
         steer_bit: STEER_BIT,
         exit_work_mask: STEER_BIT,
         virt_offset: 0,
@@ -119,13 +142,14 @@ fn guest() -> GuestRam {
     put(PD, 3 | 0x80);
     let l = layout();
     put(PERCPU + l.current_task, kva(TASK));
-    ram.write(TASK + l.task_pid, &(TID as u32).to_le_bytes())
+    let t = &l.tasks.task;
+    ram.write(TASK + t.pid.offset(), &(TID as u32).to_le_bytes())
         .unwrap();
-    ram.write(TASK + l.task_tgid, &(TID as u32).to_le_bytes())
+    ram.write(TASK + t.tgid.offset(), &(TID as u32).to_le_bytes())
         .unwrap();
-    put(TASK + l.task_stack, kva(STACK));
-    put(TASK + l.task_syscall_work, STEER_BIT);
-    let reg = |r: Reg, v: u64| put(PT_REGS + l.pt_regs.offset(r), v);
+    put(TASK + t.stack.offset(), kva(STACK));
+    put(TASK + l.syscall_work.offset(), STEER_BIT);
+    let reg = |r: Reg, v: u64| put(PT_REGS + l.tasks.pt_regs.offset(r), v);
     reg(Reg::Cs, 0x33);
     reg(Reg::Ss, 0x2b);
     reg(Reg::OrigAx, GETPID);
@@ -174,8 +198,8 @@ fn dispatcher(ram: GuestRam) -> Arc<Dispatcher> {
             text: 0xffff_ffff_8100_0000,
             text_phys: 0x100_0000,
         },
-        user_regs: UserRegsFinder::new(layout.pt_regs.clone()),
-        pt_regs: Arc::new(layout.pt_regs.clone()),
+        user_regs: UserRegsFinder::new(layout.tasks.pt_regs.clone()),
+        pt_regs: Arc::new(layout.tasks.pt_regs.clone()),
         layout,
         plans: RwLock::new(plans),
         syscalls: Arc::new(SyscallTable::from_names(names)),
@@ -345,7 +369,7 @@ fn an_untraced_thread_is_steered_off_unless_the_guest_traces_system_calls_itself
     let d = dispatcher(guest());
     hit(&d, ENTRY_VA, TrapHit::DebugRegister);
     let l = layout();
-    assert_eq!(word(&d, TASK + l.task_syscall_work) & STEER_BIT, 0);
+    assert_eq!(word(&d, TASK + l.syscall_work.offset()) & STEER_BIT, 0);
     assert_eq!(
         d.stats.untraced.load(std::sync::atomic::Ordering::Relaxed),
         1
@@ -356,7 +380,10 @@ fn an_untraced_thread_is_steered_off_unless_the_guest_traces_system_calls_itself
         .write(TRACEPOINT_REFCOUNT, &1u32.to_le_bytes())
         .unwrap();
     hit(&d, ENTRY_VA, TrapHit::DebugRegister);
-    assert_eq!(word(&d, TASK + l.task_syscall_work) & STEER_BIT, STEER_BIT);
+    assert_eq!(
+        word(&d, TASK + l.syscall_work.offset()) & STEER_BIT,
+        STEER_BIT
+    );
 }
 
 #[test]
@@ -377,7 +404,7 @@ fn a_callback_may_detach_itself_through_the_tracer_and_the_thread_is_let_go() {
     );
     assert!(!d.lock().is_traced(TID), "no engine left");
     let l = layout();
-    assert_eq!(word(&d, TASK + l.task_syscall_work) & STEER_BIT, 0);
+    assert_eq!(word(&d, TASK + l.syscall_work.offset()) & STEER_BIT, 0);
     // The next call is not reported.
     hit(&d, ENTRY_VA, TrapHit::DebugRegister);
     assert_eq!(probe.seen.lock().unwrap().len(), 2);
@@ -397,7 +424,7 @@ fn a_report_vote_sets_notify_resume_and_the_quiesce_site_reports_once() {
     hit(&d, EXIT_VA, TrapHit::Int3 { original: 0xf3 });
     let l = layout();
     assert_eq!(
-        word(&d, TASK + l.task_ti_flags),
+        word(&d, TASK + l.tasks.task.ti_flags.offset()),
         1 << 1,
         "TIF_NOTIFY_RESUME"
     );
@@ -438,8 +465,14 @@ fn an_engine_aborts_a_call_at_its_entry_and_the_exit_reports_its_value() {
     hit(&d, ENTRY_VA, TrapHit::DebugRegister);
     // What the kernel reads on: no call to run, -EACCES in ax.
     let l = layout();
-    assert_eq!(word(&d, PT_REGS + l.pt_regs.offset(Reg::OrigAx)), u64::MAX);
-    assert_eq!(word(&d, PT_REGS + l.pt_regs.offset(Reg::Ax)) as i64, -13);
+    assert_eq!(
+        word(&d, PT_REGS + l.tasks.pt_regs.offset(Reg::OrigAx)),
+        u64::MAX
+    );
+    assert_eq!(
+        word(&d, PT_REGS + l.tasks.pt_regs.offset(Reg::Ax)) as i64,
+        -13
+    );
     hit(&d, EXIT_VA, TrapHit::Int3 { original: 0xf3 });
     let seen = probe.seen.lock().unwrap();
     assert_eq!(

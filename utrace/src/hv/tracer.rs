@@ -34,6 +34,7 @@ use guest_introspect::kernel::RunningKernel;
 use guest_introspect::memory::VirtAddr;
 use guest_introspect::paging::{translate, AddressSpace};
 use guest_introspect::pt_regs::UserRegsFinder;
+use guest_introspect::tasks::TaskReader;
 use vmm::machine::{MachineError, RunningVm};
 use vmm::trap::{TrapError, TrapHandler, TrapOwner};
 
@@ -112,8 +113,8 @@ impl Tracer {
             ram: ram.clone(),
             info: info.clone(),
             placement: k.placement(),
-            user_regs: UserRegsFinder::new(layout.pt_regs.clone()),
-            pt_regs: Arc::new(layout.pt_regs.clone()),
+            user_regs: UserRegsFinder::new(layout.tasks.pt_regs.clone()),
+            pt_regs: Arc::new(layout.tasks.pt_regs.clone()),
             layout,
             plans: RwLock::new(HashMap::new()),
             syscalls: Arc::new(SyscallTable::read(&k)?),
@@ -252,7 +253,7 @@ impl Tracer {
     fn attach_paused(&self, pid: Tid, spec: &EngineSpec) -> Result<Vec<Tid>, TracerError> {
         let inner = &self.inner;
         let k = inner.kernel(inner.kernel_space);
-        let reader = guest_introspect::tasks::TaskReader::new(&k)?;
+        let reader = TaskReader::with_layout(&k, inner.layout.tasks.clone())?;
         let tasks = reader.all_tasks(guest_introspect::tasks::WalkLimits::default())?;
         let threads: Vec<_> = tasks.iter().filter(|t| t.pid == pid).collect();
         if threads.is_empty() {

@@ -26,8 +26,8 @@ impl Dispatcher {
         }
         let k = &t.k;
         let child = t.regs.rdi;
-        let child_tid =
-            k.read_u32(child.wrapping_add(self.layout.task_pid), "task_struct.pid")? as Tid;
+        let pid = self.layout.tasks.task.pid;
+        let child_tid = pid.read(k, child, "task_struct.pid")? as u32 as Tid;
         let flags = self.clone_flags(k, t.current, child)?;
         // Followers attach to the child before it first runs.
         let mut threads = self.lock();
@@ -82,17 +82,17 @@ impl Dispatcher {
                 _ => {}
             }
         }
-        let l = &self.layout;
-        let word = |task: u64, off: u64, what: &str| k.read_u64(task.wrapping_add(off), what);
-        let tgid = |task: u64| k.read_u32(task.wrapping_add(l.task_tgid), "task_struct.tgid");
+        let l = &self.layout.tasks.task;
+        let tgid = |task: u64| l.tgid.read(k, task, "task_struct.tgid");
+        let mm = |task: u64| l.mm.read(k, task, "task_struct.mm");
         let mut flags = 0;
         if tgid(parent)? == tgid(child)? {
             flags |= CLONE_THREAD;
         }
-        if word(parent, l.task_mm, "task_struct.mm")? == word(child, l.task_mm, "task_struct.mm")? {
+        if mm(parent)? == mm(child)? {
             flags |= CLONE_VM;
         }
-        if word(child, l.task_vfork_done, "task_struct.vfork_done")? != 0 {
+        if l.vfork_done.read(k, child, "task_struct.vfork_done")? != 0 {
             flags |= CLONE_VFORK;
         }
         Ok(flags)

@@ -108,7 +108,7 @@ impl Dispatcher {
     ) -> Result<Vec<String>, IntrospectError> {
         let l = &self.layout;
         let mm = k.read_u64(bprm.wrapping_add(l.bprm_mm), "linux_binprm.mm")?;
-        let pgd = k.read_u64(mm.wrapping_add(l.mm_pgd), "mm_struct.pgd")?;
+        let pgd = l.tasks.mm.pgd.read(k, mm, "mm_struct.pgd")?;
         let pa =
             translate(&self.ram, k.space(), VirtAddr(pgd)).map_err(|e| IntrospectError::Read {
                 what: "the new image's page tables".into(),

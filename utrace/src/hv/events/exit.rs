@@ -49,8 +49,8 @@ impl Dispatcher {
         let k = &t.k;
         let l = &self.layout;
         let task = t.regs.rdi;
-        let tid = k.read_u32(task.wrapping_add(l.task_pid), "task_struct.pid")? as Tid;
-        let tgid = k.read_u32(task.wrapping_add(l.task_tgid), "task_struct.tgid")? as Tid;
+        let tid = l.tasks.task.pid.read(k, task, "task_struct.pid")? as u32 as Tid;
+        let tgid = l.tasks.task.tgid.read(k, task, "task_struct.tgid")? as u32 as Tid;
         let traced = {
             let mut threads = self.lock();
             if tid == tgid {
@@ -70,9 +70,12 @@ impl Dispatcher {
     /// (`signal->live` has reached 0).
     fn group_dead(&self, t: &Trap<'_>) -> Option<bool> {
         let l = &self.layout;
-        let signal =
-            t.k.read_u64(t.current.wrapping_add(l.task_signal), "task_struct.signal")
-                .ok()?;
+        let signal = l
+            .tasks
+            .task
+            .signal
+            .read(&t.k, t.current, "task_struct.signal")
+            .ok()?;
         let live =
             t.k.read_u32(signal.wrapping_add(l.signal_live), "signal_struct.live")
                 .ok()?;
