@@ -152,10 +152,17 @@ def main():
         reply = ctl.line()
         return reply
 
-    def run(cmd, expect_status=0, what=None, crlf=False):
-        """Send RUN for shell text `cmd`; return (status line, stdout, stderr)."""
-        b64 = base64.b64encode(cmd.encode()).decode()
-        reply = request(f"RUN {b64}" + ("\r\n" if crlf else "\n"))
+    def run(cmd, expect_status=0, what=None, crlf=False, legacy=False):
+        """Send shell text `cmd` as SH (one line, what hvtrace sends) or,
+        with `legacy` or for several lines, as RUN <base64>; return
+        (status line, stdout, stderr)."""
+        end = "\r\n" if crlf else "\n"
+        body = cmd[:-1] if cmd.endswith("\n") else cmd
+        if legacy or "\n" in body:
+            b64 = base64.b64encode(cmd.encode()).decode()
+            reply = request(f"RUN {b64}" + end)
+        else:
+            reply = request(f"SH {body}" + end)
         stdout, stderr = out.drain(), err.drain()
         ready = ctl.line()
         what = what or cmd.strip()
@@ -195,7 +202,7 @@ def main():
               "hostname, root, cwd /, PATH, HOME", repr(o))
         _, o, _ = run("cat; echo stdin-done\n")
         check(o == "stdin-done\n", "command stdin is /dev/null", repr(o))
-        _, o, _ = run("[ -e /proc/$$/fd/3 ] && echo leaked || echo closed\n")
+        _, o, _ = run("[ -e /proc/self/fd/3 ] && echo leaked || echo closed\n")
         check(o == "closed\n", "control fd 3 not inherited", repr(o))
         _, o, _ = run("echo crlf-ok\n", crlf=True, what="CRLF-terminated request")
         check(o == "crlf-ok\n", "a trailing \\r is ignored", repr(o))
@@ -205,6 +212,17 @@ def main():
             check(m in o.split(), f"{m} mounted", repr(o))
         _, o, _ = run("ls -l /tmp/.hvtrace-cmd; stty -F /dev/ttyS2 -a\n")
         check("-opost" in o and "-echo" in o and "-icanon" in o, "ttyS2 raw -echo -opost", repr(o))
+
+        _, o, _ = run("'printf' '%s|' 'a b' \"it's\"\n", legacy=True, what="RUN (older hvtrace)")
+        check(o == "a b|it's|", "RUN <base64> still served", repr(o))
+        _, o, _ = run("echo one\necho two\n", what="two-line RUN script")
+        check(o == "one\ntwo\n", "a RUN script of several lines", repr(o))
+        _, o, _ = run("'printf' '%s|' $'a\\012b' $'tab\\011x'\n", what="SH with $'...' escapes")
+        check(o == "a\nb|tab\tx|", "control characters spelled $'\\NNN' arrive", repr(o))
+        _, o, _ = run("'sh' '-c' 'echo \"[$CTL$OUT$CMD]\"'\n", what="init's variables")
+        check(o == "[]\n", "init's own variables are not exported", repr(o))
+        _, o, _ = run("exec 'sh' '-c' 'echo $$ > /tmp/p; echo exec-ok'\n", what="SH exec")
+        check(o == "exec-ok\n", "SH exec runs the command", repr(o))
 
         big = "echo " + "x" * 6000 + "\n"
         _, o, _ = run(big, what="6000-byte script")

@@ -198,8 +198,10 @@ pub fn qemu_run(
         let line = line.trim();
         if line == "HVTRACE-READY" && !sent {
             let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+            // The older RUN request: QEMU's runs keep it tested (hvtrace
+            // itself sends SH, and RUN only to an init that predates SH).
             writer
-                .write_all(vmm::control::run_request(&argv).as_bytes())
+                .write_all(vmm::control::run_request(&argv, vmm::control::Start::Plain).as_bytes())
                 .unwrap();
             sent = true;
         } else if let Some(code) = line.strip_prefix("HVTRACE-EXIT ") {

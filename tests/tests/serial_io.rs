@@ -6,12 +6,13 @@
 use std::time::{Duration, Instant};
 
 use hvtrace_tests::*;
+use vmm::control::Start;
 
 /// Runs `argv` in `guest` and returns (exit status, what it printed), or
 /// fails the test if no answer comes within `limit`.
 fn run_with_limit(guest: &mut InProcessGuest, argv: &[String], limit: Duration) -> (i32, String) {
     let before = guest.stdout().len();
-    let request_len = vmm::control::run_request(argv).len();
+    let request_len = vmm::control::sh_request(argv, Start::Plain).len();
     guest.session.start(argv).expect("send the request");
     let deadline = Instant::now() + limit;
     loop {
@@ -34,7 +35,7 @@ fn run_with_limit(guest: &mut InProcessGuest, argv: &[String], limit: Duration) 
 fn echo_with_request_len(len: usize) -> Vec<String> {
     for k in 0..len {
         let argv = vec!["echo".to_string(), "y".repeat(k)];
-        match vmm::control::run_request(&argv).len() {
+        match vmm::control::sh_request(&argv, Start::Plain).len() {
             l if l == len => return argv,
             l if l > len => break,
             _ => {}
@@ -46,9 +47,9 @@ fn echo_with_request_len(len: usize) -> Vec<String> {
 #[test]
 fn requests_of_every_length_reach_the_guest() {
     let mut guest = InProcessGuest::restore_default();
-    // A request is "RUN " + base64 + "\n": its length is 1 modulo 4. Every
-    // other such length across the old window (257-320), its edges, then
-    // far beyond (several FIFO refills and 256-character passes). Each
+    // A request is "SH 'echo' '<y...>'\n". Every eighth length across the
+    // old window (257-320), its edges, then far beyond (several FIFO
+    // refills and 256-character passes). Each
     // request costs seconds of emulated guest work on PVM, so the sweep is
     // sparse here; the device-model test in vmm/src/devices/serial.rs feeds
     // every length from 1 to 2,000 to a replica of Linux's driver.
@@ -96,7 +97,8 @@ fn the_strace_command_of_the_bug_report_finishes() {
     require_kvm();
     let script = "strace -f -o /tmp/s.txt /bin/sh -c 'cat /proc/version >/dev/null; ls /nonexistent-dir 2>/dev/null; (echo sub | cat >/dev/null); echo done-$((2+3))' >/dev/null; echo rc=$?; grep -c execve /tmp/s.txt";
     let argv: Vec<String> = ["/bin/sh", "-c", script].map(String::from).to_vec();
-    let len = vmm::control::run_request(&argv).len();
+    // As the report sent it (the RUN request of an older hvtrace).
+    let len = vmm::control::run_request(&argv, Start::Plain).len();
     assert!((257..=320).contains(&len), "request is {len} bytes");
     let out = hvtrace(&["run", "--", "/bin/sh", "-c", script]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));

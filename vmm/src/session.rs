@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 
 use crate::builder::{build, BuildError, Sinks, VmConfig};
-use crate::control::{exec_request, run_request, ControlMessage};
+use crate::control::{run_request, sh_request, ControlMessage, Start};
 use crate::crash::CrashKind;
 use crate::devices::serial::{ConsoleLog, LineSink, Sink};
 use crate::machine::{MachineError, RunningVm, VmEvent};
@@ -124,6 +124,11 @@ pub struct Session {
     timings: Arc<Mutex<Timings>>,
     ready: bool,
     unexpected_errors: Vec<String>,
+    /// The command sent and not yet ended, to send again as `RUN` if the
+    /// guest's init predates `SH`.
+    in_flight: Option<(Vec<String>, Start)>,
+    /// The guest's init answered `SH` as an unknown request.
+    legacy_init: bool,
     rip_sampling: Option<(Duration, Instant)>,
     symbols: Option<guest_introspect::symbols::SymbolMap>,
 }
@@ -287,6 +292,8 @@ impl Wiring {
             timings: self.timings,
             ready: false,
             unexpected_errors: Vec::new(),
+            in_flight: None,
+            legacy_init: false,
             rip_sampling: None,
             symbols: None,
         }
@@ -611,29 +618,58 @@ impl Session {
         self.start(argv)?;
         loop {
             match self.next_message("waiting for the guest command to finish")? {
-                ControlMessage::Exit(code) => return Ok(code),
+                ControlMessage::Exit(code) => {
+                    self.in_flight = None;
+                    return Ok(code);
+                }
+                ControlMessage::Error(e) if self.resent_as_run(&e) => {}
                 ControlMessage::Error(e) => return Err(SessionError::Init(e)),
                 _ => {}
             }
         }
     }
 
+    /// Sends `argv` to the guest's init: as `SH`, or as `RUN` to an init
+    /// that predates it.
+    fn send_command(&mut self, argv: &[String], start: Start) -> Result<(), SessionError> {
+        self.wait_ready()?;
+        self.ready = false;
+        let request = if self.legacy_init {
+            run_request(argv, start)
+        } else {
+            sh_request(argv, start)
+        };
+        self.in_flight = Some((argv.to_vec(), start));
+        self.vm.send_control(request.as_bytes());
+        Ok(())
+    }
+
+    /// An init that predates `SH` (a snapshot taken by an older hvtrace)
+    /// answers it as an unknown request: the command goes again as `RUN`,
+    /// and so do all later ones. Whether it did.
+    fn resent_as_run(&mut self, error: &str) -> bool {
+        if self.legacy_init || error != "unknown request" {
+            return false;
+        }
+        let Some((argv, start)) = self.in_flight.clone() else {
+            return false;
+        };
+        self.legacy_init = true;
+        // Init answers READY after the error and then reads the next line.
+        self.vm.send_control(run_request(&argv, start).as_bytes());
+        true
+    }
+
     /// Starts `argv` in the guest without waiting for it; poll with
     /// [`Session::poll_exit`].
     pub fn start(&mut self, argv: &[String]) -> Result<(), SessionError> {
-        self.wait_ready()?;
-        self.ready = false;
-        self.vm.send_control(run_request(argv).as_bytes());
-        Ok(())
+        self.send_command(argv, Start::Plain)
     }
 
     /// Like [`Session::start`], but the command replaces the shell init
     /// starts for it (see [`crate::control::exec_request`]).
     pub fn start_exec(&mut self, argv: &[String]) -> Result<(), SessionError> {
-        self.wait_ready()?;
-        self.ready = false;
-        self.vm.send_control(exec_request(argv).as_bytes());
-        Ok(())
+        self.send_command(argv, Start::Exec)
     }
 
     /// Waits up to `timeout` for the command started with
@@ -643,7 +679,11 @@ impl Session {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             match self.poll_once("waiting for the guest command to finish")? {
-                Some(ControlMessage::Exit(code)) => return Ok(Some(code)),
+                Some(ControlMessage::Exit(code)) => {
+                    self.in_flight = None;
+                    return Ok(Some(code));
+                }
+                Some(ControlMessage::Error(e)) if self.resent_as_run(&e) => {}
                 Some(ControlMessage::Error(e)) => return Err(SessionError::Init(e)),
                 _ => {}
             }
