@@ -45,6 +45,11 @@ impl Field {
         self.offset
     }
 
+    /// Its size in bytes (1 to 8).
+    pub fn size(self) -> u64 {
+        self.size
+    }
+
     /// Its value in `raw`, the struct's bytes from offset `start`; None if
     /// `raw` does not hold it.
     pub fn decode(self, raw: &[u8], start: u64) -> Option<u64> {

@@ -226,8 +226,13 @@ pub fn format_ps(reply: &Value) -> String {
         "PID", "TID", "PPID", "STAT"
     );
     for t in reply["tasks"].as_array().into_iter().flatten() {
+        let held = if t["stopped_by"] == "hvtrace" {
+            "  (stopped by hvtrace)"
+        } else {
+            ""
+        };
         out += &format!(
-            "{:>5} {:>5} {:>5} {:<4} {}\n",
+            "{:>5} {:>5} {:>5} {:<4} {}{held}\n",
             t["pid"].as_i64().unwrap_or(-1),
             t["tid"].as_i64().unwrap_or(-1),
             t["ppid"].as_i64().unwrap_or(-1),

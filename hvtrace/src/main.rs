@@ -47,6 +47,12 @@ enum Command {
     Trace(cmd::trace::TraceArgs),
     /// Trace a process of a running VM until it exits; Ctrl-C detaches.
     Attach(cmd::attach::AttachArgs),
+    /// Hold a guest process (or one thread) stopped until `cont`; the rest of the guest runs on.
+    Stop(cmd::control::StopArgs),
+    /// Let threads held by `stop` run again.
+    Cont(cmd::control::ContArgs),
+    /// Wake threads from interruptible sleeps (utrace's INTERRUPT); their calls restart.
+    Interrupt(cmd::control::ContArgs),
 }
 
 fn main() {
@@ -74,6 +80,9 @@ fn main() {
         Command::Sites(a) => cmd::sites::sites(a),
         Command::Trace(a) => cmd::trace::trace(a),
         Command::Attach(a) => cmd::attach::attach(a),
+        Command::Stop(a) => cmd::control::stop(a),
+        Command::Cont(a) => cmd::control::cont(a),
+        Command::Interrupt(a) => cmd::control::interrupt(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -4,7 +4,7 @@
 use hvtrace_tests::*;
 use serde_json::Value;
 
-const EVENTS: [&str; 11] = [
+const EVENTS: [&str; 12] = [
     "SYSCALL_ENTRY",
     "SYSCALL_EXIT",
     "CLONE",
@@ -16,6 +16,7 @@ const EVENTS: [&str; 11] = [
     "SIGNAL_FATAL",
     "JCTL",
     "QUIESCE",
+    "DOORBELL",
 ];
 
 fn sites(kernel: &str) -> Value {

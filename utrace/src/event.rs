@@ -148,6 +148,15 @@ pub enum Event {
 }
 
 impl Event {
+    /// The report of an INTERRUPT: report_signal with no signal (signo 0,
+    /// utrace's UTRACE_SIGNAL_REPORT).
+    pub fn interrupt() -> Self {
+        Event::Signal {
+            signo: 0,
+            kind: EventMask::SIGNAL,
+        }
+    }
+
     /// The event bit this event reports under (0 for a plain quiesce).
     pub fn mask(&self) -> EventMask {
         match self {

@@ -47,6 +47,9 @@ pub enum Site {
     JobControl,
     /// The return-to-user work, just after TIF_NOTIFY_RESUME was consumed.
     Quiesce,
+    /// Not an event: the control UART's interrupt handler, where the
+    /// tracer wakes tasks (see [`crate::hv::doorbell`]).
+    Doorbell,
 }
 
 impl Site {
@@ -79,6 +82,7 @@ impl Site {
             Site::SignalDequeued => "SIGNAL_FATAL",
             Site::JobControl => "JCTL",
             Site::Quiesce => "QUIESCE",
+            Site::Doorbell => "DOORBELL",
         }
     }
 
@@ -96,6 +100,7 @@ impl Site {
             Site::SignalDequeued => EventMask::SIGNAL_TERM | EventMask::SIGNAL_CORE,
             Site::JobControl => EventMask::JCTL,
             Site::Quiesce => EventMask::QUIESCE,
+            Site::Doorbell => EventMask::NONE,
         }
     }
 }
@@ -273,6 +278,13 @@ pub const SITES: &[SiteSpec] = &[
             notify_resume("syscall_exit_to_user_mode", "the return from a system call (6.12 inlines the loop here), just after it clears TIF_NOTIFY_RESUME"),
             notify_resume("irqentry_exit_to_user_mode", "the return from an interrupt or exception (6.12 inlines the loop here), just after it clears TIF_NOTIFY_RESUME"),
             notify_resume("exit_to_user_mode_loop", "the loop's out-of-line copy (6.12, for callers outside kernel/entry), just after it clears TIF_NOTIFY_RESUME"),
+        ],
+    },
+    SiteSpec {
+        site: Site::Doorbell,
+        reach: Reach::First,
+        candidates: &[
+            c("serial8250_interrupt", "the 8250 driver's interrupt handler: a pulse on the control UART's line brings a vCPU here, in hard-interrupt context, where the tracer wakes the tasks it parked or interrupts"),
         ],
     },
 ];

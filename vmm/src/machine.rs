@@ -378,6 +378,13 @@ impl RunningVm {
         rx.recv().map_err(|_| MachineError::VcpuGone(id))
     }
 
+    /// The control UART's (ttyS1's) interrupt line: pulsing it makes the
+    /// guest run its 8250 interrupt handler (the tracer's doorbell).
+    pub fn control_irq(&self) -> Option<crate::devices::serial::IrqLine> {
+        let bus = self.bus.lock().unwrap_or_else(|e| e.into_inner());
+        bus.uarts[CONTROL_UART].irq_line()
+    }
+
     /// Queues bytes for the guest to read on the control UART (ttyS1).
     pub fn send_control(&self, bytes: &[u8]) {
         let mut bus = self.bus.lock().unwrap_or_else(|e| e.into_inner());

@@ -10,7 +10,7 @@ use guest_introspect::image::KernelInfo;
 use guest_introspect::kernel::VcpuView;
 use serde_json::{json, Value};
 use utrace::engine::EngineData;
-use utrace::hv::{EngineSpec, Tracer};
+use utrace::hv::{EngineSpec, Target, Tracer};
 use utrace::strace::{Strace, StraceOptions, STRACE_EVENTS};
 use vmm::session::Session;
 use vmm::vstate::memory::GuestRam;
@@ -30,6 +30,50 @@ pub struct Handler {
     tracer: Option<Tracer>,
     /// Each attached connection's engine data (engines are found by it).
     attached: HashMap<u64, EngineData>,
+    /// Threads held stopped by `stop`, by thread id.
+    held: HashMap<i32, Hold>,
+}
+
+/// One thread held stopped by a `stop` request.
+struct Hold {
+    /// Its process.
+    pid: i32,
+    /// The holder engine's data.
+    data: EngineData,
+    /// The connection whose close ends it (`until_close`), if any.
+    conn: Option<u64>,
+}
+
+/// An engine that waits for one INTERRUPT report and detaches.
+struct Interrupter {
+    reports: crossbeam_channel::Sender<(i32, std::time::Instant)>,
+}
+
+impl utrace::engine::EngineOps for Interrupter {
+    fn report_signal(
+        &self,
+        _action: utrace::ResumeAction,
+        engine: &utrace::engine::Engine,
+        _thread: &utrace::context::ThreadContext,
+        signo: i32,
+    ) -> utrace::ResumeAction {
+        if signo != 0 {
+            return utrace::ResumeAction::Resume;
+        }
+        let _ = self.reports.send((engine.tid(), std::time::Instant::now()));
+        utrace::ResumeAction::Detach
+    }
+}
+
+/// A `pid` or `tid` from a request.
+fn target(pid: Option<i32>, tid: Option<i32>) -> Result<Target, String> {
+    match (pid, tid) {
+        (Some(p), None) if p > 0 => Ok(Target::Process(p)),
+        (None, Some(t)) if t > 0 => Ok(Target::Thread(t)),
+        (Some(_), Some(_)) => Err("give pid or tid, not both".into()),
+        (None, None) => Err("give pid (a process) or tid (one thread)".into()),
+        _ => Err("pid and tid are positive".into()),
+    }
 }
 
 /// The fields of an attach request.
@@ -75,7 +119,158 @@ impl Handler {
             infos: HashMap::new(),
             tracer: None,
             attached: HashMap::new(),
+            held: HashMap::new(),
         }
+    }
+
+    /// The tracer, installed now if it was not.
+    fn tracer(&mut self, session: &Session) -> Result<Tracer, String> {
+        if self.tracer.is_none() {
+            let source = self.default_source.clone();
+            let info = self.info(session, &source)?;
+            let tracer = Tracer::install(session.vm(), info)
+                .map_err(|e| format!("installing the tracer: {e}"))?;
+            self.tracer = Some(tracer);
+        }
+        Ok(self.tracer.clone().expect("installed above"))
+    }
+
+    fn stop(
+        &mut self,
+        session: &Session,
+        conn: &Conn,
+        target: Target,
+        wait: std::time::Duration,
+        until_close: bool,
+    ) -> Result<Value, String> {
+        let tracer = self.tracer(session)?;
+        let data: EngineData = Arc::new("hvtrace stop");
+        let result = tracer.hold_stopped(session.vm(), target, &data, wait);
+        let (pairs, stopped) = match result {
+            Ok(h) => (h.threads, h.stopped),
+            Err(e) => {
+                self.remove_idle_tracer(session);
+                return Err(e.to_string());
+            }
+        };
+        for &(tid, pid) in &pairs {
+            if let Some(old) = self.held.insert(
+                tid,
+                Hold {
+                    pid,
+                    data: data.clone(),
+                    conn: until_close.then_some(conn.id),
+                },
+            ) {
+                // Held twice: the newer request's holder stays.
+                tracer.release_thread(tid, &old.data);
+            }
+        }
+        let tids: Vec<i32> = pairs.iter().map(|p| p.0).collect();
+        let pending: Vec<i32> = tids
+            .iter()
+            .copied()
+            .filter(|t| !stopped.contains(t))
+            .collect();
+        Ok(json!({ "tids": tids, "stopped": stopped, "pending": pending }))
+    }
+
+    fn cont(&mut self, session: &Session, target: Target) -> Result<Value, String> {
+        let tids: Vec<i32> = self
+            .held
+            .iter()
+            .filter(|(tid, h)| match target {
+                Target::Process(pid) => h.pid == pid,
+                Target::Thread(t) => **tid == t,
+            })
+            .map(|(tid, _)| *tid)
+            .collect();
+        if tids.is_empty() {
+            return Err(match target {
+                Target::Process(pid) => {
+                    format!("no thread of process {pid} is held stopped by hvtrace stop")
+                }
+                Target::Thread(tid) => format!("thread {tid} is not held stopped by hvtrace stop"),
+            });
+        }
+        self.release(session, &tids);
+        let mut released = tids;
+        released.sort_unstable();
+        Ok(json!({ "released": released }))
+    }
+
+    /// Releases the holds of `tids`.
+    fn release(&mut self, session: &Session, tids: &[i32]) {
+        for tid in tids {
+            if let (Some(h), Some(t)) = (self.held.remove(tid), &self.tracer) {
+                t.release_thread(*tid, &h.data);
+            }
+        }
+        self.remove_idle_tracer(session);
+    }
+
+    fn interrupt(
+        &mut self,
+        session: &Session,
+        target: Target,
+        wait: std::time::Duration,
+    ) -> Result<Value, String> {
+        let tracer = self.tracer(session)?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let data: EngineData = Arc::new("hvtrace interrupt");
+        let spec = EngineSpec {
+            ops: Arc::new(Interrupter { reports: tx }),
+            events: utrace::event::EventMask::QUIESCE | utrace::event::EventMask::SIGNAL,
+            follow: false,
+            data: Some(data.clone()),
+        };
+        let tids = match tracer.attach_target(session.vm(), target, &spec) {
+            Ok(t) => t,
+            Err(e) => {
+                self.remove_idle_tracer(session);
+                return Err(e.to_string());
+            }
+        };
+        let asked = std::time::Instant::now();
+        let mut errors = Vec::new();
+        for &tid in &tids {
+            let engine = tracer
+                .engines(tid)
+                .into_iter()
+                .find(|e| e.data().is_some_and(|d| Arc::ptr_eq(d, &data)));
+            if let Some(e) = engine {
+                if let Err(err) =
+                    tracer.control(session.vm(), tid, &e, utrace::ResumeAction::Interrupt)
+                {
+                    errors.push(err.to_string());
+                }
+            }
+        }
+        let deadline = asked + wait;
+        let mut reported = Vec::new();
+        while reported.len() < tids.len() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((tid, at)) => {
+                    reported.push(json!([tid, at.duration_since(asked).as_secs_f64() * 1e3]))
+                }
+                Err(_) => break,
+            }
+        }
+        tracer.detach_data(&data);
+        self.remove_idle_tracer(session);
+        if !errors.is_empty() {
+            return Err(errors.join("; "));
+        }
+        Ok(json!({ "tids": tids, "reported": reported }))
+    }
+
+    /// The threads held stopped now (parked in the guest), for `ps`.
+    fn stopped_threads(&self) -> Vec<i32> {
+        self.tracer
+            .as_ref()
+            .map(Tracer::stopped)
+            .unwrap_or_default()
     }
 
     /// Removes the tracer (before the VM stops or is handed on).
@@ -166,9 +361,24 @@ impl Handler {
         Ok(json!({ "engines": engines }))
     }
 
+    /// The connection closed: its engines detach and its stops end.
+    fn disconnected(&mut self, session: &Session, conn: &Conn) -> Result<Value, String> {
+        let mine: Vec<i32> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.conn == Some(conn.id))
+            .map(|(tid, _)| *tid)
+            .collect();
+        self.release(session, &mine);
+        self.detach(session, conn)
+    }
+
     /// Takes the tracer's traps out once nobody uses them.
     fn remove_idle_tracer(&mut self, session: &Session) {
-        if self.attached.is_empty() && self.tracer.as_ref().is_some_and(Tracer::is_idle) {
+        if self.attached.is_empty()
+            && self.held.is_empty()
+            && self.tracer.as_ref().is_some_and(Tracer::is_idle)
+        {
             if let Some(t) = self.tracer.take() {
                 if let Err(e) = t.remove(session.vm()) {
                     eprintln!("hvtrace: removing the tracer: {e}");
@@ -224,7 +434,22 @@ impl Handler {
                     entries,
                 },
             ),
-            Op::Detach | Op::Disconnected => self.detach(session, conn),
+            Op::Detach => self.detach(session, conn),
+            Op::Disconnected => self.disconnected(session, conn),
+            Op::Stop {
+                pid,
+                tid,
+                wait_ms,
+                until_close,
+            } => {
+                let wait = std::time::Duration::from_millis(wait_ms.unwrap_or(2000).min(600_000));
+                self.stop(session, conn, target(pid, tid)?, wait, until_close)
+            }
+            Op::Cont { pid, tid } => self.cont(session, target(pid, tid)?),
+            Op::Interrupt { pid, tid, wait_ms } => {
+                let wait = std::time::Duration::from_millis(wait_ms.unwrap_or(2000).min(600_000));
+                self.interrupt(session, target(pid, tid)?, wait)
+            }
             Op::TextHash => self.text_hash(session),
             Op::Ping => {
                 let vm = session.vm();
@@ -240,13 +465,19 @@ impl Handler {
                     },
                 }))
             }
+            Op::Snapshot { .. } if self.tracer.as_ref().is_some_and(Tracer::holds_guest_state) => {
+                Err("cannot snapshot while hvtrace holds guest threads stopped (their registers are kept in the host): `hvtrace cont` them first".into())
+            }
             Op::Snapshot { path } => session
                 .snapshot(std::path::Path::new(&path), "hvtrace boot")
                 .map(|bytes| json!({ "bytes": bytes }))
                 .map_err(|e| e.to_string()),
             Op::Ps { kernel, system_map } => {
                 let source = self.requested_source(kernel, system_map);
-                self.live(session, &source, introspect::ps_json)
+                let stopped = self.stopped_threads();
+                let mut v = self.live(session, &source, introspect::ps_json)?;
+                mark_stopped(&mut v, &stopped);
+                Ok(v)
             }
             Op::Sites => {
                 let source = self.default_source.clone();
@@ -355,5 +586,20 @@ impl Handler {
         let value = result.map_err(|e| format!("{e:#}"))?;
         resumed.map_err(|e| e.to_string())?;
         Ok(value)
+    }
+}
+
+/// Marks the tasks hvtrace holds stopped in a `ps` reply: state `T`, and
+/// `"stopped_by":"hvtrace"` (the guest itself sees them asleep, `D`).
+fn mark_stopped(ps: &mut Value, stopped: &[i32]) {
+    if let Some(tasks) = ps["tasks"].as_array_mut() {
+        for t in tasks {
+            let tid = t["tid"].as_i64().and_then(|v| i32::try_from(v).ok());
+            if tid.is_some_and(|tid| stopped.contains(&tid)) {
+                t["guest_state"] = t["state"].clone();
+                t["state"] = json!("T");
+                t["stopped_by"] = json!("hvtrace");
+            }
+        }
     }
 }

@@ -29,6 +29,22 @@
 //!   are removed and the kernel text is as it was.
 //! * `{"v":1,"op":"detach"}` -> `{"v":1,"ok":true,"engines":N}`: the same,
 //!   keeping the connection.
+//! * `{"v":1,"op":"stop","pid":N}` (or `"tid":N` for one thread) ->
+//!   `{"v":1,"ok":true,"tids":[N,..],"stopped":[N,..],"pending":[..]}`:
+//!   every thread of process N is held stopped (utrace's STOP from an engine
+//!   of the VM's own) until `cont`, a SIGKILL inside the guest, or the VM's
+//!   end; the reply comes once all are parked or after `wait_ms` (default
+//!   2000): a thread blocked in a system call stops when the call returns
+//!   (`pending`). With `"until_close":true` the stop is this connection's
+//!   and ends when it closes (or the client is killed).
+//! * `{"v":1,"op":"cont","pid":N}` (or `"tid":N`) -> `{"v":1,"ok":true,"released":[N,..]}`.
+//! * `{"v":1,"op":"interrupt","pid":N}` (or `"tid":N`) ->
+//!   `{"v":1,"ok":true,"tids":[..],"reported":[[TID,MS],..]}`: utrace's
+//!   INTERRUPT from an engine of the VM's own: a thread asleep in an
+//!   interruptible call wakes at once and reports (report_signal with no
+//!   signal), MS milliseconds after the request; the call is then restarted
+//!   as the kernel restarts a call interrupted with no signal to deliver.
+//!   The reply waits for every report or `wait_ms` (default 2000).
 //! * `{"v":1,"op":"text_hash"}` -> `{"v":1,"ok":true,"sha256":"..","bytes":N,"traps":N}`:
 //!   SHA-256 of the guest kernel's text (`_text`..`_etext`) as it is in
 //!   guest memory, and how many of the tracer's traps are set.
@@ -72,6 +88,43 @@ pub enum Op {
     },
     /// Detach this connection's engines.
     Detach,
+    /// Hold a process's threads (or one thread) stopped.
+    Stop {
+        /// Process id (every thread).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<i32>,
+        /// One thread.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tid: Option<i32>,
+        /// Longest wait for the threads to stop, in milliseconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait_ms: Option<u64>,
+        /// The stop ends when this connection closes.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        until_close: bool,
+    },
+    /// utrace's INTERRUPT of a process's threads (or one thread), waiting
+    /// for each to report.
+    Interrupt {
+        /// Process id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<i32>,
+        /// One thread.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tid: Option<i32>,
+        /// Longest wait for the reports, in milliseconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait_ms: Option<u64>,
+    },
+    /// Release the stops `stop` set on a process's threads (or one thread).
+    Cont {
+        /// Process id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<i32>,
+        /// One thread.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tid: Option<i32>,
+    },
     /// Hash of the guest kernel text.
     TextHash,
     /// The connection closed (sent by the server itself, never parsed).

@@ -27,6 +27,7 @@ use vmm::vstate::memory::GuestRam;
 
 use crate::context::ThreadContext;
 use crate::event::{Event, Tid};
+use crate::hv::kcall::{Calls, Purpose};
 use crate::hv::layout::TraceLayout;
 use crate::hv::placement::{Displaced, PlannedTrap, TrapKind};
 use crate::hv::threads::Threads;
@@ -47,6 +48,23 @@ pub struct TracerStats {
     /// Host time spent in the trap handler, in nanoseconds (engines
     /// included; the VM exit and the register transfer not).
     pub handler_ns: AtomicU64,
+    /// Times a thread was put to sleep because an engine held it stopped
+    /// (a held thread sleeps again after each one-second backstop).
+    pub parks: AtomicU64,
+    /// Doorbell rings.
+    pub doorbells: AtomicU64,
+    /// Wake-ups sent from the doorbell's handler.
+    pub wakes: AtomicU64,
+}
+
+/// Runtime addresses of the guest kernel functions the tracer calls
+/// ([`crate::hv::kcall`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KernelFunctions {
+    /// `signed long schedule_timeout(signed long timeout)`.
+    pub schedule_timeout: u64,
+    /// `int wake_up_state(struct task_struct *p, unsigned int state)`.
+    pub wake_up_state: u64,
 }
 
 /// The tracer's state the trap handlers share; `vmm` holds it as the
@@ -71,6 +89,25 @@ pub(crate) struct Dispatcher {
     pub kernel_space: AddressSpace,
     pub threads: Mutex<Threads>,
     pub stats: TracerStats,
+    /// Kernel functions called from traps; None if the kernel lacks one
+    /// (then nothing is ever parked or woken).
+    pub kfuncs: Option<KernelFunctions>,
+    /// A parked thread's backstop timeout: one second in the kernel's
+    /// jiffies.
+    pub park_jiffies: u64,
+    /// The doorbell's interrupt line ([`crate::hv::doorbell`]).
+    pub doorbell: Option<vmm::devices::serial::IrqLine>,
+    /// Kernel calls in flight ([`crate::hv::kcall`]).
+    pub calls: Mutex<Calls>,
+}
+
+/// Who hit a trap.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Who {
+    /// The current task's `task_struct`.
+    pub current: u64,
+    /// Its thread id.
+    pub tid: Tid,
 }
 
 /// A trap as its event handler sees it: who hit it and where.
@@ -105,11 +142,37 @@ impl TrapHandler for Dispatcher {
             return;
         };
         let space = ctx.sregs.view.kernel_space();
-        if let Err(e) = self.handle(p.site, ctx, space) {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            log::warn!("tracer: {} at {}+{:#x}: {e}", p.site, p.symbol, p.offset);
+        // Whether the vCPU now runs a kernel function the tracer called
+        // (the trap goes on when it returns here). Registers are changed
+        // on a copy, written back only if they differ.
+        let mut regs = *ctx.regs();
+        let calling = if let Some(call) = self.returning_call(va, regs.rsp) {
+            match call.purpose {
+                Purpose::Park { .. } => self.on_park_return(call, &mut regs, space),
+                Purpose::Wake => self.on_doorbell(va, call.saved, &mut regs, space),
+            }
+        } else if p.site == Site::Doorbell {
+            let saved = regs;
+            self.on_doorbell(va, saved, &mut regs, space)
+        } else {
+            match self.handle(p.site, ctx, space) {
+                Ok(who) => {
+                    regs = *ctx.regs();
+                    self.park_if_stopped(p.site, va, &who, &mut regs, space)
+                }
+                Err(e) => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    log::warn!("tracer: {} at {}+{:#x}: {e}", p.site, p.symbol, p.offset);
+                    false
+                }
+            }
+        };
+        if regs != *ctx.regs() {
+            *ctx.regs_mut() = regs;
         }
-        if let TrapHit::Int3 { .. } = hit {
+        if calling {
+            // The displaced instruction runs when the call returns here.
+        } else if let TrapHit::Int3 { .. } = hit {
             if let Err(e) = self.execute_displaced(&p, ctx.regs_mut(), space) {
                 log::error!("tracer: cannot continue past {va:#x}: {e}");
             }
@@ -150,7 +213,7 @@ impl Dispatcher {
         site: Site,
         ctx: &TrapContext<'_>,
         space: AddressSpace,
-    ) -> Result<(), IntrospectError> {
+    ) -> Result<Who, IntrospectError> {
         let k = self.kernel(space);
         let l = &self.layout;
         let current_at = ctx.sregs.gs_base.wrapping_add(l.current_task);
@@ -161,6 +224,10 @@ impl Dispatcher {
             tid: l.tasks.task.pid.read(&k, current, "task_struct.pid")? as u32 as Tid,
             tgid: l.tasks.task.tgid.read(&k, current, "task_struct.tgid")? as u32 as Tid,
             k,
+        };
+        let who = Who {
+            current: t.current,
+            tid: t.tid,
         };
         match site {
             Site::SyscallEntry => self.on_syscall_entry(&t),
@@ -175,7 +242,10 @@ impl Dispatcher {
             Site::Quiesce => self.on_quiesce(&t),
             // Planned only on request; nothing reports it yet.
             Site::JobControl => Ok(()),
-        }
+            // Handled before the current task is read (see on_trap).
+            Site::Doorbell => Ok(()),
+        }?;
+        Ok(who)
     }
 
     /// Counts a trap taken by a thread nobody traces.

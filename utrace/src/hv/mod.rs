@@ -15,10 +15,21 @@
 //! * [`layout`]: the offsets and flag bits the handlers use, from BTF.
 //! * [`signals`]: siginfo of deliveries and of signals that kill by their
 //!   default action.
+//!
+//! Control (a thread held stopped, woken, interrupted):
+//!
+//! * [`kcall`]: making a trapped thread call a guest kernel function and
+//!   picking the trap up again when it returns.
+//! * [`park`]: STOP: a held thread sleeps in its own kernel until released.
+//! * [`doorbell`]: waking a task from outside, through the control UART's
+//!   interrupt handler.
 
 pub mod dispatch;
+pub mod doorbell;
 pub mod events;
+pub mod kcall;
 pub mod layout;
+pub mod park;
 pub mod placement;
 pub mod signals;
 pub mod task_bits;
@@ -29,5 +40,6 @@ pub mod tracer;
 mod tests;
 
 pub use dispatch::TracerStats;
+pub use park::StopHolder;
 pub use threads::EngineSpec;
-pub use tracer::{Tracer, TracerError};
+pub use tracer::{Target, Tracer, TracerError};

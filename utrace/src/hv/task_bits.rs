@@ -13,6 +13,10 @@ use vmm::vstate::memory::GuestRam;
 use crate::hv::dispatch::Dispatcher;
 use crate::hv::placement::TIF_NOTIFY_RESUME;
 
+/// `TIF_SIGPENDING`: bit 2 of the x86 thread flags
+/// (`arch/x86/include/asm/thread_info.h`, unchanged since 2.6).
+const TIF_SIGPENDING: u32 = 2;
+
 impl Dispatcher {
     /// Sets TIF_NOTIFY_RESUME in `task`'s thread flags: the thread runs the
     /// return-to-user work, and so reaches the QUIESCE site, on its next
@@ -29,6 +33,22 @@ impl Dispatcher {
             "task_struct.thread_info.flags",
         );
         self.update_task_bits(space, task, flags, 1 << TIF_NOTIFY_RESUME, true)
+    }
+
+    /// Sets TIF_SIGPENDING in `task`'s thread flags (INTERRUPT): its next
+    /// way back to user mode goes through `get_signal`, and a system call
+    /// it sleeps in interruptibly ends, to be restarted by the kernel's
+    /// rules for a call interrupted with no signal to deliver.
+    pub(crate) fn set_sigpending(
+        &self,
+        space: AddressSpace,
+        task: u64,
+    ) -> Result<(), IntrospectError> {
+        let flags = (
+            self.layout.tasks.task.ti_flags.offset(),
+            "task_struct.thread_info.flags",
+        );
+        self.update_task_bits(space, task, flags, 1 << TIF_SIGPENDING, true)
     }
 
     /// Sets or clears the steering bit in `task`'s `syscall_work`.

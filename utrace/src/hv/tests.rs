@@ -19,7 +19,8 @@ use vmm::vstate::memory::GuestRam;
 use crate::context::ThreadContext;
 use crate::engine::{Engine, EngineOps};
 use crate::event::{EventMask, Tid};
-use crate::hv::dispatch::{Dispatcher, TracerStats};
+use crate::hv::dispatch::{Dispatcher, KernelFunctions, TracerStats};
+use crate::hv::kcall::Calls;
 use crate::hv::layout::{SiginfoLayout, TraceLayout};
 use crate::hv::placement::{Displaced, PlannedTrap, TrapKind};
 use crate::hv::threads::{EngineSpec, Threads, Traced};
@@ -44,6 +45,10 @@ const PT_REGS: u64 = STACK + 0x4000 - 8 * REG_COUNT as u64;
 const ENTRY_VA: u64 = 0xffff_ffff_8100_1000;
 const EXIT_VA: u64 = 0xffff_ffff_8100_2000;
 const QUIESCE_VA: u64 = 0xffff_ffff_8100_3000;
+const DOORBELL_VA: u64 = 0xffff_ffff_8100_4000;
+/// The kernel functions the tracer calls.
+const SCHEDULE_TIMEOUT_VA: u64 = 0xffff_ffff_8100_5000;
+const WAKE_UP_STATE_VA: u64 = 0xffff_ffff_8100_6000;
 const STEER_BIT: u64 = 1 << 3;
 const TID: Tid = 77;
 const GETPID: u64 = 39;
@@ -181,6 +186,11 @@ fn dispatcher(ram: GuestRam) -> Arc<Dispatcher> {
             TrapKind::Int3(Displaced::Skip { len: 4 }),
         ),
         plan(Site::Quiesce, QUIESCE_VA, TrapKind::DebugRegister),
+        plan(
+            Site::Doorbell,
+            DOORBELL_VA,
+            TrapKind::Int3(Displaced::Skip { len: 4 }),
+        ),
     ]);
     let mut names = vec![None; 64];
     names[GETPID as usize] = Some("getpid".to_string());
@@ -210,17 +220,33 @@ fn dispatcher(ram: GuestRam) -> Arc<Dispatcher> {
         },
         threads: Mutex::new(Threads::default()),
         stats: TracerStats::default(),
+        kfuncs: Some(KernelFunctions {
+            schedule_timeout: SCHEDULE_TIMEOUT_VA,
+            wake_up_state: WAKE_UP_STATE_VA,
+        }),
+        park_jiffies: 100,
+        doorbell: None,
+        calls: Mutex::new(Calls::default()),
     })
 }
 
 /// Delivers the trap at `va` to `d` as the vCPU loop does; returns the
 /// registers as they would be written back.
 fn hit(d: &Dispatcher, va: u64, how: TrapHit) -> Option<GuestRegs> {
-    let regs = GuestRegs {
-        rip: va,
-        rsp: kva(STACK + 0x3000),
-        ..Default::default()
-    };
+    hit_with(
+        d,
+        GuestRegs {
+            rip: va,
+            rsp: kva(STACK + 0x3000),
+            ..Default::default()
+        },
+        how,
+    )
+}
+
+/// [`hit`] with the vCPU's registers `regs` (RIP at the trap).
+fn hit_with(d: &Dispatcher, regs: GuestRegs, how: TrapHit) -> Option<GuestRegs> {
+    let va = regs.rip;
     let sregs = GuestSregs {
         view: VcpuView {
             cr3: PML4,
@@ -483,4 +509,150 @@ fn an_engine_aborts_a_call_at_its_entry_and_the_exit_reports_its_value() {
             "abort-at-exit:Err(Invalid)".to_string(),
         ]
     );
+}
+
+/// The registers the thread of [`hit`] has at a trap: distinctive values
+/// in every caller-saved register, to see them restored.
+fn thread_regs(rip: u64) -> GuestRegs {
+    GuestRegs {
+        rip,
+        rsp: kva(STACK + 0x3000),
+        rax: 0xa0,
+        rcx: 0xc0,
+        rdx: 0xd0,
+        rsi: 0x51,
+        rdi: 0xd1,
+        r8: 0x8,
+        r11: 0x11,
+        rflags: 0x246,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_stop_vote_parks_the_thread_in_the_kernel_until_released_through_the_doorbell() {
+    let d = dispatcher(guest());
+    trace(
+        &d,
+        Probe {
+            exit_vote: Some(ResumeAction::Stop),
+            ..Default::default()
+        },
+        SYSCALLS,
+    );
+    let at = thread_regs(EXIT_VA);
+    let int3 = TrapHit::Int3 { original: 0xf3 };
+    // The STOP vote at the exit report: the thread calls
+    // schedule_timeout(1 s) from the trap, in a killable, no-load sleep.
+    let call = hit_with(&d, at, int3).expect("a call");
+    assert_eq!(
+        (call.rip, call.rsp, call.rdi),
+        (SCHEDULE_TIMEOUT_VA, at.rsp - 8, 100)
+    );
+    assert_eq!(word(&d, STACK + 0x3000 - 8), EXIT_VA, "returns to the trap");
+    let l = layout();
+    assert_eq!(
+        word(&d, TASK + l.tasks.task.state.offset()) & 0xffff_ffff,
+        0x502
+    );
+    assert_eq!(d.parked(), [TID]);
+    // Woken while still held (its backstop timeout): parked again.
+    let mut back = call;
+    back.rip = EXIT_VA;
+    back.rsp = at.rsp;
+    back.rax = 0;
+    let again = hit_with(&d, back, int3).expect("parked again");
+    assert_eq!(again.rip, SCHEDULE_TIMEOUT_VA);
+    // RESUME from the engine queues a wake; the doorbell's handler sends it.
+    let engine = d.lock().traced[&TID].utrace.engines()[0].clone();
+    d.control(TID, &engine, ResumeAction::Resume).unwrap();
+    let irq = GuestRegs {
+        rip: DOORBELL_VA,
+        rsp: kva(STACK + 0x2000),
+        rdi: 4,
+        ..Default::default()
+    };
+    let wake = hit_with(&d, irq, int3).expect("a wake-up call");
+    assert_eq!(
+        (wake.rip, wake.rdi, wake.rsi),
+        (WAKE_UP_STATE_VA, kva(TASK), 2)
+    );
+    // wake_up_state returns: the interrupt handler runs on, untouched.
+    let mut done = wake;
+    done.rip = DOORBELL_VA;
+    done.rsp = irq.rsp;
+    let handler = hit_with(&d, done, int3).unwrap();
+    assert_eq!(
+        handler,
+        GuestRegs {
+            rip: DOORBELL_VA + 4,
+            ..irq
+        }
+    );
+    // The parked thread's schedule_timeout returns: every register is as
+    // at the trap, and the displaced instruction runs.
+    let mut woke = again;
+    woke.rip = EXIT_VA;
+    woke.rsp = at.rsp;
+    woke.rax = 42;
+    let after = hit_with(&d, woke, int3).unwrap();
+    assert_eq!(
+        after,
+        GuestRegs {
+            rip: EXIT_VA + 4,
+            ..at
+        }
+    );
+    assert!(d.parked().is_empty());
+    assert_eq!(d.calls_in_flight().0, 0);
+}
+
+#[test]
+fn sigkill_breaks_a_stop_and_an_untraced_or_killed_thread_is_never_parked() {
+    let d = dispatcher(guest());
+    trace(
+        &d,
+        Probe {
+            exit_vote: Some(ResumeAction::Stop),
+            ..Default::default()
+        },
+        SYSCALLS,
+    );
+    let at = thread_regs(EXIT_VA);
+    let int3 = TrapHit::Int3 { original: 0xf3 };
+    let call = hit_with(&d, at, int3).expect("parked");
+    // SIGKILL arrives (bit 8 of the thread's pending set) and wakes it.
+    let l = layout();
+    d.ram
+        .write(
+            TASK + l.task_pending + l.sigpending_signal,
+            &(1u64 << 8).to_le_bytes(),
+        )
+        .unwrap();
+    let mut back = call;
+    back.rip = EXIT_VA;
+    back.rsp = at.rsp;
+    let after = hit_with(&d, back, int3).unwrap();
+    assert_eq!(
+        after,
+        GuestRegs {
+            rip: EXIT_VA + 4,
+            ..at
+        }
+    );
+    assert!(d.parked().is_empty());
+    assert!(
+        !d.lock().traced[&TID].utrace.is_stopped(),
+        "SIGKILL clears STOP"
+    );
+    // Still voting STOP, but dying: not parked again.
+    let after = hit_with(&d, at, int3).unwrap();
+    assert_eq!(after.rip, EXIT_VA + 4);
+    // A doorbell with nothing queued changes nothing but runs the handler.
+    let irq = GuestRegs {
+        rip: DOORBELL_VA,
+        rsp: kva(STACK + 0x2000),
+        ..Default::default()
+    };
+    assert_eq!(hit_with(&d, irq, int3).unwrap().rip, DOORBELL_VA + 4);
 }

@@ -3,11 +3,12 @@
 //! lock), the facts the trap handlers keep between two traps of one
 //! thread, and the pending "trace the next exec of this argv".
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use crate::engine::{AttachFlags, Engine, EngineData, EngineOps};
 use crate::event::{EventMask, Tid};
+use crate::hv::doorbell::Wake;
 use crate::thread::ThreadUtrace;
 
 /// The system-call events (a thread is steered onto the system-call sites
@@ -67,6 +68,10 @@ pub(crate) struct Traced {
     /// entry: where a signal it dequeued and dies of is (see
     /// [`crate::hv::signals`]).
     pub get_signal: Option<(u64, u64)>,
+    /// An INTERRUPT is due: report_signal with no signal (utrace's
+    /// UTRACE_SIGNAL_REPORT) at its next `get_signal` or return to user
+    /// mode.
+    pub interrupt_pending: bool,
 }
 
 impl Traced {
@@ -81,6 +86,7 @@ impl Traced {
             task,
             report_pending: false,
             get_signal: None,
+            interrupt_pending: false,
         };
         let mut first_error = None;
         for spec in specs {
@@ -153,6 +159,12 @@ pub(crate) struct Threads {
     /// Thread groups whose killing signal was reported (by the first of
     /// their threads to exit), until the group leader is reaped.
     pub fatal_reported: HashSet<Tid>,
+    /// Threads parked because an engine holds them stopped, with their
+    /// `task_struct` ([`crate::hv::park`]); kept apart from `traced`, since
+    /// a parked thread whose engines all detached is still asleep.
+    pub parked: HashMap<Tid, u64>,
+    /// Wake-ups for the doorbell to send ([`crate::hv::doorbell`]).
+    pub wakes: VecDeque<Wake>,
 }
 
 impl Threads {

@@ -40,8 +40,11 @@ use vmm::trap::{TrapError, TrapHandler, TrapOwner};
 
 use crate::engine::{Engine, EngineData};
 use crate::event::{EventMask, Tid};
-use crate::hv::dispatch::{Dispatcher, TracerStats};
+use crate::hv::dispatch::{Dispatcher, KernelFunctions, TracerStats};
+use crate::hv::doorbell::Wake;
+use crate::hv::kcall::Calls;
 use crate::hv::layout::TraceLayout;
+use crate::hv::park::{StopHolder, TASK_INTERRUPTIBLE};
 use crate::hv::placement::{plan, PlannedTrap, TrapKind};
 use crate::hv::threads::{Armed, EngineSpec, Threads, Traced, SYSCALL_EVENTS};
 use crate::sites::Site;
@@ -66,9 +69,31 @@ pub enum TracerError {
     /// No process with that id.
     #[error("no process {0} in the guest")]
     NoProcess(Tid),
+    /// No thread with that id.
+    #[error("no thread {0} in the guest")]
+    NoThread(Tid),
     /// utrace refused the attach.
     #[error("cannot attach to thread {0}: {1}")]
     Utrace(Tid, crate::UtraceError),
+}
+
+/// The threads [`Tracer::hold_stopped`] holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// (thread id, process id) of each.
+    pub threads: Vec<(Tid, Tid)>,
+    /// The ones parked already; the others stop at their next safe point
+    /// (a thread blocked in a system call, when the call returns).
+    pub stopped: Vec<Tid>,
+}
+
+/// What an operation applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Every thread of a process.
+    Process(Tid),
+    /// One thread.
+    Thread(Tid),
 }
 
 /// The tracer installed in one VM. Clones share it (an engine may keep
@@ -109,7 +134,18 @@ impl Tracer {
             },
             Err(_) => space,
         };
+        let kfuncs = match (k.symbol("schedule_timeout"), k.symbol("wake_up_state")) {
+            (Ok(schedule_timeout), Ok(wake_up_state)) => Some(KernelFunctions {
+                schedule_timeout,
+                wake_up_state,
+            }),
+            _ => None,
+        };
         let inner = Arc::new(Dispatcher {
+            kfuncs,
+            park_jiffies: jiffies_per_second(&k),
+            doorbell: vm.control_irq(),
+            calls: Mutex::new(Calls::default()),
             ram: ram.clone(),
             info: info.clone(),
             placement: k.placement(),
@@ -127,8 +163,10 @@ impl Tracer {
         Ok(Self { inner })
     }
 
-    /// Plans and sets the QUIESCE traps if they are not set yet, with the
-    /// vCPUs paused. Called from outside the vCPU threads (attach, control).
+    /// Plans and sets the QUIESCE traps and the DOORBELL trap if they are
+    /// not set yet, with the vCPUs paused. Called from outside the vCPU
+    /// threads (attach, control). A kernel without a usable doorbell site
+    /// still gets QUIESCE (parked threads then wake at their backstop).
     fn ensure_quiesce_site(&self, vm: &RunningVm) -> Result<(), TracerError> {
         let inner = &self.inner;
         if inner.has_quiesce_site() {
@@ -142,7 +180,23 @@ impl Tracer {
             if plans.is_empty() {
                 return Err(TracerError::Sites(errors.join("; ")));
             }
-            set_traps(vm, inner, space, plans)
+            set_traps(vm, inner, space, plans)?;
+            let (bell, errors) = plan(&k, &inner.info.symbols, &inner.layout, &[Site::Doorbell]);
+            if bell.is_empty() || inner.doorbell.is_none() {
+                log::warn!(
+                    "tracer: no doorbell ({}): stopped threads resume within a second of release",
+                    if errors.is_empty() {
+                        "the VM has no control UART".to_string()
+                    } else {
+                        errors.join("; ")
+                    }
+                );
+            } else if let Err(e) = set_traps(vm, inner, space, bell) {
+                log::warn!(
+                    "tracer: no doorbell ({e}): stopped threads resume within a second of release"
+                );
+            }
+            Ok(())
         })();
         vm.resume_all()?;
         result
@@ -166,15 +220,22 @@ impl Tracer {
     }
 
     /// `utrace_control` from outside the guest thread or from a callback:
-    /// RESUME withdraws nothing yet pending, DETACH detaches the engine
-    /// (and stops tracing the thread if it was the last), REPORT makes the
-    /// thread call report_quiesce(0) at its next return to user mode
-    /// without interrupting a system call it sleeps in (needs QUIESCE in
-    /// the engine's mask: EINVAL otherwise). STOP, INTERRUPT, SINGLESTEP
-    /// and BLOCKSTEP are refused with EOPNOTSUPP: the hypervisor side does
-    /// not act on them yet. From a callback, REPORT works once the QUIESCE
-    /// site is set (attaching an engine with QUIESCE sets it): setting it
-    /// pauses every vCPU, which a vCPU thread cannot wait for.
+    /// RESUME withdraws this engine's STOP, DETACH detaches the engine
+    /// (and stops tracing the thread if it was the last); a thread no
+    /// engine holds any more runs on. STOP holds the thread: Ok if it is
+    /// already parked, else EINPROGRESS and it parks at its next safe
+    /// point ([`crate::hv::park`]). REPORT makes the thread call
+    /// report_quiesce(0) at its next return to user mode without
+    /// interrupting a system call it sleeps in (needs QUIESCE in the
+    /// engine's mask: EINVAL otherwise). INTERRUPT also wakes it from an
+    /// interruptible sleep, and it reports through report_signal with no
+    /// signal (signo 0, utrace's UTRACE_SIGNAL_REPORT); the interrupted
+    /// call is restarted by the kernel's own rules. SINGLESTEP and
+    /// BLOCKSTEP are refused with EOPNOTSUPP. From a callback, REPORT,
+    /// STOP and INTERRUPT work once the control sites are set (attaching
+    /// an engine with QUIESCE, or any call of this from outside a callback,
+    /// sets them): setting them pauses every vCPU, which a vCPU thread
+    /// cannot wait for.
     pub fn control(
         &self,
         vm: &RunningVm,
@@ -182,10 +243,89 @@ impl Tracer {
         engine: &Engine,
         action: ResumeAction,
     ) -> Result<(), TracerError> {
-        if action == ResumeAction::Report {
+        if matches!(
+            action,
+            ResumeAction::Report | ResumeAction::Stop | ResumeAction::Interrupt
+        ) {
             self.ensure_quiesce_site(vm)?;
         }
         self.inner.control(tid, engine, action)
+    }
+
+    /// Holds every thread of `target` stopped with a [`StopHolder`] engine
+    /// whose data is `data` (detaching it, [`Tracer::detach_data`] or
+    /// [`Tracer::release_thread`], releases them), and waits up to `wait`
+    /// for them to be parked. Returns the (thread id, process id) pairs and
+    /// which threads are parked.
+    pub fn hold_stopped(
+        &self,
+        vm: &RunningVm,
+        target: Target,
+        data: &EngineData,
+        wait: std::time::Duration,
+    ) -> Result<Held, TracerError> {
+        self.ensure_quiesce_site(vm)?;
+        let spec = EngineSpec {
+            ops: Arc::new(StopHolder),
+            events: EventMask::NONE,
+            follow: false,
+            data: Some(data.clone()),
+        };
+        let pairs = self.attach_target_pids(vm, target, &spec)?;
+        let tids: Vec<Tid> = pairs.iter().map(|p| p.0).collect();
+        for &tid in &tids {
+            let holder = self
+                .engines(tid)
+                .into_iter()
+                .find(|e| e.data().is_some_and(|d| Arc::ptr_eq(d, data)));
+            if let Some(e) = holder {
+                match self.inner.control(tid, &e, ResumeAction::Stop) {
+                    Ok(()) | Err(TracerError::Utrace(_, crate::UtraceError::InProgress)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let parked = self.inner.parked();
+            let stopped: Vec<Tid> = tids
+                .iter()
+                .copied()
+                .filter(|t| parked.contains(t))
+                .collect();
+            if stopped.len() == tids.len() || std::time::Instant::now() >= deadline {
+                return Ok(Held {
+                    threads: pairs,
+                    stopped,
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// Detaches the engine with data `data` from thread `tid` (a
+    /// [`Tracer::hold_stopped`] holder, say); the thread runs on if no
+    /// other engine holds it. Whether there was one.
+    pub fn release_thread(&self, tid: Tid, data: &EngineData) -> bool {
+        let engine = self
+            .engines(tid)
+            .into_iter()
+            .find(|e| e.data().is_some_and(|d| Arc::ptr_eq(d, data)));
+        match engine {
+            Some(e) => self.inner.control(tid, &e, ResumeAction::Detach).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Threads parked now because an engine holds them stopped.
+    pub fn stopped(&self) -> Vec<Tid> {
+        self.inner.parked()
+    }
+
+    /// Whether a thread is parked or a kernel call is in flight (the VM's
+    /// state then includes registers kept in the host: no snapshot).
+    pub fn holds_guest_state(&self) -> bool {
+        !self.inner.parked().is_empty() || self.inner.calls_in_flight().0 != 0
     }
 
     /// The running kernel's system-call names.
@@ -241,26 +381,65 @@ impl Tracer {
         pid: Tid,
         spec: &EngineSpec,
     ) -> Result<Vec<Tid>, TracerError> {
+        self.attach_target(vm, Target::Process(pid), spec)
+    }
+
+    /// [`Tracer::attach_process`] for a process or a single thread.
+    pub fn attach_target(
+        &self,
+        vm: &RunningVm,
+        target: Target,
+        spec: &EngineSpec,
+    ) -> Result<Vec<Tid>, TracerError> {
+        let pairs = self.attach_target_pids(vm, target, spec)?;
+        Ok(pairs.into_iter().map(|(tid, _)| tid).collect())
+    }
+
+    /// [`Tracer::attach_target`], returning (thread id, process id) pairs.
+    fn attach_target_pids(
+        &self,
+        vm: &RunningVm,
+        target: Target,
+        spec: &EngineSpec,
+    ) -> Result<Vec<(Tid, Tid)>, TracerError> {
         if spec.events.contains(EventMask::QUIESCE) {
             self.ensure_quiesce_site(vm)?;
         }
         vm.pause_all()?;
-        let result = self.attach_paused(pid, spec);
+        let result = self.attach_paused(target, spec);
         vm.resume_all()?;
         result
     }
 
-    fn attach_paused(&self, pid: Tid, spec: &EngineSpec) -> Result<Vec<Tid>, TracerError> {
+    /// Attaches `spec` to the threads of `target`; their (thread id,
+    /// process id) pairs.
+    fn attach_paused(
+        &self,
+        target: Target,
+        spec: &EngineSpec,
+    ) -> Result<Vec<(Tid, Tid)>, TracerError> {
         let inner = &self.inner;
         let k = inner.kernel(inner.kernel_space);
         let reader = TaskReader::with_layout(&k, inner.layout.tasks.clone())?;
         let tasks = reader.all_tasks(guest_introspect::tasks::WalkLimits::default())?;
-        let threads: Vec<_> = tasks.iter().filter(|t| t.pid == pid).collect();
+        let threads: Vec<_> = tasks
+            .iter()
+            .filter(|t| match target {
+                Target::Process(pid) => t.pid == pid,
+                Target::Thread(tid) => t.tid == tid,
+            })
+            .collect();
+        let id = match target {
+            Target::Process(id) | Target::Thread(id) => id,
+        };
         if threads.is_empty() {
-            return Err(TracerError::NoProcess(pid));
+            return Err(match target {
+                Target::Process(pid) => TracerError::NoProcess(pid),
+                Target::Thread(tid) => TracerError::NoThread(tid),
+            });
         }
         if threads.iter().any(|t| t.is_kernel_thread()) {
-            return Err(TracerError::Utrace(pid, crate::UtraceError::Permission));
+            return Err(TracerError::Utrace(id, crate::UtraceError::Permission));
         }
         let mut tids = Vec::new();
         let mut table = inner.lock();
@@ -275,7 +454,7 @@ impl Tracer {
                     table.traced.insert(t.tid, traced.map_err(err)?);
                 }
             }
-            tids.push(t.tid);
+            tids.push((t.tid, t.pid));
         }
         drop(table);
         if spec.events.intersects(SYSCALL_EVENTS) {
@@ -307,6 +486,11 @@ impl Tracer {
         for (tid, _) in &untraced {
             table.traced.remove(tid);
         }
+        let parked: Vec<Tid> = table.parked.keys().copied().collect();
+        let mut ring = false;
+        for tid in parked {
+            ring |= inner.release_if_free(&mut table, tid);
+        }
         if table
             .armed
             .as_ref()
@@ -315,6 +499,9 @@ impl Tracer {
             table.armed = None;
         }
         drop(table);
+        if ring {
+            inner.ring_doorbell();
+        }
         for (_, task) in untraced {
             // The task may be gone already; nothing to steer then.
             let _ = inner.steer(inner.kernel_space, task, false);
@@ -333,6 +520,26 @@ impl Tracer {
     /// guest kernel text is byte for byte what it was before
     /// [`Tracer::install`].
     pub fn remove(self, vm: &RunningVm) -> Result<(), TracerError> {
+        // Parked threads and kernel calls in flight return to their trap,
+        // which must still be there to restore their registers: release
+        // them all first, with the vCPUs running. One whose call does not
+        // return in time keeps its trap (and the handler) for good.
+        {
+            let mut table = self.inner.lock();
+            table.armed = None;
+            for t in table.traced.values() {
+                for e in t.utrace.engines() {
+                    let _ = t.utrace.control(&e, ResumeAction::Detach);
+                }
+            }
+        }
+        self.inner.release_all();
+        let stuck = self.inner.wait_drained(std::time::Duration::from_secs(5));
+        if !stuck.is_empty() {
+            log::error!(
+                "tracer: kernel calls still in flight at {stuck:#x?}; their traps stay set"
+            );
+        }
         vm.pause_all()?;
         {
             let space = self.inner.kernel_space;
@@ -346,18 +553,35 @@ impl Tracer {
                 let _ = self.inner.steer(space, t.task, false);
             }
         }
+        let (_, stuck) = self.inner.calls_in_flight();
         for p in self.traps() {
-            remove_trap(vm, &p);
+            if !stuck.contains(&p.va) {
+                remove_trap(vm, &p);
+            }
         }
         vm.resume_all()?;
         Ok(())
     }
 }
 
+/// One second in the guest kernel's jiffies: `NSEC_PER_SEC / tick_nsec`
+/// (the kernel's `tick_nsec` is its tick length, `NSEC_PER_SEC / HZ` up to
+/// NTP's adjustment); 250 (Debian's HZ) if it cannot be read.
+fn jiffies_per_second(k: &RunningKernel<'_, vmm::vstate::memory::GuestRam>) -> u64 {
+    let hz = k
+        .symbol("tick_nsec")
+        .and_then(|va| k.read_u64(va, "tick_nsec"))
+        .ok()
+        .filter(|ns| (100_000..=100_000_000).contains(ns))
+        .map(|ns| (1_000_000_000 + ns / 2) / ns);
+    hz.unwrap_or(250)
+}
+
 impl Dispatcher {
-    /// `utrace_control` on traced thread `tid`, with the QUIESCE site
-    /// already set for REPORT (see [`Tracer::control`]). Takes the table's
-    /// lock briefly, so a callback may call it.
+    /// `utrace_control` on traced thread `tid`, with the control sites
+    /// already set for REPORT, STOP and INTERRUPT (see
+    /// [`Tracer::control`]). Takes the table's lock briefly, so a callback
+    /// may call it.
     pub(crate) fn control(
         &self,
         tid: Tid,
@@ -366,11 +590,12 @@ impl Dispatcher {
     ) -> Result<(), TracerError> {
         let err = |e| TracerError::Utrace(tid, e);
         match action {
-            ResumeAction::Stop
-            | ResumeAction::Interrupt
-            | ResumeAction::SingleStep
-            | ResumeAction::BlockStep => return Err(err(crate::UtraceError::NotSupported)),
-            ResumeAction::Report if !self.has_quiesce_site() => {
+            ResumeAction::SingleStep | ResumeAction::BlockStep => {
+                return Err(err(crate::UtraceError::NotSupported))
+            }
+            ResumeAction::Report | ResumeAction::Stop | ResumeAction::Interrupt
+                if !self.has_quiesce_site() =>
+            {
                 return Err(err(crate::UtraceError::NotSupported))
             }
             _ => {}
@@ -380,21 +605,59 @@ impl Dispatcher {
             .traced
             .get_mut(&tid)
             .ok_or(err(crate::UtraceError::NoSuchThread))?;
-        t.utrace.control(engine, action).map_err(err)?;
+        let result = t.utrace.control(engine, action);
         let task = t.task;
+        if action == ResumeAction::Stop {
+            match result {
+                Ok(()) | Err(crate::UtraceError::InProgress) => {}
+                Err(e) => return Err(err(e)),
+            }
+            if table.parked.get(&tid) == Some(&task) {
+                return Ok(());
+            }
+            drop(table);
+            // To the QUIESCE site at its next return to user mode.
+            self.notify_resume(self.kernel_space, task)?;
+            return Err(err(crate::UtraceError::InProgress));
+        }
+        result.map_err(err)?;
+        let mut notify = false;
+        let mut ring = false;
         match action {
             ResumeAction::Report if !t.report_pending => {
                 t.report_pending = true;
-                drop(table);
-                self.notify_resume(self.kernel_space, task)?;
+                notify = true;
+            }
+            ResumeAction::Interrupt => {
+                t.interrupt_pending = true;
+                notify = true;
+                table.wakes.push_back(Wake {
+                    tid,
+                    task,
+                    state: TASK_INTERRUPTIBLE,
+                });
+                ring = true;
             }
             ResumeAction::Detach if t.utrace.has_no_engines() => {
                 table.traced.remove(&tid);
-                drop(table);
                 // The task may be gone already; nothing to steer then.
                 let _ = self.steer(self.kernel_space, task, false);
             }
             _ => {}
+        }
+        ring |= self.release_if_free(&mut table, tid);
+        drop(table);
+        if action == ResumeAction::Interrupt {
+            // As signal_wake_up: TIF_SIGPENDING, then the wake (the
+            // doorbell's); a thread in user mode sees it at its next
+            // interrupt.
+            self.set_sigpending(self.kernel_space, task)?;
+        }
+        if notify {
+            self.notify_resume(self.kernel_space, task)?;
+        }
+        if ring {
+            self.ring_doorbell();
         }
         Ok(())
     }

@@ -326,6 +326,11 @@ impl EngineOps for Strace {
         thread: &ThreadContext,
         signo: i32,
     ) -> ResumeAction {
+        if signo == 0 {
+            // Another engine's INTERRUPT (UTRACE_SIGNAL_REPORT): no signal,
+            // and strace shows nothing for it.
+            return ResumeAction::Resume;
+        }
         let d = thread.signal;
         let name = signal_name(signo);
         let line = match d {

@@ -26,6 +26,17 @@ impl Trigger for IrqFdTrigger {
     }
 }
 
+/// A handle on a UART's interrupt line that only pulses it.
+#[derive(Debug)]
+pub struct IrqLine(EventFd);
+
+impl IrqLine {
+    /// Raises one edge on the line.
+    pub fn pulse(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
 /// Where a UART's output goes.
 pub type Sink = Box<dyn Write + Send>;
 
@@ -35,15 +46,30 @@ pub type Sink = Box<dyn Write + Send>;
 pub struct Uart {
     device: Uart16550<IrqFdTrigger, Sink>,
     pending_input: VecDeque<u8>,
+    /// The interrupt line, for a pulse that is not the device's own (see
+    /// [`Uart::irq_line`]).
+    irq: Option<EventFd>,
 }
 
 impl Uart {
     /// A UART raising `irq` and writing to `sink`.
     pub fn new(irq: EventFd, sink: Sink) -> Self {
         Self {
+            irq: irq.try_clone().ok(),
             device: Uart16550::new(IrqFdTrigger(irq), sink),
             pending_input: VecDeque::new(),
         }
+    }
+
+    /// A second handle on the UART's interrupt line (its irqfd): a pulse
+    /// runs the guest driver's interrupt handler, which finds nothing to do
+    /// unless the device itself has something pending. The tracer uses it
+    /// as a doorbell (`utrace::hv::doorbell`).
+    pub fn irq_line(&self) -> Option<IrqLine> {
+        self.irq
+            .as_ref()
+            .and_then(|e| e.try_clone().ok())
+            .map(IrqLine)
     }
 
     /// Queues bytes for the guest to read; they enter the FIFO as it drains.
@@ -113,6 +139,7 @@ impl Uart {
             ));
         }
         Ok(Self {
+            irq: irq.try_clone().ok(),
             device: Uart16550::from_parts(state.registers, &state.fifo, IrqFdTrigger(irq), sink),
             pending_input: state.pending_input.iter().copied().collect(),
         })

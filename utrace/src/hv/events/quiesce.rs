@@ -1,8 +1,10 @@
 //! The QUIESCE site: the return-to-user work just after it consumed
 //! TIF_NOTIFY_RESUME. A thread with a REPORT due (set by a REPORT vote or
 //! `control(REPORT)`, which also set the flag) reports report_quiesce(0)
-//! here, with no system call interrupted; any other thread passing is
-//! counted and let go.
+//! here, with no system call interrupted; a thread with an INTERRUPT due
+//! that did not report it at `get_signal` reports it here; any other
+//! thread passing is counted and let go (or parked, if held stopped: see
+//! [`crate::hv::park`]).
 
 use guest_introspect::error::IntrospectError;
 
@@ -12,14 +14,23 @@ use crate::hv::dispatch::{Dispatcher, Trap};
 impl Dispatcher {
     /// The QUIESCE site.
     pub(crate) fn on_quiesce(&self, t: &Trap<'_>) -> Result<(), IntrospectError> {
-        let due = match self.lock().traced.get_mut(&t.tid) {
-            Some(traced) if traced.report_pending => {
-                traced.report_pending = false;
-                true
-            }
-            _ => false,
+        let (due, interrupted) = match self.lock().traced.get_mut(&t.tid) {
+            Some(traced) => (
+                std::mem::take(&mut traced.report_pending),
+                std::mem::take(&mut traced.interrupt_pending),
+            ),
+            None => (false, false),
         };
-        if due {
+        if interrupted {
+            // An INTERRUPT whose TIF_SIGPENDING the kernel cleared before
+            // get_signal (no signal was pending): reported here instead.
+            self.report(
+                t.tid,
+                &Event::interrupt(),
+                &self.thread_context(t),
+                t.space(),
+            );
+        } else if due {
             self.report(t.tid, &Event::Quiesce, &self.thread_context(t), t.space());
         } else {
             self.count_untraced();

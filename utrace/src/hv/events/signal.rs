@@ -14,9 +14,25 @@ impl Dispatcher {
     /// `get_signal(ksig)`: note where a signal this thread dequeues will
     /// be, should it die of it.
     pub(crate) fn on_signal_dequeued(&self, t: &Trap<'_>) -> Result<(), IntrospectError> {
-        match self.lock().traced.get_mut(&t.tid) {
-            Some(traced) => traced.get_signal = Some((t.regs.rdi, t.regs.rsp)),
-            None => self.count_untraced(),
+        let interrupted = match self.lock().traced.get_mut(&t.tid) {
+            Some(traced) => {
+                traced.get_signal = Some((t.regs.rdi, t.regs.rsp));
+                std::mem::take(&mut traced.interrupt_pending)
+            }
+            None => {
+                self.count_untraced();
+                false
+            }
+        };
+        if interrupted {
+            // utrace's UTRACE_SIGNAL_REPORT: the INTERRUPT's report, before
+            // any real signal is dequeued.
+            self.report(
+                t.tid,
+                &Event::interrupt(),
+                &self.thread_context(t),
+                t.space(),
+            );
         }
         Ok(())
     }

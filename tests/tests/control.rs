@@ -1,0 +1,348 @@
+//! utrace's control half on a live guest, checked by what the guest's own
+//! programs print: a thread held stopped from outside stops counting while
+//! its sibling and the rest of the guest run on, and goes on where it was
+//! when released; `kill -9` from the guest's shell ends a stopped process
+//! at once; a client that goes away leaves nothing stopped; INTERRUPT
+//! wakes a thread blocked in `nanosleep` or `read`, and the program sees
+//! its calls complete normally (no EINTR, the sleep only as long as
+//! asked).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use hvtrace_tests::*;
+use serde_json::Value;
+
+/// A VM running `sh -c SCRIPT` with a control socket; its stdout lines,
+/// with the time each arrived.
+struct Guest {
+    vm: ApiVm,
+    sock: PathBuf,
+    lines: Receiver<(Instant, String)>,
+    /// Every line so far.
+    seen: Vec<(Instant, String)>,
+}
+
+fn start(cpus: u8, script: &str) -> Guest {
+    require_kvm();
+    let sock = temp_path("control.sock");
+    let mut child = Command::new(hvtrace_bin())
+        .args(["run", "--cpus", &cpus.to_string(), "--api-sock"])
+        .arg(&sock)
+        .args(["--", "/bin/sh", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start hvtrace run");
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            if tx.send((Instant::now(), l)).is_err() {
+                break;
+            }
+        }
+    });
+    Guest {
+        vm: ApiVm::new(child, sock.clone()),
+        sock,
+        lines: rx,
+        seen: Vec::new(),
+    }
+}
+
+impl Guest {
+    /// The next line satisfying `want` (waiting up to `limit`).
+    fn wait_for(&mut self, limit: Duration, want: impl Fn(&str) -> bool) -> (Instant, String) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((at, l)) => {
+                    self.seen.push((at, l.clone()));
+                    if want(&l) {
+                        return (at, l);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "no such line within {limit:?}; output so far:\n{}",
+                    self.output()
+                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("the guest ended; output:\n{}", self.output())
+                }
+            }
+        }
+    }
+
+    /// Every line arriving in the next `d`.
+    fn collect(&mut self, d: Duration) -> Vec<(Instant, String)> {
+        let deadline = Instant::now() + d;
+        let mut got = Vec::new();
+        while let Ok((at, l)) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push((at, l.clone()));
+            got.push((at, l));
+        }
+        got
+    }
+
+    fn output(&self) -> String {
+        self.seen.iter().map(|(_, l)| format!("{l}\n")).collect()
+    }
+
+    fn sock(&self) -> &str {
+        self.sock.to_str().unwrap()
+    }
+
+    /// Waits for the guest command to end; its exit status.
+    fn finish(mut self) -> Option<i32> {
+        let mut child = self.vm.take_child();
+        while let Ok((at, l)) = self.lines.recv_timeout(Duration::from_secs(120)) {
+            self.seen.push((at, l));
+        }
+        child.wait().unwrap().code()
+    }
+}
+
+/// `tick N ms M worker A sibling B` -> (A, B).
+fn counts(line: &str) -> Option<(u64, u64)> {
+    let w: Vec<&str> = line.split_whitespace().collect();
+    match w.as_slice() {
+        ["tick", _, "ms", _, "worker", a, "sibling", b] => Some((a.parse().ok()?, b.parse().ok()?)),
+        _ => None,
+    }
+}
+
+/// The ids `hv-counters: pid P worker W sibling S` names.
+fn counter_ids(line: &str) -> (i32, i32, i32) {
+    let w: Vec<&str> = line.split_whitespace().collect();
+    (
+        w[2].parse().unwrap(),
+        w[4].parse().unwrap(),
+        w[6].parse().unwrap(),
+    )
+}
+
+/// The (worker, sibling) counts of the ticks in `lines` that arrived at
+/// least `settle` after `from`.
+fn ticks_after(lines: &[(Instant, String)], from: Instant, settle: Duration) -> Vec<(u64, u64)> {
+    lines
+        .iter()
+        .filter(|(at, _)| *at >= from + settle)
+        .filter_map(|(_, l)| counts(l))
+        .collect()
+}
+
+fn hv(args: &[&str]) -> (i32, String) {
+    let out = hvtrace(args);
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The `hvtrace ps --json` entry of thread `tid`.
+fn ps_entry(sock: &str, tid: i32) -> Value {
+    let out = hvtrace(&["ps", "--api-sock", sock, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tid"] == tid)
+        .cloned()
+        .unwrap_or_else(|| panic!("thread {tid} is not in ps"))
+}
+
+fn stop_one_thread_while_its_sibling_runs(cpus: u8) {
+    let mut g = start(cpus, "hv-counters 30");
+    let (_, header) = g.wait_for(Duration::from_secs(300), |l| l.starts_with("hv-counters:"));
+    let (_, worker, _) = counter_ids(&header);
+    g.wait_for(Duration::from_secs(30), |l| counts(l).is_some());
+
+    let (code, text) = hv(&["stop", "--api-sock", g.sock(), "-t", &worker.to_string()]);
+    assert_eq!(
+        (code, text.trim()),
+        (0, format!("stopped: {worker}").as_str())
+    );
+    let stopped_at = Instant::now();
+    let ps = ps_entry(g.sock(), worker);
+    assert_eq!(ps["state"], "T", "{ps}");
+    assert_eq!(ps["stopped_by"], "hvtrace", "{ps}");
+    // The guest itself sees a killable sleep in the kernel.
+    assert_eq!(ps["guest_state"], "D", "{ps}");
+
+    let held = g.collect(Duration::from_millis(2500));
+    let ticks = ticks_after(&held, stopped_at, Duration::from_millis(500));
+    assert!(
+        ticks.len() >= 4,
+        "the main thread went on printing: {held:?}"
+    );
+    let (first, last) = (ticks[0], ticks[ticks.len() - 1]);
+    assert_eq!(first.0, last.0, "the stopped worker counted on: {ticks:?}");
+    assert!(
+        last.1 > first.1,
+        "the sibling stopped counting too: {ticks:?}"
+    );
+
+    let (code, text) = hv(&["cont", "--api-sock", g.sock(), "-t", &worker.to_string()]);
+    assert_eq!(
+        (code, text.trim()),
+        (0, format!("continued: {worker}").as_str())
+    );
+    let released_at = Instant::now();
+    let after = g.collect(Duration::from_millis(1500));
+    let resumed = ticks_after(&after, released_at, Duration::from_millis(500));
+    assert!(resumed.len() >= 2, "{after:?}");
+    assert!(
+        resumed[0].0 >= last.0 && resumed[resumed.len() - 1].0 > resumed[0].0,
+        "the worker did not go on counting from where it was: held at {}, then {resumed:?}",
+        last.0
+    );
+    assert_ne!(ps_entry(g.sock(), worker)["stopped_by"], "hvtrace");
+    g.wait_for(Duration::from_secs(120), |l| l == "done");
+    assert_eq!(g.finish(), Some(0));
+}
+
+#[test]
+fn a_stopped_thread_stays_put_while_its_sibling_counts_on() {
+    stop_one_thread_while_its_sibling_runs(1);
+}
+
+#[test]
+fn a_stopped_thread_stays_put_while_its_sibling_counts_on_2cpus() {
+    stop_one_thread_while_its_sibling_runs(2);
+}
+
+#[test]
+fn kill_9_from_the_guests_shell_ends_a_stopped_process_at_once() {
+    let mut g = start(
+        2,
+        "hv-counters 60 & p=$!; sleep 10; echo killing; kill -9 $p; wait $p; echo \"status $?\"",
+    );
+    let (_, header) = g.wait_for(Duration::from_secs(300), |l| l.starts_with("hv-counters:"));
+    let (pid, worker, sibling) = counter_ids(&header);
+    let (code, text) = hv(&["stop", "--api-sock", g.sock(), "-p", &pid.to_string()]);
+    assert_eq!(code, 0, "{text}");
+    let mut want = [pid, worker, sibling];
+    want.sort_unstable();
+    assert_eq!(
+        text.trim(),
+        format!("stopped: {} {} {}", want[0], want[1], want[2])
+    );
+    let stopped_at = Instant::now();
+    let (killing_at, _) = g.wait_for(Duration::from_secs(30), |l| l == "killing");
+    let held: Vec<_> = g
+        .seen
+        .iter()
+        .filter(|(at, l)| *at > stopped_at + Duration::from_millis(500) && counts(l).is_some())
+        .collect();
+    assert!(held.is_empty(), "a stopped process printed: {held:?}");
+    let (status_at, status) = g.wait_for(Duration::from_secs(30), |l| l.starts_with("status"));
+    assert_eq!(status, "status 137");
+    let took = status_at.duration_since(killing_at);
+    assert!(took < Duration::from_secs(1), "kill -9 took {took:?}");
+    assert_eq!(g.finish(), Some(0));
+}
+
+#[test]
+fn a_client_that_goes_away_leaves_nothing_stopped_and_bad_requests_get_errors() {
+    let mut g = start(1, "hv-counters 30");
+    let (_, header) = g.wait_for(Duration::from_secs(300), |l| l.starts_with("hv-counters:"));
+    let (pid, worker, _) = counter_ids(&header);
+    {
+        let mut s = UnixStream::connect(&g.sock).unwrap();
+        writeln!(s, r#"{{"v":1,"op":"stop","pid":{pid},"until_close":true}}"#).unwrap();
+        let mut reply = String::new();
+        BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut reply)
+            .unwrap();
+        let v: Value = serde_json::from_str(&reply).unwrap();
+        assert_eq!(v["ok"], true, "{v}");
+        assert_eq!(v["stopped"].as_array().unwrap().len(), 3, "{v}");
+        assert_eq!(ps_entry(g.sock(), worker)["stopped_by"], "hvtrace");
+        // The connection closes here, as when its client is killed.
+    }
+    let closed_at = Instant::now();
+    let after = g.collect(Duration::from_millis(2500));
+    let ticks = ticks_after(&after, closed_at, Duration::from_millis(1000));
+    assert!(ticks.len() >= 2, "the process did not run on: {after:?}");
+    assert!(ticks[ticks.len() - 1].0 > ticks[0].0, "{ticks:?}");
+    assert_ne!(ps_entry(g.sock(), worker)["stopped_by"], "hvtrace");
+
+    // Bad requests: each a clear error, nothing changed.
+    let (code, text) = hv(&["stop", "--api-sock", g.sock(), "-p", "99999"]);
+    assert!(code != 0 && text.contains("no process 99999"), "{text}");
+    let (code, text) = hv(&["stop", "--api-sock", g.sock(), "-p", "2"]);
+    assert!(code != 0 && text.contains("EPERM"), "{text}");
+    let (code, text) = hv(&["cont", "--api-sock", g.sock(), "-p", &pid.to_string()]);
+    assert!(code != 0 && text.contains("not held stopped"), "{text}");
+    let (code, text) = hv(&["stop", "--api-sock", g.sock()]);
+    assert!(code != 0 && text.contains("--pid"), "{text}");
+    let v = api_call(&g.sock, r#"{"v":1,"op":"stop","pid":1,"tid":1}"#).unwrap();
+    assert_eq!(v["ok"], false, "{v}");
+    g.wait_for(Duration::from_secs(120), |l| l == "done");
+    assert_eq!(g.finish(), Some(0));
+}
+
+#[test]
+fn interrupt_wakes_a_sleep_and_a_read_and_the_calls_complete_normally() {
+    let mut g = start(
+        2,
+        "hv-sleeper 6 & s=$!; hv-sleeper --read 5 & r=$!; wait $s; wait $r; echo finished",
+    );
+    let mut pids = Vec::new();
+    for _ in 0..2 {
+        let (_, l) = g.wait_for(Duration::from_secs(300), |l| {
+            l.starts_with("hv-sleeper: pid")
+        });
+        let pid: i32 = l
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .trim_end_matches(',')
+            .parse()
+            .unwrap();
+        pids.push(pid);
+    }
+    // Both are in their calls by now (each prints just before).
+    std::thread::sleep(Duration::from_millis(500));
+    for pid in &pids {
+        let out = hvtrace(&[
+            "interrupt",
+            "--api-sock",
+            g.sock(),
+            "-p",
+            &pid.to_string(),
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let reported = v["reported"].as_array().unwrap();
+        assert_eq!(reported.len(), 1, "{v}");
+        let ms = reported[0][1].as_f64().unwrap();
+        assert!(ms < 1000.0, "the report took {ms} ms");
+    }
+    g.wait_for(Duration::from_secs(60), |l| l == "finished");
+    let out = g.output();
+    assert!(!out.contains("EINTR"), "{out}");
+    assert!(out.contains("read returned 1"), "{out}");
+    let slept: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("woke after "))
+        .and_then(|l| l.trim_end_matches(" s").parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        (5.9..7.5).contains(&slept),
+        "nanosleep(6) slept {slept} s in all"
+    );
+    assert_eq!(g.finish(), Some(0));
+}
