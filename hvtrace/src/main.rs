@@ -53,6 +53,10 @@ enum Command {
     Cont(cmd::control::ContArgs),
     /// Wake threads from interruptible sleeps (utrace's INTERRUPT); their calls restart.
     Interrupt(cmd::control::ContArgs),
+    /// Print (and set) a stopped thread's user registers.
+    Regs(cmd::control::RegsArgs),
+    /// Dump (or write, copy-on-write as ptrace does) a guest process's memory.
+    Mem(cmd::control::MemArgs),
 }
 
 fn main() {
@@ -83,6 +87,8 @@ fn main() {
         Command::Stop(a) => cmd::control::stop(a),
         Command::Cont(a) => cmd::control::cont(a),
         Command::Interrupt(a) => cmd::control::interrupt(a),
+        Command::Regs(a) => cmd::control::regs(a),
+        Command::Mem(a) => cmd::control::mem(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

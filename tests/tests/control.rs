@@ -5,7 +5,9 @@
 //! at once; a client that goes away leaves nothing stopped; INTERRUPT
 //! wakes a thread blocked in `nanosleep` or `read`, and the program sees
 //! its calls complete normally (no EINTR, the sleep only as long as
-//! asked).
+//! asked); registers and memory written from outside change what the
+//! program does, and a write into its read-only data is its own copy (a
+//! second process of the same binary and the file keep theirs).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -284,7 +286,10 @@ fn a_client_that_goes_away_leaves_nothing_stopped_and_bad_requests_get_errors() 
     let (code, text) = hv(&["stop", "--api-sock", g.sock(), "-p", "2"]);
     assert!(code != 0 && text.contains("EPERM"), "{text}");
     let (code, text) = hv(&["cont", "--api-sock", g.sock(), "-p", &pid.to_string()]);
-    assert!(code != 0 && text.contains("not held stopped"), "{text}");
+    assert!(
+        code != 0 && text.contains("held stopped by hvtrace stop"),
+        "{text}"
+    );
     let (code, text) = hv(&["stop", "--api-sock", g.sock()]);
     assert!(code != 0 && text.contains("--pid"), "{text}");
     let v = api_call(&g.sock, r#"{"v":1,"op":"stop","pid":1,"tid":1}"#).unwrap();
@@ -326,10 +331,13 @@ fn interrupt_wakes_a_sleep_and_a_read_and_the_calls_complete_normally() {
         ]);
         assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        // Every thread reports (the reader has a writer thread too).
         let reported = v["reported"].as_array().unwrap();
-        assert_eq!(reported.len(), 1, "{v}");
-        let ms = reported[0][1].as_f64().unwrap();
-        assert!(ms < 1000.0, "the report took {ms} ms");
+        assert_eq!(reported.len(), v["tids"].as_array().unwrap().len(), "{v}");
+        for r in reported {
+            let ms = r[1].as_f64().unwrap();
+            assert!(ms < 1000.0, "the report took {ms} ms: {v}");
+        }
     }
     g.wait_for(Duration::from_secs(60), |l| l == "finished");
     let out = g.output();
@@ -344,5 +352,149 @@ fn interrupt_wakes_a_sleep_and_a_read_and_the_calls_complete_normally() {
         (5.9..7.5).contains(&slept),
         "nanosleep(6) slept {slept} s in all"
     );
+    assert_eq!(g.finish(), Some(0));
+}
+
+/// `hv-poke: pid P value V hijack H message M` -> (P, V, H, M).
+fn poke_header(line: &str) -> (i32, u64, u64, u64) {
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap();
+    (w[2].parse().unwrap(), hex(w[4]), hex(w[6]), hex(w[8]))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn registers_and_memory_written_from_outside_change_only_that_process() {
+    let mut g = start(
+        1,
+        "b=$(md5sum /usr/bin/hv-poke); hv-poke 60 & a=$!; sleep 0.5; hv-poke 12 & c=$!; \
+         wait $a; echo \"a exit $?\"; wait $c; \
+         [ \"$b\" = \"$(md5sum /usr/bin/hv-poke)\" ] && echo 'binary unchanged' || echo 'binary changed'",
+    );
+    let (_, first) = g.wait_for(Duration::from_secs(300), |l| l.starts_with("hv-poke: pid"));
+    let (_, second) = g.wait_for(Duration::from_secs(30), |l| l.starts_with("hv-poke: pid"));
+    let (a, value, hijack, message) = poke_header(&first);
+    let (c, ..) = poke_header(&second);
+    let sock = g.sock().to_string();
+    let pid = a.to_string();
+
+    // Read: the variable's 42, in a hex dump.
+    let (code, text) = hv(&[
+        "mem",
+        "--api-sock",
+        &sock,
+        "-p",
+        &pid,
+        &format!("{value:#x}"),
+        "4",
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("2a 00 00 00"), "{text}");
+    // Write the variable, and the read-only string constant.
+    let (code, text) = hv(&[
+        "mem",
+        "--api-sock",
+        &sock,
+        "-p",
+        &pid,
+        &format!("{value:#x}"),
+        "--write",
+        "39050000",
+    ]);
+    assert_eq!(
+        (code, text.trim()),
+        (0, format!("wrote 4 bytes at {value:#x}").as_str())
+    );
+    let (code, text) = hv(&[
+        "mem",
+        "--api-sock",
+        &sock,
+        "-p",
+        &pid,
+        &format!("{message:#x}"),
+        "--write",
+        &hex(b"patched!"),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    g.wait_for(Duration::from_secs(10), |l| {
+        l == format!("{a} value 1337 message patched! message")
+    });
+    g.wait_for(Duration::from_secs(10), |l| {
+        l == format!("{c} value 42 message original message")
+    });
+    let (code, text) = hv(&[
+        "mem",
+        "--api-sock",
+        &sock,
+        "-p",
+        &pid,
+        &format!("{message:#x}"),
+        "16",
+        "--raw",
+    ]);
+    assert_eq!((code, text.as_str()), (0, "patched! message"));
+
+    // Bad requests: each a clear error, nothing changed.
+    let (code, text) = hv(&[
+        "mem",
+        "--api-sock",
+        &sock,
+        "-p",
+        &pid,
+        "0xffffffff81000000",
+        "4",
+    ]);
+    assert!(code != 0 && text.contains("kernel address"), "{text}");
+    let (code, text) = hv(&["mem", "--api-sock", &sock, "-p", &pid, "0x10", "4"]);
+    assert!(code != 0 && text.contains("EFAULT"), "{text}");
+    let (code, text) = hv(&["regs", "--api-sock", &sock, "-t", &pid]);
+    assert!(code != 0 && text.contains("EBUSY"), "{text}");
+
+    // Registers: stop the thread, point it at the function, let it go.
+    let (code, text) = hv(&["stop", "--api-sock", &sock, "-t", &pid]);
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = hv(&["regs", "--api-sock", &sock, "-t", &pid, "--json"]);
+    assert_eq!(code, 0, "{text}");
+    let regs: Value = serde_json::from_str(text.trim()).unwrap();
+    let reg = |name: &str| {
+        u64::from_str_radix(
+            regs["regs"][name]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("0x"),
+            16,
+        )
+        .unwrap()
+    };
+    assert_eq!(reg("cs"), 0x33, "{regs}");
+    assert_ne!(regs["fs_base"], "0x0", "static glibc's TLS: {regs}");
+    let (code, text) = hv(&["regs", "--api-sock", &sock, "-t", &pid, "--set", "nosuch=1"]);
+    assert!(code != 0 && text.contains("no register `nosuch`"), "{text}");
+    let (code, text) = hv(&["regs", "--api-sock", &sock, "-t", &pid, "--set", "cs=0x10"]);
+    assert!(code != 0 && text.contains("EINVAL"), "{text}");
+    // A function's entry expects rsp = 8 mod 16 (as after a call).
+    let sp = ((reg("sp") - 256) & !15) - 8;
+    let (code, text) = hv(&[
+        "regs",
+        "--api-sock",
+        &sock,
+        "-t",
+        &pid,
+        "--set",
+        &format!("ip={hijack:#x}"),
+        "--set",
+        &format!("sp={sp:#x}"),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains(&format!("ip       {hijack:#x}")), "{text}");
+    let (code, text) = hv(&["cont", "--api-sock", &sock, "-t", &pid]);
+    assert_eq!(code, 0, "{text}");
+    g.wait_for(Duration::from_secs(10), |l| l == format!("{a} hijacked"));
+    g.wait_for(Duration::from_secs(10), |l| l == "a exit 7");
+    g.wait_for(Duration::from_secs(30), |l| l == format!("{c} done"));
+    g.wait_for(Duration::from_secs(30), |l| l == "binary unchanged");
     assert_eq!(g.finish(), Some(0));
 }

@@ -144,6 +144,10 @@ pub enum UtraceError {
     /// Guest memory could not be read or written (EFAULT).
     #[error("bad address (EFAULT)")]
     Fault,
+    /// The thread is not stopped (EBUSY): its registers and memory are
+    /// examined and changed only while it is held stopped.
+    #[error("the thread is not stopped (EBUSY)")]
+    NotStopped,
     /// The hypervisor side does not act on this resume action yet
     /// (EOPNOTSUPP): thread stop, interrupt and stepping.
     #[error("not supported by the hypervisor side yet (EOPNOTSUPP)")]
@@ -163,6 +167,7 @@ impl UtraceError {
             Self::Invalid => 22,
             Self::Fault => 14,
             Self::NotSupported => 95,
+            Self::NotStopped => 16,
         }
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crossbeam_channel::Sender;
 use guest_introspect::image::KernelInfo;
 use guest_introspect::kernel::VcpuView;
+use guest_introspect::pt_regs::Reg;
 use serde_json::{json, Value};
 use utrace::engine::EngineData;
 use utrace::hv::{EngineSpec, Target, Tracer};
@@ -265,6 +266,127 @@ impl Handler {
         Ok(json!({ "tids": tids, "reported": reported }))
     }
 
+    fn regs(
+        &mut self,
+        tid: i32,
+        set: Option<std::collections::BTreeMap<String, Value>>,
+    ) -> Result<Value, String> {
+        let tracer = self.tracer.clone().ok_or_else(|| {
+            format!("thread {tid} is not stopped (EBUSY): `hvtrace stop -t {tid}` first")
+        })?;
+        let mut changes = Vec::new();
+        for (name, value) in set.unwrap_or_default() {
+            let reg = Reg::from_name(&name).ok_or_else(|| {
+                format!(
+                    "no register `{name}` (one of: {})",
+                    Reg::ALL
+                        .iter()
+                        .map(|r| r.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+            changes.push((
+                reg,
+                number(&value).ok_or_else(|| format!("`{value}` is not a number for {name}"))?,
+            ));
+        }
+        let r = if changes.is_empty() {
+            tracer.regs(tid)
+        } else {
+            tracer.set_regs(tid, &changes)
+        }
+        .map_err(|e| e.to_string())?;
+        let mut regs = serde_json::Map::new();
+        for reg in Reg::ALL {
+            regs.insert(reg.name().into(), json!(format!("{:#x}", r.regs.get(reg))));
+        }
+        let hex = |v: Option<u64>| v.map(|v| format!("{v:#x}"));
+        Ok(
+            json!({ "tid": tid, "regs": regs, "fs_base": hex(r.fs_base), "gs_base": hex(r.gs_base) }),
+        )
+    }
+
+    fn mem(
+        &mut self,
+        session: &Session,
+        pid: i32,
+        addr: &Value,
+        len: Option<usize>,
+        write: Option<String>,
+    ) -> Result<Value, String> {
+        let addr = number(addr).ok_or_else(|| format!("`{addr}` is not an address"))?;
+        if addr >= utrace::hv::memory::USER_END {
+            return Err(format!(
+                "{addr:#x} is a kernel address: only user memory is served"
+            ));
+        }
+        let data = match (&write, len) {
+            (Some(h), None) => Some(parse_hex(h)?),
+            (None, Some(n)) if (1..=1 << 20).contains(&n) => None,
+            (None, Some(n)) => return Err(format!("len {n}: from 1 to 1048576 bytes")),
+            _ => return Err("give len (to read) or write (hex bytes), not both".into()),
+        };
+        if data
+            .as_ref()
+            .is_some_and(|d| d.is_empty() || d.len() > 1 << 20)
+        {
+            return Err("write 1 to 1048576 bytes".into());
+        }
+        let tracer = self.tracer(session)?;
+        // A thread of the process held by `stop`, or the process held for
+        // this access only.
+        let stopped = tracer.stopped();
+        let held = self
+            .held
+            .iter()
+            .find(|(tid, h)| h.pid == pid && stopped.contains(tid))
+            .map(|(tid, _)| *tid);
+        let mut temporary = None;
+        let tid = match held {
+            Some(t) => t,
+            None => {
+                let data: EngineData = Arc::new("hvtrace mem");
+                let h = match tracer.hold_stopped(
+                    session.vm(),
+                    Target::Process(pid),
+                    &data,
+                    std::time::Duration::from_secs(2),
+                ) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        self.remove_idle_tracer(session);
+                        return Err(e.to_string());
+                    }
+                };
+                temporary = Some(data);
+                match h.stopped.first() {
+                    Some(t) => *t,
+                    None => {
+                        tracer.detach_data(temporary.as_ref().expect("set above"));
+                        self.remove_idle_tracer(session);
+                        return Err(format!(
+                            "no thread of process {pid} stopped within 2 s (all in system calls?): `hvtrace stop -p {pid}` and retry"
+                        ));
+                    }
+                }
+            }
+        };
+        let result = match &data {
+            Some(d) => tracer.write_memory(tid, addr, d).map(|()| d.clone()),
+            None => tracer.read_memory(tid, addr, len.unwrap_or(0)),
+        };
+        if let Some(d) = temporary {
+            tracer.detach_data(&d);
+            self.remove_idle_tracer(session);
+        }
+        let bytes = result.map_err(|e| e.to_string())?;
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(
+            json!({ "addr": format!("{addr:#x}"), "len": bytes.len(), "data": hex, "written": write.is_some() }),
+        )
+    }
+
     /// The threads held stopped now (parked in the guest), for `ps`.
     fn stopped_threads(&self) -> Vec<i32> {
         self.tracer
@@ -446,6 +568,13 @@ impl Handler {
                 self.stop(session, conn, target(pid, tid)?, wait, until_close)
             }
             Op::Cont { pid, tid } => self.cont(session, target(pid, tid)?),
+            Op::Regs { tid, set } => self.regs(tid, set),
+            Op::Mem {
+                pid,
+                addr,
+                len,
+                write,
+            } => self.mem(session, pid, &addr, len, write),
             Op::Interrupt { pid, tid, wait_ms } => {
                 let wait = std::time::Duration::from_millis(wait_ms.unwrap_or(2000).min(600_000));
                 self.interrupt(session, target(pid, tid)?, wait)
@@ -602,4 +731,31 @@ fn mark_stopped(ps: &mut Value, stopped: &[i32]) {
             }
         }
     }
+}
+
+/// A number from JSON: an integer, or a string in decimal or `0x` hex.
+fn number(v: &Value) -> Option<u64> {
+    match v {
+        Value::Number(n) => n.as_u64().or_else(|| n.as_i64().map(|i| i as u64)),
+        Value::String(s) => match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+            Some(h) => u64::from_str_radix(h, 16).ok(),
+            None => s
+                .parse::<u64>()
+                .ok()
+                .or_else(|| s.parse::<i64>().ok().map(|i| i as u64)),
+        },
+        _ => None,
+    }
+}
+
+/// Bytes from hex text (whitespace allowed between bytes).
+pub fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
+    let digits: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    if digits.len() & 1 == 1 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!("`{text}` is not hex bytes"));
+    }
+    (0..digits.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).map_err(|e| e.to_string()))
+        .collect()
 }

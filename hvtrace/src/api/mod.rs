@@ -45,6 +45,15 @@
 //!   signal), MS milliseconds after the request; the call is then restarted
 //!   as the kernel restarts a call interrupted with no signal to deliver.
 //!   The reply waits for every report or `wait_ms` (default 2000).
+//! * `{"v":1,"op":"regs","tid":N,"set":{"ip":"0x401000"}}` ->
+//!   `{"v":1,"ok":true,"regs":{"ax":"0x..",..},"fs_base":"0x..","gs_base":"0x.."}`:
+//!   a stopped thread's user registers (EBUSY if it is not stopped), after
+//!   setting those in the optional `set` (ptrace's rules: no segment
+//!   selectors, only user RFLAGS bits).
+//! * `{"v":1,"op":"mem","pid":N,"addr":"0x..","len":L}` -> `{"v":1,"ok":true,"data":"hex"}`;
+//!   with `"write":"hex"` instead of `len`, writes as ptrace does (a private
+//!   read-only page is copied for this process only). The process must have
+//!   a thread held by `stop`, or it is stopped for the access and released.
 //! * `{"v":1,"op":"text_hash"}` -> `{"v":1,"ok":true,"sha256":"..","bytes":N,"traps":N}`:
 //!   SHA-256 of the guest kernel's text (`_text`..`_etext`) as it is in
 //!   guest memory, and how many of the tracer's traps are set.
@@ -59,6 +68,7 @@ pub mod handler;
 pub mod server;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// Protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -115,6 +125,29 @@ pub enum Op {
         /// Longest wait for the reports, in milliseconds.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         wait_ms: Option<u64>,
+    },
+    /// A stopped thread's user registers, after setting `set` (names as
+    /// in `user_regs`: `ip`, `sp`, `ax`, ...; values as numbers or
+    /// `0x` strings).
+    Regs {
+        /// Thread id.
+        tid: i32,
+        /// Registers to set first.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        set: Option<std::collections::BTreeMap<String, Value>>,
+    },
+    /// Read (`len`) or write (`write`, hex) a process's memory.
+    Mem {
+        /// Process id.
+        pid: i32,
+        /// User address (a number or a `0x` string).
+        addr: Value,
+        /// Bytes to read.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        len: Option<usize>,
+        /// Bytes to write, as hex.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        write: Option<String>,
     },
     /// Release the stops `stop` set on a process's threads (or one thread).
     Cont {

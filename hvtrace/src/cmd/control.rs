@@ -134,3 +134,149 @@ pub fn interrupt(args: ContArgs) -> Result<i32> {
     let n = |k: &str| reply[k].as_array().map_or(0, Vec::len);
     Ok(if n("reported") == n("tids") { 0 } else { 1 })
 }
+
+/// Arguments of `hvtrace regs`.
+#[derive(Args, Debug)]
+pub struct RegsArgs {
+    /// Control socket of the VM.
+    #[arg(long)]
+    pub api_sock: PathBuf,
+    /// The thread (stopped by `hvtrace stop`).
+    #[arg(short = 't', long = "tid")]
+    pub tid: i32,
+    /// Set a register first: NAME=VALUE (`ip=0x401000`, `ax=-1`); names as
+    /// printed. Repeatable; all are checked before any is set.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    pub set: Vec<String>,
+    /// Print the reply as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Prints (and sets) a stopped thread's user registers.
+pub fn regs(args: RegsArgs) -> Result<i32> {
+    let mut set = std::collections::BTreeMap::new();
+    for s in &args.set {
+        let Some((name, value)) = s.split_once('=') else {
+            anyhow::bail!("--set {s}: want NAME=VALUE");
+        };
+        set.insert(
+            name.trim().to_string(),
+            Value::String(value.trim().to_string()),
+        );
+    }
+    let reply = client::call(
+        &args.api_sock,
+        Op::Regs {
+            tid: args.tid,
+            set: (!set.is_empty()).then_some(set),
+        },
+    )?;
+    if args.json {
+        println!("{reply}");
+        return Ok(0);
+    }
+    if let Some(regs) = reply["regs"].as_object() {
+        for (name, v) in regs {
+            println!("{name:<8} {}", v.as_str().unwrap_or("?"));
+        }
+    }
+    for base in ["fs_base", "gs_base"] {
+        if let Some(v) = reply[base].as_str() {
+            println!("{base:<8} {v}");
+        }
+    }
+    Ok(0)
+}
+
+/// Arguments of `hvtrace mem`.
+#[derive(Args, Debug)]
+pub struct MemArgs {
+    /// Control socket of the VM.
+    #[arg(long)]
+    pub api_sock: PathBuf,
+    /// The process.
+    #[arg(short = 'p', long = "pid")]
+    pub pid: i32,
+    /// User address (hex with 0x, or decimal).
+    pub addr: String,
+    /// Bytes to read (not with --write).
+    pub len: Option<usize>,
+    /// Write these bytes (hex) instead of reading.
+    #[arg(long, value_name = "HEXBYTES", conflicts_with = "len")]
+    pub write: Option<String>,
+    /// Print the bytes read raw, not as a hex dump.
+    #[arg(long)]
+    pub raw: bool,
+}
+
+/// Dumps (or writes) a guest process's memory.
+pub fn mem(args: MemArgs) -> Result<i32> {
+    if args.len.is_none() && args.write.is_none() {
+        anyhow::bail!("give LEN to read, or --write HEXBYTES");
+    }
+    let reply = client::call(
+        &args.api_sock,
+        Op::Mem {
+            pid: args.pid,
+            addr: Value::String(args.addr.clone()),
+            len: args.len,
+            write: args.write.clone(),
+        },
+    )?;
+    let hex = reply["data"].as_str().unwrap_or("");
+    let bytes = crate::api::handler::parse_hex(hex).map_err(anyhow::Error::msg)?;
+    let addr = u64::from_str_radix(
+        reply["addr"]
+            .as_str()
+            .unwrap_or("0x0")
+            .trim_start_matches("0x"),
+        16,
+    )?;
+    if args.write.is_some() {
+        println!("wrote {} bytes at {addr:#x}", bytes.len());
+    } else if args.raw {
+        use std::io::Write;
+        std::io::stdout().write_all(&bytes)?;
+    } else {
+        print!("{}", hexdump(addr, &bytes));
+    }
+    Ok(0)
+}
+
+/// `xxd`-style lines: address, 16 bytes in hex, the printable ones.
+fn hexdump(addr: u64, bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for (i, line) in bytes.chunks(16).enumerate() {
+        let hex: Vec<String> = line.iter().map(|b| format!("{b:02x}")).collect();
+        let text: String = line
+            .iter()
+            .map(|&b| {
+                if (0x20..0x7f).contains(&b) {
+                    b as char
+                } else {
+                    '.'
+                }
+            })
+            .collect();
+        out += &format!(
+            "{:016x}  {:<47}  {text}\n",
+            addr + 16 * i as u64,
+            hex.join(" ")
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hexdump_shows_address_bytes_and_text() {
+        let d = super::hexdump(0x1000, b"hello, world\n\x00\x01\x02xyz");
+        assert_eq!(
+            d,
+            "0000000000001000  68 65 6c 6c 6f 2c 20 77 6f 72 6c 64 0a 00 01 02  hello, world....\n\
+             0000000000001010  78 79 7a                                         xyz\n"
+        );
+    }
+}

@@ -65,6 +65,9 @@ pub(crate) struct KernelFunctions {
     pub schedule_timeout: u64,
     /// `int wake_up_state(struct task_struct *p, unsigned int state)`.
     pub wake_up_state: u64,
+    /// `int access_process_vm(struct task_struct *tsk, unsigned long addr,
+    /// void *buf, int len, unsigned int gup_flags)`, if present.
+    pub access_process_vm: Option<u64>,
 }
 
 /// The tracer's state the trap handlers share; `vmm` holds it as the
@@ -148,7 +151,9 @@ impl TrapHandler for Dispatcher {
         let mut regs = *ctx.regs();
         let calling = if let Some(call) = self.returning_call(va, regs.rsp) {
             match call.purpose {
-                Purpose::Park { .. } => self.on_park_return(call, &mut regs, space),
+                Purpose::Park { .. } | Purpose::Access { .. } => {
+                    self.on_park_return(call, &mut regs, space)
+                }
                 Purpose::Wake => self.on_doorbell(va, call.saved, &mut regs, space),
             }
         } else if p.site == Site::Doorbell {

@@ -95,6 +95,7 @@ impl Dispatcher {
             }
             let call = KernelCall {
                 saved,
+                frame: saved.rsp,
                 site,
                 purpose: Purpose::Wake,
             };

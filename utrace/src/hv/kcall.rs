@@ -47,6 +47,19 @@ pub(crate) enum Purpose {
     },
     /// The doorbell's interrupt handler wakes a task (`wake_up_state`).
     Wake,
+    /// Parked thread `tid` reads or writes its own memory
+    /// (`access_process_vm`, as ptrace does) for a client; the data lies
+    /// in `buf`, below the call's frame on its kernel stack.
+    Access {
+        /// The thread.
+        tid: Tid,
+        /// Its `task_struct`.
+        task: u64,
+        /// The kernel-stack buffer.
+        buf: u64,
+        /// Its length.
+        len: usize,
+    },
 }
 
 /// A call in flight: what to restore when it returns.
@@ -56,6 +69,9 @@ pub(crate) struct KernelCall {
     pub saved: GuestRegs,
     /// The trap's address (the return address pushed).
     pub site: u64,
+    /// The stack pointer the call returns with: `saved.rsp`, or lower
+    /// when the call has a buffer on the stack.
+    pub frame: u64,
     /// Why.
     pub purpose: Purpose,
 }
@@ -79,10 +95,11 @@ impl Calls {
 }
 
 impl Dispatcher {
-    /// Makes the stopped vCPU (registers `regs`, at the trap `site`) call
-    /// `function` with `args`; `saved` is what to restore when it returns
-    /// (the trap's registers). Fails, leaving `regs` unchanged, if the
-    /// stack slot cannot be written.
+    /// Makes the stopped vCPU (registers `regs`, at the trap `call.site`)
+    /// call `function` with `args` (up to six) from the stack pointer
+    /// `call.frame`; `call.saved` is what to restore when it returns (the
+    /// trap's registers). Fails, leaving `regs` unchanged, if the stack
+    /// slot cannot be written.
     pub(crate) fn call_kernel(
         &self,
         regs: &mut GuestRegs,
@@ -91,7 +108,7 @@ impl Dispatcher {
         function: u64,
         args: &[u64],
     ) -> Result<(), IntrospectError> {
-        let sp = call.saved.rsp.wrapping_sub(8);
+        let sp = call.frame.wrapping_sub(8);
         let pa = translate(&self.ram, space, VirtAddr(sp)).map_err(|e| IntrospectError::Read {
             what: "the kernel stack slot of a call".into(),
             va: sp,
@@ -105,12 +122,46 @@ impl Dispatcher {
         *regs = call.saved;
         regs.rsp = sp;
         regs.rip = function;
-        let slots = [&mut regs.rdi, &mut regs.rsi, &mut regs.rdx];
+        let slots = [
+            &mut regs.rdi,
+            &mut regs.rsi,
+            &mut regs.rdx,
+            &mut regs.rcx,
+            &mut regs.r8,
+            &mut regs.r9,
+        ];
         for (slot, value) in slots.into_iter().zip(args) {
             *slot = *value;
         }
         let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
-        calls.by_rsp.insert(call.saved.rsp, call);
+        calls.by_rsp.insert(call.frame, call);
+        Ok(())
+    }
+
+    /// Writes `data` at kernel virtual address `va` (a kernel stack is
+    /// virtually mapped: each page is translated on its own).
+    pub(crate) fn write_kernel(
+        &self,
+        space: AddressSpace,
+        va: u64,
+        data: &[u8],
+    ) -> Result<(), IntrospectError> {
+        let mut done = 0;
+        while done < data.len() {
+            let at = va.wrapping_add(done as u64);
+            let in_page = (0x1000 - (at & 0xfff)) as usize;
+            let n = in_page.min(data.len() - done);
+            let pa =
+                translate(&self.ram, space, VirtAddr(at)).map_err(|e| IntrospectError::Read {
+                    what: "a kernel stack buffer".into(),
+                    va: at,
+                    source: e.into(),
+                })?;
+            self.ram
+                .write(pa.0, &data[done..done + n])
+                .map_err(|e| IntrospectError::Corrupt(format!("kernel memory at {at:#x}: {e}")))?;
+            done += n;
+        }
         Ok(())
     }
 

@@ -77,6 +77,10 @@ pub struct TraceLayout {
     pub exit_work_mask: u64,
     /// Link-time to runtime address shift.
     pub virt_offset: i64,
+    /// `task_struct.thread.fsbase` (the FS base of a task not running).
+    pub thread_fsbase: Option<u64>,
+    /// `task_struct.thread.gsbase`.
+    pub thread_gsbase: Option<u64>,
 }
 
 /// The `syscall_work` bits whose test guards the inlined exit work
@@ -146,6 +150,8 @@ impl TraceLayout {
             steer_bit: bit("SYSCALL_WORK_BIT_SYSCALL_TRACEPOINT")?,
             exit_work_mask,
             virt_offset: k.placement().virt_offset,
+            thread_fsbase: off("task_struct", "thread.fsbase").ok(),
+            thread_gsbase: off("task_struct", "thread.gsbase").ok(),
         })
     }
 }

@@ -23,12 +23,14 @@
 //! * [`park`]: STOP: a held thread sleeps in its own kernel until released.
 //! * [`doorbell`]: waking a task from outside, through the control UART's
 //!   interrupt handler.
+//! * [`memory`]: a stopped thread's registers and memory, read and written.
 
 pub mod dispatch;
 pub mod doorbell;
 pub mod events;
 pub mod kcall;
 pub mod layout;
+pub mod memory;
 pub mod park;
 pub mod placement;
 pub mod signals;
@@ -40,6 +42,7 @@ pub mod tracer;
 mod tests;
 
 pub use dispatch::TracerStats;
+pub use memory::StoppedRegs;
 pub use park::StopHolder;
 pub use threads::EngineSpec;
 pub use tracer::{Target, Tracer, TracerError};

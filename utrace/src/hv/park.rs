@@ -111,6 +111,7 @@ impl Dispatcher {
         }
         let call = KernelCall {
             saved: *regs,
+            frame: regs.rsp,
             site: at,
             purpose: Purpose::Park {
                 tid: who.tid,
@@ -159,36 +160,57 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// A parked thread's `schedule_timeout` returned to its site: parks it
-    /// again if it is still held and not killed; otherwise restores its
-    /// registers (the trap then goes on). Returns whether it parked again.
+    /// A call of a parked thread returned to its site (its
+    /// `schedule_timeout`, or a memory access it made for a client): runs
+    /// the next access a client queued, or parks it again if it is still
+    /// held and not killed; otherwise restores its registers (the trap
+    /// then goes on). Returns whether it runs another call.
     pub(crate) fn on_park_return(
         &self,
         call: KernelCall,
         regs: &mut GuestRegs,
         space: AddressSpace,
     ) -> bool {
-        let Purpose::Park { tid, task } = call.purpose else {
-            *regs = call.saved;
-            return false;
+        let (tid, task) = match call.purpose {
+            Purpose::Park { tid, task } | Purpose::Access { tid, task, .. } => (tid, task),
+            Purpose::Wake => {
+                *regs = call.saved;
+                return false;
+            }
         };
+        if let Purpose::Access { buf, len, .. } = call.purpose {
+            self.finish_access(tid, buf, len, regs.rax, space);
+        }
         let killed = self.sigkill_pending(space, task);
         let mut threads = self.lock();
         let held = !killed
             && threads.traced.get(&tid).is_some_and(|t| {
                 t.task == task && t.utrace.is_stopped() && t.utrace.lifecycle() == Lifecycle::Alive
             });
+        let saved = call.saved;
+        *regs = saved;
         if held {
-            let saved = call.saved;
-            match self.park(&mut threads, call, regs, space) {
+            while let Some(job) = threads.accesses.get_mut(&tid).and_then(|q| q.pop_front()) {
+                match self.start_access(&mut threads, tid, task, &call, job, regs, space) {
+                    Ok(()) => return true,
+                    Err(()) => *regs = saved,
+                }
+            }
+            let park = KernelCall {
+                frame: saved.rsp,
+                purpose: Purpose::Park { tid, task },
+                ..call
+            };
+            match self.park(&mut threads, park, regs, space) {
                 Ok(()) => return true,
                 Err(e) => log::warn!("tracer: cannot keep thread {tid} stopped: {e}"),
             }
             *regs = saved;
-        } else {
-            *regs = call.saved;
         }
         threads.parked.remove(&tid);
+        for job in threads.accesses.remove(&tid).into_iter().flatten() {
+            let _ = job.reply.send(Err(crate::UtraceError::NotStopped));
+        }
         if killed {
             // SIGKILL breaks every STOP, as in utrace.
             if let Some(t) = threads.traced.get(&tid) {

@@ -121,6 +121,8 @@ fn layout() -> TraceLayout {
         steer_bit: STEER_BIT,
         exit_work_mask: STEER_BIT,
         virt_offset: 0,
+        thread_fsbase: None,
+        thread_gsbase: None,
     }
 }
 
@@ -223,6 +225,7 @@ fn dispatcher(ram: GuestRam) -> Arc<Dispatcher> {
         kfuncs: Some(KernelFunctions {
             schedule_timeout: SCHEDULE_TIMEOUT_VA,
             wake_up_state: WAKE_UP_STATE_VA,
+            access_process_vm: None,
         }),
         park_jiffies: 100,
         doorbell: None,

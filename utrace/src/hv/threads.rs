@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::engine::{AttachFlags, Engine, EngineData, EngineOps};
 use crate::event::{EventMask, Tid};
 use crate::hv::doorbell::Wake;
+use crate::hv::memory::AccessJob;
 use crate::thread::ThreadUtrace;
 
 /// The system-call events (a thread is steered onto the system-call sites
@@ -165,6 +166,11 @@ pub(crate) struct Threads {
     pub parked: HashMap<Tid, u64>,
     /// Wake-ups for the doorbell to send ([`crate::hv::doorbell`]).
     pub wakes: VecDeque<Wake>,
+    /// Memory accesses clients queued for parked threads
+    /// ([`crate::hv::memory`]).
+    pub accesses: HashMap<Tid, VecDeque<AccessJob>>,
+    /// The access each thread is running now.
+    pub access_running: HashMap<Tid, AccessJob>,
 }
 
 impl Threads {

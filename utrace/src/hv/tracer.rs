@@ -44,12 +44,14 @@ use crate::hv::dispatch::{Dispatcher, KernelFunctions, TracerStats};
 use crate::hv::doorbell::Wake;
 use crate::hv::kcall::Calls;
 use crate::hv::layout::TraceLayout;
+use crate::hv::memory::{AccessOp, StoppedRegs};
 use crate::hv::park::{StopHolder, TASK_INTERRUPTIBLE};
 use crate::hv::placement::{plan, PlannedTrap, TrapKind};
 use crate::hv::threads::{Armed, EngineSpec, Threads, Traced, SYSCALL_EVENTS};
 use crate::sites::Site;
 use crate::syscalls::SyscallTable;
 use crate::ResumeAction;
+use guest_introspect::pt_regs::Reg;
 
 /// Errors setting up or driving the tracer.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +140,7 @@ impl Tracer {
             (Ok(schedule_timeout), Ok(wake_up_state)) => Some(KernelFunctions {
                 schedule_timeout,
                 wake_up_state,
+                access_process_vm: k.symbol("access_process_vm").ok(),
             }),
             _ => None,
         };
@@ -315,6 +318,39 @@ impl Tracer {
             Some(e) => self.inner.control(tid, &e, ResumeAction::Detach).is_ok(),
             None => false,
         }
+    }
+
+    /// A stopped thread's user registers and segment bases (EBUSY if it
+    /// is not stopped).
+    pub fn regs(&self, tid: Tid) -> Result<StoppedRegs, TracerError> {
+        self.inner
+            .stopped_regs(tid)
+            .map_err(|e| TracerError::Utrace(tid, e))
+    }
+
+    /// Sets a stopped thread's user registers, all or none (EINVAL for the
+    /// segment selectors); the registers afterwards.
+    pub fn set_regs(&self, tid: Tid, changes: &[(Reg, u64)]) -> Result<StoppedRegs, TracerError> {
+        self.inner
+            .set_stopped_regs(tid, changes)
+            .map_err(|e| TracerError::Utrace(tid, e))
+    }
+
+    /// Reads `len` bytes at user address `addr` of stopped thread `tid`'s
+    /// process, up to the first unmapped byte (EFAULT if that is the first).
+    pub fn read_memory(&self, tid: Tid, addr: u64, len: usize) -> Result<Vec<u8>, TracerError> {
+        self.inner
+            .access_memory(tid, addr, AccessOp::Read(len))
+            .map_err(|e| TracerError::Utrace(tid, e))
+    }
+
+    /// Writes `data` at user address `addr` of stopped thread `tid`'s
+    /// process, as ptrace would (copy-on-write); all or nothing (EFAULT).
+    pub fn write_memory(&self, tid: Tid, addr: u64, data: &[u8]) -> Result<(), TracerError> {
+        self.inner
+            .access_memory(tid, addr, AccessOp::Write(data.to_vec()))
+            .map(|_| ())
+            .map_err(|e| TracerError::Utrace(tid, e))
     }
 
     /// Threads parked now because an engine holds them stopped.
