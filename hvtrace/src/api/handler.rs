@@ -146,7 +146,9 @@ impl Handler {
     ) -> Result<Value, String> {
         let tracer = self.tracer(session)?;
         let data: EngineData = Arc::new("hvtrace stop");
+        let asked = std::time::Instant::now();
         let result = tracer.hold_stopped(session.vm(), target, &data, wait);
+        let ms = asked.elapsed().as_secs_f64() * 1e3;
         let (pairs, stopped) = match result {
             Ok(h) => (h.threads, h.stopped),
             Err(e) => {
@@ -173,7 +175,7 @@ impl Handler {
             .copied()
             .filter(|t| !stopped.contains(t))
             .collect();
-        Ok(json!({ "tids": tids, "stopped": stopped, "pending": pending }))
+        Ok(json!({ "tids": tids, "stopped": stopped, "pending": pending, "ms": ms }))
     }
 
     fn cont(&mut self, session: &Session, target: Target) -> Result<Value, String> {
@@ -194,10 +196,24 @@ impl Handler {
                 Target::Thread(tid) => format!("thread {tid} is not held stopped by hvtrace stop"),
             });
         }
+        let asked = std::time::Instant::now();
         self.release(session, &tids);
+        // Until the released threads have left their sleep (a second at
+        // most: their backstop).
+        let running = loop {
+            let stopped = self.stopped_threads();
+            if !tids.iter().any(|t| stopped.contains(t)) {
+                break true;
+            }
+            if asked.elapsed() > std::time::Duration::from_secs(3) {
+                break false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        };
+        let ms = asked.elapsed().as_secs_f64() * 1e3;
         let mut released = tids;
         released.sort_unstable();
-        Ok(json!({ "released": released }))
+        Ok(json!({ "released": released, "running": running, "ms": ms }))
     }
 
     /// Releases the holds of `tids`.
