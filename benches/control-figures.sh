@@ -9,9 +9,10 @@
 #  - RESUME latency: `hvtrace cont` to the thread out of its sleep;
 #  - INTERRUPT latency: `hvtrace interrupt` of hv-sleeper to its report;
 #  - the cost of a held thread to the rest of the guest: hv-counters'
-#    counting rate while hv-sleeper is held stopped, side by side with the
-#    rate while it is not, in interleaved windows of the same run (goal:
-#    no measurable difference).
+#    counting rate while hv-sleeper is held stopped (`stop --interrupt`:
+#    parked in the kernel, woken once a second by its backstop), side by
+#    side with the rate while it just sleeps in nanosleep, in interleaved
+#    windows of the same run (goal: no measurable difference).
 # Each latency is printed as min / median / max over the rounds.
 #
 # Usage: benches/control-figures.sh [rounds] [window-seconds]
@@ -59,8 +60,10 @@ try:
     pid, worker = w[2], w[4]
     sleeper = wait_line("hv-sleeper: pid").split()[2].rstrip(",")
     time.sleep(1)
-    stop_run, stop_blocked, cont, intr = [], [], [], []
+    stop_run, stop_blocked, stop_intr, cont, intr = [], [], [], [], []
     for _ in range(rounds):
+        stop_intr.append(ctl("stop", "--interrupt", "-p", sleeper)["ms"])
+        cont.append(ctl("cont", "-p", sleeper)["ms"])
         stop_run.append(ctl("stop", "-t", worker)["ms"])
         cont.append(ctl("cont", "-t", worker)["ms"])
         stop_blocked.append(ctl("stop", "-t", pid)["ms"])
@@ -80,7 +83,7 @@ try:
     free, held = [], []
     for _ in range(3):
         free.append(rate(window))
-        ctl("stop", "-p", sleeper)
+        ctl("stop", "--interrupt", "-p", sleeper)
         held.append(rate(window))
         ctl("cont", "-p", sleeper)
     def show(name, xs):
@@ -88,6 +91,7 @@ try:
     print(f"control figures, {rounds} rounds (min / median / max)")
     show("stop, thread running in user mode", stop_run)
     show("stop, thread in nanosleep (<= 200 ms left)", stop_blocked)
+    show("stop --interrupt, thread in nanosleep(3600 s)", stop_intr)
     show("cont, until the thread left its sleep", cont)
     show("interrupt of nanosleep, until its report", intr)
     f, h = statistics.median(free), statistics.median(held)

@@ -143,11 +143,12 @@ impl Handler {
         target: Target,
         wait: std::time::Duration,
         until_close: bool,
+        interrupt: bool,
     ) -> Result<Value, String> {
         let tracer = self.tracer(session)?;
         let data: EngineData = Arc::new("hvtrace stop");
         let asked = std::time::Instant::now();
-        let result = tracer.hold_stopped(session.vm(), target, &data, wait);
+        let result = tracer.hold_stopped(session.vm(), target, &data, wait, interrupt);
         let ms = asked.elapsed().as_secs_f64() * 1e3;
         let (pairs, stopped) = match result {
             Ok(h) => (h.threads, h.stopped),
@@ -368,6 +369,7 @@ impl Handler {
                     Target::Process(pid),
                     &data,
                     std::time::Duration::from_secs(2),
+                    true,
                 ) {
                     Ok(h) => h,
                     Err(e) => {
@@ -579,9 +581,10 @@ impl Handler {
                 tid,
                 wait_ms,
                 until_close,
+                interrupt,
             } => {
                 let wait = std::time::Duration::from_millis(wait_ms.unwrap_or(2000).min(600_000));
-                self.stop(session, conn, target(pid, tid)?, wait, until_close)
+                self.stop(session, conn, target(pid, tid)?, wait, until_close, interrupt)
             }
             Op::Cont { pid, tid } => self.cont(session, target(pid, tid)?),
             Op::Regs { tid, set } => self.regs(tid, set),

@@ -35,8 +35,10 @@
 //!   of the VM's own) until `cont`, a SIGKILL inside the guest, or the VM's
 //!   end; the reply comes once all are parked or after `wait_ms` (default
 //!   2000): a thread blocked in a system call stops when the call returns
-//!   (`pending`). With `"until_close":true` the stop is this connection's
-//!   and ends when it closes (or the client is killed).
+//!   (`pending`), or at once with `"interrupt":true` (the call restarts
+//!   when it is released, as after INTERRUPT). With `"until_close":true`
+//!   the stop is this connection's and ends when it closes (or the client
+//!   is killed).
 //! * `{"v":1,"op":"cont","pid":N}` (or `"tid":N`) -> `{"v":1,"ok":true,"released":[N,..]}`.
 //! * `{"v":1,"op":"interrupt","pid":N}` (or `"tid":N`) ->
 //!   `{"v":1,"ok":true,"tids":[..],"reported":[[TID,MS],..]}`: utrace's
@@ -112,6 +114,10 @@ pub enum Op {
         /// The stop ends when this connection closes.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         until_close: bool,
+        /// Wake threads asleep in interruptible calls to stop them at once
+        /// (their calls restart when released).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        interrupt: bool,
     },
     /// utrace's INTERRUPT of a process's threads (or one thread), waiting
     /// for each to report.

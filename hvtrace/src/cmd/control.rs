@@ -36,6 +36,11 @@ pub struct StopArgs {
     /// thread blocked in a system call stops when the call returns).
     #[arg(long, default_value_t = 2000)]
     pub wait_ms: u64,
+    /// Stop threads asleep in interruptible calls (read, nanosleep, poll,
+    /// wait4, ...) at once; their calls restart when they continue, and the
+    /// program sees no EINTR.
+    #[arg(long)]
+    pub interrupt: bool,
     /// Print the reply as JSON.
     #[arg(long)]
     pub json: bool,
@@ -75,6 +80,7 @@ pub fn stop(args: StopArgs) -> Result<i32> {
             tid: args.who.tid,
             wait_ms: Some(args.wait_ms),
             until_close: false,
+            interrupt: args.interrupt,
         },
     )?;
     if args.json {

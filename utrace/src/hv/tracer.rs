@@ -258,7 +258,10 @@ impl Tracer {
     /// Holds every thread of `target` stopped with a [`StopHolder`] engine
     /// whose data is `data` (detaching it, [`Tracer::detach_data`] or
     /// [`Tracer::release_thread`], releases them), and waits up to `wait`
-    /// for them to be parked. Returns the (thread id, process id) pairs and
+    /// for them to be parked. With `interrupt`, a thread asleep in an
+    /// interruptible call is woken to stop at once (as INTERRUPT does; the
+    /// call restarts when it is released), where otherwise it stops when
+    /// the call returns. Returns the (thread id, process id) pairs and
     /// which threads are parked.
     pub fn hold_stopped(
         &self,
@@ -266,6 +269,7 @@ impl Tracer {
         target: Target,
         data: &EngineData,
         wait: std::time::Duration,
+        interrupt: bool,
     ) -> Result<Held, TracerError> {
         self.ensure_quiesce_site(vm)?;
         let spec = EngineSpec {
@@ -286,6 +290,11 @@ impl Tracer {
                     Ok(()) | Err(TracerError::Utrace(_, crate::UtraceError::InProgress)) => {}
                     Err(e) => return Err(e),
                 }
+            }
+        }
+        if interrupt {
+            for &tid in &tids {
+                self.inner.kick(tid)?;
             }
         }
         let deadline = std::time::Instant::now() + wait;
@@ -614,6 +623,32 @@ fn jiffies_per_second(k: &RunningKernel<'_, vmm::vstate::memory::GuestRam>) -> u
 }
 
 impl Dispatcher {
+    /// Wakes traced thread `tid` from an interruptible sleep, with no
+    /// report (TIF_SIGPENDING and a doorbell wake, as INTERRUPT): a call it
+    /// sleeps in ends and is restarted by the kernel's rules; a thread not
+    /// parked yet then reaches a park site at once.
+    pub(crate) fn kick(&self, tid: Tid) -> Result<(), TracerError> {
+        let task = {
+            let mut table = self.lock();
+            let Some(t) = table.traced.get(&tid) else {
+                return Ok(());
+            };
+            let task = t.task;
+            if table.parked.contains_key(&tid) {
+                return Ok(());
+            }
+            table.wakes.push_back(Wake {
+                tid,
+                task,
+                state: TASK_INTERRUPTIBLE,
+            });
+            task
+        };
+        self.set_sigpending(self.kernel_space, task)?;
+        self.ring_doorbell();
+        Ok(())
+    }
+
     /// `utrace_control` on traced thread `tid`, with the control sites
     /// already set for REPORT, STOP and INTERRUPT (see
     /// [`Tracer::control`]). Takes the table's lock briefly, so a callback
