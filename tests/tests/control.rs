@@ -498,3 +498,38 @@ fn registers_and_memory_written_from_outside_change_only_that_process() {
     g.wait_for(Duration::from_secs(30), |l| l == "binary unchanged");
     assert_eq!(g.finish(), Some(0));
 }
+
+#[test]
+fn the_guests_own_strace_of_a_held_process_waits_for_the_release_then_traces_it() {
+    let mut g = start(
+        2,
+        "hv-counters 16 & p=$!; sleep 6; echo tracing; strace -f -p $p -o /tmp/st 2>/dev/null & s=$!; \
+         sleep 3; echo waited; wait $p; echo \"counters exit $?\"; wait $s; \
+         echo \"strace lines $(grep -c nanosleep /tmp/st)\"",
+    );
+    let (_, header) = g.wait_for(Duration::from_secs(300), |l| l.starts_with("hv-counters:"));
+    let (pid, ..) = counter_ids(&header);
+    let (code, text) = hv(&["stop", "--api-sock", g.sock(), "-p", &pid.to_string()]);
+    assert_eq!(code, 0, "{text}");
+    let stopped_at = Instant::now();
+    // The guest's strace attaches to the held process; its shell and the
+    // rest of the guest run on meanwhile.
+    g.wait_for(Duration::from_secs(30), |l| l == "tracing");
+    g.wait_for(Duration::from_secs(30), |l| l == "waited");
+    let held: Vec<_> = g
+        .seen
+        .iter()
+        .filter(|(at, l)| *at > stopped_at + Duration::from_millis(500) && counts(l).is_some())
+        .collect();
+    assert!(held.is_empty(), "a held process printed: {held:?}");
+    assert_eq!(ps_entry(g.sock(), pid)["stopped_by"], "hvtrace");
+    let (code, text) = hv(&["cont", "--api-sock", g.sock(), "-p", &pid.to_string()]);
+    assert_eq!(code, 0, "{text}");
+    // Released, it runs on under the guest's strace, to its normal end.
+    g.wait_for(Duration::from_secs(10), |l| counts(l).is_some());
+    g.wait_for(Duration::from_secs(60), |l| l == "counters exit 0");
+    let (_, lines) = g.wait_for(Duration::from_secs(30), |l| l.starts_with("strace lines"));
+    let n: u32 = lines.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(n > 0, "the guest's strace saw no nanosleep: {}", g.output());
+    assert_eq!(g.finish(), Some(0));
+}

@@ -124,11 +124,31 @@ fn injected_errors_and_values_match_the_guests_strace() {
 }
 
 #[test]
+fn injected_signals_match_the_guests_strace() {
+    require_kvm();
+    // Sent at the call's entry and delivered on its way back: the shell's
+    // trap runs (the call itself is not changed).
+    let o = same_as_guest_strace(
+        "inject=kill:signal=SIGUSR1",
+        "trap \"echo caught USR1\" USR1; kill -0 $$; echo after",
+    );
+    assert!(o.stdout.contains("caught USR1"), "{o:?}");
+    assert!(o.stdout.contains("after"), "{o:?}");
+    assert!(o.injected.is_empty(), "{o:?}");
+    // With no handler the signal's default action ends the program, and a
+    // signal together with an error: both happen.
+    let o = same_as_guest_strace("inject=getpid:signal=SIGUSR2:error=EPERM", "echo $$");
+    assert_eq!(o.stdout, "");
+    assert_ne!(o.status, Some(0), "{o:?}");
+}
+
+#[test]
 fn bad_tamper_expressions_are_refused_before_the_guest_starts() {
     for (expr, why) in [
-        ("inject=openat", "one of error= or retval="),
+        ("inject=openat", "one of error=, retval= or signal="),
         ("inject=openat:error=EWHAT", "no such errno"),
-        ("inject=openat:signal=SIGSEGV", "not supported"),
+        ("inject=openat:signal=SIGNOPE", "not a signal"),
+        ("fault=openat:signal=SIGUSR1", "not supported"),
         ("inject=openat:error=ENOENT:when=0", "first[..last]"),
         ("fault=%file", "not a system call name"),
     ] {

@@ -72,6 +72,10 @@ pub struct ThreadContext {
     /// [`ThreadContext::set_reg`].
     regs: RefCell<Option<SavedRegs>>,
     memory: Option<(GuestRam, AddressSpace)>,
+    /// At an exit report, the code the engines changed it to.
+    exit_code: std::cell::Cell<Option<i64>>,
+    /// A signal an engine asked to send the thread from this report.
+    send_signal: std::cell::Cell<Option<i32>>,
 }
 
 /// A thread's saved user registers and where they lie.
@@ -103,6 +107,8 @@ impl ThreadContext {
             signal: None,
             regs: RefCell::new(None),
             memory: None,
+            exit_code: std::cell::Cell::new(None),
+            send_signal: std::cell::Cell::new(None),
         }
     }
 
@@ -127,6 +133,39 @@ impl ThreadContext {
     /// where the report has none.
     pub fn regs(&self) -> Option<UserRegs> {
         self.regs.borrow().as_ref().map(|r| r.values.clone())
+    }
+
+    /// After an exit report: the exit code the engines chose, if they
+    /// changed it (report_exit's `code`).
+    pub fn new_exit_code(&self) -> Option<i64> {
+        self.exit_code.get()
+    }
+
+    pub(crate) fn set_exit_code(&self, code: i64) {
+        self.exit_code.set(Some(code));
+    }
+
+    /// Sends the thread signal `sig` (1..=64) when the report ends, as the
+    /// kernel's `send_sig(sig, task, 1)` (what a ptracer's restart with a
+    /// signal does): it is delivered on the thread's way back to user
+    /// mode. Served at system-call entry reports; EINVAL elsewhere or for
+    /// a bad number.
+    pub fn send_signal(&self, sig: i32) -> Result<(), UtraceError> {
+        let at_entry = self
+            .regs
+            .borrow()
+            .as_ref()
+            .is_some_and(|r| r.at_syscall_entry);
+        if !(1..=64).contains(&sig) || !at_entry {
+            return Err(UtraceError::Invalid);
+        }
+        self.send_signal.set(Some(sig));
+        Ok(())
+    }
+
+    /// The signal an engine asked to send from this report.
+    pub(crate) fn signal_to_send(&self) -> Option<i32> {
+        self.send_signal.get()
     }
 
     /// Changes saved user register `reg`: what the thread has when it

@@ -144,6 +144,13 @@ pub enum UtraceError {
     /// Guest memory could not be read or written (EFAULT).
     #[error("bad address (EFAULT)")]
     Fault,
+    /// `barrier` from the engine's own callback (EDEADLK).
+    #[error("the engine's own callback would wait for itself (EDEADLK)")]
+    Deadlock,
+    /// The thread ran since `prepare_examine`: what was read is stale
+    /// (EAGAIN).
+    #[error("the thread ran in between (EAGAIN)")]
+    Again,
     /// The thread is not stopped (EBUSY): its registers and memory are
     /// examined and changed only while it is held stopped.
     #[error("the thread is not stopped (EBUSY)")]
@@ -168,6 +175,8 @@ impl UtraceError {
             Self::Fault => 14,
             Self::NotSupported => 95,
             Self::NotStopped => 16,
+            Self::Deadlock => 35,
+            Self::Again => 11,
         }
     }
 }
@@ -185,6 +194,28 @@ pub struct Engine {
     data: Option<EngineData>,
     pub(crate) events: Mutex<EventMask>,
     pub(crate) detached: Mutex<bool>,
+    /// Callbacks of this engine running now (for [`Engine::barrier`]).
+    in_callback: std::sync::atomic::AtomicU32,
+}
+
+thread_local! {
+    /// The engines whose callback runs on this OS thread now.
+    static IN_CALLBACK: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Marks a callback of an engine as running until dropped.
+pub(crate) struct CallbackGuard<'a>(&'a Engine);
+
+impl Drop for CallbackGuard<'_> {
+    fn drop(&mut self) {
+        IN_CALLBACK.with(|v| {
+            let mut v = v.borrow_mut();
+            if let Some(i) = v.iter().rposition(|id| *id == self.0.id) {
+                v.remove(i);
+            }
+        });
+        self.0.in_callback.fetch_sub(1, Ordering::Release);
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -206,7 +237,29 @@ impl Engine {
             data,
             events: Mutex::new(EventMask::NONE),
             detached: Mutex::new(false),
+            in_callback: std::sync::atomic::AtomicU32::new(0),
         }
+    }
+
+    /// Marks one of its callbacks as running (until the guard drops).
+    pub(crate) fn enter_callback(&self) -> CallbackGuard<'_> {
+        self.in_callback.fetch_add(1, Ordering::Acquire);
+        IN_CALLBACK.with(|v| v.borrow_mut().push(self.id));
+        CallbackGuard(self)
+    }
+
+    /// `utrace_barrier`: returns once no callback of this engine is
+    /// running (on any thread), so that after a DETACH or a `set_events`
+    /// the caller knows no old callback is still in progress. EDEADLK from
+    /// the engine's own callback, which would wait for itself.
+    pub fn barrier(&self) -> Result<(), UtraceError> {
+        if IN_CALLBACK.with(|v| v.borrow().contains(&self.id)) {
+            return Err(UtraceError::Deadlock);
+        }
+        while self.in_callback.load(Ordering::Acquire) != 0 {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        Ok(())
     }
 
     /// A process-unique id.

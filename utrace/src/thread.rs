@@ -241,12 +241,18 @@ impl ThreadUtrace {
             order.reverse();
         }
         let mut prevailing = ResumeAction::Resume;
+        // report_exit's code, as each engine leaves it for the next.
+        let mut exit_code = match event {
+            Event::Exit { code } => *code,
+            _ => 0,
+        };
         for engine in order {
             if engine.is_detached() {
                 continue;
             }
             let ops = &engine.ops;
             let mask = engine.events();
+            let _running = engine.enter_callback();
             let wants_event = bit != EventMask::NONE && mask.contains(bit);
             let wants_quiesce = mask.contains(EventMask::QUIESCE);
             if matches!(event, Event::Reap) {
@@ -284,13 +290,15 @@ impl ThreadUtrace {
                 Event::SyscallExit { nr, ret } => {
                     ops.report_syscall_exit(p, &engine, thread, *nr, *ret)
                 }
-                Event::Exit { code } => {
-                    let mut c = *code;
-                    ops.report_exit(p, &engine, thread, *code, &mut c)
-                }
+                Event::Exit { code } => ops.report_exit(p, &engine, thread, *code, &mut exit_code),
                 Event::Signal { signo, .. } => ops.report_signal(p, &engine, thread, *signo),
             };
             prevailing = self.vote(&engine, vote, prevailing);
+        }
+        if let Event::Exit { code } = event {
+            if exit_code != *code {
+                thread.set_exit_code(exit_code);
+            }
         }
         let mut st = self.state();
         if matches!(event, Event::Reap) {
@@ -582,5 +590,68 @@ mod tests {
             t.control(&engines[0], Resume),
             Err(UtraceError::NoSuchThread)
         );
+    }
+
+    /// An engine whose report_quiesce blocks until told to go on.
+    struct Slow {
+        entered: std::sync::mpsc::Sender<()>,
+        go: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl EngineOps for Slow {
+        fn report_quiesce(
+            &self,
+            _: ResumeAction,
+            engine: &Engine,
+            _: &ThreadContext,
+            _: EventMask,
+        ) -> ResumeAction {
+            assert_eq!(engine.barrier(), Err(UtraceError::Deadlock), "own callback");
+            self.entered.send(()).unwrap();
+            self.go.lock().unwrap().recv().unwrap();
+            Resume
+        }
+    }
+
+    #[test]
+    fn barrier_waits_for_a_running_callback_and_refuses_its_own() {
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        let t = Arc::new(ThreadUtrace::new(7, false));
+        let create = AttachFlags {
+            create: true,
+            ..Default::default()
+        };
+        let ops = Arc::new(Slow {
+            entered: entered_tx,
+            go: Mutex::new(go_rx),
+        });
+        let e = t.attach(create, ops, None).unwrap();
+        t.set_events(&e, EventMask::QUIESCE).unwrap();
+        assert_eq!(e.barrier(), Ok(()), "no callback running");
+        let reporter = {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                t.report(&Event::Quiesce, &ThreadContext::without_memory(7, 7));
+            })
+        };
+        entered.recv().unwrap();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let waiter = {
+            let (e, done) = (e.clone(), done.clone());
+            std::thread::spawn(move || {
+                e.barrier().unwrap();
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            !done.load(std::sync::atomic::Ordering::SeqCst),
+            "barrier returned mid-callback"
+        );
+        go.send(()).unwrap();
+        waiter.join().unwrap();
+        reporter.join().unwrap();
+        assert!(done.load(std::sync::atomic::Ordering::SeqCst));
     }
 }

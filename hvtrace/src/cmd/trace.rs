@@ -35,10 +35,10 @@ pub struct TraceArgs {
     #[arg(short = 'f', long = "follow")]
     pub follow: bool,
     /// Which calls to show: `trace=openat,read` (or just `openat,read`);
-    /// `inject=SET:error=ERRNO|retval=N[:when=EXPR]` and
+    /// `inject=SET:error=ERRNO|retval=N[:signal=SIG][:when=EXPR]` and
     /// `fault=SET[:error=ERRNO][:when=EXPR]` make the chosen invocations
-    /// fail or return N without running, as strace's do (`when=` is
-    /// `first[..last][+[step]]`).
+    /// fail or return N without running, and/or send the thread SIG at
+    /// their entry, as strace's do (`when=` is `first[..last][+[step]]`).
     #[arg(short = 'e', value_name = "EXPR")]
     pub expr: Vec<String>,
     /// Longest string shown (`strace -s`), at most 1048576.

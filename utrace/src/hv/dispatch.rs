@@ -68,6 +68,8 @@ pub(crate) struct KernelFunctions {
     /// `int access_process_vm(struct task_struct *tsk, unsigned long addr,
     /// void *buf, int len, unsigned int gup_flags)`, if present.
     pub access_process_vm: Option<u64>,
+    /// `int send_sig(int sig, struct task_struct *p, int priv)`, if present.
+    pub send_sig: Option<u64>,
 }
 
 /// The tracer's state the trap handlers share; `vmm` holds it as the
@@ -111,6 +113,11 @@ pub(crate) struct Who {
     pub current: u64,
     /// Its thread id.
     pub tid: Tid,
+    /// A new first argument for the trapped function, if a handler set
+    /// one.
+    pub rdi: Option<u64>,
+    /// A signal to send it before it goes on.
+    pub signal: Option<i32>,
 }
 
 /// A trap as its event handler sees it: who hit it and where.
@@ -126,6 +133,12 @@ pub(crate) struct Trap<'a> {
     pub tid: Tid,
     /// Its thread-group id.
     pub tgid: Tid,
+    /// A new value for rdi (the trapped function's first argument), set by
+    /// a handler: report_exit's changed code for `do_exit(code)`.
+    pub new_rdi: std::cell::Cell<Option<u64>>,
+    /// A signal to send the thread after the report (an engine's
+    /// `ThreadContext::send_signal`).
+    pub send_signal: std::cell::Cell<Option<i32>>,
 }
 
 impl Trap<'_> {
@@ -155,6 +168,16 @@ impl TrapHandler for Dispatcher {
                     self.on_park_return(call, &mut regs, space)
                 }
                 Purpose::Wake => self.on_doorbell(va, call.saved, &mut regs, space),
+                Purpose::Plain { tid, task } => {
+                    regs = call.saved;
+                    let who = Who {
+                        current: task,
+                        tid,
+                        rdi: None,
+                        signal: None,
+                    };
+                    self.park_if_stopped(p.site, va, &who, &mut regs, space)
+                }
             }
         } else if p.site == Site::Doorbell {
             let saved = regs;
@@ -163,7 +186,11 @@ impl TrapHandler for Dispatcher {
             match self.handle(p.site, ctx, space) {
                 Ok(who) => {
                     regs = *ctx.regs();
-                    self.park_if_stopped(p.site, va, &who, &mut regs, space)
+                    if let Some(rdi) = who.rdi {
+                        regs.rdi = rdi;
+                    }
+                    self.send_signal_from(va, &who, &mut regs, space)
+                        || self.park_if_stopped(p.site, va, &who, &mut regs, space)
                 }
                 Err(e) => {
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -229,10 +256,8 @@ impl Dispatcher {
             tid: l.tasks.task.pid.read(&k, current, "task_struct.pid")? as u32 as Tid,
             tgid: l.tasks.task.tgid.read(&k, current, "task_struct.tgid")? as u32 as Tid,
             k,
-        };
-        let who = Who {
-            current: t.current,
-            tid: t.tid,
+            new_rdi: std::cell::Cell::new(None),
+            send_signal: std::cell::Cell::new(None),
         };
         match site {
             Site::SyscallEntry => self.on_syscall_entry(&t),
@@ -250,7 +275,47 @@ impl Dispatcher {
             // Handled before the current task is read (see on_trap).
             Site::Doorbell => Ok(()),
         }?;
-        Ok(who)
+        Ok(Who {
+            current: t.current,
+            tid: t.tid,
+            rdi: t.new_rdi.get(),
+            signal: t.send_signal.get(),
+        })
+    }
+
+    /// Makes thread `who` call `send_sig(sig, current, 1)` from the trap
+    /// at `site` if an engine asked for a signal (as ptrace's restart with
+    /// a signal does); the trap goes on when it returns. Whether it did.
+    fn send_signal_from(
+        &self,
+        site: u64,
+        who: &Who,
+        regs: &mut GuestRegs,
+        space: AddressSpace,
+    ) -> bool {
+        let (Some(sig), Some(send_sig)) = (who.signal, self.kfuncs.and_then(|f| f.send_sig)) else {
+            return false;
+        };
+        let call = crate::hv::kcall::KernelCall {
+            saved: *regs,
+            frame: regs.rsp,
+            site,
+            purpose: Purpose::Plain {
+                tid: who.tid,
+                task: who.current,
+            },
+        };
+        let args = [sig as u64, who.current, 1];
+        match self.call_kernel(regs, space, call, send_sig, &args) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!(
+                    "tracer: cannot send signal {sig} to thread {}: {e}",
+                    who.tid
+                );
+                false
+            }
+        }
     }
 
     /// Counts a trap taken by a thread nobody traces.

@@ -47,6 +47,14 @@ pub(crate) enum Purpose {
     },
     /// The doorbell's interrupt handler wakes a task (`wake_up_state`).
     Wake,
+    /// Thread `tid` runs a kernel function for an engine at a report
+    /// (`send_sig` for a signal it asked for); then the trap goes on.
+    Plain {
+        /// The thread.
+        tid: Tid,
+        /// Its `task_struct`.
+        task: u64,
+    },
     /// Parked thread `tid` reads or writes its own memory
     /// (`access_process_vm`, as ptrace does) for a client; the data lies
     /// in `buf`, below the call's frame on its kernel stack.

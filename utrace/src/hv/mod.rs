@@ -45,4 +45,4 @@ pub use dispatch::TracerStats;
 pub use memory::StoppedRegs;
 pub use park::StopHolder;
 pub use threads::EngineSpec;
-pub use tracer::{Target, Tracer, TracerError};
+pub use tracer::{Examine, Held, Target, Tracer, TracerError};

@@ -173,7 +173,7 @@ impl Dispatcher {
     ) -> bool {
         let (tid, task) = match call.purpose {
             Purpose::Park { tid, task } | Purpose::Access { tid, task, .. } => (tid, task),
-            Purpose::Wake => {
+            Purpose::Wake | Purpose::Plain { .. } => {
                 *regs = call.saved;
                 return false;
             }
@@ -208,6 +208,7 @@ impl Dispatcher {
             *regs = saved;
         }
         threads.parked.remove(&tid);
+        *threads.unparked.entry(tid).or_default() += 1;
         for job in threads.accesses.remove(&tid).into_iter().flatten() {
             let _ = job.reply.send(Err(crate::UtraceError::NotStopped));
         }

@@ -46,6 +46,9 @@ const ENTRY_VA: u64 = 0xffff_ffff_8100_1000;
 const EXIT_VA: u64 = 0xffff_ffff_8100_2000;
 const QUIESCE_VA: u64 = 0xffff_ffff_8100_3000;
 const DOORBELL_VA: u64 = 0xffff_ffff_8100_4000;
+const DO_EXIT_VA: u64 = 0xffff_ffff_8100_7000;
+/// The thread's `signal_struct`.
+const SIGNAL: u64 = 0x50000;
 /// The kernel functions the tracer calls.
 const SCHEDULE_TIMEOUT_VA: u64 = 0xffff_ffff_8100_5000;
 const WAKE_UP_STATE_VA: u64 = 0xffff_ffff_8100_6000;
@@ -155,6 +158,7 @@ fn guest() -> GuestRam {
     ram.write(TASK + t.tgid.offset(), &(TID as u32).to_le_bytes())
         .unwrap();
     put(TASK + t.stack.offset(), kva(STACK));
+    put(TASK + t.signal.offset(), kva(SIGNAL));
     put(TASK + l.syscall_work.offset(), STEER_BIT);
     let reg = |r: Reg, v: u64| put(PT_REGS + l.tasks.pt_regs.offset(r), v);
     reg(Reg::Cs, 0x33);
@@ -188,6 +192,11 @@ fn dispatcher(ram: GuestRam) -> Arc<Dispatcher> {
             TrapKind::Int3(Displaced::Skip { len: 4 }),
         ),
         plan(Site::Quiesce, QUIESCE_VA, TrapKind::DebugRegister),
+        plan(
+            Site::Exit,
+            DO_EXIT_VA,
+            TrapKind::Int3(Displaced::Skip { len: 5 }),
+        ),
         plan(
             Site::Doorbell,
             DOORBELL_VA,
@@ -226,6 +235,7 @@ fn dispatcher(ram: GuestRam) -> Arc<Dispatcher> {
             schedule_timeout: SCHEDULE_TIMEOUT_VA,
             wake_up_state: WAKE_UP_STATE_VA,
             access_process_vm: None,
+            send_sig: None,
         }),
         park_jiffies: 100,
         doorbell: None,
@@ -281,6 +291,8 @@ struct Probe {
     exit_vote: Option<ResumeAction>,
     control_at_exit: Option<ResumeAction>,
     abort_at_entry: Option<i64>,
+    /// report_exit changes the code to this.
+    exit_code_to: Option<i64>,
     dispatcher: OnceLock<Weak<Dispatcher>>,
 }
 
@@ -291,6 +303,20 @@ impl Probe {
 }
 
 impl EngineOps for Probe {
+    fn report_exit(
+        &self,
+        _: ResumeAction,
+        _: &Engine,
+        _: &ThreadContext,
+        orig: i64,
+        code: &mut i64,
+    ) -> ResumeAction {
+        self.note(format!("exit_code:{orig:#x}"));
+        if let Some(c) = self.exit_code_to {
+            *code = c;
+        }
+        ResumeAction::Resume
+    }
     fn report_quiesce(
         &self,
         _: ResumeAction,
@@ -566,8 +592,12 @@ fn a_stop_vote_parks_the_thread_in_the_kernel_until_released_through_the_doorbel
     back.rax = 0;
     let again = hit_with(&d, back, int3).expect("parked again");
     assert_eq!(again.rip, SCHEDULE_TIMEOUT_VA);
-    // RESUME from the engine queues a wake; the doorbell's handler sends it.
+    // Examined while parked: the state holds while it stays parked.
     let engine = d.lock().traced[&TID].utrace.engines()[0].clone();
+    let tracer = crate::hv::Tracer::from_dispatcher(d.clone());
+    let token = tracer.prepare_examine(TID, &engine).unwrap();
+    assert!(tracer.finish_examine(token).is_ok());
+    // RESUME from the engine queues a wake; the doorbell's handler sends it.
     d.control(TID, &engine, ResumeAction::Resume).unwrap();
     let irq = GuestRegs {
         rip: DOORBELL_VA,
@@ -658,4 +688,48 @@ fn sigkill_breaks_a_stop_and_an_untraced_or_killed_thread_is_never_parked() {
         ..Default::default()
     };
     assert_eq!(hit_with(&d, irq, int3).unwrap().rip, DOORBELL_VA + 4);
+}
+
+#[test]
+fn report_exit_changes_the_exit_code_of_the_thread_and_of_its_exiting_group() {
+    for (group_code, group_after) in [(0x300, 0x500), (0, 0)] {
+        let d = dispatcher(guest());
+        let probe = trace(
+            &d,
+            Probe {
+                exit_code_to: Some(0x500),
+                ..Default::default()
+            },
+            EventMask::EXIT,
+        );
+        let l = layout();
+        d.ram
+            .write(
+                SIGNAL + l.signal_group_exit_code,
+                &(group_code as u32).to_le_bytes(),
+            )
+            .unwrap();
+        // do_exit(3 << 8), as exit_group(3) calls it (or exit(3), with no
+        // group exit under way).
+        let at = GuestRegs {
+            rip: DO_EXIT_VA,
+            rsp: kva(STACK + 0x3000),
+            rdi: 0x300,
+            ..Default::default()
+        };
+        let after = hit_with(&d, at, TrapHit::Int3 { original: 0x0f }).unwrap();
+        assert_eq!(
+            after,
+            GuestRegs {
+                rip: DO_EXIT_VA + 5,
+                rdi: 0x500,
+                ..at
+            }
+        );
+        assert_eq!(*probe.seen.lock().unwrap(), ["exit_code:0x300"]);
+        assert_eq!(
+            word(&d, SIGNAL + l.signal_group_exit_code) & 0xffff_ffff,
+            group_after
+        );
+    }
 }

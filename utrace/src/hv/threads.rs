@@ -171,6 +171,8 @@ pub(crate) struct Threads {
     pub accesses: HashMap<Tid, VecDeque<AccessJob>>,
     /// The access each thread is running now.
     pub access_running: HashMap<Tid, AccessJob>,
+    /// How many times each thread left a park (for `finish_examine`).
+    pub unparked: HashMap<Tid, u64>,
 }
 
 impl Threads {

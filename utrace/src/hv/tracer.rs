@@ -89,6 +89,14 @@ pub struct Held {
     pub stopped: Vec<Tid>,
 }
 
+/// A [`Tracer::prepare_examine`] token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Examine {
+    tid: Tid,
+    /// The thread's count of parks left, then.
+    unparked: u64,
+}
+
 /// What an operation applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -106,6 +114,12 @@ pub struct Tracer {
 }
 
 impl Tracer {
+    /// A tracer over a dispatcher built by hand (the KVM-free tests).
+    #[cfg(test)]
+    pub(crate) fn from_dispatcher(inner: Arc<Dispatcher>) -> Self {
+        Self { inner }
+    }
+
     /// Locates the kernel, plans every site of [`Site::TRACED`], and sets
     /// the traps, with all vCPUs paused for the duration.
     pub fn install(vm: &RunningVm, info: Arc<KernelInfo>) -> Result<Self, TracerError> {
@@ -141,6 +155,7 @@ impl Tracer {
                 schedule_timeout,
                 wake_up_state,
                 access_process_vm: k.symbol("access_process_vm").ok(),
+                send_sig: k.symbol("send_sig").ok(),
             }),
             _ => None,
         };
@@ -360,6 +375,46 @@ impl Tracer {
             .access_memory(tid, addr, AccessOp::Write(data.to_vec()))
             .map(|_| ())
             .map_err(|e| TracerError::Utrace(tid, e))
+    }
+
+    /// `utrace_prepare_examine`: before reading a thread's state, check
+    /// that it is stopped (EINVAL if not; ESRCH if the engine is detached
+    /// or the thread gone). Hand the token to [`Tracer::finish_examine`]
+    /// afterwards.
+    pub fn prepare_examine(&self, tid: Tid, engine: &Engine) -> Result<Examine, TracerError> {
+        let err = |e| TracerError::Utrace(tid, e);
+        let threads = self.inner.lock();
+        let t = threads
+            .traced
+            .get(&tid)
+            .ok_or(err(crate::UtraceError::NoSuchThread))?;
+        if engine.is_detached() || !t.utrace.engines().iter().any(|e| e.id() == engine.id()) {
+            return Err(err(crate::UtraceError::NoSuchThread));
+        }
+        if !threads.parked.contains_key(&tid) {
+            return Err(err(crate::UtraceError::Invalid));
+        }
+        Ok(Examine {
+            tid,
+            unparked: threads.unparked.get(&tid).copied().unwrap_or(0),
+        })
+    }
+
+    /// `utrace_finish_examine`: Ok if the thread stayed stopped since
+    /// [`Tracer::prepare_examine`] (what was read holds), EAGAIN if it ran
+    /// in between, ESRCH if it is gone.
+    pub fn finish_examine(&self, token: Examine) -> Result<(), TracerError> {
+        let tid = token.tid;
+        let err = |e| TracerError::Utrace(tid, e);
+        let threads = self.inner.lock();
+        if !threads.traced.contains_key(&tid) {
+            return Err(err(crate::UtraceError::NoSuchThread));
+        }
+        let now = threads.unparked.get(&tid).copied().unwrap_or(0);
+        if now != token.unparked || !threads.parked.contains_key(&tid) {
+            return Err(err(crate::UtraceError::Again));
+        }
+        Ok(())
     }
 
     /// Threads parked now because an engine holds them stopped.

@@ -172,7 +172,15 @@ impl Strace {
         if !t.when.matches(n) {
             return false;
         }
-        match thread.abort_syscall(t.outcome.ret()) {
+        if let Some(sig) = t.signal {
+            if let Err(e) = thread.send_signal(sig) {
+                log::warn!("strace: cannot send signal {sig} to thread {tid}: {e}");
+            }
+        }
+        let Some(outcome) = t.outcome else {
+            return false;
+        };
+        match thread.abort_syscall(outcome.ret()) {
             Ok(()) => true,
             Err(e) => {
                 log::warn!("strace: cannot tamper with {name} of thread {tid}: {e}");

@@ -85,8 +85,11 @@ impl Outcome {
 pub struct Tamper {
     /// The calls it applies to, by name.
     pub calls: HashSet<String>,
-    /// What they return.
-    pub outcome: Outcome,
+    /// What they return; None: the call runs (`signal=` alone).
+    pub outcome: Option<Outcome>,
+    /// A signal sent to the thread at the call's entry (`signal=`), as
+    /// strace sends it when it restarts the thread from its entry stop.
+    pub signal: Option<i32>,
     /// Which invocations.
     pub when: When,
 }
@@ -112,6 +115,7 @@ impl Tamper {
             calls.insert(name.to_string());
         }
         let (mut error, mut retval, mut when) = (None, None, When::ALWAYS);
+        let mut signal = None;
         for p in parts {
             let (key, value) = p
                 .split_once('=')
@@ -125,10 +129,15 @@ impl Tamper {
                         })?)
                 }
                 "when" => when = When::parse(value)?,
+                "signal" if !fault => {
+                    signal = Some(crate::syscalls::format::signal_number(value).ok_or_else(
+                        || format!("-e {what}={spec}: signal={value} is not a signal"),
+                    )?)
+                }
                 "signal" | "syscall" | "delay_enter" | "delay_exit" | "poke_enter"
                 | "poke_exit" => {
                     return Err(format!(
-                        "-e {what}={spec}: {key}= is not supported (error=, retval= and when= are)"
+                        "-e {what}={spec}: {key}= is not supported (error=, retval=, signal= and when= are)"
                     ))
                 }
                 _ => return Err(format!("-e {what}={spec}: unknown option {key}=")),
@@ -140,18 +149,20 @@ impl Tamper {
                     "-e {what}={spec}: error= and retval= are mutually exclusive"
                 ))
             }
-            (Some(e), None) => Outcome::Error(e),
-            (None, Some(v)) => Outcome::Retval(v),
-            (None, None) if fault => Outcome::Error(ENOSYS),
+            (Some(e), None) => Some(Outcome::Error(e)),
+            (None, Some(v)) => Some(Outcome::Retval(v)),
+            (None, None) if fault => Some(Outcome::Error(ENOSYS)),
+            (None, None) if signal.is_some() => None,
             (None, None) => {
                 return Err(format!(
-                    "-e {what}={spec}: one of error= or retval= is needed"
+                    "-e {what}={spec}: one of error=, retval= or signal= is needed"
                 ))
             }
         };
         Ok(Tamper {
             calls,
             outcome,
+            signal,
             when,
         })
     }
@@ -194,29 +205,35 @@ mod tests {
     #[test]
     fn inject_and_fault_expressions() {
         let t = Tamper::parse("openat,read:error=ENOENT:when=2+", false).unwrap();
-        assert_eq!(t.outcome, Outcome::Error(2));
-        assert_eq!(t.outcome.ret(), -2);
+        assert_eq!(t.outcome, Some(Outcome::Error(2)));
+        assert_eq!(t.outcome.unwrap().ret(), -2);
         assert!(t.calls.contains("openat") && t.calls.contains("read"));
         assert!(t.when.matches(5) && !t.when.matches(1));
         assert_eq!(
             Tamper::parse("getpid:retval=42", false).unwrap().outcome,
-            Outcome::Retval(42)
+            Some(Outcome::Retval(42))
         );
         assert_eq!(
             Tamper::parse("close", true).unwrap().outcome,
-            Outcome::Error(ENOSYS)
+            Some(Outcome::Error(ENOSYS))
         );
         assert_eq!(
             Tamper::parse("close:error=13", true).unwrap().outcome,
-            Outcome::Error(13)
+            Some(Outcome::Error(13))
         );
+        let s = Tamper::parse("getpid:signal=SIGUSR1:when=3", false).unwrap();
+        assert_eq!((s.outcome, s.signal), (None, Some(10)));
+        let s = Tamper::parse("getpid:signal=USR2:error=EPERM", false).unwrap();
+        assert_eq!((s.outcome, s.signal), (Some(Outcome::Error(1)), Some(12)));
         for (bad, fault) in [
             ("openat", false),
             ("openat:error=ENOENT:retval=1", false),
             ("openat:retval=1", true),
             ("openat:error=EWHAT", false),
             ("openat:error=0", false),
-            ("openat:signal=SIGSEGV", false),
+            ("openat:signal=SIGNOPE", false),
+            ("openat:signal=SIGUSR1", true),
+            ("openat:signal=65", false),
             ("%file:error=ENOENT", false),
             ("!openat:error=ENOENT", false),
             ("openat:error=ENOENT:when=0", false),

@@ -601,6 +601,23 @@ const SIGNALS: [&str; 32] = [
     "SIGSYS",
 ];
 
+/// A signal by name (`SIGUSR1`, `USR1`) or number (1..=64).
+pub fn signal_number(name: &str) -> Option<i32> {
+    if let Ok(n) = name.parse::<i32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let full = if name.starts_with("SIG") {
+        name.to_string()
+    } else {
+        format!("SIG{name}")
+    };
+    SIGNALS
+        .iter()
+        .position(|s| *s == full)
+        .filter(|&i| i > 0)
+        .map(|i| i as i32)
+}
+
 /// `SIGCHLD` for 17; `SIGRTMIN+n` above 31.
 pub fn signal_name(sig: i32) -> String {
     match sig {

@@ -1,5 +1,5 @@
 //! The end of a thread: `do_exit` (EXIT, with the exit code in rdi, and a
-//! killing signal reported first), `exit_notify` (DEATH) and
+//! killing signal reported first; report_exit may change the code), `exit_notify` (DEATH) and
 //! `release_task` (REAP, with the task in rdi: the last report, after
 //! which the thread leaves the table).
 
@@ -27,6 +27,41 @@ impl Dispatcher {
         }
         let ctx = self.thread_context(t);
         self.report(t.tid, &Event::Exit { code }, &ctx, t.space());
+        if let Some(new) = ctx.new_exit_code() {
+            self.change_exit_code(t, code, new)?;
+        }
+        Ok(())
+    }
+
+    /// report_exit changed the code: `do_exit` gets `new` as its argument,
+    /// and if the whole group is exiting with the old code (`exit_group`,
+    /// whose `signal->group_exit_code` is what the parent's `wait` sees),
+    /// the group's code changes too.
+    fn change_exit_code(&self, t: &Trap<'_>, old: i64, new: i64) -> Result<(), IntrospectError> {
+        t.new_rdi.set(Some(new as u64));
+        let l = &self.layout;
+        let signal = l
+            .tasks
+            .task
+            .signal
+            .read(&t.k, t.current, "task_struct.signal")?;
+        let at = signal.wrapping_add(l.signal_group_exit_code);
+        let group = t.k.read_u32(at, "signal_struct.group_exit_code")?;
+        if i64::from(group as i32) == old && old != 0 {
+            let pa = guest_introspect::paging::translate(
+                &self.ram,
+                t.space(),
+                guest_introspect::memory::VirtAddr(at),
+            )
+            .map_err(|e| IntrospectError::Read {
+                what: "signal_struct.group_exit_code".into(),
+                va: at,
+                source: e.into(),
+            })?;
+            self.ram
+                .write(pa.0, &(new as i32).to_le_bytes())
+                .map_err(|e| IntrospectError::Corrupt(format!("group_exit_code: {e}")))?;
+        }
         Ok(())
     }
 

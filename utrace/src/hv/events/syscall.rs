@@ -29,6 +29,7 @@ impl Dispatcher {
             .thread_context(t)
             .with_regs(u, self.pt_regs.clone(), true);
         self.report(t.tid, &event, &ctx, t.space());
+        t.send_signal.set(ctx.signal_to_send());
         Ok(())
     }
 
