@@ -319,9 +319,13 @@ impl Handler {
             regs.insert(reg.name().into(), json!(format!("{:#x}", r.regs.get(reg))));
         }
         let hex = |v: Option<u64>| v.map(|v| format!("{v:#x}"));
-        Ok(
-            json!({ "tid": tid, "regs": regs, "fs_base": hex(r.fs_base), "gs_base": hex(r.gs_base) }),
-        )
+        Ok(json!({
+            "tid": tid,
+            "regs": regs,
+            "fs_base": hex(r.fs_base),
+            "gs_base": hex(r.gs_base),
+            "fpu": r.fxsave.as_deref().map(fpu_json),
+        }))
     }
 
     fn mem(
@@ -777,4 +781,21 @@ pub fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
         .step_by(2)
         .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).map_err(|e| e.to_string()))
         .collect()
+}
+
+/// The FPU/SSE registers of an FXSAVE image: control and status words,
+/// MXCSR, and xmm0-15 as 128-bit hex numbers.
+fn fpu_json(area: &[u8]) -> Value {
+    let u16_at = |o: usize| u16::from_le_bytes([area[o], area[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes(area[o..o + 4].try_into().unwrap_or([0; 4]));
+    let mut v = serde_json::Map::new();
+    v.insert("fcw".into(), json!(format!("{:#x}", u16_at(0))));
+    v.insert("fsw".into(), json!(format!("{:#x}", u16_at(2))));
+    v.insert("mxcsr".into(), json!(format!("{:#x}", u32_at(24))));
+    for i in 0..16 {
+        let bytes = &area[160 + 16 * i..176 + 16 * i];
+        let n = u128::from_le_bytes(bytes.try_into().unwrap_or([0; 16]));
+        v.insert(format!("xmm{i}"), json!(format!("{n:#034x}")));
+    }
+    Value::Object(v)
 }

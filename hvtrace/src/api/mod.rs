@@ -48,8 +48,9 @@
 //!   as the kernel restarts a call interrupted with no signal to deliver.
 //!   The reply waits for every report or `wait_ms` (default 2000).
 //! * `{"v":1,"op":"regs","tid":N,"set":{"ip":"0x401000"}}` ->
-//!   `{"v":1,"ok":true,"regs":{"ax":"0x..",..},"fs_base":"0x..","gs_base":"0x.."}`:
-//!   a stopped thread's user registers (EBUSY if it is not stopped), after
+//!   `{"v":1,"ok":true,"regs":{"ax":"0x..",..},"fs_base":"0x..","gs_base":"0x..","fpu":{"fcw":..,"mxcsr":..,"xmm0":..}}`:
+//!   a stopped thread's user registers and (read only) FPU/SSE registers
+//!   (EBUSY if it is not stopped), after
 //!   setting those in the optional `set` (ptrace's rules: no segment
 //!   selectors, only user RFLAGS bits).
 //! * `{"v":1,"op":"mem","pid":N,"addr":"0x..","len":L}` -> `{"v":1,"ok":true,"data":"hex"}`;

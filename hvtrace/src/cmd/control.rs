@@ -192,6 +192,19 @@ pub fn regs(args: RegsArgs) -> Result<i32> {
             println!("{base:<8} {v}");
         }
     }
+    if let Some(fpu) = reply["fpu"].as_object() {
+        let mut names: Vec<&String> = fpu.keys().collect();
+        // fcw fsw mxcsr, then xmm0..xmm15 in order.
+        names.sort_by_key(|n| {
+            (
+                n.starts_with("xmm"),
+                n.trim_start_matches("xmm").parse::<u32>().unwrap_or(0),
+            )
+        });
+        for name in names {
+            println!("{name:<8} {}", fpu[name].as_str().unwrap_or("?"));
+        }
+    }
     Ok(0)
 }
 

@@ -81,6 +81,10 @@ pub struct TraceLayout {
     pub thread_fsbase: Option<u64>,
     /// `task_struct.thread.gsbase`.
     pub thread_gsbase: Option<u64>,
+    /// `task_struct.thread.fpu.fpstate` (a pointer) and `fpstate.regs`
+    /// (the XSAVE area, whose first 512 bytes are the FXSAVE layout): where
+    /// a task not running keeps its FPU and SSE registers (5.16+).
+    pub fpstate: Option<(u64, u64)>,
 }
 
 /// The `syscall_work` bits whose test guards the inlined exit work
@@ -152,6 +156,9 @@ impl TraceLayout {
             virt_offset: k.placement().virt_offset,
             thread_fsbase: off("task_struct", "thread.fsbase").ok(),
             thread_gsbase: off("task_struct", "thread.gsbase").ok(),
+            fpstate: off("task_struct", "thread.fpu.fpstate")
+                .ok()
+                .zip(off("fpstate", "regs").ok()),
         })
     }
 }

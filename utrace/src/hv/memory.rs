@@ -6,7 +6,8 @@
 //! read and written there (as ptrace's `PTRACE_GETREGS`/`SETREGS`, with its
 //! rules: segment selectors are not changed, only the user-changeable
 //! RFLAGS bits). The FS and GS bases are read from the task's
-//! `thread_struct`.
+//! `thread_struct`, and the FPU/SSE registers (read only) from the XSAVE
+//! area the kernel saved them to when the parked thread was switched out.
 //!
 //! Memory: the parked thread itself calls the kernel's
 //! `access_process_vm(task, addr, buf, len, FOLL_FORCE [| FOLL_WRITE])`,
@@ -84,6 +85,10 @@ pub struct StoppedRegs {
     pub fs_base: Option<u64>,
     /// `thread_struct.gsbase`, if the kernel has it.
     pub gs_base: Option<u64>,
+    /// The FXSAVE image of its FPU and SSE registers (read only): the
+    /// first 512 bytes of the XSAVE area the kernel saved when the thread
+    /// was switched out.
+    pub fxsave: Option<Vec<u8>>,
 }
 
 impl Dispatcher {
@@ -116,10 +121,20 @@ impl Dispatcher {
         let k = self.kernel(self.kernel_space);
         let base =
             |off: Option<u64>| off.and_then(|o| k.read_u64(task.wrapping_add(o), "fsbase").ok());
+        let fxsave = self.layout.fpstate.and_then(|(ptr, regs)| {
+            let fpstate = k
+                .read_u64(task.wrapping_add(ptr), "thread.fpu.fpstate")
+                .ok()?;
+            let mut area = vec![0u8; 512];
+            k.read(fpstate.wrapping_add(regs), &mut area, "fpstate.regs")
+                .ok()?;
+            Some(area)
+        });
         Ok(StoppedRegs {
             regs: ctx.regs().ok_or(UtraceError::Fault)?,
             fs_base: base(self.layout.thread_fsbase),
             gs_base: base(self.layout.thread_gsbase),
+            fxsave,
         })
     }
 

@@ -126,6 +126,7 @@ fn layout() -> TraceLayout {
         virt_offset: 0,
         thread_fsbase: None,
         thread_gsbase: None,
+        fpstate: None,
     }
 }
 
