@@ -216,7 +216,9 @@ fn report_while_sleeping(mut g: InProcessGuest) {
         .control(g.session.vm(), tid, &engines[0], ResumeAction::Report)
         .unwrap();
     // What utrace refuses: REPORT without QUIESCE in the mask (EINVAL);
-    // what the hypervisor side does not serve yet (EOPNOTSUPP).
+    // STOP of a thread asleep in a call completes later (EINPROGRESS: it
+    // would stop when the call returns; RESUME withdraws it here); what the
+    // hypervisor side does not serve yet (EOPNOTSUPP).
     let err = |r: Result<(), TracerError>| match r {
         Err(TracerError::Utrace(_, e)) => e,
         other => panic!("expected a utrace error, got {other:?}"),
@@ -227,6 +229,13 @@ fn report_while_sleeping(mut g: InProcessGuest) {
     );
     assert_eq!(
         err(tracer.control(g.session.vm(), tid, &engines[0], ResumeAction::Stop)),
+        UtraceError::InProgress
+    );
+    tracer
+        .control(g.session.vm(), tid, &engines[0], ResumeAction::Resume)
+        .unwrap();
+    assert_eq!(
+        err(tracer.control(g.session.vm(), tid, &engines[0], ResumeAction::SingleStep)),
         UtraceError::NotSupported
     );
     let (log, all) = finish(g, tracer, &log, "woke");
