@@ -135,11 +135,17 @@ fn injected_signals_match_the_guests_strace() {
     assert!(o.stdout.contains("caught USR1"), "{o:?}");
     assert!(o.stdout.contains("after"), "{o:?}");
     assert!(o.injected.is_empty(), "{o:?}");
-    // With no handler the signal's default action ends the program, and a
-    // signal together with an error: both happen.
-    let o = same_as_guest_strace("inject=getpid:signal=SIGUSR2:error=EPERM", "echo $$");
-    assert_eq!(o.stdout, "");
-    assert_ne!(o.status, Some(0), "{o:?}");
+    // A signal together with an error: both happen.
+    let o = same_as_guest_strace(
+        "inject=kill:signal=SIGUSR2:error=EPERM",
+        "trap \"echo caught USR2\" USR2; kill -0 1; echo after $?",
+    );
+    assert!(o.stdout.contains("caught USR2"), "{o:?}");
+    assert!(o.stdout.contains("after 1"), "{o:?}");
+    assert_eq!(
+        o.injected,
+        ["kill = -1 EPERM (Operation not permitted) (INJECTED)"]
+    );
 }
 
 #[test]
