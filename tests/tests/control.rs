@@ -362,6 +362,13 @@ fn poke_header(line: &str) -> (i32, u64, u64, u64) {
     (w[2].parse().unwrap(), hex(w[4]), hex(w[6]), hex(w[8]))
 }
 
+/// `hvtrace mem --api-sock SOCK -p PID ARGS...`.
+fn mem(sock: &str, pid: &str, args: &[&str]) -> (i32, String) {
+    let mut all = vec!["mem", "--api-sock", sock, "-p", pid];
+    all.extend_from_slice(args);
+    hv(&all)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -382,42 +389,24 @@ fn registers_and_memory_written_from_outside_change_only_that_process() {
     let pid = a.to_string();
 
     // Read: the variable's 42, in a hex dump.
-    let (code, text) = hv(&[
-        "mem",
-        "--api-sock",
-        &sock,
-        "-p",
-        &pid,
-        &format!("{value:#x}"),
-        "4",
-    ]);
+    let (code, text) = mem(&sock, &pid, &[&format!("{value:#x}"), "4"]);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("2a 00 00 00"), "{text}");
     // Write the variable, and the read-only string constant.
-    let (code, text) = hv(&[
-        "mem",
-        "--api-sock",
+    let (code, text) = mem(
         &sock,
-        "-p",
         &pid,
-        &format!("{value:#x}"),
-        "--write",
-        "39050000",
-    ]);
+        &[&format!("{value:#x}"), "--write", "39050000"],
+    );
     assert_eq!(
         (code, text.trim()),
         (0, format!("wrote 4 bytes at {value:#x}").as_str())
     );
-    let (code, text) = hv(&[
-        "mem",
-        "--api-sock",
+    let (code, text) = mem(
         &sock,
-        "-p",
         &pid,
-        &format!("{message:#x}"),
-        "--write",
-        &hex(b"patched!"),
-    ]);
+        &[&format!("{message:#x}"), "--write", &hex(b"patched!")],
+    );
     assert_eq!(code, 0, "{text}");
     g.wait_for(Duration::from_secs(10), |l| {
         l == format!("{a} value 1337 message patched! message")
@@ -425,30 +414,13 @@ fn registers_and_memory_written_from_outside_change_only_that_process() {
     g.wait_for(Duration::from_secs(10), |l| {
         l == format!("{c} value 42 message original message")
     });
-    let (code, text) = hv(&[
-        "mem",
-        "--api-sock",
-        &sock,
-        "-p",
-        &pid,
-        &format!("{message:#x}"),
-        "16",
-        "--raw",
-    ]);
+    let (code, text) = mem(&sock, &pid, &[&format!("{message:#x}"), "16", "--raw"]);
     assert_eq!((code, text.as_str()), (0, "patched! message"));
 
     // Bad requests: each a clear error, nothing changed.
-    let (code, text) = hv(&[
-        "mem",
-        "--api-sock",
-        &sock,
-        "-p",
-        &pid,
-        "0xffffffff81000000",
-        "4",
-    ]);
+    let (code, text) = mem(&sock, &pid, &["0xffffffff81000000", "4"]);
     assert!(code != 0 && text.contains("kernel address"), "{text}");
-    let (code, text) = hv(&["mem", "--api-sock", &sock, "-p", &pid, "0x10", "4"]);
+    let (code, text) = mem(&sock, &pid, &["0x10", "4"]);
     assert!(code != 0 && text.contains("EFAULT"), "{text}");
     let (code, text) = hv(&["regs", "--api-sock", &sock, "-t", &pid]);
     assert!(code != 0 && text.contains("EBUSY"), "{text}");

@@ -454,14 +454,7 @@ impl Handler {
                 return Err(format!("`{bad}` is not a system call name"));
             }
         }
-        if self.tracer.is_none() {
-            let source = self.default_source.clone();
-            let info = self.info(session, &source)?;
-            let tracer = Tracer::install(session.vm(), info)
-                .map_err(|e| format!("installing the tracer: {e}"))?;
-            self.tracer = Some(tracer);
-        }
-        let tracer = self.tracer.as_ref().expect("installed above");
+        let tracer = self.tracer(session)?;
         let engine = Arc::new(Strace::new(
             StraceOptions {
                 string_limit,

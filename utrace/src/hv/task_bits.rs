@@ -28,11 +28,7 @@ impl Dispatcher {
         space: AddressSpace,
         task: u64,
     ) -> Result<(), IntrospectError> {
-        let flags = (
-            self.layout.tasks.task.ti_flags.offset(),
-            "task_struct.thread_info.flags",
-        );
-        self.update_task_bits(space, task, flags, 1 << TIF_NOTIFY_RESUME, true)
+        self.set_thread_flag(space, task, TIF_NOTIFY_RESUME)
     }
 
     /// Sets TIF_SIGPENDING in `task`'s thread flags (INTERRUPT): its next
@@ -44,11 +40,22 @@ impl Dispatcher {
         space: AddressSpace,
         task: u64,
     ) -> Result<(), IntrospectError> {
+        self.set_thread_flag(space, task, TIF_SIGPENDING)
+    }
+
+    /// Sets flag `bit` in `task`'s thread flags, as the guest's own
+    /// `set_tsk_thread_flag` does (a locked `or`).
+    fn set_thread_flag(
+        &self,
+        space: AddressSpace,
+        task: u64,
+        bit: u32,
+    ) -> Result<(), IntrospectError> {
         let flags = (
             self.layout.tasks.task.ti_flags.offset(),
             "task_struct.thread_info.flags",
         );
-        self.update_task_bits(space, task, flags, 1 << TIF_SIGPENDING, true)
+        self.update_task_bits(space, task, flags, 1 << bit, true)
     }
 
     /// Sets or clears the steering bit in `task`'s `syscall_work`.

@@ -294,6 +294,8 @@ struct Probe {
     abort_at_entry: Option<i64>,
     /// report_exit changes the code to this.
     exit_code_to: Option<i64>,
+    /// report_quiesce's vote (RESUME if None).
+    quiesce_vote: Option<ResumeAction>,
     dispatcher: OnceLock<Weak<Dispatcher>>,
 }
 
@@ -328,7 +330,7 @@ impl EngineOps for Probe {
         if event == EventMask::NONE {
             self.note(format!("quiesce:{}", thread.tid));
         }
-        ResumeAction::Resume
+        self.quiesce_vote.unwrap_or(ResumeAction::Resume)
     }
 
     fn report_syscall_entry(
@@ -733,4 +735,46 @@ fn report_exit_changes_the_exit_code_of_the_thread_and_of_its_exiting_group() {
             group_after
         );
     }
+}
+
+#[test]
+fn control_stop_reports_quiesce_then_parks_at_the_quiesce_site() {
+    let d = dispatcher(guest());
+    // The engine keeps its STOP from report_quiesce (a RESUME vote there
+    // would withdraw it, as in utrace).
+    let probe = trace(
+        &d,
+        Probe {
+            quiesce_vote: Some(ResumeAction::Stop),
+            ..Default::default()
+        },
+        EventMask::QUIESCE,
+    );
+    let engine = d.lock().traced[&TID].utrace.engines()[0].clone();
+    let err = d.control(TID, &engine, ResumeAction::Stop).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            crate::hv::TracerError::Utrace(_, crate::UtraceError::InProgress)
+        ),
+        "{err:?}"
+    );
+    let l = layout();
+    assert_eq!(
+        word(&d, TASK + l.tasks.task.ti_flags.offset()) & (1 << 1),
+        1 << 1,
+        "TIF_NOTIFY_RESUME"
+    );
+    let call = hit_with(&d, thread_regs(QUIESCE_VA), TrapHit::DebugRegister).expect("parked");
+    assert_eq!(call.rip, SCHEDULE_TIMEOUT_VA);
+    assert_eq!(d.parked(), [TID]);
+    let seen = probe.seen.lock().unwrap();
+    assert_eq!(
+        seen.iter().filter(|s| s.starts_with("quiesce")).count(),
+        1,
+        "{seen:?}"
+    );
+    drop(seen);
+    // Already stopped: STOP again is Ok at once.
+    assert!(d.control(TID, &engine, ResumeAction::Stop).is_ok());
 }

@@ -741,6 +741,14 @@ impl Dispatcher {
             if table.parked.get(&tid) == Some(&task) {
                 return Ok(());
             }
+            // An engine with QUIESCE in its mask hears of the stop: the
+            // thread calls report_quiesce(0) at the QUIESCE site, then
+            // parks there (utrace's stop is a quiescent point).
+            if let Some(t) = table.traced.get_mut(&tid) {
+                if t.wants_quiesce() {
+                    t.report_pending = true;
+                }
+            }
             drop(table);
             // To the QUIESCE site at its next return to user mode.
             self.notify_resume(self.kernel_space, task)?;

@@ -12,6 +12,13 @@ use crate::event::Event;
 use crate::hv::dispatch::{Dispatcher, Trap};
 
 impl Dispatcher {
+    /// INTERRUPT's report: report_signal with no signal (utrace's
+    /// UTRACE_SIGNAL_REPORT).
+    pub(crate) fn report_interrupt(&self, t: &Trap<'_>) {
+        let ctx = self.thread_context(t);
+        self.report(t.tid, &Event::interrupt(), &ctx, t.space());
+    }
+
     /// The QUIESCE site.
     pub(crate) fn on_quiesce(&self, t: &Trap<'_>) -> Result<(), IntrospectError> {
         let (due, interrupted) = match self.lock().traced.get_mut(&t.tid) {
@@ -24,12 +31,7 @@ impl Dispatcher {
         if interrupted {
             // An INTERRUPT whose TIF_SIGPENDING the kernel cleared before
             // get_signal (no signal was pending): reported here instead.
-            self.report(
-                t.tid,
-                &Event::interrupt(),
-                &self.thread_context(t),
-                t.space(),
-            );
+            self.report_interrupt(t);
         } else if due {
             self.report(t.tid, &Event::Quiesce, &self.thread_context(t), t.space());
         } else {

@@ -25,14 +25,8 @@ impl Dispatcher {
             }
         };
         if interrupted {
-            // utrace's UTRACE_SIGNAL_REPORT: the INTERRUPT's report, before
-            // any real signal is dequeued.
-            self.report(
-                t.tid,
-                &Event::interrupt(),
-                &self.thread_context(t),
-                t.space(),
-            );
+            // The INTERRUPT's report, before any real signal is dequeued.
+            self.report_interrupt(t);
         }
         Ok(())
     }
