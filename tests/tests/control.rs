@@ -519,3 +519,24 @@ fn the_guests_own_strace_of_a_held_process_waits_for_the_release_then_traces_it(
     assert!(n > 0, "the guest's strace saw no nanosleep: {}", g.output());
     assert_eq!(g.finish(), Some(0));
 }
+
+#[test]
+fn a_zombie_is_refused_with_ealready() {
+    let mut g = start(1, "hv-procs 3 1");
+    g.wait_for(Duration::from_secs(300), |l| {
+        l.starts_with("hv-procs: ready")
+    });
+    // The guest's own /proc names the child that exited unreaped.
+    let zombie = g
+        .seen
+        .iter()
+        .find_map(|(_, l)| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() >= 5 && w[0] == "task" && w[4] == "Z").then(|| w[1].to_string())
+        })
+        .unwrap_or_else(|| panic!("no zombie in: {}", g.output()));
+    let (code, text) = hv(&["stop", "--api-sock", g.sock(), "-p", &zombie]);
+    assert!(code != 0 && text.contains("EALREADY"), "{text}");
+    let (code, text) = hv(&["stop", "--api-sock", g.sock(), "-p", "99999"]);
+    assert!(code != 0 && text.contains("ESRCH"), "{text}");
+}

@@ -69,10 +69,10 @@ pub enum TracerError {
     #[error("cannot place the tracer's traps: {0}")]
     Sites(String),
     /// No process with that id.
-    #[error("no process {0} in the guest")]
+    #[error("no process {0} in the guest (ESRCH)")]
     NoProcess(Tid),
     /// No thread with that id.
-    #[error("no thread {0} in the guest")]
+    #[error("no thread {0} in the guest (ESRCH)")]
     NoThread(Tid),
     /// utrace refused the attach.
     #[error("cannot attach to thread {0}: {1}")]
@@ -540,6 +540,12 @@ impl Tracer {
         }
         if threads.iter().any(|t| t.is_kernel_thread()) {
             return Err(TracerError::Utrace(id, crate::UtraceError::Permission));
+        }
+        // A thread past its exit (a zombie, or dying) takes no new engine
+        // (utrace's EALREADY); a process that is only that refuses.
+        let threads: Vec<_> = threads.into_iter().filter(|t| t.exit_state == 0).collect();
+        if threads.is_empty() {
+            return Err(TracerError::Utrace(id, crate::UtraceError::Already));
         }
         let mut tids = Vec::new();
         let mut table = inner.lock();
