@@ -91,11 +91,6 @@ pub(crate) struct Calls {
 }
 
 impl Calls {
-    /// How many calls have not returned yet.
-    pub fn len(&self) -> usize {
-        self.by_rsp.len()
-    }
-
     /// The trap addresses of the calls in flight.
     pub fn sites(&self) -> Vec<u64> {
         self.by_rsp.values().map(|c| c.site).collect()
@@ -117,16 +112,7 @@ impl Dispatcher {
         args: &[u64],
     ) -> Result<(), IntrospectError> {
         let sp = call.frame.wrapping_sub(8);
-        let pa = translate(&self.ram, space, VirtAddr(sp)).map_err(|e| IntrospectError::Read {
-            what: "the kernel stack slot of a call".into(),
-            va: sp,
-            source: e.into(),
-        })?;
-        // An 8-byte aligned slot (rsp is 8-byte aligned in kernel code)
-        // lies within one page.
-        self.ram
-            .write(pa.0, &call.site.to_le_bytes())
-            .map_err(|e| IntrospectError::Corrupt(format!("kernel stack at {sp:#x}: {e}")))?;
+        self.write_kernel(space, sp, &call.site.to_le_bytes())?;
         *regs = call.saved;
         regs.rsp = sp;
         regs.rip = function;
@@ -146,8 +132,8 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Writes `data` at kernel virtual address `va` (a kernel stack is
-    /// virtually mapped: each page is translated on its own).
+    /// Writes `data` at kernel virtual address `va` through `space`, each
+    /// page translated on its own (a kernel stack is virtually mapped).
     pub(crate) fn write_kernel(
         &self,
         space: AddressSpace,
@@ -161,7 +147,7 @@ impl Dispatcher {
             let n = in_page.min(data.len() - done);
             let pa =
                 translate(&self.ram, space, VirtAddr(at)).map_err(|e| IntrospectError::Read {
-                    what: "a kernel stack buffer".into(),
+                    what: "kernel memory to write".into(),
                     va: at,
                     source: e.into(),
                 })?;
@@ -183,9 +169,9 @@ impl Dispatcher {
         }
     }
 
-    /// How many calls are in flight, and at which traps.
-    pub(crate) fn calls_in_flight(&self) -> (usize, Vec<u64>) {
+    /// The traps of the calls in flight (one entry per call).
+    pub(crate) fn calls_in_flight(&self) -> Vec<u64> {
         let calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
-        (calls.len(), calls.sites())
+        calls.sites()
     }
 }

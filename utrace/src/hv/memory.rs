@@ -24,8 +24,7 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use guest_introspect::memory::VirtAddr;
-use guest_introspect::paging::{translate, AddressSpace};
+use guest_introspect::paging::AddressSpace;
 use guest_introspect::pt_regs::{Reg, UserRegs};
 use vmm::trap::GuestRegs;
 
@@ -94,12 +93,11 @@ pub struct StoppedRegs {
 impl Dispatcher {
     /// The `task_struct` of `tid` if it is parked.
     fn parked_task(&self, tid: Tid) -> Result<u64, UtraceError> {
-        let threads = self.lock();
-        match threads.parked.get(&tid) {
-            Some(&task) => Ok(task),
-            None if threads.traced.contains_key(&tid) => Err(UtraceError::NotStopped),
-            None => Err(UtraceError::NotStopped),
-        }
+        self.lock()
+            .parked
+            .get(&tid)
+            .copied()
+            .ok_or(UtraceError::NotStopped)
     }
 
     /// A context over parked thread `tid`'s saved user registers.
@@ -315,25 +313,10 @@ impl Dispatcher {
             }
             AccessOp::Read(_) => {
                 let mut out = vec![0u8; n];
-                let mut done = 0;
-                let mut ok = true;
-                while done < n {
-                    let at = buf.wrapping_add(done as u64);
-                    let chunk = ((0x1000 - (at & 0xfff)) as usize).min(n - done);
-                    match translate(&self.ram, space, VirtAddr(at)) {
-                        Ok(pa) if self.ram.read(pa.0, &mut out[done..done + chunk]).is_ok() => {}
-                        _ => {
-                            ok = false;
-                            break;
-                        }
-                    }
-                    done += chunk;
-                }
-                if ok {
-                    Ok(out)
-                } else {
-                    Err(UtraceError::Fault)
-                }
+                self.kernel(space)
+                    .read(buf, &mut out, "a kernel stack buffer")
+                    .map(|()| out)
+                    .map_err(|_| UtraceError::Fault)
             }
         };
         let _ = job.reply.send(result);

@@ -33,8 +33,7 @@
 use std::time::{Duration, Instant};
 
 use guest_introspect::error::IntrospectError;
-use guest_introspect::memory::VirtAddr;
-use guest_introspect::paging::{translate, AddressSpace};
+use guest_introspect::paging::AddressSpace;
 use vmm::trap::GuestRegs;
 
 use crate::engine::EngineOps;
@@ -42,7 +41,7 @@ use crate::event::Tid;
 use crate::hv::dispatch::{Dispatcher, Who};
 use crate::hv::doorbell::Wake;
 use crate::hv::kcall::{KernelCall, Purpose};
-use crate::hv::signals::SIGKILL;
+use crate::hv::signals;
 use crate::hv::threads::Threads;
 use crate::sites::Site;
 use crate::thread::Lifecycle;
@@ -268,8 +267,8 @@ impl Dispatcher {
         let mut rung = Instant::now();
         loop {
             let parked = !self.lock().parked.is_empty();
-            let (n, sites) = self.calls_in_flight();
-            if !parked && n == 0 {
+            let sites = self.calls_in_flight();
+            if !parked && sites.is_empty() {
                 return Vec::new();
             }
             if Instant::now() >= deadline {
@@ -298,29 +297,18 @@ impl Dispatcher {
         state: u64,
     ) -> Result<(), IntrospectError> {
         let field = self.layout.tasks.task.state;
-        let va = task.wrapping_add(field.offset());
-        let pa = translate(&self.ram, space, VirtAddr(va)).map_err(|e| IntrospectError::Read {
-            what: "task_struct.__state".into(),
-            va,
-            source: e.into(),
-        })?;
-        let bytes = state.to_le_bytes();
         let n = usize::try_from(field.size()).unwrap_or(8).min(8);
-        self.ram
-            .write(pa.0, &bytes[..n])
-            .map_err(|e| IntrospectError::Corrupt(format!("task_struct.__state at {va:#x}: {e}")))
+        self.write_kernel(
+            space,
+            task.wrapping_add(field.offset()),
+            &state.to_le_bytes()[..n],
+        )
     }
 
     /// Whether `task` has SIGKILL pending (the kernel's
     /// `__fatal_signal_pending`); an unreadable task counts as killed, so
     /// that it is never parked.
     pub(crate) fn sigkill_pending(&self, space: AddressSpace, task: u64) -> bool {
-        let k = self.kernel(space);
-        let l = &self.layout;
-        k.read_u64(
-            task.wrapping_add(l.task_pending + l.sigpending_signal),
-            "sigpending.signal",
-        )
-        .map_or(true, |set| set & (1 << (SIGKILL - 1)) != 0)
+        signals::sigkill_pending(&self.kernel(space), &self.layout, task).unwrap_or(true)
     }
 }

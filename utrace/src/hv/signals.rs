@@ -79,6 +79,20 @@ pub fn read_siginfo<M: PhysMemory + ?Sized>(
     })
 }
 
+/// Whether `task` has SIGKILL in its own pending set (the kernel's
+/// `__fatal_signal_pending`).
+pub fn sigkill_pending<M: PhysMemory + ?Sized>(
+    k: &RunningKernel<'_, M>,
+    l: &TraceLayout,
+    task: u64,
+) -> Result<bool> {
+    let pending = k.read_u64(
+        task.wrapping_add(l.task_pending + l.sigpending_signal),
+        "sigpending.signal",
+    )?;
+    Ok(pending & (1 << (SIGKILL - 1)) != 0)
+}
+
 /// Whether `task` is being killed by SIGKILL: SIGKILL pending (the
 /// kernel's `__fatal_signal_pending`) and its group exiting with SIGKILL's
 /// code. Such a thread never returns to user mode, and a ptracer never
@@ -91,11 +105,7 @@ pub fn dying_of_sigkill<M: PhysMemory + ?Sized>(
     l: &TraceLayout,
     task: u64,
 ) -> Result<bool> {
-    let pending = k.read_u64(
-        task + l.task_pending + l.sigpending_signal,
-        "sigpending.signal",
-    )?;
-    if pending & (1 << (SIGKILL - 1)) == 0 {
+    if !sigkill_pending(k, l, task)? {
         return Ok(false);
     }
     let signal = l.tasks.task.signal.read(k, task, "task_struct.signal")?;

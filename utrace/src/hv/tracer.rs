@@ -425,7 +425,7 @@ impl Tracer {
     /// Whether a thread is parked or a kernel call is in flight (the VM's
     /// state then includes registers kept in the host: no snapshot).
     pub fn holds_guest_state(&self) -> bool {
-        !self.inner.parked().is_empty() || self.inner.calls_in_flight().0 != 0
+        !self.inner.parked().is_empty() || !self.inner.calls_in_flight().is_empty()
     }
 
     /// The running kernel's system-call names.
@@ -659,7 +659,7 @@ impl Tracer {
                 let _ = self.inner.steer(space, t.task, false);
             }
         }
-        let (_, stuck) = self.inner.calls_in_flight();
+        let stuck = self.inner.calls_in_flight();
         for p in self.traps() {
             if !stuck.contains(&p.va) {
                 remove_trap(vm, &p);

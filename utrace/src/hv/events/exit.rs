@@ -48,19 +48,7 @@ impl Dispatcher {
         let at = signal.wrapping_add(l.signal_group_exit_code);
         let group = t.k.read_u32(at, "signal_struct.group_exit_code")?;
         if i64::from(group as i32) == old && old != 0 {
-            let pa = guest_introspect::paging::translate(
-                &self.ram,
-                t.space(),
-                guest_introspect::memory::VirtAddr(at),
-            )
-            .map_err(|e| IntrospectError::Read {
-                what: "signal_struct.group_exit_code".into(),
-                va: at,
-                source: e.into(),
-            })?;
-            self.ram
-                .write(pa.0, &(new as i32).to_le_bytes())
-                .map_err(|e| IntrospectError::Corrupt(format!("group_exit_code: {e}")))?;
+            self.write_kernel(t.space(), at, &(new as i32).to_le_bytes())?;
         }
         Ok(())
     }
