@@ -53,6 +53,8 @@ enum Command {
     Cont(cmd::control::ContArgs),
     /// Wake threads from interruptible sleeps (utrace's INTERRUPT); their calls restart.
     Interrupt(cmd::control::ContArgs),
+    /// Send a guest process (its main thread) or thread a signal from outside.
+    Signal(cmd::control::SignalArgs),
     /// Print (and set) a stopped thread's user registers.
     Regs(cmd::control::RegsArgs),
     /// Dump (or write, copy-on-write as ptrace does) a guest process's memory.
@@ -87,6 +89,7 @@ fn main() {
         Command::Stop(a) => cmd::control::stop(a),
         Command::Cont(a) => cmd::control::cont(a),
         Command::Interrupt(a) => cmd::control::interrupt(a),
+        Command::Signal(a) => cmd::control::signal(a),
         Command::Regs(a) => cmd::control::regs(a),
         Command::Mem(a) => cmd::control::mem(a),
     };

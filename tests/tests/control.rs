@@ -540,3 +540,55 @@ fn a_zombie_is_refused_with_ealready() {
     let (code, text) = hv(&["stop", "--api-sock", g.sock(), "-p", "99999"]);
     assert!(code != 0 && text.contains("ESRCH"), "{text}");
 }
+
+/// `hvtrace signal`: a shell blocked in `wait` runs its USR1 trap (its
+/// handler) at once, and `wait` returns as the shell says it does for a
+/// trapped signal; a sleeper sent SIGTERM dies of it, as the shell's exit
+/// status says. Bad signals are refused, nothing sent.
+#[test]
+fn signals_sent_from_outside_are_taken_at_once() {
+    let mut g = start(
+        1,
+        "trap 'echo got USR1' USR1; echo shell $$; hv-sleeper 20 & s=$!; \
+         wait $s; echo wait returned $?; wait $s; echo sleeper status $?",
+    );
+    let (_, l) = g.wait_for(Duration::from_secs(300), |l| l.starts_with("shell "));
+    let shell = l["shell ".len()..].to_string();
+    let (_, l) = g.wait_for(Duration::from_secs(60), |l| {
+        l.starts_with("hv-sleeper: pid")
+    });
+    let sleeper = l
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .trim_end_matches(',')
+        .to_string();
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, text) = hv(&["signal", "--api-sock", g.sock(), "-p", &shell, "-s", "NOPE"]);
+    assert!(code != 0 && text.contains("not a signal name"), "{text}");
+    let (code, text) = hv(&[
+        "signal",
+        "--api-sock",
+        g.sock(),
+        "-p",
+        "99999",
+        "-s",
+        "USR1",
+    ]);
+    assert!(code != 0 && text.contains("ESRCH"), "{text}");
+    let asked = Instant::now();
+    let (code, text) = hv(&["signal", "--api-sock", g.sock(), "-p", &shell, "-s", "USR1"]);
+    assert_eq!(code, 0, "{text}");
+    let (at, _) = g.wait_for(Duration::from_secs(10), |l| l == "got USR1");
+    assert!(
+        at.duration_since(asked) < Duration::from_secs(3),
+        "the trap ran {:?} after the request",
+        at.duration_since(asked)
+    );
+    // busybox's wait returns 128+signal when a trapped signal arrives.
+    g.wait_for(Duration::from_secs(10), |l| l == "wait returned 138");
+    let (code, text) = hv(&["signal", "--api-sock", g.sock(), "-p", &sleeper, "-s", "15"]);
+    assert_eq!(code, 0, "{text}");
+    g.wait_for(Duration::from_secs(10), |l| l == "sleeper status 143");
+    assert_eq!(g.finish(), Some(0));
+}

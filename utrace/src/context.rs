@@ -56,6 +56,27 @@ pub struct SignalDetails {
     pub handler: u64,
 }
 
+/// What the kernel does with a signal it has just taken, as the engines
+/// of its report_signal decide (utrace's signal dispositions). The
+/// default is [`SignalAction::Deliver`]; a later engine's choice replaces
+/// an earlier one's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SignalAction {
+    /// Take the signal as the kernel would (UTRACE_SIGNAL_DELIVER).
+    #[default]
+    Deliver,
+    /// Drop it (UTRACE_SIGNAL_IGN): no handler, no default action.
+    Ignore,
+    /// Take this signal instead, with this siginfo (DELIVER with a changed
+    /// siginfo): the kernel acts on it by its own disposition (its
+    /// handler, or its default action), even if the thread blocks it.
+    Replace(SignalDetails),
+    /// Take a job-control stop instead (UTRACE_SIGNAL_STOP): the group
+    /// stops as it would for SIGSTOP, and its parent's `wait` reports
+    /// SIGSTOP.
+    Stop,
+}
+
 /// The thread a callback reports about.
 #[derive(Debug, Clone)]
 pub struct ThreadContext {
@@ -67,6 +88,10 @@ pub struct ThreadContext {
     pub exec: Option<ExecDetails>,
     /// At a signal report, the siginfo.
     pub signal: Option<SignalDetails>,
+    /// At a signal report, what the kernel would do with the signal
+    /// (utrace's disposition: `EventMask::SIGNAL` for a handler,
+    /// `SIGNAL_IGN`, `SIGNAL_STOP`, `SIGNAL_TERM` or `SIGNAL_CORE`).
+    pub signal_disposition: Option<crate::event::EventMask>,
     /// The user registers the kernel saved at its entry (`pt_regs`), where
     /// the report read them (system-call and exec reports); changed by
     /// [`ThreadContext::set_reg`].
@@ -76,6 +101,12 @@ pub struct ThreadContext {
     exit_code: std::cell::Cell<Option<i64>>,
     /// A signal an engine asked to send the thread from this report.
     send_signal: std::cell::Cell<Option<i32>>,
+    /// Whether this report may send a signal (system-call entry, an
+    /// INTERRUPT's report).
+    may_send_signal: bool,
+    /// At the report of a signal the kernel has just taken: the engines'
+    /// choice (None at any other report).
+    signal_action: std::cell::Cell<Option<SignalAction>>,
 }
 
 /// A thread's saved user registers and where they lie.
@@ -105,11 +136,51 @@ impl ThreadContext {
             tgid,
             exec: None,
             signal: None,
+            signal_disposition: None,
             regs: RefCell::new(None),
             memory: None,
             exit_code: std::cell::Cell::new(None),
             send_signal: std::cell::Cell::new(None),
+            may_send_signal: false,
+            signal_action: std::cell::Cell::new(None),
         }
+    }
+
+    /// The context of a report from which the thread may be sent a signal
+    /// (an INTERRUPT's report, where the thread is about to look for one).
+    pub(crate) fn allowing_signal_send(mut self) -> Self {
+        self.may_send_signal = true;
+        self
+    }
+
+    /// The context of the report of a signal the kernel has just taken:
+    /// engines may choose what it does with it.
+    pub(crate) fn voting_on_signal(self) -> Self {
+        self.signal_action.set(Some(SignalAction::Deliver));
+        self
+    }
+
+    /// At the report of a signal the kernel has just taken (report_signal
+    /// with a non-zero signal): what the kernel does with it. A
+    /// replacement must name a signal 1..=64; EINVAL for a bad number or
+    /// at any other report.
+    pub fn set_signal_action(&self, action: SignalAction) -> Result<(), UtraceError> {
+        if self.signal_action.get().is_none() {
+            return Err(UtraceError::Invalid);
+        }
+        if let SignalAction::Replace(d) = action {
+            if !(1..=64).contains(&d.signo) {
+                return Err(UtraceError::Invalid);
+            }
+        }
+        self.signal_action.set(Some(action));
+        Ok(())
+    }
+
+    /// The engines' choice for the signal reported (Deliver where nothing
+    /// was chosen or there is nothing to choose).
+    pub fn signal_action(&self) -> SignalAction {
+        self.signal_action.get().unwrap_or_default()
     }
 
     /// The context with the thread's saved user registers `regs` (laid out
@@ -148,15 +219,16 @@ impl ThreadContext {
     /// Sends the thread signal `sig` (1..=64) when the report ends, as the
     /// kernel's `send_sig(sig, task, 1)` (what a ptracer's restart with a
     /// signal does): it is delivered on the thread's way back to user
-    /// mode. Served at system-call entry reports; EINVAL elsewhere or for
-    /// a bad number.
+    /// mode. Served at system-call entry reports and at an INTERRUPT's
+    /// report (then it is the signal the thread takes next, utrace's way of
+    /// injecting one); EINVAL elsewhere or for a bad number.
     pub fn send_signal(&self, sig: i32) -> Result<(), UtraceError> {
         let at_entry = self
             .regs
             .borrow()
             .as_ref()
             .is_some_and(|r| r.at_syscall_entry);
-        if !(1..=64).contains(&sig) || !at_entry {
+        if !(1..=64).contains(&sig) || !(at_entry || self.may_send_signal) {
             return Err(UtraceError::Invalid);
         }
         self.send_signal.set(Some(sig));

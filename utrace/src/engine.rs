@@ -81,12 +81,28 @@ pub trait EngineOps: Send + Sync {
     ) -> ResumeAction {
         ResumeAction::Resume
     }
-    /// A signal is about to be delivered.
+    /// A signal is about to be delivered (`signo` 0: an INTERRUPT's
+    /// report, utrace's UTRACE_SIGNAL_REPORT). Where the kernel has just
+    /// taken a real signal, `thread.signal` has its siginfo and handler,
+    /// and [`ThreadContext::set_signal_action`] decides what the kernel
+    /// does with it.
     fn report_signal(
         &self,
         _action: ResumeAction,
         _engine: &Engine,
         _thread: &ThreadContext,
+        _signo: i32,
+    ) -> ResumeAction {
+        ResumeAction::Resume
+    }
+    /// A job-control stop (`kind` [`crate::event::CLD_STOPPED`], by stop
+    /// signal `signo`) or continue ([`crate::event::CLD_CONTINUED`]).
+    fn report_jctl(
+        &self,
+        _action: ResumeAction,
+        _engine: &Engine,
+        _thread: &ThreadContext,
+        _kind: i32,
         _signo: i32,
     ) -> ResumeAction {
         ResumeAction::Resume

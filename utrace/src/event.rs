@@ -145,7 +145,20 @@ pub enum Event {
         /// Which SIGNAL_* bit its disposition selects.
         kind: EventMask,
     },
+    /// A job-control stop or continue of the thread's group.
+    Jctl {
+        /// [`CLD_STOPPED`] (the thread is about to stop) or
+        /// [`CLD_CONTINUED`] (it runs again after a stop).
+        kind: i32,
+        /// The stop signal (0 for a continue).
+        signo: i32,
+    },
 }
+
+/// `report_jctl`'s kind of a job-control stop (`CLD_STOPPED`).
+pub const CLD_STOPPED: i32 = 5;
+/// `report_jctl`'s kind of a continue after one (`CLD_CONTINUED`).
+pub const CLD_CONTINUED: i32 = 6;
 
 impl Event {
     /// The report of an INTERRUPT: report_signal with no signal (signo 0,
@@ -169,6 +182,7 @@ impl Event {
             Event::SyscallEntry { .. } => EventMask::SYSCALL_ENTRY,
             Event::SyscallExit { .. } => EventMask::SYSCALL_EXIT,
             Event::Signal { kind, .. } => *kind,
+            Event::Jctl { .. } => EventMask::JCTL,
         }
     }
 }

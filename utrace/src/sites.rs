@@ -43,8 +43,13 @@ pub enum Site {
     /// then exits by its default action reports it (SIGNAL_TERM,
     /// SIGNAL_CORE) with its siginfo.
     SignalDequeued,
+    /// A signal taken by `get_signal`, before the kernel acts on it: where
+    /// engines vote on it (deliver, ignore, change, stop).
+    SignalTaken,
     /// A job-control stop.
     JobControl,
+    /// The thread that notices a job-control continue notifies the parent.
+    JobContinue,
     /// The return-to-user work, just after TIF_NOTIFY_RESUME was consumed.
     Quiesce,
     /// Not an event: the control UART's interrupt handler, where the
@@ -67,6 +72,11 @@ impl Site {
         Site::SignalDequeued,
     ];
 
+    /// Sites set at install where the kernel allows them: without
+    /// SIGNAL_TAKEN signals are reported at their delivery to a handler
+    /// (no vote); without the job-control sites JCTL is not reported.
+    pub const OPTIONAL: [Site; 3] = [Site::SignalTaken, Site::JobControl, Site::JobContinue];
+
     /// The name `hvtrace sites` shows (the utrace event's, where there is
     /// one).
     pub fn name(self) -> &'static str {
@@ -80,7 +90,9 @@ impl Site {
             Site::Reap => "REAP",
             Site::SignalDelivered => "SIGNAL",
             Site::SignalDequeued => "SIGNAL_FATAL",
+            Site::SignalTaken => "SIGNAL_TAKEN",
             Site::JobControl => "JCTL",
+            Site::JobContinue => "JCTL_CONTINUE",
             Site::Quiesce => "QUIESCE",
             Site::Doorbell => "DOORBELL",
         }
@@ -98,7 +110,14 @@ impl Site {
             Site::Reap => EventMask::REAP,
             Site::SignalDelivered => EventMask::SIGNAL,
             Site::SignalDequeued => EventMask::SIGNAL_TERM | EventMask::SIGNAL_CORE,
-            Site::JobControl => EventMask::JCTL,
+            Site::SignalTaken => EventMask(
+                EventMask::SIGNAL.0
+                    | EventMask::SIGNAL_IGN.0
+                    | EventMask::SIGNAL_STOP.0
+                    | EventMask::SIGNAL_TERM.0
+                    | EventMask::SIGNAL_CORE.0,
+            ),
+            Site::JobControl | Site::JobContinue => EventMask::JCTL,
             Site::Quiesce => EventMask::QUIESCE,
             Site::Doorbell => EventMask::NONE,
         }
@@ -131,6 +150,9 @@ pub enum At {
     /// thread flags), found by disassembly: reached only by a thread that
     /// had TIF_NOTIFY_RESUME set, after the kernel consumed it.
     NotifyResumeCleared,
+    /// Every branch into the point where `get_signal`'s dequeue paths join
+    /// with a signal taken (see [`crate::hv::placement::signal_taken`]).
+    SignalTaken,
 }
 
 /// One candidate function for an event.
@@ -266,8 +288,25 @@ pub const SITES: &[SiteSpec] = &[
         site: Site::JobControl,
         reach: Reach::First,
         candidates: &[
-            c("do_signal_stop", "group stop for a job-control signal"),
-            c("get_signal", "job-control stops are decided in get_signal (do_signal_stop inlined)"),
+            c("do_signal_stop", "a thread joins its group's job-control stop (its argument is the stop signal)"),
+        ],
+    },
+    SiteSpec {
+        site: Site::JobContinue,
+        reach: Reach::First,
+        candidates: &[
+            c("do_notify_parent_cldstop", "the first thread of a stopped group to run after SIGCONT tells its parent (why = CLD_CONTINUED); also called with CLD_STOPPED, which is not reported here"),
+        ],
+    },
+    SiteSpec {
+        site: Site::SignalTaken,
+        reach: Reach::First,
+        candidates: &[
+            Candidate {
+                function: "get_signal",
+                at: At::SignalTaken,
+                why: "the signal get_signal dequeued (from dequeue_signal or the inlined dequeue_synchronous_signal), before it is ignored, delivered, stops or kills: the traps go on every branch into that point, and the tracer reads the number from the register holding it; engines vote there",
+            },
         ],
     },
     SiteSpec {

@@ -292,6 +292,7 @@ impl ThreadUtrace {
                 }
                 Event::Exit { code } => ops.report_exit(p, &engine, thread, *code, &mut exit_code),
                 Event::Signal { signo, .. } => ops.report_signal(p, &engine, thread, *signo),
+                Event::Jctl { kind, signo } => ops.report_jctl(p, &engine, thread, *kind, *signo),
             };
             prevailing = self.vote(&engine, vote, prevailing);
         }

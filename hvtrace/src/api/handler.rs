@@ -48,6 +48,8 @@ struct Hold {
 /// An engine that waits for one INTERRUPT report and detaches.
 struct Interrupter {
     reports: crossbeam_channel::Sender<(i32, std::time::Instant)>,
+    /// A signal to send the thread at its report.
+    signal: Option<i32>,
 }
 
 impl utrace::engine::EngineOps for Interrupter {
@@ -55,11 +57,20 @@ impl utrace::engine::EngineOps for Interrupter {
         &self,
         _action: utrace::ResumeAction,
         engine: &utrace::engine::Engine,
-        _thread: &utrace::context::ThreadContext,
+        thread: &utrace::context::ThreadContext,
         signo: i32,
     ) -> utrace::ResumeAction {
         if signo != 0 {
             return utrace::ResumeAction::Resume;
+        }
+        if let Some(sig) = self.signal {
+            if let Err(e) = thread.send_signal(sig) {
+                log::warn!(
+                    "api: cannot send signal {sig} to thread {}: {e}",
+                    engine.tid()
+                );
+                return utrace::ResumeAction::Detach;
+            }
         }
         let _ = self.reports.send((engine.tid(), std::time::Instant::now()));
         utrace::ResumeAction::Detach
@@ -227,17 +238,29 @@ impl Handler {
         self.remove_idle_tracer(session);
     }
 
+    /// INTERRUPT of `target`'s threads, sending each `signal` at its
+    /// report if given.
     fn interrupt(
         &mut self,
         session: &Session,
         target: Target,
         wait: std::time::Duration,
+        signal: Option<i32>,
     ) -> Result<Value, String> {
+        if signal.is_some_and(|s| !(1..=64).contains(&s)) {
+            return Err(format!(
+                "signal {} is not a signal number (1-64) (EINVAL)",
+                signal.unwrap_or(0)
+            ));
+        }
         let tracer = self.tracer(session)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let data: EngineData = Arc::new("hvtrace interrupt");
         let spec = EngineSpec {
-            ops: Arc::new(Interrupter { reports: tx }),
+            ops: Arc::new(Interrupter {
+                reports: tx,
+                signal,
+            }),
             events: utrace::event::EventMask::QUIESCE | utrace::event::EventMask::SIGNAL,
             follow: false,
             data: Some(data.clone()),
@@ -593,7 +616,16 @@ impl Handler {
             } => self.mem(session, pid, &addr, len, write),
             Op::Interrupt { pid, tid, wait_ms } => {
                 let wait = std::time::Duration::from_millis(wait_ms.unwrap_or(2000).min(600_000));
-                self.interrupt(session, target(pid, tid)?, wait)
+                self.interrupt(session, target(pid, tid)?, wait, None)
+            }
+            Op::Signal { pid, tid, signal } => {
+                // A process's signal goes to its main thread (whose tid is
+                // the pid): one thread takes it, as a kill() would.
+                let thread = match target(pid, tid)? {
+                    Target::Process(p) | Target::Thread(p) => Target::Thread(p),
+                };
+                let wait = std::time::Duration::from_secs(2);
+                self.interrupt(session, thread, wait, Some(signal))
             }
             Op::TextHash => self.text_hash(session),
             Op::Ping => {

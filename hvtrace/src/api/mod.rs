@@ -47,6 +47,12 @@
 //!   signal), MS milliseconds after the request; the call is then restarted
 //!   as the kernel restarts a call interrupted with no signal to deliver.
 //!   The reply waits for every report or `wait_ms` (default 2000).
+//! * `{"v":1,"op":"signal","pid":N,"signal":S}` (or `"tid":N`) ->
+//!   `{"v":1,"ok":true,"tids":[N],"reported":[[N,MS]]}`: signal S sent to
+//!   the thread (a process's main thread) from outside: INTERRUPT, and at
+//!   its report the thread itself calls the kernel's `send_sig(S, current,
+//!   1)`; it takes the signal on its way back to user mode (siginfo
+//!   `SI_KERNEL`, as a signal the kernel sends).
 //! * `{"v":1,"op":"regs","tid":N,"set":{"ip":"0x401000"}}` ->
 //!   `{"v":1,"ok":true,"regs":{"ax":"0x..",..},"fs_base":"0x..","gs_base":"0x..","fpu":{"fcw":..,"mxcsr":..,"xmm0":..}}`:
 //!   a stopped thread's user registers and (read only) FPU/SSE registers
@@ -132,6 +138,18 @@ pub enum Op {
         /// Longest wait for the reports, in milliseconds.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         wait_ms: Option<u64>,
+    },
+    /// Sends a thread a signal from outside: INTERRUPT, then the thread
+    /// is sent `signal` at its report, and takes it next.
+    Signal {
+        /// Process id: its main thread is sent the signal.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<i32>,
+        /// This thread.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tid: Option<i32>,
+        /// Signal number (1-64).
+        signal: i32,
     },
     /// A stopped thread's user registers, after setting `set` (names as
     /// in `user_regs`: `ip`, `sp`, `ax`, ...; values as numbers or

@@ -115,6 +115,65 @@ pub fn cont(args: ContArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// Arguments of `hvtrace signal`.
+#[derive(Args, Debug)]
+pub struct SignalArgs {
+    /// Control socket of the VM.
+    #[arg(long)]
+    pub api_sock: PathBuf,
+    #[command(flatten)]
+    pub who: Who,
+    /// The signal: a name (`USR1`, `SIGUSR1`) or a number.
+    #[arg(short = 's', long = "signal", value_parser = parse_signal)]
+    pub signal: i32,
+    /// Print the reply as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A signal given by name (with or without `SIG`) or number.
+fn parse_signal(s: &str) -> Result<i32, String> {
+    if let Ok(n) = s.parse::<i32>() {
+        return if (1..=64).contains(&n) {
+            Ok(n)
+        } else {
+            Err(format!("{n} is not a signal number (1-64)"))
+        };
+    }
+    let name = s.to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    (1..=64)
+        .find(|&n| utrace::syscalls::format::signal_name(n) == format!("SIG{name}"))
+        .ok_or_else(|| format!("`{s}` is not a signal name (USR1, TERM, ...) or number"))
+}
+
+/// Sends a guest thread (a process's main thread) a signal from outside;
+/// exit status 1 if it did not take it within two seconds.
+pub fn signal(args: SignalArgs) -> Result<i32> {
+    let reply = client::call(
+        &args.api_sock,
+        Op::Signal {
+            pid: args.who.pid,
+            tid: args.who.tid,
+            signal: args.signal,
+        },
+    )?;
+    if args.json {
+        println!("{reply}");
+        return Ok(0);
+    }
+    let sent: Vec<&Value> = reply["reported"].as_array().into_iter().flatten().collect();
+    for r in &sent {
+        println!(
+            "{} sent to thread {} after {:.1} ms",
+            utrace::syscalls::format::signal_name(args.signal),
+            r[0],
+            r[1].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    Ok(if sent.is_empty() { 1 } else { 0 })
+}
+
 /// INTERRUPT: wakes the threads from interruptible sleeps and waits for
 /// each to report; exit status 1 if some did not report in time.
 pub fn interrupt(args: ContArgs) -> Result<i32> {

@@ -104,6 +104,10 @@ pub(crate) struct Dispatcher {
     pub doorbell: Option<vmm::devices::serial::IrqLine>,
     /// Kernel calls in flight ([`crate::hv::kcall`]).
     pub calls: Mutex<Calls>,
+    /// Where `get_signal` has taken a signal, once its traps are set
+    /// (then signals are reported there, with a vote, instead of at
+    /// `signal_setup_done`).
+    pub signal_taken: std::sync::OnceLock<crate::hv::placement::SignalTaken>,
 }
 
 /// Who hit a trap.
@@ -118,6 +122,9 @@ pub(crate) struct Who {
     pub rdi: Option<u64>,
     /// A signal to send it before it goes on.
     pub signal: Option<i32>,
+    /// A general-purpose register to set before it goes on (a signal
+    /// report's choice of signal).
+    pub reg: Option<(iced_x86::Register, u64)>,
 }
 
 /// A trap as its event handler sees it: who hit it and where.
@@ -139,6 +146,10 @@ pub(crate) struct Trap<'a> {
     /// A signal to send the thread after the report (an engine's
     /// `ThreadContext::send_signal`).
     pub send_signal: std::cell::Cell<Option<i32>>,
+    /// A new value for a general-purpose register, set by a handler.
+    pub new_reg: std::cell::Cell<Option<(iced_x86::Register, u64)>>,
+    /// The trap's plan.
+    pub plan: &'a PlannedTrap,
 }
 
 impl Trap<'_> {
@@ -175,6 +186,7 @@ impl TrapHandler for Dispatcher {
                         tid,
                         rdi: None,
                         signal: None,
+                        reg: None,
                     };
                     self.park_if_stopped(p.site, va, &who, &mut regs, space)
                 }
@@ -183,11 +195,16 @@ impl TrapHandler for Dispatcher {
             let saved = regs;
             self.on_doorbell(va, saved, &mut regs, space)
         } else {
-            match self.handle(p.site, ctx, space) {
+            match self.handle(&p, ctx, space) {
                 Ok(who) => {
                     regs = *ctx.regs();
                     if let Some(rdi) = who.rdi {
                         regs.rdi = rdi;
+                    }
+                    if let Some((reg, value)) = who.reg {
+                        if let Some(r) = gpr_mut(&mut regs, reg) {
+                            *r = value;
+                        }
                     }
                     self.send_signal_from(va, &who, &mut regs, space)
                         || self.park_if_stopped(p.site, va, &who, &mut regs, space)
@@ -242,7 +259,7 @@ impl Dispatcher {
     /// Reads who hit the trap and hands it to its event's handler.
     fn handle(
         &self,
-        site: Site,
+        plan: &PlannedTrap,
         ctx: &TrapContext<'_>,
         space: AddressSpace,
     ) -> Result<Who, IntrospectError> {
@@ -258,8 +275,10 @@ impl Dispatcher {
             k,
             new_rdi: std::cell::Cell::new(None),
             send_signal: std::cell::Cell::new(None),
+            new_reg: std::cell::Cell::new(None),
+            plan,
         };
-        match site {
+        match plan.site {
             Site::SyscallEntry => self.on_syscall_entry(&t),
             Site::SyscallExit => self.on_syscall_exit(&t),
             Site::Exec => self.on_exec(&t),
@@ -270,8 +289,9 @@ impl Dispatcher {
             Site::SignalDelivered => self.on_signal_delivered(&t),
             Site::SignalDequeued => self.on_signal_dequeued(&t),
             Site::Quiesce => self.on_quiesce(&t),
-            // Planned only on request; nothing reports it yet.
-            Site::JobControl => Ok(()),
+            Site::SignalTaken => self.on_signal_taken(&t),
+            Site::JobControl => self.on_job_stop(&t),
+            Site::JobContinue => self.on_job_continue(&t),
             // Handled before the current task is read (see on_trap).
             Site::Doorbell => Ok(()),
         }?;
@@ -280,6 +300,7 @@ impl Dispatcher {
             tid: t.tid,
             rdi: t.new_rdi.get(),
             signal: t.send_signal.get(),
+            reg: t.new_reg.get(),
         })
     }
 
@@ -413,7 +434,9 @@ impl Dispatcher {
     ) -> Result<(), String> {
         let va = p.va;
         match p.kind {
-            TrapKind::Int3(Displaced::Skip { len }) => regs.rip = va + u64::from(len),
+            TrapKind::Int3(
+                d @ (Displaced::Skip { .. } | Displaced::Jcc { .. } | Displaced::Jmp { .. }),
+            ) => regs.rip = d.next_rip(va, regs.rflags),
             TrapKind::Int3(Displaced::Call { len, target }) => {
                 let sp = regs.rsp.wrapping_sub(8);
                 let pa = translate(&self.ram, space, VirtAddr(sp)).map_err(|e| e.to_string())?;
@@ -430,4 +453,33 @@ impl Dispatcher {
         }
         Ok(())
     }
+}
+
+/// The 64-bit register of `regs` that `reg` (any width) is part of.
+pub(crate) fn gpr_mut(regs: &mut GuestRegs, reg: iced_x86::Register) -> Option<&mut u64> {
+    use iced_x86::Register as R;
+    Some(match reg.full_register() {
+        R::RAX => &mut regs.rax,
+        R::RBX => &mut regs.rbx,
+        R::RCX => &mut regs.rcx,
+        R::RDX => &mut regs.rdx,
+        R::RSI => &mut regs.rsi,
+        R::RDI => &mut regs.rdi,
+        R::RBP => &mut regs.rbp,
+        R::R8 => &mut regs.r8,
+        R::R9 => &mut regs.r9,
+        R::R10 => &mut regs.r10,
+        R::R11 => &mut regs.r11,
+        R::R12 => &mut regs.r12,
+        R::R13 => &mut regs.r13,
+        R::R14 => &mut regs.r14,
+        R::R15 => &mut regs.r15,
+        _ => return None,
+    })
+}
+
+/// The value of the register `reg` is part of, in `regs`.
+pub(crate) fn gpr(regs: &GuestRegs, reg: iced_x86::Register) -> Option<u64> {
+    let mut copy = *regs;
+    gpr_mut(&mut copy, reg).map(|r| *r)
 }

@@ -53,6 +53,18 @@ pub struct TraceLayout {
     pub signal_shared_pending: u64,
     /// `sigpending.list`: the queue of `sigqueue.list` entries.
     pub sigpending_list: u64,
+    /// `task_struct.sighand`.
+    pub task_sighand: u64,
+    /// `task_struct.jobctl`.
+    pub task_jobctl: u64,
+    /// `sighand_struct.action`: the k_sigaction array, one per signal.
+    pub sighand_action: u64,
+    /// `sizeof(struct k_sigaction)`.
+    pub k_sigaction_size: u64,
+    /// `k_sigaction.sa.sa_handler`.
+    pub k_sigaction_handler: u64,
+    /// `sizeof(kernel_siginfo_t)`.
+    pub siginfo_size: u64,
     /// `sigpending.signal`: the pending set (bit N-1 for signal N).
     pub sigpending_signal: u64,
     /// `signal_struct.live`: the group's threads not yet exited.
@@ -132,6 +144,12 @@ impl TraceLayout {
                 status: si("_sifields._sigchld._status")?,
             },
             task_pending: off("task_struct", "pending")?,
+            task_sighand: off("task_struct", "sighand")?,
+            task_jobctl: off("task_struct", "jobctl")?,
+            sighand_action: off("sighand_struct", "action")?,
+            k_sigaction_size: t.struct_size("k_sigaction")?,
+            k_sigaction_handler: off("k_sigaction", "sa.sa_handler")?,
+            siginfo_size: t.struct_size("kernel_siginfo")?,
             signal_shared_pending: off("signal_struct", "shared_pending")?,
             sigpending_list: off("sigpending", "list")?,
             sigpending_signal: off("sigpending", "signal")?,

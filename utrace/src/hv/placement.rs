@@ -29,7 +29,8 @@ use guest_introspect::kernel::RunningKernel;
 use guest_introspect::memory::PhysMemory;
 use guest_introspect::symbols::SymbolMap;
 use iced_x86::{
-    Code, Decoder, DecoderOptions, Instruction, MemorySize, Mnemonic, OpKind, Register,
+    Code, ConditionCode, Decoder, DecoderOptions, Instruction, MemorySize, Mnemonic, OpKind,
+    Register,
 };
 
 use crate::hv::layout::TraceLayout;
@@ -38,6 +39,9 @@ use crate::sites::{resolve, At, Reach, SITES};
 
 /// How far into a function the exit-work branch is looked for.
 const SCAN_BYTES: usize = 512;
+/// How far into `get_signal` its dequeue paths are looked for (it is
+/// 1.5 KiB in the minimal kernel).
+const FUNCTION_SCAN_BYTES: usize = 8192;
 /// How far into the return-to-user work the flag clear is looked for (it
 /// lies at +0x1bb in Debian's 6.1).
 const LOOP_SCAN_BYTES: usize = 1024;
@@ -63,6 +67,110 @@ pub enum Displaced {
         /// Call target.
         target: u64,
     },
+    /// A conditional near jump: to `target` if `cond` holds in RFLAGS,
+    /// else to the next instruction.
+    Jcc {
+        /// Instruction length.
+        len: u8,
+        /// The condition.
+        cond: Cond,
+        /// Where it jumps when taken.
+        target: u64,
+    },
+    /// An unconditional near jump to `target`.
+    Jmp {
+        /// Where it jumps.
+        target: u64,
+    },
+}
+
+impl Displaced {
+    /// Where the instruction at `va` sends a vCPU whose RFLAGS are
+    /// `rflags` (for a call, where it jumps; the VMM also pushes).
+    pub fn next_rip(self, va: u64, rflags: u64) -> u64 {
+        match self {
+            Displaced::Skip { len } => va + u64::from(len),
+            Displaced::Call { target, .. } | Displaced::Jmp { target } => target,
+            Displaced::Jcc { len, cond, target } => {
+                if cond.holds(rflags) {
+                    target
+                } else {
+                    va + u64::from(len)
+                }
+            }
+        }
+    }
+}
+
+/// The condition of a `jcc` (its `cc` field), evaluated as the CPU does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[allow(missing_docs)] // the x86 condition names are their documentation
+pub enum Cond {
+    O,
+    No,
+    B,
+    Ae,
+    E,
+    Ne,
+    Be,
+    A,
+    S,
+    Ns,
+    P,
+    Np,
+    L,
+    Ge,
+    Le,
+    G,
+}
+
+impl Cond {
+    /// The condition of iced's `cc`, if it is one of the sixteen.
+    fn of(cc: ConditionCode) -> Option<Cond> {
+        Some(match cc {
+            ConditionCode::o => Cond::O,
+            ConditionCode::no => Cond::No,
+            ConditionCode::b => Cond::B,
+            ConditionCode::ae => Cond::Ae,
+            ConditionCode::e => Cond::E,
+            ConditionCode::ne => Cond::Ne,
+            ConditionCode::be => Cond::Be,
+            ConditionCode::a => Cond::A,
+            ConditionCode::s => Cond::S,
+            ConditionCode::ns => Cond::Ns,
+            ConditionCode::p => Cond::P,
+            ConditionCode::np => Cond::Np,
+            ConditionCode::l => Cond::L,
+            ConditionCode::ge => Cond::Ge,
+            ConditionCode::le => Cond::Le,
+            ConditionCode::g => Cond::G,
+            ConditionCode::None => return None,
+        })
+    }
+
+    /// Whether the condition holds in `rflags` (Intel SDM, Jcc).
+    pub fn holds(self, rflags: u64) -> bool {
+        let flag = |bit: u32| rflags >> bit & 1 == 1;
+        let (cf, pf, zf, sf, of) = (flag(0), flag(2), flag(6), flag(7), flag(11));
+        match self {
+            Cond::O => of,
+            Cond::No => !of,
+            Cond::B => cf,
+            Cond::Ae => !cf,
+            Cond::E => zf,
+            Cond::Ne => !zf,
+            Cond::Be => cf || zf,
+            Cond::A => !cf && !zf,
+            Cond::S => sf,
+            Cond::Ns => !sf,
+            Cond::P => pf,
+            Cond::Np => !pf,
+            Cond::L => sf != of,
+            Cond::Ge => sf == of,
+            Cond::Le => zf || sf != of,
+            Cond::G => !zf && sf == of,
+        }
+    }
 }
 
 /// The kind of trap a site gets.
@@ -118,6 +226,16 @@ pub fn displaced(insn: &Instruction) -> Option<Displaced> {
             len,
             target: insn.near_branch_target(),
         }),
+        Mnemonic::Jmp if matches!(insn.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64) => {
+            Some(Displaced::Jmp {
+                target: insn.near_branch_target(),
+            })
+        }
+        _ if insn.is_jcc_short_or_near() => Some(Displaced::Jcc {
+            len,
+            cond: Cond::of(insn.condition_code())?,
+            target: insn.near_branch_target(),
+        }),
         _ => None,
     }
 }
@@ -155,6 +273,106 @@ pub fn exit_work_branch(code: &[u8], start: u64, exit_mask: u64) -> Option<u64> 
         prev = Some(insn);
     }
     None
+}
+
+/// Where `get_signal` has taken a signal, before it acts on it: the
+/// point its dequeue paths join, with the signal's number in `reg`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignalTaken {
+    /// The first instruction of the common path (`signr` is non-zero).
+    pub merge: u64,
+    /// The register holding `signr` there (a 32-bit one: `signr` is an
+    /// `int`).
+    pub reg: Register,
+    /// Every branch that leads into `merge` (the test of
+    /// `dequeue_signal`'s result, and the jumps of the inlined
+    /// `dequeue_synchronous_signal`): the traps go on them, executed by
+    /// the VMM, so the signal is seen on every path without a debug
+    /// register.
+    pub branches: Vec<u64>,
+    /// Whether the instruction before `merge` may fall through into it
+    /// (a path no branch trap sees).
+    pub fall_through: bool,
+}
+
+/// Finds [`SignalTaken`] in `get_signal`'s code (`code` at `start`): the
+/// call of `dequeue_signal` (at runtime address `dequeue_signal`), its
+/// result tested (optionally moved to another register first) and a
+/// `je`/`jne` to the no-signal exit; the other side is the merge point.
+pub fn signal_taken(code: &[u8], start: u64, dequeue_signal: u64) -> Option<SignalTaken> {
+    let mut insns = Vec::new();
+    let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
+    while decoder.can_decode() {
+        let insn = decoder.decode();
+        if insn.is_invalid() {
+            // Padding or data after the function's last instruction.
+            break;
+        }
+        insns.push(insn);
+    }
+    let call = insns.iter().position(|i| {
+        i.code() == Code::Call_rel32_64 && i.near_branch_target() == dequeue_signal
+    })?;
+    let mut reg = Register::EAX;
+    let mut test_seen = false;
+    let mut jcc = None;
+    for i in insns.iter().skip(call + 1).take(4) {
+        let regs2 = i.op_count() == 2
+            && i.op0_kind() == OpKind::Register
+            && i.op1_kind() == OpKind::Register;
+        match i.mnemonic() {
+            Mnemonic::Mov if regs2 && i.op1_register() == Register::EAX && !test_seen => {
+                reg = i.op0_register();
+            }
+            Mnemonic::Test
+                if regs2
+                    && i.op0_register() == i.op1_register()
+                    && (i.op0_register() == Register::EAX || i.op0_register() == reg) =>
+            {
+                test_seen = true;
+            }
+            Mnemonic::Je | Mnemonic::Jne if test_seen => {
+                jcc = Some(*i);
+                break;
+            }
+            _ => return None,
+        }
+    }
+    let jcc = jcc?;
+    if !reg.is_gpr32() {
+        return None;
+    }
+    let merge = if jcc.mnemonic() == Mnemonic::Je {
+        jcc.next_ip()
+    } else {
+        jcc.near_branch_target()
+    };
+    let mut branches = vec![jcc.ip()];
+    for i in &insns {
+        let into_merge = i.ip() != jcc.ip()
+            && displaced(i)
+                .is_some_and(|d| matches!(d, Displaced::Jcc { .. } | Displaced::Jmp { .. }))
+            && i.near_branch_target() == merge;
+        if into_merge {
+            branches.push(i.ip());
+        }
+    }
+    let fall_through = match insns.iter().find(|i| i.next_ip() == merge) {
+        Some(before) => {
+            before.ip() != jcc.ip()
+                && !matches!(
+                    before.mnemonic(),
+                    Mnemonic::Jmp | Mnemonic::Ret | Mnemonic::Ud2 | Mnemonic::Int3
+                )
+        }
+        None => false,
+    };
+    Some(SignalTaken {
+        merge,
+        reg,
+        branches,
+        fall_through,
+    })
 }
 
 /// Finds the inlined `clear_thread_flag(TIF_NOTIFY_RESUME)` in the function
@@ -226,19 +444,21 @@ pub fn plan<M: PhysMemory + ?Sized>(
             let start = k.runtime(site.addr);
             let end = symbols.next_above(site.addr).map(|a| k.runtime(a));
             match place(k, layout, &site.symbol, start, end, site.at) {
-                Ok((va, insn)) => {
-                    let kind = match displaced(&insn) {
-                        Some(d) => TrapKind::Int3(d),
-                        None => TrapKind::DebugRegister,
-                    };
-                    plans.push(PlannedTrap {
-                        site: spec.site,
-                        symbol: site.symbol.clone(),
-                        offset: va - start,
-                        va,
-                        kind,
-                        instruction: format!("{insn}"),
-                    });
+                Ok(points) => {
+                    for (va, insn) in points {
+                        let kind = match displaced(&insn) {
+                            Some(d) => TrapKind::Int3(d),
+                            None => TrapKind::DebugRegister,
+                        };
+                        plans.push(PlannedTrap {
+                            site: spec.site,
+                            symbol: site.symbol.clone(),
+                            offset: va - start,
+                            va,
+                            kind,
+                            instruction: format!("{insn}"),
+                        });
+                    }
                     placed = true;
                     if spec.reach == Reach::First {
                         break;
@@ -254,7 +474,8 @@ pub fn plan<M: PhysMemory + ?Sized>(
     (plans, errors)
 }
 
-/// The trap address and displaced instruction for a resolved site.
+/// The trap addresses and displaced instructions for a resolved site (one,
+/// but for SIGNAL_TAKEN: every branch into `get_signal`'s merge point).
 fn place<M: PhysMemory + ?Sized>(
     k: &RunningKernel<'_, M>,
     layout: &TraceLayout,
@@ -262,7 +483,7 @@ fn place<M: PhysMemory + ?Sized>(
     start: u64,
     end: Option<u64>,
     at: At,
-) -> Result<(u64, Instruction)> {
+) -> Result<Vec<(u64, Instruction)>> {
     // Scans stop at the next symbol: a pattern in the function after this
     // one is not this function's.
     let within = |limit: usize| match end {
@@ -270,6 +491,14 @@ fn place<M: PhysMemory + ?Sized>(
         _ => limit,
     };
     let va = match at {
+        At::SignalTaken => {
+            let found = find_signal_taken(k, symbol, start, end)?;
+            return found
+                .branches
+                .iter()
+                .map(|&va| Ok((va, instruction_at(k, va)?)))
+                .collect();
+        }
         At::Entry => start,
         At::NotifyResumeCleared => {
             let mut code = vec![0u8; within(LOOP_SCAN_BYTES)];
@@ -293,7 +522,36 @@ fn place<M: PhysMemory + ?Sized>(
             })?
         }
     };
-    Ok((va, instruction_at(k, va)?))
+    Ok(vec![(va, instruction_at(k, va)?)])
+}
+
+/// Finds [`SignalTaken`] in the running kernel's `get_signal` at `start`
+/// (up to `end`, the next symbol).
+pub fn find_signal_taken<M: PhysMemory + ?Sized>(
+    k: &RunningKernel<'_, M>,
+    symbol: &str,
+    start: u64,
+    end: Option<u64>,
+) -> Result<SignalTaken> {
+    let len = match end {
+        Some(e) if e > start => FUNCTION_SCAN_BYTES.min((e - start) as usize),
+        _ => FUNCTION_SCAN_BYTES,
+    };
+    let mut code = vec![0u8; len];
+    k.read(start, &mut code, "kernel text")?;
+    let dequeue = k.symbol("dequeue_signal")?;
+    let found = signal_taken(&code, start, dequeue).ok_or_else(|| {
+        IntrospectError::Corrupt(format!(
+            "no test of dequeue_signal's result followed by je/jne in {symbol}"
+        ))
+    })?;
+    if found.fall_through {
+        return Err(IntrospectError::Corrupt(format!(
+            "{symbol}: the code before the signal path's merge point at {:#x} falls into it (a path no branch trap would see)",
+            found.merge
+        )));
+    }
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -383,5 +641,76 @@ mod tests {
         assert_eq!(notify_resume_cleared(&[0xf0, 0x80, 0x20, 0xfb], 0), None);
         assert_eq!(notify_resume_cleared(&[0x80, 0x20, 0xfd], 0), None);
         assert_eq!(notify_resume_cleared(&[0xff; 16], 0), None);
+    }
+
+    /// The minimal 6.1 kernel's `get_signal`, cut to its dequeue paths
+    /// (objdump's bytes, addresses kept): `call dequeue_signal; mov
+    /// %eax,%r15d; test %eax,%eax; je out`, the merge point, and the end
+    /// of the inlined `dequeue_synchronous_signal`: `mov 0x20(%rbx),%r15d;
+    /// test %r15d,%r15d; jne merge; jmp back`.
+    #[test]
+    fn the_signal_taken_point_and_every_branch_into_it() {
+        let base = 0xffff_ffff_8104_43a1u64;
+        let mut code = vec![
+            0xe8, 0xd9, 0xdb, 0xff, 0xff, // call dequeue_signal
+            0x41, 0x89, 0xc7, // mov %eax,%r15d
+            0x85, 0xc0, // test %eax,%eax
+            0x0f, 0x84, 0x1b, 0x04, 0x00, 0x00, // je out
+            0xc3, // (merge, at +0x10) ret
+        ];
+        // Padding up to the synchronous path's tail at 0x...45d2.
+        code.resize((0xffff_ffff_8104_45d2u64 - base) as usize, 0xcc);
+        code.extend_from_slice(&[
+            0x44, 0x8b, 0x7b, 0x20, // mov 0x20(%rbx),%r15d
+            0x45, 0x85, 0xff, // test %r15d,%r15d
+            0x0f, 0x85, 0xd2, 0xfd, 0xff, 0xff, // jne merge
+            0xe9, 0xa4, 0xfd, 0xff, 0xff, // jmp back
+        ]);
+        let found = signal_taken(&code, base, 0xffff_ffff_8104_1f7f).expect("found");
+        assert_eq!(found.merge, 0xffff_ffff_8104_43b1);
+        assert_eq!(found.reg, Register::R15D);
+        assert_eq!(
+            found.branches,
+            vec![0xffff_ffff_8104_43ab, 0xffff_ffff_8104_45d9]
+        );
+        assert!(!found.fall_through);
+        // Another callee: not found.
+        assert_eq!(signal_taken(&code, base, 0x1234), None);
+        // A jne form (merge at the target), with no move.
+        let jne = [
+            0xe8, 0x00, 0x00, 0x00, 0x00, // call +0 (dequeue at 0x1005)
+            0x85, 0xc0, // test %eax,%eax
+            0x75, 0x01, // jne +1
+            0xc3, // ret (no signal)
+            0x90, // merge
+        ];
+        let found = signal_taken(&jne, 0x1000, 0x1005).expect("found");
+        assert_eq!((found.merge, found.reg), (0x100a, Register::EAX));
+        // The ret before the merge cannot fall into it.
+        assert!(!found.fall_through);
+        // A nop there could.
+        let mut falls = jne;
+        falls[9] = 0x90;
+        assert!(signal_taken(&falls, 0x1000, 0x1005).unwrap().fall_through);
+    }
+
+    /// Conditional jumps run by the VMM go where the CPU would.
+    #[test]
+    fn jcc_conditions_follow_the_flags() {
+        const CF: u64 = 1;
+        const ZF: u64 = 1 << 6;
+        const SF: u64 = 1 << 7;
+        const OF: u64 = 1 << 11;
+        let je = displaced(&decode(&[0x74, 0x10])).unwrap();
+        assert_eq!(je.next_rip(0x1000, ZF), 0x1012);
+        assert_eq!(je.next_rip(0x1000, 0), 0x1002);
+        let jne = displaced(&decode(&[0x0f, 0x85, 0x00, 0x01, 0x00, 0x00])).unwrap();
+        assert_eq!(jne.next_rip(0x1000, 0), 0x1106);
+        assert_eq!(jne.next_rip(0x1000, ZF), 0x1006);
+        assert!(Cond::L.holds(SF) && !Cond::L.holds(SF | OF));
+        assert!(Cond::Be.holds(CF) && Cond::A.holds(0) && !Cond::A.holds(ZF));
+        assert!(Cond::G.holds(SF | OF) && !Cond::G.holds(SF));
+        let jmp = displaced(&decode(&[0xeb, 0xfe])).unwrap();
+        assert_eq!(jmp.next_rip(0x1000, 0), 0x1000);
     }
 }

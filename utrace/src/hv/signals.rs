@@ -45,6 +45,44 @@ pub fn dumps_core(signo: i32) -> bool {
     matches!(signo, 3 | 4 | 5 | 6 | 7 | 8 | 11 | 24 | 25 | 31)
 }
 
+/// SIGSTOP's number on x86-64.
+pub const SIGSTOP: i32 = 19;
+
+/// `JOBCTL_STOP_DEQUEUED` (bit 16 of `task_struct.jobctl`,
+/// `include/linux/sched/jobctl.h`): a stop signal was dequeued. A
+/// preprocessor constant, not in BTF; unchanged since 3.1.
+pub const JOBCTL_STOP_DEQUEUED: u64 = 1 << 16;
+
+/// `SIG_DFL`, the default action's "handler".
+pub const SIG_DFL: u64 = 0;
+/// `SIG_IGN`.
+pub const SIG_IGN: u64 = 1;
+
+/// Whether the default action of `signo` is to do nothing
+/// (`SIG_KERNEL_IGNORE_MASK`: SIGCONT, SIGCHLD, SIGWINCH, SIGURG).
+pub fn ignored_by_default(signo: i32) -> bool {
+    matches!(signo, 17 | 18 | 23 | 28)
+}
+
+/// Whether the default action of `signo` is a job-control stop
+/// (`SIG_KERNEL_STOP_MASK`: SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU).
+pub fn stops_by_default(signo: i32) -> bool {
+    (19..=22).contains(&signo)
+}
+
+/// The utrace disposition bit of signal `signo` taken with handler
+/// `handler` (get_signal's order: SIG_IGN, a handler, then the default
+/// action's kind).
+pub fn disposition(signo: i32, handler: u64) -> EventMask {
+    match handler {
+        SIG_IGN => EventMask::SIGNAL_IGN,
+        SIG_DFL if ignored_by_default(signo) => EventMask::SIGNAL_IGN,
+        SIG_DFL if stops_by_default(signo) => EventMask::SIGNAL_STOP,
+        SIG_DFL => fatal_kind(signo),
+        _ => EventMask::SIGNAL,
+    }
+}
+
 /// The utrace disposition bit of a signal taking its default action that
 /// kills: SIGNAL_CORE or SIGNAL_TERM.
 pub fn fatal_kind(signo: i32) -> EventMask {

@@ -112,6 +112,12 @@ fn layout() -> TraceLayout {
             status: 0x18,
         },
         task_pending: 0x100,
+        task_sighand: 0x88,
+        task_jobctl: 0x90,
+        sighand_action: 0x8,
+        k_sigaction_size: 0x20,
+        k_sigaction_handler: 0,
+        siginfo_size: 0x30,
         signal_shared_pending: 0x20,
         sigpending_list: 0,
         sigpending_signal: 0x10,
@@ -241,6 +247,7 @@ fn dispatcher(ram: GuestRam) -> Arc<Dispatcher> {
         park_jiffies: 100,
         doorbell: None,
         calls: Mutex::new(Calls::default()),
+        signal_taken: std::sync::OnceLock::new(),
     })
 }
 

@@ -46,7 +46,7 @@ use crate::hv::kcall::Calls;
 use crate::hv::layout::TraceLayout;
 use crate::hv::memory::{AccessOp, StoppedRegs};
 use crate::hv::park::{StopHolder, TASK_INTERRUPTIBLE};
-use crate::hv::placement::{plan, PlannedTrap, TrapKind};
+use crate::hv::placement::{find_signal_taken, plan, PlannedTrap, SignalTaken, TrapKind};
 use crate::hv::threads::{Armed, EngineSpec, Threads, Traced, SYSCALL_EVENTS};
 use crate::sites::Site;
 use crate::syscalls::SyscallTable;
@@ -139,6 +139,7 @@ impl Tracer {
         if !errors.is_empty() {
             return Err(TracerError::Sites(errors.join("; ")));
         }
+        let optional = plan_optional(&k, &info.symbols, &layout);
         let space = k.space();
         let kernel_space = match k.symbol("init_top_pgt") {
             Ok(pgt) => match translate(&ram, space, VirtAddr(pgt)) {
@@ -176,8 +177,10 @@ impl Tracer {
             kernel_space,
             threads: Mutex::new(Threads::default()),
             stats: TracerStats::default(),
+            signal_taken: std::sync::OnceLock::new(),
         });
         set_traps(vm, &inner, space, plans)?;
+        set_optional_traps(vm, &inner, space, optional);
         Ok(Self { inner })
     }
 
@@ -800,6 +803,75 @@ impl Dispatcher {
             self.ring_doorbell();
         }
         Ok(())
+    }
+}
+
+/// The traps of one of [`Site::OPTIONAL`], planned.
+struct OptionalTraps {
+    site: Site,
+    plans: Vec<PlannedTrap>,
+    signal_taken: Option<SignalTaken>,
+}
+
+/// Plans the traps of [`Site::OPTIONAL`] that the kernel allows, before
+/// any trap is set (the code scans must see the kernel's own bytes, not
+/// the `int3` of a trap at a function's entry); one that cannot be placed
+/// is left out with a warning (the tracer then serves what it can without
+/// it: see each site).
+fn plan_optional(
+    k: &RunningKernel<'_, vmm::vstate::memory::GuestRam>,
+    symbols: &guest_introspect::symbols::SymbolMap,
+    layout: &TraceLayout,
+) -> Vec<OptionalTraps> {
+    let mut out = Vec::new();
+    for site in Site::OPTIONAL {
+        let (plans, errors) = plan(k, symbols, layout, &[site]);
+        let Some(first) = plans.first() else {
+            log::warn!("tracer: no {site} trap: {}", errors.join("; "));
+            continue;
+        };
+        let signal_taken = if site == Site::SignalTaken {
+            let start = first.va - first.offset;
+            let end = symbols
+                .lookup(&first.symbol)
+                .and_then(|link| symbols.next_above(link))
+                .map(|a| k.runtime(a));
+            match find_signal_taken(k, &first.symbol, start, end) {
+                Ok(found) => Some(found),
+                Err(e) => {
+                    log::warn!("tracer: no {site} trap: {e}");
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        out.push(OptionalTraps {
+            site,
+            plans,
+            signal_taken,
+        });
+    }
+    out
+}
+
+/// Sets the optional traps planned; one that cannot be set is left out
+/// with a warning.
+fn set_optional_traps(
+    vm: &RunningVm,
+    inner: &Arc<Dispatcher>,
+    space: AddressSpace,
+    planned: Vec<OptionalTraps>,
+) {
+    for o in planned {
+        match set_traps(vm, inner, space, o.plans) {
+            Ok(()) => {
+                if let Some(found) = o.signal_taken {
+                    let _ = inner.signal_taken.set(found);
+                }
+            }
+            Err(e) => log::warn!("tracer: no {} trap: {e}", o.site),
+        }
     }
 }
 

@@ -56,8 +56,11 @@ pub const STRACE_EVENTS: EventMask = EventMask(
         | EventMask::EXIT.0
         | EventMask::REAP.0
         | EventMask::SIGNAL.0
+        | EventMask::SIGNAL_IGN.0
+        | EventMask::SIGNAL_STOP.0
         | EventMask::SIGNAL_TERM.0
-        | EventMask::SIGNAL_CORE.0,
+        | EventMask::SIGNAL_CORE.0
+        | EventMask::JCTL.0,
 );
 
 /// A call between its entry and its exit.
@@ -353,6 +356,31 @@ impl EngineOps for Strace {
             si_pid: d.map(|d| d.pid),
             handler: d.map(|d| d.handler),
         });
+        ResumeAction::Resume
+    }
+
+    fn report_jctl(
+        &self,
+        _action: ResumeAction,
+        engine: &Engine,
+        _thread: &ThreadContext,
+        kind: i32,
+        signo: i32,
+    ) -> ResumeAction {
+        // strace prints a group stop (PTRACE_SEIZE's PTRACE_EVENT_STOP);
+        // the continue it shows is the SIGCONT delivered to a ptraced
+        // thread, which an unptraced one never dequeues.
+        if kind == crate::event::CLD_STOPPED {
+            let name = signal_name(signo);
+            self.emit(Record::Signal {
+                pid: engine.tid(),
+                line: format!("--- stopped by {name} ---"),
+                signal: name,
+                si_code: None,
+                si_pid: None,
+                handler: None,
+            });
+        }
         ResumeAction::Resume
     }
 

@@ -17,11 +17,13 @@ impl Dispatcher {
         }
         let code = t.regs.rdi as i64;
         if let Some(details) = self.fatal_signal(t, code) {
+            let kind = signals::fatal_kind(details.signo);
             let mut ctx = self.thread_context(t);
             ctx.signal = Some(details);
+            ctx.signal_disposition = Some(kind);
             let event = Event::Signal {
                 signo: details.signo,
-                kind: signals::fatal_kind(details.signo),
+                kind,
             };
             self.report(t.tid, &event, &ctx, t.space());
         }

@@ -15,8 +15,10 @@ impl Dispatcher {
     /// INTERRUPT's report: report_signal with no signal (utrace's
     /// UTRACE_SIGNAL_REPORT).
     pub(crate) fn report_interrupt(&self, t: &Trap<'_>) {
-        let ctx = self.thread_context(t);
+        let ctx = self.thread_context(t).allowing_signal_send();
         self.report(t.tid, &Event::interrupt(), &ctx, t.space());
+        // A signal an engine injects: the thread takes it next.
+        t.send_signal.set(ctx.signal_to_send());
     }
 
     /// The QUIESCE site.
