@@ -592,3 +592,76 @@ fn signals_sent_from_outside_are_taken_at_once() {
     g.wait_for(Duration::from_secs(10), |l| l == "sleeper status 143");
     assert_eq!(g.finish(), Some(0));
 }
+
+/// FS base written from outside, as ptrace's `fs_base`: a process whose
+/// FS base is set to its own value runs on unchanged; one whose FS base is
+/// set to 0 dies of SIGSEGV at its next thread-local access (the C
+/// library's locking of stdout), as the guest's shell reports.
+#[test]
+fn the_fs_base_written_from_outside_is_what_the_thread_runs_with() {
+    let mut g = start(
+        1,
+        "hv-poke 8 & a=$!; sleep 0.5; hv-poke 8 & b=$!; \
+         wait $a; echo \"a exit $?\"; wait $b; echo \"b exit $?\"",
+    );
+    let (_, first) = g.wait_for(Duration::from_secs(300), |l| l.starts_with("hv-poke: pid"));
+    let (_, second) = g.wait_for(Duration::from_secs(30), |l| l.starts_with("hv-poke: pid"));
+    let (a, ..) = poke_header(&first);
+    let (b, ..) = poke_header(&second);
+    let sock = g.sock().to_string();
+    let fs_base = |tid: i32| -> String {
+        let (code, text) = hv(&[
+            "regs",
+            "--api-sock",
+            &sock,
+            "-t",
+            &tid.to_string(),
+            "--json",
+        ]);
+        assert_eq!(code, 0, "{text}");
+        let v: Value = serde_json::from_str(text.trim()).unwrap();
+        v["fs_base"].as_str().unwrap().to_string()
+    };
+    for pid in [a, b] {
+        let (code, text) = hv(&["stop", "--api-sock", &sock, "-t", &pid.to_string()]);
+        assert_eq!(code, 0, "{text}");
+    }
+    let own = fs_base(b);
+    assert_ne!(own, "0x0", "a static C program has its TLS at FS");
+    // A value in the kernel half is refused, nothing changed.
+    let (code, text) = hv(&[
+        "regs",
+        "--api-sock",
+        &sock,
+        "-t",
+        &a.to_string(),
+        "--set",
+        "fs_base=0xffff888000000000",
+    ]);
+    assert!(code != 0 && text.contains("EINVAL"), "{text}");
+    let set = |tid: i32, value: &str| {
+        let (code, text) = hv(&[
+            "regs",
+            "--api-sock",
+            &sock,
+            "-t",
+            &tid.to_string(),
+            "--set",
+            &format!("fs_base={value}"),
+        ]);
+        assert_eq!(code, 0, "{text}");
+    };
+    set(a, "0");
+    set(b, &own);
+    assert_eq!(fs_base(a), "0x0");
+    assert_eq!(fs_base(b), own);
+    for pid in [a, b] {
+        let (code, text) = hv(&["cont", "--api-sock", &sock, "-t", &pid.to_string()]);
+        assert_eq!(code, 0, "{text}");
+    }
+    g.wait_for(Duration::from_secs(30), |l| l == "a exit 139");
+    g.wait_for(Duration::from_secs(30), |l| l == "b exit 0");
+    let out = g.output();
+    assert!(out.contains(&format!("{b} done")), "{out}");
+    assert_eq!(g.finish(), Some(0));
+}

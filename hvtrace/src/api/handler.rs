@@ -308,6 +308,7 @@ impl Handler {
 
     fn regs(
         &mut self,
+        session: &Session,
         tid: i32,
         set: Option<std::collections::BTreeMap<String, Value>>,
     ) -> Result<Value, String> {
@@ -315,21 +316,39 @@ impl Handler {
             format!("thread {tid} is not stopped (EBUSY): `hvtrace stop -t {tid}` first")
         })?;
         let mut changes = Vec::new();
+        let (mut fs_base, mut gs_base) = (None, None);
         for (name, value) in set.unwrap_or_default() {
-            let reg = Reg::from_name(&name).ok_or_else(|| {
-                format!(
-                    "no register `{name}` (one of: {})",
-                    Reg::ALL
-                        .iter()
-                        .map(|r| r.name())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })?;
-            changes.push((
-                reg,
-                number(&value).ok_or_else(|| format!("`{value}` is not a number for {name}"))?,
-            ));
+            let value =
+                number(&value).ok_or_else(|| format!("`{value}` is not a number for {name}"))?;
+            match name.as_str() {
+                "fs_base" => fs_base = Some(value),
+                "gs_base" => gs_base = Some(value),
+                _ => {
+                    let reg = Reg::from_name(&name).ok_or_else(|| {
+                        format!(
+                            "no register `{name}` (one of: {}, fs_base, gs_base)",
+                            Reg::ALL
+                                .iter()
+                                .map(|r| r.name())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    })?;
+                    if matches!(reg, Reg::Cs | Reg::Ss) {
+                        return Err(format!(
+                            "{name} cannot be set (EINVAL: ptrace's rule for segment selectors)"
+                        ));
+                    }
+                    changes.push((reg, value));
+                }
+            }
+        }
+        // Segment bases first: the one write that can still be refused
+        // (the thread on a CPU), so nothing is half done.
+        if fs_base.is_some() || gs_base.is_some() {
+            tracer
+                .set_segment_bases(session.vm(), tid, fs_base, gs_base)
+                .map_err(|e| e.to_string())?;
         }
         let r = if changes.is_empty() {
             tracer.regs(tid)
@@ -607,7 +626,7 @@ impl Handler {
                 self.stop(session, conn, target(pid, tid)?, wait, until_close, interrupt)
             }
             Op::Cont { pid, tid } => self.cont(session, target(pid, tid)?),
-            Op::Regs { tid, set } => self.regs(tid, set),
+            Op::Regs { tid, set } => self.regs(session, tid, set),
             Op::Mem {
                 pid,
                 addr,

@@ -58,7 +58,8 @@
 //!   a stopped thread's user registers and (read only) FPU/SSE registers
 //!   (EBUSY if it is not stopped), after
 //!   setting those in the optional `set` (ptrace's rules: no segment
-//!   selectors, only user RFLAGS bits).
+//!   selectors, only user RFLAGS bits; `fs_base` and `gs_base` below the
+//!   end of the user half, written with every vCPU paused).
 //! * `{"v":1,"op":"mem","pid":N,"addr":"0x..","len":L}` -> `{"v":1,"ok":true,"data":"hex"}`;
 //!   with `"write":"hex"` instead of `len`, writes as ptrace does (a private
 //!   read-only page is copied for this process only). The process must have

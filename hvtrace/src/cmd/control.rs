@@ -209,8 +209,10 @@ pub struct RegsArgs {
     /// The thread (stopped by `hvtrace stop`).
     #[arg(short = 't', long = "tid")]
     pub tid: i32,
-    /// Set a register first: NAME=VALUE (`ip=0x401000`, `ax=-1`); names as
-    /// printed. Repeatable; all are checked before any is set.
+    /// Set a register first: NAME=VALUE (`ip=0x401000`, `ax=-1`,
+    /// `fs_base=0x4c6380`); names as printed, plus `fs_base` and `gs_base`.
+    /// Repeatable; all are checked before any is set. The FPU/SSE
+    /// registers are read only.
     #[arg(long = "set", value_name = "NAME=VALUE")]
     pub set: Vec<String>,
     /// Print the reply as JSON.

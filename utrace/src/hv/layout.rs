@@ -57,6 +57,9 @@ pub struct TraceLayout {
     pub task_sighand: u64,
     /// `task_struct.jobctl`.
     pub task_jobctl: u64,
+    /// `task_struct.on_cpu` (SMP kernels): non-zero while the task runs
+    /// or is being switched.
+    pub task_on_cpu: Option<u64>,
     /// `sighand_struct.action`: the k_sigaction array, one per signal.
     pub sighand_action: u64,
     /// `sizeof(struct k_sigaction)`.
@@ -146,6 +149,7 @@ impl TraceLayout {
             task_pending: off("task_struct", "pending")?,
             task_sighand: off("task_struct", "sighand")?,
             task_jobctl: off("task_struct", "jobctl")?,
+            task_on_cpu: off("task_struct", "on_cpu").ok(),
             sighand_action: off("sighand_struct", "action")?,
             k_sigaction_size: t.struct_size("k_sigaction")?,
             k_sigaction_handler: off("k_sigaction", "sa.sa_handler")?,

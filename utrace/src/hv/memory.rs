@@ -153,6 +153,48 @@ impl Dispatcher {
         self.stopped_regs(tid)
     }
 
+    /// Sets parked thread `tid`'s FS and/or GS base as ptrace does
+    /// (`x86_fsbase_write_task`: the value its `thread_struct` holds while
+    /// it is switched out, loaded when it next runs). EIO-like EINVAL for
+    /// a value past the user half (ptrace: `value >= TASK_SIZE_MAX`),
+    /// ENOTSUP where the kernel has no such field, EBUSY if the thread is
+    /// on a CPU. The caller pauses every vCPU, so it cannot be switched in
+    /// while the value is written.
+    pub(crate) fn set_stopped_bases(
+        &self,
+        tid: Tid,
+        fs: Option<u64>,
+        gs: Option<u64>,
+    ) -> Result<StoppedRegs, UtraceError> {
+        let task = self.parked_task(tid)?;
+        let k = self.kernel(self.kernel_space);
+        let mut writes = Vec::new();
+        for (value, field) in [
+            (fs, self.layout.thread_fsbase),
+            (gs, self.layout.thread_gsbase),
+        ] {
+            let Some(value) = value else { continue };
+            let field = field.ok_or(UtraceError::NotSupported)?;
+            if value >= USER_END - 0x1000 {
+                return Err(UtraceError::Invalid);
+            }
+            writes.push((task.wrapping_add(field), value));
+        }
+        if let Some(on_cpu) = self.layout.task_on_cpu {
+            let running = k
+                .read_u32(task.wrapping_add(on_cpu), "task_struct.on_cpu")
+                .map_err(|_| UtraceError::Fault)?;
+            if running != 0 {
+                return Err(UtraceError::NotStopped);
+            }
+        }
+        for (at, value) in writes {
+            self.write_kernel(self.kernel_space, at, &value.to_le_bytes())
+                .map_err(|_| UtraceError::Fault)?;
+        }
+        self.stopped_regs(tid)
+    }
+
     /// Reads (`op` Read) or writes parked thread `tid`'s memory at user
     /// address `addr`, in chunks the thread moves itself. A read returns
     /// the bytes up to the first unmapped one (EFAULT if none); a write is

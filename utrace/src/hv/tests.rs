@@ -114,6 +114,7 @@ fn layout() -> TraceLayout {
         task_pending: 0x100,
         task_sighand: 0x88,
         task_jobctl: 0x90,
+        task_on_cpu: None,
         sighand_action: 0x8,
         k_sigaction_size: 0x20,
         k_sigaction_handler: 0,

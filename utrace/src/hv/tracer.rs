@@ -363,6 +363,22 @@ impl Tracer {
             .map_err(|e| TracerError::Utrace(tid, e))
     }
 
+    /// Sets a stopped thread's FS and/or GS base (ptrace's
+    /// `fs_base`/`gs_base`: the values it runs with once released), with
+    /// every vCPU paused while they are written; the registers afterwards.
+    pub fn set_segment_bases(
+        &self,
+        vm: &RunningVm,
+        tid: Tid,
+        fs: Option<u64>,
+        gs: Option<u64>,
+    ) -> Result<StoppedRegs, TracerError> {
+        vm.pause_all()?;
+        let result = self.inner.set_stopped_bases(tid, fs, gs);
+        vm.resume_all()?;
+        result.map_err(|e| TracerError::Utrace(tid, e))
+    }
+
     /// Reads `len` bytes at user address `addr` of stopped thread `tid`'s
     /// process, up to the first unmapped byte (EFAULT if that is the first).
     pub fn read_memory(&self, tid: Tid, addr: u64, len: usize) -> Result<Vec<u8>, TracerError> {
