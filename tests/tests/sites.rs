@@ -4,7 +4,7 @@
 use hvtrace_tests::*;
 use serde_json::Value;
 
-const EVENTS: [&str; 12] = [
+const EVENTS: [&str; 14] = [
     "SYSCALL_ENTRY",
     "SYSCALL_EXIT",
     "CLONE",
@@ -15,6 +15,8 @@ const EVENTS: [&str; 12] = [
     "SIGNAL",
     "SIGNAL_FATAL",
     "JCTL",
+    "JCTL_CONTINUE",
+    "SIGNAL_TAKEN",
     "QUIESCE",
     "DOORBELL",
 ];
