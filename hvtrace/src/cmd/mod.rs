@@ -4,6 +4,7 @@ pub mod attach;
 pub mod boot;
 pub mod cached;
 pub mod control;
+pub mod events;
 pub mod ps;
 pub mod run;
 pub mod sites;
