@@ -25,6 +25,11 @@ pub struct EventsArgs {
     /// Only this VM's events (its `--vm-id`).
     #[arg(long, value_name = "ID")]
     pub vm: Option<String>,
+    /// Only events of this kind: syscall, signal, exit, killed, entry (a
+    /// call's start, published when another event interrupted it) or
+    /// dropped.
+    #[arg(long, value_name = "KIND")]
+    pub kind: Option<String>,
     /// Keep printing new events as they come (until Ctrl-C).
     #[arg(long)]
     pub follow: bool,
@@ -38,6 +43,19 @@ pub fn events(args: EventsArgs) -> Result<i32> {
     let cfg = SinkConfig::parse(&args.sink)?;
     if let Some(vm) = &args.vm {
         config::check_token(vm).context("--vm")?;
+    }
+    if let Some(kind) = &args.kind {
+        let kinds = [
+            "syscall",
+            "signal",
+            "exit",
+            "killed",
+            "entry",
+            message::DROPPED,
+        ];
+        if !kinds.contains(&kind.as_str()) {
+            anyhow::bail!("--kind: `{kind}` is none of {}", kinds.join(", "));
+        }
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -57,7 +75,7 @@ async fn read(cfg: &SinkConfig, args: &EventsArgs) -> Result<()> {
     let consumer = stream
         .create_consumer(push::OrderedConfig {
             deliver_subject: conn.client.new_inbox(),
-            filter_subject: cfg.filter(args.vm.as_deref()),
+            filter_subject: cfg.filter(args.vm.as_deref(), args.kind.as_deref()),
             deliver_policy: DeliverPolicy::All,
             ..Default::default()
         })

@@ -123,11 +123,14 @@ impl SinkConfig {
         format!("{}.{vm}.{kind}", self.prefix)
     }
 
-    /// The subjects a consumer reads: one VM's (`PREFIX.VM.>`) or all.
-    pub fn filter(&self, vm: Option<&str>) -> String {
-        match vm {
-            Some(vm) => format!("{}.{vm}.>", self.prefix),
-            None => format!("{}.>", self.prefix),
+    /// The subjects a consumer reads: one VM's (`PREFIX.VM.>`) or all
+    /// (`PREFIX.>`), of one kind (`PREFIX.VM.KIND`, `PREFIX.*.KIND`) or all.
+    pub fn filter(&self, vm: Option<&str>, kind: Option<&str>) -> String {
+        match (vm, kind) {
+            (Some(vm), Some(kind)) => format!("{}.{vm}.{kind}", self.prefix),
+            (Some(vm), None) => format!("{}.{vm}.>", self.prefix),
+            (None, Some(kind)) => format!("{}.*.{kind}", self.prefix),
+            (None, None) => format!("{}.>", self.prefix),
         }
     }
 }
@@ -282,7 +285,8 @@ mod tests {
         assert_eq!(c.linger, Duration::from_secs(3));
         assert!(c.retention_given);
         assert_eq!(c.subject("vm-1", "syscall"), "fleet.eu.vm-1.syscall");
-        assert_eq!(c.filter(Some("vm-1")), "fleet.eu.vm-1.>");
+        assert_eq!(c.filter(Some("vm-1"), None), "fleet.eu.vm-1.>");
+        assert_eq!(c.filter(None, Some("exit")), "fleet.eu.*.exit");
     }
 
     #[test]

@@ -70,7 +70,7 @@ impl SinkArgs {
             "hvtrace: publishing events to {} as VM {} (subjects {}, stream {})",
             sink.cfg.url,
             sink.origin.vm,
-            sink.cfg.filter(Some(&sink.origin.vm)),
+            sink.cfg.filter(Some(&sink.origin.vm), None),
             sink.cfg.stream
         );
         Ok(Some(sink))
