@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use async_nats::connection::State;
 use async_nats::jetstream::{self, message::PublishMessage, stream};
+use futures_util::FutureExt;
 use tokio::sync::Notify;
 
 use super::config::SinkConfig;
@@ -25,6 +26,10 @@ use super::queue::{Msg, Queue};
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Messages published and not yet acknowledged, at most.
 const WINDOW: usize = 1024;
+/// How long the publisher lets new messages gather after a wake-up, so
+/// they go out (and their acknowledgments come back) in batches rather
+/// than one system call and one wake-up each.
+const GATHER: Duration = Duration::from_millis(2);
 
 /// A connection to the server and its JetStream context.
 pub struct Connection {
@@ -198,27 +203,34 @@ pub async fn publish_all(conn: Connection, cfg: SinkConfig, vm: String, shared: 
         let room = inflight.len() < WINDOW;
         let Some((_, ack)) = inflight.front_mut() else {
             tokio::select! {
-                _ = shared.wake.notified() => {}
+                _ = shared.wake.notified() => tokio::time::sleep(GATHER).await,
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
             continue;
         };
         tokio::select! {
-            r = ack => match r {
-                Ok(ack) => {
-                    inflight.pop_front();
-                    c.published.fetch_add(1, Relaxed);
-                    if ack.duplicate {
-                        c.duplicates.fetch_add(1, Relaxed);
+            r = ack => {
+                let mut r = Some(r);
+                // Take every acknowledgment already there.
+                while let Some(result) = r.take() {
+                    match result {
+                        Ok(ack) => {
+                            inflight.pop_front();
+                            c.published.fetch_add(1, Relaxed);
+                            if ack.duplicate {
+                                c.duplicates.fetch_add(1, Relaxed);
+                            }
+                            r = inflight.front_mut().and_then(|(_, f)| f.now_or_never());
+                        }
+                        Err(e) => {
+                            log::info!("sink: no acknowledgment: {e}");
+                            requeue(&shared, &mut inflight, None, true);
+                            recover(&conn, &cfg, deadline).await;
+                        }
                     }
                 }
-                Err(e) => {
-                    log::info!("sink: no acknowledgment: {e}");
-                    requeue(&shared, &mut inflight, None, true);
-                    recover(&conn, &cfg, deadline).await;
-                }
-            },
-            _ = shared.wake.notified(), if room => {}
+            }
+            _ = shared.wake.notified(), if room => tokio::time::sleep(GATHER).await,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {
                 if conn.client.connection_state() != State::Connected {
                     requeue(&shared, &mut inflight, None, true);
