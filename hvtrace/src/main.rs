@@ -50,6 +50,8 @@ enum Command {
     Attach(cmd::attach::AttachArgs),
     /// Print the events a fleet published to NATS JetStream (`--sink`) as strace's text or JSON.
     Events(cmd::events::EventsArgs),
+    /// Publish the events a sink kept in a spill file when its server was away at the end of a trace.
+    SinkReplay(cmd::replay::ReplayArgs),
     /// Hold a guest process (or one thread) stopped until `cont`; the rest of the guest runs on.
     Stop(cmd::control::StopArgs),
     /// Let threads held by `stop` run again.
@@ -88,6 +90,7 @@ fn main() {
         Command::Trace(a) => cmd::trace::trace(a),
         Command::Attach(a) => cmd::attach::attach(a),
         Command::Events(a) => cmd::events::events(a),
+        Command::SinkReplay(a) => cmd::replay::replay(a),
         Command::Stop(a) => cmd::control::stop(a),
         Command::Cont(a) => cmd::control::cont(a),
         Command::Interrupt(a) => cmd::control::interrupt(a),

@@ -110,19 +110,24 @@ fn hvtrace_within(args: &[&str], limit: Duration) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run hvtrace");
+    wait_within(child, limit, &format!("hvtrace {args:?}"))
+}
+
+/// Waits for `child` (its output read meanwhile: a full pipe would stall
+/// it), killing it and failing after `limit`.
+fn wait_within(child: Child, limit: Duration, what: &str) -> Output {
     let pid = child.id();
-    // Its output is read while it runs (a full pipe would stall it).
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || tx.send(child.wait_with_output()));
     match rx.recv_timeout(limit) {
-        Ok(out) => out.expect("hvtrace's output"),
+        Ok(out) => out.expect("the child's output"),
         Err(_) => {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();
             let out = rx.recv().unwrap().unwrap();
             panic!(
-                "hvtrace {args:?} still running after {limit:?}\nstderr:\n{}",
+                "{what} still running after {limit:?}\nstderr:\n{}",
                 stderr(&out)
             );
         }
@@ -285,7 +290,7 @@ fn a_server_stopped_mid_trace_and_restarted_gets_every_event_exactly_once() {
     std::thread::sleep(Duration::from_secs(3));
     let during = read(&file).matches("getpid()").count();
     nats.restart();
-    let out = child.wait_with_output().unwrap();
+    let out = wait_within(child, Duration::from_secs(600), "hvtrace trace");
     let trace = read(&file);
     let _ = std::fs::remove_file(&file);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -314,6 +319,70 @@ fn a_server_stopped_mid_trace_and_restarted_gets_every_event_exactly_once() {
         "events after the outage differ from the trace file"
     );
     assert_eq!(back.matches("getpid()").count(), calls + 1);
+}
+
+/// The server gone at the end of a trace and not back within `linger`:
+/// the undelivered events are kept in a file, said on stderr, and
+/// `hvtrace sink-replay` publishes them once the server is back.
+#[test]
+fn events_undelivered_at_the_end_are_kept_and_published_by_sink_replay() {
+    require_kvm();
+    let mut nats = Nats::start();
+    let spill_dir = temp_path("spill");
+    let url = format!("{}?linger=1s&spill_dir={}", nats.url(), spill_dir.display());
+    let file = temp_path("sink-late.txt");
+    let child = Command::new(hvtrace_bin())
+        .args(["trace", "-o", file.to_str().unwrap(), "--report"])
+        .args(["--sink", &url, "--vm-id", "vm-l", "--"])
+        .args(["hv-getpid-loop", "3000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while read(&file).matches("getpid()").count() < 200 {
+        assert!(Instant::now() < deadline, "the trace never got going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nats.stop("TERM");
+    let out = wait_within(child, Duration::from_secs(600), "hvtrace trace");
+    let trace = read(&file);
+    let _ = std::fs::remove_file(&file);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        stdout(&out).contains("getpid x 3000 done"),
+        "{}",
+        stdout(&out)
+    );
+    let r = report(&err);
+    let left = r["sink_undelivered"].as_u64().unwrap();
+    assert!(left > 0, "{r}");
+    let kept = err
+        .lines()
+        .find_map(|l| l.split_once(" kept in ").map(|(_, p)| p))
+        .and_then(|p| p.split(" (").next())
+        .unwrap_or_else(|| panic!("no kept file named in:\n{err}"));
+    assert!(
+        err.contains(&format!("{left} events were not delivered")),
+        "{err}"
+    );
+    nats.restart();
+    let replay = hvtrace_within(
+        &["sink-replay", "--sink", &nats.url(), kept],
+        Duration::from_secs(120),
+    );
+    assert!(replay.status.success(), "{}", stderr(&replay));
+    assert!(!Path::new(kept).exists(), "{kept} left after its replay");
+    let _ = std::fs::remove_dir_all(&spill_dir);
+    let n = assert_complete(&nats.url(), "vm-l");
+    assert_eq!(
+        r["sink_published"].as_u64().unwrap() + left,
+        n as u64,
+        "{r}"
+    );
+    assert_eq!(events(&nats.url(), Some("vm-l"), &[]), trace);
 }
 
 /// A VM running `hv-getpid-loop N` with a control socket (`hvtrace run`
@@ -382,8 +451,8 @@ fn two_vms_at_once_in_one_stream_are_read_back_apart() {
         ],
         Duration::from_secs(600),
     );
-    let b = attach.wait_with_output().unwrap();
-    let run = vm_b.take_child().wait_with_output().unwrap();
+    let b = wait_within(attach, Duration::from_secs(600), "hvtrace attach");
+    let run = wait_within(vm_b.take_child(), Duration::from_secs(600), "hvtrace run");
     let (trace_a, trace_b) = (read(&file_a), read(&file_b));
     let _ = (std::fs::remove_file(&file_a), std::fs::remove_file(&file_b));
     assert!(a.status.success(), "{}", stderr(&a));
@@ -439,7 +508,7 @@ fn a_vm_publishes_what_is_traced_through_its_control_socket() {
         ],
         Duration::from_secs(600),
     );
-    let run = vm.take_child().wait_with_output().unwrap();
+    let run = wait_within(vm.take_child(), Duration::from_secs(600), "hvtrace run");
     let trace = read(&file);
     let _ = std::fs::remove_file(&file);
     assert!(attach.status.success(), "{}", stderr(&attach));

@@ -6,6 +6,7 @@ pub mod cached;
 pub mod control;
 pub mod events;
 pub mod ps;
+pub mod replay;
 pub mod run;
 pub mod sites;
 pub mod snapshot;

@@ -36,6 +36,8 @@ pub struct SinkConfig {
     /// `?spill_max=`: the spill file's limit; past it events are dropped
     /// (and the drop published as an event).
     pub spill_max: u64,
+    /// `?spill_dir=`: where spill files go (default: the cache's `spill/`).
+    pub spill_dir: Option<std::path::PathBuf>,
     /// `?linger=`: how long the end of a trace waits for undelivered
     /// events to reach the server before keeping them in a file.
     pub linger: Duration,
@@ -75,6 +77,7 @@ impl SinkConfig {
             dup_window: Duration::from_secs(120),
             queue: 8192,
             spill_max: 1 << 30,
+            spill_dir: None,
             linger: Duration::from_secs(30),
             retention_given: false,
         };
@@ -109,9 +112,11 @@ impl SinkConfig {
                 }
                 "spill_max" => c.spill_max = parse_size(v).with_context(|| bad("a size"))?,
                 "linger" => c.linger = parse_duration(v).with_context(|| bad("a duration"))?,
+                "spill_dir" if v.starts_with('/') => c.spill_dir = Some(v.into()),
+                "spill_dir" => bail!("{}", bad("an absolute path")),
                 _ => bail!(
                     "sink `{url}`: unknown parameter `{k}` (known: stream, max_age, max_bytes, \
-                     dup_window, queue, spill_max, linger)"
+                     dup_window, queue, spill_max, spill_dir, linger)"
                 ),
             }
         }
@@ -272,7 +277,7 @@ mod tests {
     #[test]
     fn a_full_url_is_parsed() {
         let c = SinkConfig::parse(
-            "nats://127.0.0.1:4333/fleet.eu?max_age=7d&max_bytes=1G&dup_window=5m&queue=10&spill_max=64M&linger=3s&stream=FLEET",
+            "nats://127.0.0.1:4333/fleet.eu?max_age=7d&max_bytes=1G&dup_window=5m&queue=10&spill_max=64M&linger=3s&stream=FLEET&spill_dir=/var/tmp/s",
         )
         .unwrap();
         assert_eq!(c.server, "127.0.0.1:4333");
@@ -283,6 +288,7 @@ mod tests {
         assert_eq!(c.dup_window, Duration::from_secs(300));
         assert_eq!((c.queue, c.spill_max), (10, 64 << 20));
         assert_eq!(c.linger, Duration::from_secs(3));
+        assert_eq!(c.spill_dir, Some("/var/tmp/s".into()));
         assert!(c.retention_given);
         assert_eq!(c.subject("vm-1", "syscall"), "fleet.eu.vm-1.syscall");
         assert_eq!(c.filter(Some("vm-1"), None), "fleet.eu.vm-1.>");
@@ -332,6 +338,7 @@ mod tests {
             ),
             ("nats://host?stream=a.b", "is not a stream name"),
             ("nats://host?oops", "is not KEY=VALUE"),
+            ("nats://host?spill_dir=rel", "is not an absolute path"),
         ] {
             let e = format!("{:#}", SinkConfig::parse(url).unwrap_err());
             assert!(e.contains(why), "{url}: {e}");

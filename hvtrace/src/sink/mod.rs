@@ -161,8 +161,10 @@ impl Sink {
             nats::ensure_stream(&conn, &cfg).await?;
             anyhow::Ok(conn)
         })?;
-        let spill = crate::snapcache::cache_root()
-            .join("spill")
+        let spill = cfg
+            .spill_dir
+            .clone()
+            .unwrap_or_else(|| crate::snapcache::cache_root().join("spill"))
             .join(format!("{vm}.{}.spill", std::process::id()));
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::new(cfg.queue, cfg.spill_max, spill)),
@@ -242,9 +244,11 @@ impl Sink {
         };
         if let Some((path, n)) = &undelivered {
             eprintln!(
-                "hvtrace: {n} events were not delivered to {} within {} s: kept in {}",
+                "hvtrace: {n} events were not delivered to {} within {} s: kept in {} \
+                 (`hvtrace sink-replay --sink URL {}` publishes them)",
                 self.cfg.url,
                 self.cfg.linger.as_secs(),
+                path.display(),
                 path.display()
             );
         }
@@ -323,7 +327,7 @@ fn intake(rx: Receiver<In>, feed: &Feed, origin: &Origin, cfg: &SinkConfig, shar
         // The last report goes in whatever the limit.
         q.offer(true, |seq| drop_report(origin, cfg, seq, drops));
     }
-    q.closed = true;
+    q.close();
     drop(q);
     shared.wake.notify_one();
 }

@@ -9,7 +9,7 @@ use std::future::IntoFuture;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use async_nats::connection::State;
@@ -161,20 +161,16 @@ type AckFuture = Pin<
 /// until `cfg.linger` has passed (what is left stays in the queue).
 pub async fn publish_all(conn: Connection, cfg: SinkConfig, vm: String, shared: Arc<Shared>) {
     let mut inflight: VecDeque<(Msg, AckFuture)> = VecDeque::new();
-    let mut deadline: Option<Instant> = None;
     let c = &shared.counters;
     loop {
         let (closed, empty) = {
             let q = shared.queue();
             (q.closed, q.is_empty())
         };
-        if closed && deadline.is_none() {
-            deadline = Some(Instant::now() + cfg.linger);
-        }
         if closed && empty && inflight.is_empty() {
             return;
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+        if past_linger(&shared, &cfg) {
             requeue(&shared, &mut inflight, None, false);
             return;
         }
@@ -197,7 +193,7 @@ pub async fn publish_all(conn: Connection, cfg: SinkConfig, vm: String, shared: 
         }
         if let Some(m) = failed {
             requeue(&shared, &mut inflight, Some(m), true);
-            recover(&conn, &cfg, deadline).await;
+            recover(&conn, &cfg, &shared).await;
             continue;
         }
         let room = inflight.len() < WINDOW;
@@ -225,7 +221,7 @@ pub async fn publish_all(conn: Connection, cfg: SinkConfig, vm: String, shared: 
                         Err(e) => {
                             log::info!("sink: no acknowledgment: {e}");
                             requeue(&shared, &mut inflight, None, true);
-                            recover(&conn, &cfg, deadline).await;
+                            recover(&conn, &cfg, &shared).await;
                         }
                     }
                 }
@@ -234,7 +230,7 @@ pub async fn publish_all(conn: Connection, cfg: SinkConfig, vm: String, shared: 
             _ = tokio::time::sleep(Duration::from_millis(250)) => {
                 if conn.client.connection_state() != State::Connected {
                     requeue(&shared, &mut inflight, None, true);
-                    recover(&conn, &cfg, deadline).await;
+                    recover(&conn, &cfg, &shared).await;
                 }
             }
         }
@@ -258,13 +254,20 @@ fn requeue(
     shared.queue().requeue(msgs.into_iter());
 }
 
+/// Whether the queue was closed longer than `linger` ago.
+fn past_linger(shared: &Shared, cfg: &SinkConfig) -> bool {
+    shared
+        .queue()
+        .closed_at
+        .is_some_and(|t| t.elapsed() >= cfg.linger)
+}
+
 /// Waits for the client to be connected again and the stream to answer
 /// (a server restarted with an empty store gets the stream created
-/// again), or for `deadline`.
-async fn recover(conn: &Connection, cfg: &SinkConfig, deadline: Option<Instant>) {
-    let late = || deadline.is_some_and(|d| Instant::now() >= d);
+/// again), or until the queue has been closed for `linger`.
+async fn recover(conn: &Connection, cfg: &SinkConfig, shared: &Shared) {
     loop {
-        if late() {
+        if past_linger(shared, cfg) {
             return;
         }
         if conn.client.connection_state() == State::Connected {
@@ -275,4 +278,50 @@ async fn recover(conn: &Connection, cfg: &SinkConfig, deadline: Option<Instant>)
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Publishes the messages of a spill file a sink left, in order, with
+/// their message ids (so what the server already has is dropped again);
+/// returns how many were acknowledged and how many of those as
+/// duplicates.
+pub async fn publish_file(conn: &Connection, path: &std::path::Path) -> Result<(u64, u64)> {
+    let text = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut inflight: VecDeque<(u64, AckFuture)> = VecDeque::new();
+    let (mut acked, mut duplicates) = (0, 0);
+    let mut settle = |r: Result<jetstream::publish::PublishAck, _>, seq: u64| -> Result<()> {
+        let ack = r.with_context(|| format!("message {seq} was not acknowledged"))?;
+        acked += 1;
+        duplicates += u64::from(ack.duplicate);
+        Ok(())
+    };
+    for (n, line) in text.split_inclusive(|&b| b == b'\n').enumerate() {
+        let m = super::spill::parse_line(line).with_context(|| {
+            format!(
+                "{}: line {} is not a spilled message",
+                path.display(),
+                n + 1
+            )
+        })?;
+        let vm = serde_json::from_slice::<serde_json::Value>(&m.body)
+            .ok()
+            .and_then(|v| v["vm"].as_str().map(str::to_string))
+            .with_context(|| format!("{}: line {} has no vm", path.display(), n + 1))?;
+        let publish = PublishMessage::build()
+            .payload(m.body.into())
+            .message_id(msg_id(&vm, m.seq));
+        let ack = conn
+            .js
+            .send_publish(m.subject, publish)
+            .await
+            .with_context(|| format!("publishing message {}", m.seq))?;
+        inflight.push_back((m.seq, ack.into_future()));
+        if inflight.len() >= WINDOW {
+            let (seq, f) = inflight.pop_front().expect("a full window");
+            settle(f.await, seq)?;
+        }
+    }
+    for (seq, f) in inflight {
+        settle(f.await, seq)?;
+    }
+    Ok((acked, duplicates))
 }

@@ -35,6 +35,8 @@ pub struct Queue {
     pub spilled: u64,
     /// Set once no more messages come.
     pub closed: bool,
+    /// When it was closed.
+    pub closed_at: Option<std::time::Instant>,
 }
 
 impl Queue {
@@ -50,6 +52,7 @@ impl Queue {
             next_seq: 1,
             spilled: 0,
             closed: false,
+            closed_at: None,
         }
     }
 
@@ -98,6 +101,12 @@ impl Queue {
         for m in msgs.rev() {
             self.resend.push_front(m);
         }
+    }
+
+    /// Marks that no more messages come.
+    pub fn close(&mut self) {
+        self.closed = true;
+        self.closed_at.get_or_insert_with(std::time::Instant::now);
     }
 
     /// Messages waiting.
