@@ -84,6 +84,8 @@ async fn read(cfg: &SinkConfig, args: &EventsArgs) -> Result<()> {
     let mut printer = Printer {
         json: args.json,
         tagged: args.vm.is_none(),
+        // One kind's numbers have gaps: the other kinds'.
+        check_seq: args.kind.is_none(),
         vms: HashMap::new(),
         out: std::io::stdout(),
     };
@@ -115,6 +117,8 @@ struct Printer {
     json: bool,
     /// Lines are tagged `[VM] ` (several VMs may be in the output).
     tagged: bool,
+    /// Say when a VM's sequence numbers skip or repeat.
+    check_seq: bool,
     vms: HashMap<String, VmView>,
     out: std::io::Stdout,
 }
@@ -130,7 +134,7 @@ impl Printer {
             return Ok(());
         };
         let view = self.vms.entry(vm.to_string()).or_default();
-        match view.last_seq {
+        match view.last_seq.filter(|_| self.check_seq) {
             Some(last) if seq <= last => {
                 eprintln!(
                     "hvtrace: VM {vm}: event {seq} again (resent after the duplicate window)"
