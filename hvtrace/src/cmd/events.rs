@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use async_nats::jetstream::consumer::{push, DeliverPolicy};
@@ -13,6 +14,7 @@ use utrace::strace::text::TextRenderer;
 use utrace::strace::Emitted;
 
 use crate::sink::config::{self, SinkConfig};
+use crate::sink::reorder::{Out, Reorder};
 use crate::sink::{message, nats};
 
 /// Arguments of `hvtrace events`.
@@ -84,8 +86,8 @@ async fn read(cfg: &SinkConfig, args: &EventsArgs) -> Result<()> {
     let mut printer = Printer {
         json: args.json,
         tagged: args.vm.is_none(),
-        // One kind's numbers have gaps: the other kinds'.
-        check_seq: args.kind.is_none(),
+        // One kind's numbers have gaps (the other kinds'): shown as stored.
+        in_order: args.kind.is_none(),
         vms: HashMap::new(),
         out: std::io::stdout(),
     };
@@ -93,32 +95,62 @@ async fn read(cfg: &SinkConfig, args: &EventsArgs) -> Result<()> {
         return Ok(());
     }
     let mut messages = consumer.messages().await.context("reading the stream")?;
-    while let Some(m) = messages.next().await {
+    let mut last_expiry = Instant::now();
+    loop {
+        let next = tokio::time::timeout(Duration::from_millis(500), messages.next()).await;
+        let Ok(next) = next else {
+            // Quiet for a while: stop waiting for what is missing.
+            printer.expire(GAP_WAIT)?;
+            continue;
+        };
+        let Some(m) = next else {
+            break;
+        };
         let m = m.context("reading the stream")?;
         printer.message(&m.payload)?;
         let caught_up = m.info().is_ok_and(|i| i.pending == 0);
         if caught_up && !args.follow {
             break;
         }
+        if last_expiry.elapsed() > Duration::from_millis(250) {
+            printer.expire(GAP_WAIT)?;
+            last_expiry = Instant::now();
+        }
     }
     printer.finish()
 }
 
+/// How long a consumer following a stream waits for a message missing
+/// from a VM's sequence before declaring it lost.
+const GAP_WAIT: Duration = Duration::from_secs(5);
+/// Messages of one VM held while one before them is missing, at most.
+const HOLD_MAX: usize = 65536;
+
 /// One VM's view of the stream.
-#[derive(Default)]
 struct VmView {
     text: TextRenderer,
     /// Its text after its last newline (tagged output prints whole lines).
     partial: String,
-    last_seq: Option<u64>,
+    /// Its messages, put back in sequence order.
+    order: Reorder<Value>,
+}
+
+impl Default for VmView {
+    fn default() -> Self {
+        Self {
+            text: TextRenderer::default(),
+            partial: String::new(),
+            order: Reorder::new(HOLD_MAX),
+        }
+    }
 }
 
 struct Printer {
     json: bool,
     /// Lines are tagged `[VM] ` (several VMs may be in the output).
     tagged: bool,
-    /// Say when a VM's sequence numbers skip or repeat.
-    check_seq: bool,
+    /// Each VM's messages are printed in sequence order.
+    in_order: bool,
     vms: HashMap<String, VmView>,
     out: std::io::Stdout,
 }
@@ -129,35 +161,54 @@ impl Printer {
             eprintln!("hvtrace: skipping a message that is not JSON");
             return Ok(());
         };
-        let (Some(vm), Some(seq)) = (v["vm"].as_str(), v["seq"].as_u64()) else {
+        let (Some(vm), Some(seq)) = (v["vm"].as_str().map(str::to_string), v["seq"].as_u64())
+        else {
             eprintln!("hvtrace: skipping a message without vm and seq: {v}");
             return Ok(());
         };
-        let view = self.vms.entry(vm.to_string()).or_default();
-        match view.last_seq.filter(|_| self.check_seq) {
-            Some(last) if seq <= last => {
-                eprintln!(
-                    "hvtrace: VM {vm}: event {seq} again (resent after the duplicate window)"
-                );
-                if !self.json {
-                    return Ok(());
+        if !self.in_order {
+            return self.print(&vm, v);
+        }
+        let view = self.vms.entry(vm.clone()).or_default();
+        let out = view.order.push(seq, v, Instant::now());
+        self.emit(&vm, out)
+    }
+
+    /// Gives up on messages missing for `wait`.
+    fn expire(&mut self, wait: Duration) -> Result<()> {
+        let now = Instant::now();
+        let outs: Vec<(String, Vec<Out<Value>>)> = self
+            .vms
+            .iter_mut()
+            .map(|(vm, view)| (vm.clone(), view.order.expire(wait, now)))
+            .collect();
+        for (vm, out) in outs {
+            self.emit(&vm, out)?;
+        }
+        Ok(())
+    }
+
+    fn emit(&mut self, vm: &str, out: Vec<Out<Value>>) -> Result<()> {
+        for o in out {
+            match o {
+                Out::Item(_, v) => self.print(vm, v)?,
+                Out::Gap(a, b) => eprintln!("hvtrace: VM {vm}: events {a} to {b} are missing"),
+                Out::Again(seq) => {
+                    eprintln!(
+                        "hvtrace: VM {vm}: event {seq} again (resent after the duplicate window)"
+                    )
                 }
             }
-            Some(last) if seq > last + 1 => {
-                eprintln!(
-                    "hvtrace: VM {vm}: events {} to {} are missing",
-                    last + 1,
-                    seq - 1
-                )
-            }
-            _ => {}
         }
-        view.last_seq = Some(view.last_seq.map_or(seq, |l| l.max(seq)));
+        Ok(())
+    }
+
+    fn print(&mut self, vm: &str, v: Value) -> Result<()> {
         if self.json {
-            self.out.write_all(body)?;
-            self.out.write_all(b"\n")?;
+            writeln!(self.out, "{v}")?;
             return Ok(self.out.flush()?);
         }
+        let view = self.vms.entry(vm.to_string()).or_default();
         let text = if v["kind"] == message::DROPPED {
             format!(
                 "{}\n",
@@ -167,7 +218,7 @@ impl Printer {
             match Emitted::from_json(&v) {
                 Some(e) => view.text.render(&e.record),
                 None => {
-                    eprintln!("hvtrace: VM {vm}: skipping malformed event {seq}");
+                    eprintln!("hvtrace: VM {vm}: skipping malformed event {}", v["seq"]);
                     return Ok(());
                 }
             }
@@ -184,10 +235,23 @@ impl Printer {
         Ok(self.out.flush()?)
     }
 
-    /// Prints what is left of unfinished lines.
+    /// Prints what is still held, and what is left of unfinished lines.
     fn finish(&mut self) -> Result<()> {
+        let mut vms: Vec<String> = self.vms.keys().cloned().collect();
+        vms.sort();
+        for vm in &vms {
+            let out = self
+                .vms
+                .get_mut(vm)
+                .map(|v| v.order.drain())
+                .unwrap_or_default();
+            self.emit(vm, out)?;
+        }
         if self.tagged {
-            for (vm, view) in &mut self.vms {
+            for vm in &vms {
+                let Some(view) = self.vms.get_mut(vm) else {
+                    continue;
+                };
                 if !view.partial.is_empty() {
                     writeln!(self.out, "[{vm}] {}", std::mem::take(&mut view.partial))?;
                 }

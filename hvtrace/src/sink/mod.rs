@@ -14,6 +14,7 @@ pub mod elide;
 pub mod message;
 pub mod nats;
 pub mod queue;
+pub mod reorder;
 pub mod spill;
 
 use std::path::PathBuf;

@@ -177,6 +177,11 @@ pub async fn publish_all(conn: Connection, cfg: SinkConfig, vm: String, shared: 
         // Fill the window.
         let mut failed = None;
         while inflight.len() < WINDOW && failed.is_none() {
+            // Nothing goes into a client that lost its connection: it
+            // would send it after reconnecting, ahead of the resends.
+            if conn.client.connection_state() != State::Connected {
+                break;
+            }
             let Some(m) = shared.queue().pop() else {
                 break;
             };
