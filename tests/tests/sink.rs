@@ -76,6 +76,15 @@ impl Nats {
         }
     }
 
+    /// Sends the server `signal` (`STOP`, `CONT`).
+    fn signal(&self, signal: &str) {
+        let c = self.child.as_ref().expect("running");
+        let _ = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(c.id().to_string())
+            .status();
+    }
+
     /// Stops the server with `signal` (`TERM`, `KILL`) and waits for it
     /// to end.
     fn stop(&mut self, signal: &str) {
@@ -266,14 +275,14 @@ fn events_read_back_from_jetstream_equal_the_trace_file_line_for_line() {
 }
 
 #[test]
-fn a_server_stopped_mid_trace_and_restarted_gets_every_event_exactly_once() {
+fn a_server_killed_mid_trace_and_restarted_gets_every_event_exactly_once() {
     require_kvm();
     let mut nats = Nats::start();
     // A small memory queue, so the outage goes through the spill file.
     let spill_dir = temp_path("spill");
     let url = format!("{}?queue=64&spill_dir={}", nats.url(), spill_dir.display());
     let file = temp_path("sink-outage.txt");
-    let calls = 20_000;
+    let calls = 30_000;
     let child = Command::new(hvtrace_bin())
         .args(["trace", "-o", file.to_str().unwrap(), "--report"])
         .args(["--sink", &url, "--vm-id", "vm-o", "--"])
@@ -283,16 +292,22 @@ fn a_server_stopped_mid_trace_and_restarted_gets_every_event_exactly_once() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Stop the server once the loop is being traced, for 3 s.
+    // Once the loop is being traced, the server is frozen (SIGSTOP) for
+    // longer than an acknowledgment may take, so what the sink sent
+    // meanwhile sits unread in the server's socket, then killed
+    // (SIGKILL), which loses all of it: only the sink's resends can bring
+    // those events into the stream. Restarted 1 s later.
     let deadline = Instant::now() + Duration::from_secs(300);
     while read(&file).matches("getpid()").count() < 500 {
         assert!(Instant::now() < deadline, "the trace never got going");
         std::thread::sleep(Duration::from_millis(20));
     }
-    nats.stop("TERM");
+    nats.signal("STOP");
     let stopped_at = read(&file).matches("getpid()").count();
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(7));
+    nats.stop("KILL");
     let during = read(&file).matches("getpid()").count();
+    std::thread::sleep(Duration::from_secs(1));
     nats.restart();
     let out = wait_within(child, Duration::from_secs(600), "hvtrace trace");
     let trace = read(&file);
@@ -312,6 +327,10 @@ fn a_server_stopped_mid_trace_and_restarted_gets_every_event_exactly_once() {
     assert!(
         r["sink_spilled"].as_u64() > Some(0),
         "the outage should have gone through the spill file: {r}"
+    );
+    assert!(
+        r["sink_resent"].as_u64() > Some(0),
+        "messages sent to the frozen server should have been sent again: {r}"
     );
     assert_eq!(r["sink_dropped"].as_u64(), Some(0), "{r}");
     assert_eq!(r["sink_undelivered"].as_u64(), Some(0), "{r}");
