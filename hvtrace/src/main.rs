@@ -4,6 +4,7 @@ mod api;
 mod artifacts;
 mod cmd;
 mod introspect;
+mod sink;
 mod snapcache;
 mod stacks;
 
@@ -47,6 +48,10 @@ enum Command {
     Trace(cmd::trace::TraceArgs),
     /// Trace a process of a running VM until it exits; Ctrl-C detaches.
     Attach(cmd::attach::AttachArgs),
+    /// Print the events a fleet published to NATS JetStream (`--sink`) as strace's text or JSON.
+    Events(cmd::events::EventsArgs),
+    /// Publish the events a sink kept in a spill file when its server was away at the end of a trace.
+    SinkReplay(cmd::replay::ReplayArgs),
     /// Hold a guest process (or one thread) stopped until `cont`; the rest of the guest runs on.
     Stop(cmd::control::StopArgs),
     /// Let threads held by `stop` run again.
@@ -86,6 +91,8 @@ fn main() {
         Command::Sites(a) => cmd::sites::sites(a),
         Command::Trace(a) => cmd::trace::trace(a),
         Command::Attach(a) => cmd::attach::attach(a),
+        Command::Events(a) => cmd::events::events(a),
+        Command::SinkReplay(a) => cmd::replay::replay(a),
         Command::Stop(a) => cmd::control::stop(a),
         Command::Cont(a) => cmd::control::cont(a),
         Command::Interrupt(a) => cmd::control::interrupt(a),

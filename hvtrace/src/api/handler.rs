@@ -12,7 +12,7 @@ use guest_introspect::pt_regs::Reg;
 use serde_json::{json, Value};
 use utrace::engine::EngineData;
 use utrace::hv::{EngineSpec, Target, Tracer};
-use utrace::strace::{Strace, StraceOptions, STRACE_EVENTS};
+use utrace::strace::{RecordObserver, Strace, StraceOptions, STRACE_EVENTS};
 use vmm::session::Session;
 use vmm::vstate::memory::GuestRam;
 
@@ -33,6 +33,8 @@ pub struct Handler {
     attached: HashMap<u64, EngineData>,
     /// Threads held stopped by `stop`, by thread id.
     held: HashMap<i32, Hold>,
+    /// Where every attached engine also hands its records (`--sink`).
+    observer: Option<Arc<dyn RecordObserver>>,
 }
 
 /// One thread held stopped by a `stop` request.
@@ -132,7 +134,14 @@ impl Handler {
             tracer: None,
             attached: HashMap::new(),
             held: HashMap::new(),
+            observer: None,
         }
+    }
+
+    /// Every engine attached from now on also hands its records to
+    /// `observer` (the VM's event sink).
+    pub fn observe_with(&mut self, observer: Arc<dyn RecordObserver>) {
+        self.observer = Some(observer);
     }
 
     /// The tracer, installed now if it was not.
@@ -497,7 +506,7 @@ impl Handler {
             }
         }
         let tracer = self.tracer(session)?;
-        let engine = Arc::new(Strace::new(
+        let mut engine = Strace::new(
             StraceOptions {
                 string_limit,
                 only: trace.map(|v| v.into_iter().collect::<HashSet<_>>()),
@@ -511,7 +520,11 @@ impl Handler {
                 buf: Vec::new(),
                 events: conn.events.clone(),
             }),
-        ));
+        );
+        if let Some(o) = &self.observer {
+            engine = engine.with_observer(o.clone());
+        }
+        let engine = Arc::new(engine);
         let data: EngineData = Arc::new(conn.id);
         let spec = EngineSpec {
             ops: engine,

@@ -10,11 +10,12 @@ use clap::Args;
 
 use super::parse_string_limit;
 use serde_json::Value;
-use utrace::strace::record::Record;
 use utrace::strace::text::TextRenderer;
+use utrace::strace::Emitted;
 
 use crate::api::{Op, Request, PROTOCOL_VERSION};
 use crate::cmd::trace::{open_output, parse_exprs};
+use crate::sink::{Sink, SinkArgs};
 
 /// Arguments of `hvtrace attach`.
 #[derive(Args, Debug)]
@@ -40,26 +41,37 @@ pub struct AttachArgs {
     /// Write the trace to FILE instead of stderr.
     #[arg(short = 'o', value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// With --sink: print the events published, resent, spilled and
+    /// dropped as one JSON line on stderr at the end.
+    #[arg(long, requires = "sink")]
+    pub report: bool,
+    #[command(flatten)]
+    pub sink: SinkArgs,
 }
 
 /// Prints events as JSON lines, or as strace's text (the same renderer
-/// `hvtrace trace` uses).
+/// `hvtrace trace` uses), and hands them to the sink if there is one.
 struct Printer {
     out: Box<dyn Write + Send>,
     text: Option<TextRenderer>,
+    sink: Option<Sink>,
 }
 
 impl Printer {
     fn event(&mut self, e: &Value) -> Result<()> {
-        match &mut self.text {
-            Some(r) => {
-                let record = Record::from_json(e)
-                    .with_context(|| format!("malformed event from the VM: {e}"))?;
-                write!(self.out, "{}", r.render(&record))?
-            }
-            None => writeln!(self.out, "{e}")?,
+        let malformed = || format!("malformed event from the VM: {e}");
+        let emitted = match (&self.text, &self.sink) {
+            (None, None) => None,
+            _ => Some(Emitted::from_json(e).with_context(malformed)?),
+        };
+        match (&mut self.text, &emitted) {
+            (Some(r), Some(em)) => write!(self.out, "{}", r.render(&em.record))?,
+            _ => writeln!(self.out, "{e}")?,
         }
         self.out.flush()?;
+        if let (Some(sink), Some(em)) = (&self.sink, emitted) {
+            sink.feed().push(em);
+        }
         Ok(())
     }
 }
@@ -71,10 +83,30 @@ pub fn attach(args: AttachArgs) -> Result<i32> {
         bail!("-e inject=/fault= work with `hvtrace trace` only (not yet over the control socket)");
     }
     let only = exprs.only;
+    let out = open_output(args.output.as_deref())?;
     let mut printer = Printer {
-        out: open_output(args.output.as_deref())?,
+        out,
         text: (!args.json).then(TextRenderer::default),
+        sink: args.sink.start()?,
     };
+    let result = follow(&args, only, &mut printer);
+    if let Some(sink) = printer.sink.take() {
+        let report = sink.finish();
+        if args.report {
+            let mut r = serde_json::json!({});
+            report.add_to(&mut r);
+            eprintln!("hvtrace-report {r}");
+        }
+    }
+    result
+}
+
+/// Sends the attach request and prints the events until the process exits.
+fn follow(
+    args: &AttachArgs,
+    only: Option<std::collections::HashSet<String>>,
+    printer: &mut Printer,
+) -> Result<i32> {
     let mut sock = UnixStream::connect(&args.api_sock)
         .with_context(|| format!("cannot connect to {}", args.api_sock.display()))?;
     let req = Request {

@@ -13,6 +13,7 @@ use crate::api::server::ApiServer;
 use crate::api::Op;
 use crate::cmd::run::GuestArgs;
 use crate::introspect::KernelSource;
+use crate::sink::SinkArgs;
 
 /// Arguments of `hvtrace boot`.
 #[derive(Args, Debug)]
@@ -25,11 +26,16 @@ pub struct BootArgs {
     /// Start from this snapshot instead of booting.
     #[arg(long)]
     pub restore: Option<PathBuf>,
+    /// The events of every process traced through the socket (`hvtrace
+    /// attach`) are also published here, as this VM's.
+    #[command(flatten)]
+    pub sink: SinkArgs,
 }
 
 /// Boots and serves the socket until a shutdown request or the guest ends.
 pub fn boot(args: BootArgs) -> Result<i32> {
     let server = ApiServer::bind(&args.api_sock)?;
+    let sink = args.sink.start()?;
     let outputs = Outputs {
         stdout: Box::new(std::io::stdout()),
         stderr: Box::new(std::io::stderr()),
@@ -53,8 +59,17 @@ pub fn boot(args: BootArgs) -> Result<i32> {
         }
     };
     let mut handler = Handler::new(default_source);
+    if let Some(s) = &sink {
+        handler.observe_with(s.observer());
+    }
     loop {
-        session.check_running()?;
+        if let Err(e) = session.check_running() {
+            // The guest ended: what was traced is still delivered.
+            if let Some(s) = sink {
+                s.finish();
+            }
+            return Err(e.into());
+        }
         let Ok(req) = server.requests.recv_timeout(Duration::from_millis(100)) else {
             continue;
         };
@@ -62,6 +77,9 @@ pub fn boot(args: BootArgs) -> Result<i32> {
             let _ = req.reply.send(Ok(serde_json::json!({})));
             handler.finish(&session);
             session.shutdown();
+            if let Some(s) = sink {
+                s.finish();
+            }
             return Ok(0);
         }
         let answer = handler.handle(&session, req.op, &req.conn);

@@ -14,6 +14,7 @@ use crate::api::handler::Handler;
 use crate::api::server::ApiServer;
 use crate::api::Op;
 use crate::introspect::KernelSource;
+use crate::sink::SinkArgs;
 use crate::{artifacts, snapcache};
 
 /// Default kernel command line; the VMM adds what the KVM kind needs.
@@ -142,13 +143,18 @@ pub struct RunArgs {
     /// Debugging aid: print every vCPU's RIP every N seconds on stderr.
     #[arg(long, hide = true)]
     pub sample_rip: Option<u64>,
-    /// Print timing and memory figures as one JSON line on stderr at the end.
+    /// Print timing and memory figures (with --sink, the events published,
+    /// resent, spilled and dropped) as one JSON line on stderr at the end.
     #[arg(long)]
     pub report: bool,
     /// Serve a control socket (as `hvtrace boot` does) while the command
     /// runs, so `hvtrace ps`/`inspect`/`snapshot` can look at the guest.
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
+    /// With --api-sock: the events of every process traced through the
+    /// socket (`hvtrace attach`) are also published here, as this VM's.
+    #[command(flatten)]
+    pub sink: SinkArgs,
     /// The command to run in the guest.
     #[arg(trailing_var_arg = true, required = true)]
     pub command: Vec<String>,
@@ -206,6 +212,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
     if let Some(sock) = &args.api_sock {
         ApiServer::check_path(sock)?;
     }
+    if args.sink.sink.is_some() && args.api_sock.is_none() {
+        anyhow::bail!("--sink on `hvtrace run` publishes what is traced through its control socket: give --api-sock too (or use `hvtrace trace --sink`)");
+    }
+    let sink = args.sink.start()?;
     let (mut session, restored) = open_guest(
         &args.guest,
         args.no_cache,
@@ -222,15 +232,20 @@ pub fn run(args: RunArgs) -> Result<i32> {
                     system_map: None,
                 },
             };
-            match serve_while_running(&mut session, sock, source, &args.command)? {
+            let observer = sink.as_ref().map(|s| s.observer());
+            match serve_while_running(&mut session, sock, source, observer, &args.command)? {
                 Some(code) => code,
                 None => SHUTDOWN_STATUS,
             }
         }
     };
+    let sunk = sink.map(|s| s.finish());
     if args.report {
         let mut r = session.report();
         r["restored"] = serde_json::Value::Bool(restored);
+        if let Some(s) = &sunk {
+            s.add_to(&mut r);
+        }
         eprintln!("hvtrace-report {r}");
     }
     session.shutdown();
@@ -247,10 +262,14 @@ fn serve_while_running(
     session: &mut Session,
     sock: &std::path::Path,
     source: KernelSource,
+    observer: Option<std::sync::Arc<dyn utrace::strace::RecordObserver>>,
     argv: &[String],
 ) -> Result<Option<i32>> {
     let server = ApiServer::bind(sock)?;
     let mut handler = Handler::new(source);
+    if let Some(o) = observer {
+        handler.observe_with(o);
+    }
     session.start(argv)?;
     loop {
         if let Some(code) = session.poll_exit(Duration::from_millis(50))? {

@@ -19,6 +19,7 @@ use vmm::session::Session;
 
 use crate::cmd::run::{open_guest, GuestArgs};
 use crate::introspect;
+use crate::sink::SinkArgs;
 
 /// Arguments of `hvtrace trace`.
 #[derive(Args, Debug)]
@@ -54,9 +55,12 @@ pub struct TraceArgs {
     #[arg(short = 'o', value_name = "FILE")]
     pub output: Option<PathBuf>,
     /// Print the session's and the tracer's figures (traps, VM exits per
-    /// trap, handler time per trap) as one JSON line on stderr at the end.
+    /// trap, handler time per trap; with --sink the events published,
+    /// resent, spilled and dropped) as one JSON line on stderr at the end.
     #[arg(long)]
     pub report: bool,
+    #[command(flatten)]
+    pub sink: SinkArgs,
     /// The command to trace in the guest.
     #[arg(trailing_var_arg = true, required = true)]
     pub command: Vec<String>,
@@ -145,11 +149,13 @@ fn kernel_info(session: &Session, guest: &GuestArgs, from_memory: bool) -> Resul
 pub fn trace(args: TraceArgs) -> Result<i32> {
     let Exprs { only, tamper } = parse_exprs(&args.expr)?;
     let out = open_output(args.output.as_deref())?;
+    // Before booting: an unreachable sink is an error, with nothing traced.
+    let sink = args.sink.start()?;
     let (mut session, _) = open_guest(&args.guest, args.no_cache, args.restore.as_deref(), None)?;
     let info = Arc::new(kernel_info(&session, &args.guest, args.restore.is_some())?);
     let tracer = Tracer::install(session.vm(), info).context("installing the tracer")?;
     check_tampered_calls(&tamper, &tracer.syscalls())?;
-    let engine = Arc::new(Strace::new(
+    let mut engine = Strace::new(
         StraceOptions {
             string_limit: Some(args.string_limit),
             only,
@@ -160,7 +166,11 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
         },
         tracer.syscalls(),
         out,
-    ));
+    );
+    if let Some(sink) = &sink {
+        engine = engine.with_observer(sink.observer());
+    }
+    let engine = Arc::new(engine);
     tracer
         .trace_next_exec(
             session.vm(),
@@ -185,6 +195,7 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
     let handler_ns = stats.handler_ns.load(Relaxed);
     let untraced = stats.untraced.load(Relaxed);
     tracer.remove(session.vm()).context("removing the tracer")?;
+    let sunk = sink.map(|s| s.finish());
     log::info!("tracer: {seen} traps, {errors} handler errors");
     if errors > 0 {
         eprintln!("hvtrace: warning: {errors} trap(s) could not be decoded (run with RUST_LOG=warn for details)");
@@ -197,6 +208,9 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
         r["tracer_handler_errors"] = errors.into();
         r["vm_exits_per_trap"] = per_trap(r["tracer_trap_exits"].as_f64().unwrap_or(0.0)).into();
         r["handler_us_per_trap"] = per_trap(handler_ns as f64 / 1e3).into();
+        if let Some(s) = &sunk {
+            s.add_to(&mut r);
+        }
         eprintln!("hvtrace-report {r}");
     }
     session.shutdown();

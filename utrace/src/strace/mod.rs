@@ -25,6 +25,7 @@ use crate::event::{EventMask, Tid};
 use crate::syscalls::format::{errno_name, errno_of, signal_name, Pending};
 use crate::syscalls::{Formatter, SyscallTable};
 use record::{CallEnd, Record};
+use serde_json::Value;
 
 /// What to print and how.
 #[derive(Debug, Clone, Default)]
@@ -88,6 +89,61 @@ struct Output {
     text: Option<text::TextRenderer>,
 }
 
+/// One record as the engine emits it, with what a consumer outside the
+/// engine needs besides it (see [`Strace::with_observer`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Emitted {
+    /// The record.
+    pub record: Record,
+    /// The process (thread group) of the record's thread.
+    pub tgid: Tid,
+    /// A completed call's arguments, one string each as its line shows
+    /// them (None for other records).
+    pub args: Option<Vec<String>>,
+}
+
+impl Emitted {
+    /// Its JSON form: the record's, with `tgid` and (for a call) `args`.
+    pub fn to_json(&self) -> Value {
+        let mut v = self.record.to_json();
+        v["tgid"] = self.tgid.into();
+        if let Some(args) = &self.args {
+            v["args"] = args.as_slice().into();
+        }
+        v
+    }
+
+    /// The emitted record whose JSON form is `v` (None if malformed; a
+    /// missing `tgid`, from an engine that predates it, is taken as the
+    /// thread id).
+    pub fn from_json(v: &Value) -> Option<Emitted> {
+        let record = Record::from_json(v)?;
+        let tgid = match v.get("tgid") {
+            None => record.pid(),
+            Some(t) => Tid::try_from(t.as_i64()?).ok().filter(|t| *t > 0)?,
+        };
+        let args = match v.get("args") {
+            None | Some(Value::Null) => None,
+            Some(a) => Some(
+                a.as_array()?
+                    .iter()
+                    .map(|s| s.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()?,
+            ),
+        };
+        Some(Emitted { record, tgid, args })
+    }
+}
+
+/// Receives every record an engine emits (e.g. to publish it elsewhere),
+/// in the order of the engine's output.
+pub trait RecordObserver: Send + Sync {
+    /// Called once per record on the traced thread's vCPU thread, with the
+    /// engine's output lock held: it must not block (push into a bounded
+    /// queue and return).
+    fn observe(&self, emitted: Emitted);
+}
+
 /// The strace-like engine.
 pub struct Strace {
     opts: StraceOptions,
@@ -95,6 +151,7 @@ pub struct Strace {
     syscalls: Arc<SyscallTable>,
     out: Mutex<Output>,
     state: Mutex<State>,
+    observer: Option<Arc<dyn RecordObserver>>,
 }
 
 impl Strace {
@@ -114,7 +171,14 @@ impl Strace {
             syscalls,
             out: Mutex::new(Output { out, text }),
             state: Mutex::new(State::default()),
+            observer: None,
         }
+    }
+
+    /// The same engine, also handing every record to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn RecordObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     fn name(&self, nr: u64) -> String {
@@ -127,16 +191,25 @@ impl Strace {
         self.opts.only.as_ref().is_none_or(|s| s.contains(name))
     }
 
-    /// Writes one record: as JSON, or rendered as text.
-    fn emit(&self, record: Record) {
+    /// Writes one record of `thread` (a call's with its `args`): as JSON,
+    /// or rendered as text; then hands it to the observer.
+    fn emit(&self, thread: &ThreadContext, record: Record, args: Option<Vec<String>>) {
+        let emitted = Emitted {
+            record,
+            tgid: thread.tgid,
+            args,
+        };
         let mut o = self.out.lock().unwrap_or_else(|e| e.into_inner());
         let Output { out, text } = &mut *o;
         let r = match text {
-            Some(renderer) => write!(out, "{}", renderer.render(&record)),
-            None => writeln!(out, "{}", record.to_json()),
+            Some(renderer) => write!(out, "{}", renderer.render(&emitted.record)),
+            None => writeln!(out, "{}", emitted.to_json()),
         };
         // A closed output (the reader went away) must not disturb the guest.
         let _ = r.and_then(|_| out.flush());
+        if let Some(observer) = &self.observer {
+            observer.observe(emitted);
+        }
     }
 
     /// What follows the entry record's `prefix` in a call's whole `line`,
@@ -212,11 +285,12 @@ impl EngineOps for Strace {
         let tid = engine.tid();
         let injected = self.tamper(tid, &name, thread);
         if self.entries() && self.shown(&name) {
-            self.emit(Record::Entry {
+            let entry = Record::Entry {
                 pid: tid,
                 syscall: name,
                 line: prefix.clone(),
-            });
+            };
+            self.emit(thread, entry, None);
         }
         let in_flight = InFlight {
             call: p,
@@ -255,7 +329,7 @@ impl EngineOps for Strace {
             _ => {
                 if self.shown(&name) {
                     let line = format!("<... {name} resumed>) = {}", self.fmt.ret(&name, ret));
-                    self.emit(Record::Call(CallEnd {
+                    let end = CallEnd {
                         pid: tid,
                         syscall: name,
                         nr: Some(nr),
@@ -266,7 +340,8 @@ impl EngineOps for Strace {
                         seconds: None,
                         rest: None,
                         injected: false,
-                    }));
+                    };
+                    self.emit(thread, Record::Call(end), None);
                 }
                 return ResumeAction::Resume;
             }
@@ -280,7 +355,8 @@ impl EngineOps for Strace {
         if !self.shown(&p.name) {
             return ResumeAction::Resume;
         }
-        let mut line = self.fmt.finish(&p, ret, thread);
+        let args = self.fmt.finish_args(&p, ret, thread);
+        let mut line = self.fmt.line(&p.name, &args, ret);
         let spent = started.elapsed();
         if injected {
             line.push_str(" (INJECTED)");
@@ -289,7 +365,7 @@ impl EngineOps for Strace {
             line.push_str(&format!(" <{:.6}>", spent.as_secs_f64()));
         }
         let rest = self.rest_after(&line, &prefix);
-        self.emit(Record::Call(CallEnd {
+        let end = CallEnd {
             pid: tid,
             syscall: p.name.clone(),
             nr: Some(nr),
@@ -300,7 +376,8 @@ impl EngineOps for Strace {
             seconds: Some(spent.as_secs_f64()),
             rest,
             injected,
-        }));
+        };
+        self.emit(thread, Record::Call(end), Some(args));
         ResumeAction::Resume
     }
 
@@ -348,14 +425,15 @@ impl EngineOps for Strace {
             Some(d) => format!("--- {name} {} ---", siginfo(&d)),
             None => format!("--- {name} ---"),
         };
-        self.emit(Record::Signal {
+        let record = Record::Signal {
             pid: engine.tid(),
             signal: name,
             line,
             si_code: d.map(|d| d.code),
             si_pid: d.map(|d| d.pid),
             handler: d.map(|d| d.handler),
-        });
+        };
+        self.emit(thread, record, None);
         ResumeAction::Resume
     }
 
@@ -388,7 +466,7 @@ impl EngineOps for Strace {
         &self,
         _action: ResumeAction,
         engine: &Engine,
-        _thread: &ThreadContext,
+        thread: &ThreadContext,
         orig_code: i64,
         _code: &mut i64,
     ) -> ResumeAction {
@@ -399,9 +477,10 @@ impl EngineOps for Strace {
         }) = pending
         {
             if self.shown(&p.name) {
-                let line = self.fmt.unreturned(&p);
+                let args = self.fmt.unreturned_args(&p);
+                let line = self.fmt.unreturned_line(&p.name, &args);
                 let rest = self.rest_after(&line, &prefix);
-                self.emit(Record::Call(CallEnd {
+                let end = CallEnd {
                     pid: tid,
                     syscall: p.name.clone(),
                     nr: None,
@@ -412,11 +491,12 @@ impl EngineOps for Strace {
                     seconds: None,
                     rest,
                     injected: false,
-                }));
+                };
+                self.emit(thread, Record::Call(end), Some(args));
             }
         }
         let status = orig_code as i32;
-        self.emit(if status & 0x7f == 0 {
+        let end = if status & 0x7f == 0 {
             Record::Exited {
                 pid: tid,
                 code: (status >> 8) & 0xff,
@@ -427,7 +507,8 @@ impl EngineOps for Strace {
                 signal: signal_name(status & 0x7f),
                 core: status & 0x80 != 0,
             }
-        });
+        };
+        self.emit(thread, end, None);
         ResumeAction::Resume
     }
 
@@ -467,4 +548,40 @@ fn siginfo(d: &SignalDetails) -> String {
     }
     s.push('}');
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_emitted_record_survives_its_json_form() {
+        let e = Emitted {
+            record: Record::Call(CallEnd {
+                pid: 6,
+                syscall: "read".into(),
+                nr: Some(0),
+                line: "read(3, \"x\", 9) = 1".into(),
+                ret: Some(1),
+                errno: None,
+                error: None,
+                seconds: Some(0.5),
+                rest: None,
+                injected: false,
+            }),
+            tgid: 5,
+            args: Some(vec!["3".into(), "\"x\"".into(), "9".into()]),
+        };
+        let v = e.to_json();
+        assert_eq!(
+            (v["tgid"].as_i64(), v["args"][1].as_str()),
+            (Some(5), Some("\"x\""))
+        );
+        assert_eq!(Emitted::from_json(&v), Some(e));
+        // Older engines sent no tgid: the thread is its own process then.
+        let old = serde_json::json!({"pid": 7, "event": "exit", "code": 0});
+        assert_eq!(Emitted::from_json(&old).map(|e| e.tgid), Some(7));
+        let bad = serde_json::json!({"pid": 7, "event": "exit", "code": 0, "tgid": "x"});
+        assert_eq!(Emitted::from_json(&bad), None);
+    }
 }

@@ -104,9 +104,13 @@ impl Formatter {
     /// Renders the remaining arguments and the return value: the whole
     /// line without a trailing newline.
     pub fn finish(&self, p: &Pending, ret: i64, mem: &dyn UserMemory) -> String {
+        self.line(&p.name, &self.finish_args(p, ret, mem), ret)
+    }
+
+    /// Every argument of a returned call as its line shows it.
+    pub fn finish_args(&self, p: &Pending, ret: i64, mem: &dyn UserMemory) -> Vec<String> {
         let kinds = &p.kinds;
-        let args: Vec<String> = p
-            .shown
+        p.shown
             .iter()
             .enumerate()
             .map(|(i, s)| match s {
@@ -117,24 +121,31 @@ impl Formatter {
                     None => format!("{:#x}", p.args[i]),
                 },
             })
-            .collect();
-        format!(
-            "{}({}) = {}",
-            p.name,
-            args.join(", "),
-            self.ret(&p.name, ret)
-        )
+            .collect()
+    }
+
+    /// The line of call `name` with arguments `args` that returned `ret`.
+    pub fn line(&self, name: &str, args: &[String], ret: i64) -> String {
+        format!("{name}({}) = {}", args.join(", "), self.ret(name, ret))
     }
 
     /// The line of a call that did not return (`exit_group(0) = ?`).
     pub fn unreturned(&self, p: &Pending) -> String {
-        let args: Vec<String> = p
-            .shown
+        self.unreturned_line(&p.name, &self.unreturned_args(p))
+    }
+
+    /// The line of call `name` with arguments `args` that did not return.
+    pub fn unreturned_line(&self, name: &str, args: &[String]) -> String {
+        format!("{name}({}) = ?", args.join(", "))
+    }
+
+    /// The arguments of a call that did not return, as its line shows them.
+    pub fn unreturned_args(&self, p: &Pending) -> Vec<String> {
+        p.shown
             .iter()
             .zip(p.args)
             .map(|(s, a)| s.clone().unwrap_or_else(|| format!("{a:#x}")))
-            .collect();
-        format!("{}({}) = ?", p.name, args.join(", "))
+            .collect()
     }
 
     /// The return value as strace shows it.
