@@ -441,7 +441,7 @@ impl EngineOps for Strace {
         &self,
         _action: ResumeAction,
         engine: &Engine,
-        _thread: &ThreadContext,
+        thread: &ThreadContext,
         kind: i32,
         signo: i32,
     ) -> ResumeAction {
@@ -450,14 +450,18 @@ impl EngineOps for Strace {
         // thread, which an unptraced one never dequeues.
         if kind == crate::event::CLD_STOPPED {
             let name = signal_name(signo);
-            self.emit(Record::Signal {
-                pid: engine.tid(),
-                line: format!("--- stopped by {name} ---"),
-                signal: name,
-                si_code: None,
-                si_pid: None,
-                handler: None,
-            });
+            self.emit(
+                thread,
+                Record::Signal {
+                    pid: engine.tid(),
+                    line: format!("--- stopped by {name} ---"),
+                    signal: name,
+                    si_code: None,
+                    si_pid: None,
+                    handler: None,
+                },
+                None,
+            );
         }
         ResumeAction::Resume
     }
