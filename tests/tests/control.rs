@@ -179,7 +179,13 @@ fn stop_one_thread_while_its_sibling_runs(kernel: &str, cpus: u8) {
     let mut g = start_on(kernel, cpus, "hv-counters 30");
     let (_, header) = g.wait_for(Duration::from_secs(300), |l| l.starts_with("hv-counters:"));
     let (_, worker, _) = counter_ids(&header);
-    g.wait_for(Duration::from_secs(30), |l| counts(l).is_some());
+    // The program's own tick period here (a Debian kernel under emulated
+    // ring 0 ticks several times slower): every window below is scaled to
+    // it, so each holds the same number of ticks on every kernel.
+    let (t1, _) = g.wait_for(Duration::from_secs(30), |l| counts(l).is_some());
+    let (t2, _) = g.wait_for(Duration::from_secs(30), |l| counts(l).is_some());
+    let period = t2.duration_since(t1).max(Duration::from_millis(100));
+    let scaled = |at_least: Duration, ticks: u32| at_least.max(period * ticks);
 
     let (code, text) = hv(&["stop", "--api-sock", g.sock(), "-t", &worker.to_string()]);
     assert_eq!(
@@ -193,8 +199,8 @@ fn stop_one_thread_while_its_sibling_runs(kernel: &str, cpus: u8) {
     // The guest itself sees a killable sleep in the kernel.
     assert_eq!(ps["guest_state"], "D", "{ps}");
 
-    let held = g.collect(Duration::from_millis(2500));
-    let ticks = ticks_after(&held, stopped_at, Duration::from_millis(500));
+    let held = g.collect(scaled(Duration::from_millis(2500), 6));
+    let ticks = ticks_after(&held, stopped_at, scaled(Duration::from_millis(500), 1));
     assert!(
         ticks.len() >= 4,
         "the main thread went on printing: {held:?}"
@@ -212,8 +218,8 @@ fn stop_one_thread_while_its_sibling_runs(kernel: &str, cpus: u8) {
         (0, format!("continued: {worker}").as_str())
     );
     let released_at = Instant::now();
-    let after = g.collect(Duration::from_millis(1500));
-    let resumed = ticks_after(&after, released_at, Duration::from_millis(500));
+    let after = g.collect(scaled(Duration::from_millis(1500), 4));
+    let resumed = ticks_after(&after, released_at, scaled(Duration::from_millis(500), 1));
     assert!(resumed.len() >= 2, "{after:?}");
     assert!(
         resumed[0].0 >= last.0 && resumed[resumed.len() - 1].0 > resumed[0].0,
