@@ -117,13 +117,10 @@ pub(crate) struct Who {
     pub current: u64,
     /// Its thread id.
     pub tid: Tid,
-    /// A new first argument for the trapped function, if a handler set
-    /// one.
-    pub rdi: Option<u64>,
     /// A signal to send it before it goes on.
     pub signal: Option<i32>,
-    /// A general-purpose register to set before it goes on (a signal
-    /// report's choice of signal).
+    /// A general-purpose register to set before it goes on (report_exit's
+    /// code as `do_exit`'s argument, a signal report's choice of signal).
     pub reg: Option<(iced_x86::Register, u64)>,
 }
 
@@ -140,13 +137,11 @@ pub(crate) struct Trap<'a> {
     pub tid: Tid,
     /// Its thread-group id.
     pub tgid: Tid,
-    /// A new value for rdi (the trapped function's first argument), set by
-    /// a handler: report_exit's changed code for `do_exit(code)`.
-    pub new_rdi: std::cell::Cell<Option<u64>>,
     /// A signal to send the thread after the report (an engine's
     /// `ThreadContext::send_signal`).
     pub send_signal: std::cell::Cell<Option<i32>>,
-    /// A new value for a general-purpose register, set by a handler.
+    /// A new value for a general-purpose register, set by a handler
+    /// (report_exit's changed code in rdi, `do_exit`'s argument).
     pub new_reg: std::cell::Cell<Option<(iced_x86::Register, u64)>>,
     /// The trap's plan.
     pub plan: &'a PlannedTrap,
@@ -184,7 +179,6 @@ impl TrapHandler for Dispatcher {
                     let who = Who {
                         current: task,
                         tid,
-                        rdi: None,
                         signal: None,
                         reg: None,
                     };
@@ -198,9 +192,6 @@ impl TrapHandler for Dispatcher {
             match self.handle(&p, ctx, space) {
                 Ok(who) => {
                     regs = *ctx.regs();
-                    if let Some(rdi) = who.rdi {
-                        regs.rdi = rdi;
-                    }
                     if let Some((reg, value)) = who.reg {
                         if let Some(r) = gpr_mut(&mut regs, reg) {
                             *r = value;
@@ -273,7 +264,6 @@ impl Dispatcher {
             tid: l.tasks.task.pid.read(&k, current, "task_struct.pid")? as u32 as Tid,
             tgid: l.tasks.task.tgid.read(&k, current, "task_struct.tgid")? as u32 as Tid,
             k,
-            new_rdi: std::cell::Cell::new(None),
             send_signal: std::cell::Cell::new(None),
             new_reg: std::cell::Cell::new(None),
             plan,
@@ -298,7 +288,6 @@ impl Dispatcher {
         Ok(Who {
             current: t.current,
             tid: t.tid,
-            rdi: t.new_rdi.get(),
             signal: t.send_signal.get(),
             reg: t.new_reg.get(),
         })

@@ -40,7 +40,7 @@ impl Dispatcher {
     /// whose `signal->group_exit_code` is what the parent's `wait` sees),
     /// the group's code changes too.
     fn change_exit_code(&self, t: &Trap<'_>, old: i64, new: i64) -> Result<(), IntrospectError> {
-        t.new_rdi.set(Some(new as u64));
+        t.new_reg.set(Some((iced_x86::Register::RDI, new as u64)));
         let l = &self.layout;
         let signal = l
             .tasks
