@@ -115,6 +115,13 @@ else
         ln -s hv-tests "$root/usr/bin/$p"
     done
 fi
+# Stepping targets: assembly with no C library, so every instruction they
+# run is in their source; each its own tiny static binary.
+for src in programs/hv-step-*.S; do
+    p=$(basename "$src" .S)
+    gcc -nostdlib -static -no-pie -o "$root/usr/bin/$p" "$src"
+    progs+=("$p")
+done
 hv_log "test programs: ${progs[*]}"
 
 # ---- strace -----------------------------------------------------------------

@@ -3,6 +3,7 @@
 mod api;
 mod artifacts;
 mod cmd;
+mod guestfiles;
 mod introspect;
 mod sink;
 mod snapcache;

@@ -217,8 +217,8 @@ fn report_while_sleeping(mut g: InProcessGuest) {
         .unwrap();
     // What utrace refuses: REPORT without QUIESCE in the mask (EINVAL);
     // STOP of a thread asleep in a call completes later (EINPROGRESS: it
-    // would stop when the call returns; RESUME withdraws it here); what the
-    // hypervisor side does not serve yet (EOPNOTSUPP).
+    // would stop when the call returns; RESUME withdraws it here);
+    // SINGLESTEP without QUIESCE (EINVAL).
     let err = |r: Result<(), TracerError>| match r {
         Err(TracerError::Utrace(_, e)) => e,
         other => panic!("expected a utrace error, got {other:?}"),
@@ -235,8 +235,9 @@ fn report_while_sleeping(mut g: InProcessGuest) {
         .control(g.session.vm(), tid, &engines[0], ResumeAction::Resume)
         .unwrap();
     assert_eq!(
-        err(tracer.control(g.session.vm(), tid, &engines[0], ResumeAction::SingleStep)),
-        UtraceError::NotSupported
+        err(tracer.control(g.session.vm(), tid, &engines[1], ResumeAction::SingleStep)),
+        UtraceError::Invalid,
+        "SINGLESTEP needs QUIESCE in the mask"
     );
     let (log, all) = finish(g, tracer, &log, "woke");
     // The sleep ran to its end: one nanosleep, returning 0 (a signal-style

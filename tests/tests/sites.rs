@@ -4,7 +4,7 @@
 use hvtrace_tests::*;
 use serde_json::Value;
 
-const EVENTS: [&str; 14] = [
+const EVENTS: [&str; 15] = [
     "SYSCALL_ENTRY",
     "SYSCALL_EXIT",
     "CLONE",
@@ -18,6 +18,7 @@ const EVENTS: [&str; 14] = [
     "JCTL_CONTINUE",
     "SIGNAL_TAKEN",
     "QUIESCE",
+    "STEP",
     "DOORBELL",
 ];
 

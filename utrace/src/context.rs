@@ -88,6 +88,14 @@ pub struct ThreadContext {
     pub exec: Option<ExecDetails>,
     /// At a signal report, the siginfo.
     pub signal: Option<SignalDetails>,
+    /// At a step's report (SINGLESTEP, BLOCKSTEP), what ran and where the
+    /// thread is.
+    pub step: Option<crate::step::StepReport>,
+    /// At the system-call entry of a thread being stepped: the user
+    /// instructions it ran since its last step report, its `syscall`
+    /// included (a block step's last block ends here, and may never report
+    /// again: `exit_group`).
+    pub stepped_instructions: Option<u64>,
     /// At a signal report, what the kernel would do with the signal
     /// (utrace's disposition: `EventMask::SIGNAL` for a handler,
     /// `SIGNAL_IGN`, `SIGNAL_STOP`, `SIGNAL_TERM` or `SIGNAL_CORE`).
@@ -136,6 +144,8 @@ impl ThreadContext {
             tgid,
             exec: None,
             signal: None,
+            step: None,
+            stepped_instructions: None,
             signal_disposition: None,
             regs: RefCell::new(None),
             memory: None,

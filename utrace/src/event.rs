@@ -98,6 +98,9 @@ pub type Tid = i32;
 pub enum Event {
     /// A plain REPORT/STOP quiescence (report_quiesce gets event 0).
     Quiesce,
+    /// A SINGLESTEP or BLOCKSTEP completed: report_quiesce with event 0,
+    /// the details in [`crate::context::ThreadContext::step`].
+    Step,
     /// `clone` created `child` with `flags` (CLONE_VFORK, CLONE_THREAD, ...).
     Clone {
         /// The new thread.
@@ -173,7 +176,7 @@ impl Event {
     /// The event bit this event reports under (0 for a plain quiesce).
     pub fn mask(&self) -> EventMask {
         match self {
-            Event::Quiesce => EventMask::NONE,
+            Event::Quiesce | Event::Step => EventMask::NONE,
             Event::Clone { .. } => EventMask::CLONE,
             Event::Exec { .. } => EventMask::EXEC,
             Event::Exit { .. } => EventMask::EXIT,

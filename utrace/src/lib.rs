@@ -19,6 +19,8 @@
 //!   `syscall_work`, events dispatched to engines.
 //! * [`syscalls`]: system-call names from the running kernel and
 //!   strace-style rendering; [`strace`]: the engine `hvtrace trace` uses.
+//! * [`step`]: what a SINGLESTEP/BLOCKSTEP report carries; [`steps`]: the
+//!   instruction tracer `hvtrace trace --steps` uses.
 
 pub mod action;
 pub mod context;
@@ -26,6 +28,8 @@ pub mod engine;
 pub mod event;
 pub mod hv;
 pub mod sites;
+pub mod step;
+pub mod steps;
 pub mod strace;
 pub mod syscalls;
 pub mod thread;

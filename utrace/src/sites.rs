@@ -52,6 +52,10 @@ pub enum Site {
     JobContinue,
     /// The return-to-user work, just after TIF_NOTIFY_RESUME was consumed.
     Quiesce,
+    /// The guest's `#DB` handler sending the SIGTRAP of a user-mode
+    /// single-step: where SINGLESTEP and BLOCKSTEP are reported (set only
+    /// while a thread steps: see [`crate::hv::events::step`]).
+    Step,
     /// Not an event: the control UART's interrupt handler, where the
     /// tracer wakes tasks (see [`crate::hv::doorbell`]).
     Doorbell,
@@ -94,6 +98,7 @@ impl Site {
             Site::JobControl => "JCTL",
             Site::JobContinue => "JCTL_CONTINUE",
             Site::Quiesce => "QUIESCE",
+            Site::Step => "STEP",
             Site::Doorbell => "DOORBELL",
         }
     }
@@ -118,7 +123,7 @@ impl Site {
                     | EventMask::SIGNAL_CORE.0,
             ),
             Site::JobControl | Site::JobContinue => EventMask::JCTL,
-            Site::Quiesce => EventMask::QUIESCE,
+            Site::Quiesce | Site::Step => EventMask::QUIESCE,
             Site::Doorbell => EventMask::NONE,
         }
     }
@@ -317,6 +322,13 @@ pub const SITES: &[SiteSpec] = &[
             notify_resume("syscall_exit_to_user_mode", "the return from a system call (6.12 inlines the loop here), just after it clears TIF_NOTIFY_RESUME"),
             notify_resume("irqentry_exit_to_user_mode", "the return from an interrupt or exception (6.12 inlines the loop here), just after it clears TIF_NOTIFY_RESUME"),
             notify_resume("exit_to_user_mode_loop", "the loop's out-of-line copy (6.12, for callers outside kernel/entry), just after it clears TIF_NOTIFY_RESUME"),
+        ],
+    },
+    SiteSpec {
+        site: Site::Step,
+        reach: Reach::First,
+        candidates: &[
+            c("send_sigtrap", "the #DB handler's SIGTRAP for a user-mode single-step (exc_debug_user): a thread the tracer steps returns from it at once, with no signal queued, and reports the step; every other caller passes"),
         ],
     },
     SiteSpec {

@@ -3,7 +3,7 @@
 //! pausing, editing guest task state) calls [`ThreadUtrace::report`] when
 //! the guest thread reaches an event and applies the action it returns.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::action::ResumeAction;
@@ -38,14 +38,18 @@ struct State {
     engines: Vec<Arc<Engine>>,
     life: Lifecycle,
     /// Engines whose last vote was STOP: the thread stays stopped while any
-    /// remain (STOP is the only persistent action).
+    /// remain.
     stop_votes: HashSet<u64>,
+    /// Engines whose last vote was SINGLESTEP or BLOCKSTEP, and which one:
+    /// the thread steps while any remain (see [`ThreadUtrace::stepping`]).
+    step_votes: HashMap<u64, ResumeAction>,
 }
 
 impl State {
     fn detach(&mut self, engine: &Engine) {
         *engine.detached.lock().unwrap_or_else(|e| e.into_inner()) = true;
         self.stop_votes.remove(&engine.id());
+        self.step_votes.remove(&engine.id());
         self.engines.retain(|e| e.id() != engine.id());
     }
 
@@ -70,9 +74,15 @@ impl State {
             ResumeAction::Detach => self.detach(engine),
             ResumeAction::Stop => {
                 self.stop_votes.insert(engine.id());
+                self.step_votes.remove(&engine.id());
+            }
+            ResumeAction::SingleStep | ResumeAction::BlockStep => {
+                self.stop_votes.remove(&engine.id());
+                self.step_votes.insert(engine.id(), vote);
             }
             _ => {
                 self.stop_votes.remove(&engine.id());
+                self.step_votes.remove(&engine.id());
             }
         }
         prevailing.prevail(vote.for_thread())
@@ -89,6 +99,7 @@ impl ThreadUtrace {
                 engines: Vec::new(),
                 life: Lifecycle::Alive,
                 stop_votes: HashSet::new(),
+                step_votes: HashMap::new(),
             }),
         }
     }
@@ -115,6 +126,18 @@ impl ThreadUtrace {
     /// Whether an engine holds the thread stopped.
     pub fn is_stopped(&self) -> bool {
         !self.state().stop_votes.is_empty()
+    }
+
+    /// How the thread steps when it runs: SINGLESTEP if an engine's last
+    /// vote (or control) was SINGLESTEP, else BLOCKSTEP if one's was
+    /// BLOCKSTEP (the smallest prevails), else None.
+    ///
+    /// A step vote lasts until the engine votes anything else at a report
+    /// it is called for (or detaches): an engine that steps is asked again
+    /// at each step's report, and one report it is not called for (a
+    /// system-call report of another engine) does not cancel its stepping.
+    pub fn stepping(&self) -> Option<ResumeAction> {
+        self.state().step_votes.values().copied().min()
     }
 
     /// Where the thread is in its life.
@@ -169,8 +192,10 @@ impl ThreadUtrace {
 
     /// `utrace_control`: asynchronous requests. STOP returns Ok only if
     /// the thread is already stopped (else EINPROGRESS: it stops at its next
-    /// report); REPORT, INTERRUPT and SINGLESTEP need QUIESCE in the mask;
-    /// RESUME withdraws this engine's STOP; DETACH detaches.
+    /// report); REPORT, INTERRUPT, SINGLESTEP and BLOCKSTEP need QUIESCE in
+    /// the mask (a step is reported through report_quiesce); SINGLESTEP and
+    /// BLOCKSTEP withdraw this engine's STOP and make it step; RESUME
+    /// withdraws its STOP and its stepping; DETACH detaches.
     pub fn control(&self, engine: &Engine, action: ResumeAction) -> Result<(), UtraceError> {
         let mut st = self.state();
         st.check_live(engine)?;
@@ -191,10 +216,23 @@ impl ThreadUtrace {
                     Err(UtraceError::InProgress)
                 }
             }
-            ResumeAction::Report | ResumeAction::Interrupt | ResumeAction::SingleStep
+            ResumeAction::Report
+            | ResumeAction::Interrupt
+            | ResumeAction::SingleStep
+            | ResumeAction::BlockStep
                 if !engine.events().contains(EventMask::QUIESCE) =>
             {
                 Err(UtraceError::Invalid)
+            }
+            ResumeAction::SingleStep | ResumeAction::BlockStep => {
+                st.stop_votes.remove(&engine.id());
+                st.step_votes.insert(engine.id(), action);
+                Ok(())
+            }
+            ResumeAction::Resume => {
+                st.stop_votes.remove(&engine.id());
+                st.step_votes.remove(&engine.id());
+                Ok(())
             }
             _ => {
                 st.stop_votes.remove(&engine.id());
@@ -208,9 +246,12 @@ impl ThreadUtrace {
         self.state().apply_vote(engine, vote, prevailing)
     }
 
-    /// SIGKILL: always breaks STOP.
+    /// SIGKILL: always breaks STOP (and ends stepping: the thread never
+    /// runs another user instruction).
     pub fn kill(&self) {
-        self.state().stop_votes.clear();
+        let mut st = self.state();
+        st.stop_votes.clear();
+        st.step_votes.clear();
     }
 
     /// Reports `event` about `thread` to the engines that asked for it and
@@ -275,7 +316,7 @@ impl ThreadUtrace {
             }
             let p = prevailing;
             let vote = match event {
-                Event::Quiesce | Event::Reap => continue,
+                Event::Quiesce | Event::Step | Event::Reap => continue,
                 Event::Death { group_dead, signal } => {
                     ops.report_death(&engine, thread, *group_dead, *signal);
                     continue;
@@ -307,12 +348,14 @@ impl ThreadUtrace {
                 *e.detached.lock().unwrap_or_else(|x| x.into_inner()) = true;
             }
             st.stop_votes.clear();
+            st.step_votes.clear();
             st.life = Lifecycle::Reaped;
         }
-        if st.stop_votes.is_empty() {
-            prevailing
-        } else {
+        if !st.stop_votes.is_empty() {
             ResumeAction::Stop
+        } else {
+            let stepping = st.step_votes.values().copied().min();
+            stepping.map_or(prevailing, |s| prevailing.prevail(s))
         }
     }
 }

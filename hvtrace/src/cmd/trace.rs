@@ -61,9 +61,76 @@ pub struct TraceArgs {
     pub report: bool,
     #[command(flatten)]
     pub sink: SinkArgs,
+    #[command(flatten)]
+    pub steps: StepsArgs,
     /// The command to trace in the guest.
     #[arg(trailing_var_arg = true, required = true)]
     pub command: Vec<String>,
+}
+
+/// The instruction tracer's options (`trace` and `attach`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct StepsArgs {
+    /// Also print every user-mode instruction the traced threads run, one
+    /// line each, in each thread's order: its address, <symbol+offset>
+    /// from the program's own ELF (read from the guest image on the host)
+    /// and its disassembly (AT&T like objdump). The threads single-step
+    /// through the guest's own trap flag; system-call lines interleave.
+    #[arg(long)]
+    pub steps: bool,
+    /// With --steps: one line per block instead, a block ending at a taken
+    /// branch (its line shows the branch's target), a system call or a
+    /// signal handler's entry. Block-stepping is emulated: the threads
+    /// single-step and only taken branches are reported (the processor's
+    /// DEBUGCTL.BTF is not available to guests here).
+    #[arg(long, requires = "steps")]
+    pub blocks: bool,
+    /// With --steps: print the totals and a per-function histogram of
+    /// instructions and blocks at the end.
+    #[arg(long, requires = "steps")]
+    pub summary: bool,
+    /// With --steps: Intel syntax instead of AT&T.
+    #[arg(long, requires = "steps")]
+    pub intel: bool,
+    /// With --summary: no instruction lines, only the summary.
+    #[arg(long, requires = "summary")]
+    pub quiet_steps: bool,
+}
+
+impl StepsArgs {
+    /// The steps engine these options ask for (None without --steps),
+    /// printing to `out` and naming functions from the files of the
+    /// guest image `images`.
+    pub fn engine(
+        &self,
+        out: utrace::steps::SharedOut,
+        images: &[PathBuf],
+    ) -> Option<Arc<utrace::steps::Steps>> {
+        if !self.steps {
+            return None;
+        }
+        let opts = utrace::steps::StepsOptions {
+            blocks: self.blocks,
+            summary: self.summary,
+            syntax: if self.intel {
+                utrace::steps::Syntax::Intel
+            } else {
+                utrace::steps::Syntax::Att
+            },
+            quiet: self.quiet_steps,
+        };
+        let symbols = Arc::new(crate::guestfiles::ImageSymbols::open(images));
+        Some(Arc::new(utrace::steps::Steps::new(opts, out.0, symbols)))
+    }
+}
+
+/// The guest image files of `guest` (its --initrd, or the default image).
+pub fn image_files(guest: &GuestArgs) -> Vec<PathBuf> {
+    if guest.initrd.is_empty() {
+        crate::artifacts::default_image().into_iter().collect()
+    } else {
+        guest.initrd.clone()
+    }
 }
 
 /// What the `-e` expressions ask for.
@@ -148,7 +215,7 @@ fn kernel_info(session: &Session, guest: &GuestArgs, from_memory: bool) -> Resul
 /// Traces the command; returns its exit status.
 pub fn trace(args: TraceArgs) -> Result<i32> {
     let Exprs { only, tamper } = parse_exprs(&args.expr)?;
-    let out = open_output(args.output.as_deref())?;
+    let out = utrace::steps::SharedOut::new(open_output(args.output.as_deref())?);
     // Before booting: an unreachable sink is an error, with nothing traced.
     let sink = args.sink.start()?;
     let (mut session, _) = open_guest(&args.guest, args.no_cache, args.restore.as_deref(), None)?;
@@ -165,23 +232,34 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
             tamper,
         },
         tracer.syscalls(),
-        out,
+        Box::new(out.clone()),
     );
     if let Some(sink) = &sink {
         engine = engine.with_observer(sink.observer());
     }
     let engine = Arc::new(engine);
+    let mut specs = vec![EngineSpec {
+        ops: engine,
+        events: STRACE_EVENTS,
+        follow: args.follow,
+        data: None,
+    }];
+    let steps = args.steps.engine(out.clone(), &image_files(&args.guest));
+    if let Some(steps) = &steps {
+        tracer
+            .ensure_step_site(session.vm())
+            .context("setting the step trap")?;
+        // Attached after strace: at a system-call entry it runs first, so
+        // the `syscall` instruction's line comes before the call's.
+        specs.push(EngineSpec {
+            ops: steps.clone(),
+            events: utrace::steps::STEPS_EVENTS,
+            follow: args.follow,
+            data: None,
+        });
+    }
     tracer
-        .trace_next_exec(
-            session.vm(),
-            args.command.clone(),
-            EngineSpec {
-                ops: engine,
-                events: STRACE_EVENTS,
-                follow: args.follow,
-                data: None,
-            },
-        )
+        .trace_next_exec_with(session.vm(), args.command.clone(), specs)
         .context("arming the tracer")?;
     session.start_exec(&args.command)?;
     let code = loop {
@@ -195,6 +273,12 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
     let handler_ns = stats.handler_ns.load(Relaxed);
     let untraced = stats.untraced.load(Relaxed);
     tracer.remove(session.vm()).context("removing the tracer")?;
+    if let Some(steps) = &steps {
+        let text = steps.finish();
+        let mut o = out.clone();
+        let _ = o.write_all(text.as_bytes());
+        let _ = o.flush();
+    }
     let sunk = sink.map(|s| s.finish());
     log::info!("tracer: {seen} traps, {errors} handler errors");
     if errors > 0 {

@@ -122,6 +122,9 @@ pub(crate) struct Who {
     /// A general-purpose register to set before it goes on (report_exit's
     /// code as `do_exit`'s argument, a signal report's choice of signal).
     pub reg: Option<(iced_x86::Register, u64)>,
+    /// Return from the trapped function at once, at its entry (the STEP
+    /// trap's `send_sigtrap` for a thread the tracer steps).
+    pub skip_call: bool,
 }
 
 /// A trap as its event handler sees it: who hit it and where.
@@ -143,6 +146,9 @@ pub(crate) struct Trap<'a> {
     /// A new value for a general-purpose register, set by a handler
     /// (report_exit's changed code in rdi, `do_exit`'s argument).
     pub new_reg: std::cell::Cell<Option<(iced_x86::Register, u64)>>,
+    /// Set by a handler at a function's entry: the function returns at
+    /// once instead of running.
+    pub skip_call: std::cell::Cell<bool>,
     /// The trap's plan.
     pub plan: &'a PlannedTrap,
 }
@@ -181,6 +187,7 @@ impl TrapHandler for Dispatcher {
                         tid,
                         signal: None,
                         reg: None,
+                        skip_call: false,
                     };
                     self.park_if_stopped(p.site, va, &who, &mut regs, space)
                 }
@@ -197,6 +204,11 @@ impl TrapHandler for Dispatcher {
                             *r = value;
                         }
                     }
+                    if who.skip_call {
+                        if let Err(e) = self.return_at_entry(&mut regs, space) {
+                            log::error!("tracer: cannot return from {}: {e}", p.symbol);
+                        }
+                    }
                     self.send_signal_from(va, &who, &mut regs, space)
                         || self.park_if_stopped(p.site, va, &who, &mut regs, space)
                 }
@@ -210,8 +222,9 @@ impl TrapHandler for Dispatcher {
         if regs != *ctx.regs() {
             *ctx.regs_mut() = regs;
         }
-        if calling {
-            // The displaced instruction runs when the call returns here.
+        if calling || regs.rip != va {
+            // The displaced instruction runs when the call returns here;
+            // or the handler moved the thread elsewhere (a skipped call).
         } else if let TrapHit::Int3 { .. } = hit {
             if let Err(e) = self.execute_displaced(&p, ctx.regs_mut(), space) {
                 log::error!("tracer: cannot continue past {va:#x}: {e}");
@@ -266,6 +279,7 @@ impl Dispatcher {
             k,
             send_signal: std::cell::Cell::new(None),
             new_reg: std::cell::Cell::new(None),
+            skip_call: std::cell::Cell::new(false),
             plan,
         };
         match plan.site {
@@ -282,6 +296,7 @@ impl Dispatcher {
             Site::SignalTaken => self.on_signal_taken(&t),
             Site::JobControl => self.on_job_stop(&t),
             Site::JobContinue => self.on_job_continue(&t),
+            Site::Step => self.on_step_trap(&t),
             // Handled before the current task is read (see on_trap).
             Site::Doorbell => Ok(()),
         }?;
@@ -290,6 +305,7 @@ impl Dispatcher {
             tid: t.tid,
             signal: t.send_signal.get(),
             reg: t.new_reg.get(),
+            skip_call: t.skip_call.get(),
         })
     }
 
@@ -363,6 +379,24 @@ impl Dispatcher {
         };
         let action = utrace.report(event, thread);
         self.apply_outcome(tid, &utrace, event, action, space);
+        // Death and reap are reported from the dead thread's last steps or
+        // from the reaper: nothing of the thread runs in user mode again.
+        if !matches!(event, Event::Death { .. } | Event::Reap) {
+            self.sync_trap_flag(tid, space);
+        }
+    }
+
+    /// Returns from the function whose entry the vCPU is at: pops the
+    /// return address the call pushed (`ret`; the functions trapped so
+    /// return nothing).
+    fn return_at_entry(&self, regs: &mut GuestRegs, space: AddressSpace) -> Result<(), String> {
+        let mut slot = [0u8; 8];
+        // rsp is 8-byte aligned at a function's entry: one page holds it.
+        let pa = translate(&self.ram, space, VirtAddr(regs.rsp)).map_err(|e| e.to_string())?;
+        self.ram.read(pa.0, &mut slot).map_err(|e| e.to_string())?;
+        regs.rip = u64::from_le_bytes(slot);
+        regs.rsp = regs.rsp.wrapping_add(8);
+        Ok(())
     }
 
     fn apply_outcome(
@@ -394,7 +428,10 @@ impl Dispatcher {
         // mode; the quiesce report itself is that report (a REPORT from
         // it would only loop).
         let report_due = action == ResumeAction::Report
-            && !matches!(event, Event::Quiesce | Event::Death { .. } | Event::Reap)
+            && !matches!(
+                event,
+                Event::Quiesce | Event::Step | Event::Death { .. } | Event::Reap
+            )
             && !t.report_pending
             && t.wants_quiesce()
             && self.has_quiesce_site();

@@ -82,6 +82,7 @@ impl Dispatcher {
                 | Site::SignalDelivered
                 | Site::SignalDequeued
                 | Site::Quiesce
+                | Site::Step
         )
     }
 

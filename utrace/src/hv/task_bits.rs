@@ -43,9 +43,24 @@ impl Dispatcher {
         self.set_thread_flag(space, task, TIF_SIGPENDING)
     }
 
+    /// Clears flag `bit` in `task`'s thread flags, as the guest's own
+    /// `clear_tsk_thread_flag` does (a locked `and`).
+    pub(crate) fn clear_thread_flag(
+        &self,
+        space: AddressSpace,
+        task: u64,
+        bit: u32,
+    ) -> Result<(), IntrospectError> {
+        let flags = (
+            self.layout.tasks.task.ti_flags.offset(),
+            "task_struct.thread_info.flags",
+        );
+        self.update_task_bits(space, task, flags, 1 << bit, false)
+    }
+
     /// Sets flag `bit` in `task`'s thread flags, as the guest's own
     /// `set_tsk_thread_flag` does (a locked `or`).
-    fn set_thread_flag(
+    pub(crate) fn set_thread_flag(
         &self,
         space: AddressSpace,
         task: u64,

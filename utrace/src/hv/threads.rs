@@ -173,6 +173,10 @@ pub(crate) struct Threads {
     pub access_running: HashMap<Tid, AccessJob>,
     /// How many times each thread left a park (for `finish_examine`).
     pub unparked: HashMap<Tid, u64>,
+    /// Threads whose saved user flags carry a TF the tracer set
+    /// ([`crate::hv::events::step`]); kept apart from `traced`, since a
+    /// thread whose engines all detached may still carry one.
+    pub trap_flag: HashMap<Tid, crate::hv::events::step::OwnedTrapFlag>,
 }
 
 impl Threads {

@@ -252,11 +252,17 @@ impl Tracer {
     /// interruptible sleep, and it reports through report_signal with no
     /// signal (signo 0, utrace's UTRACE_SIGNAL_REPORT); the interrupted
     /// call is restarted by the kernel's own rules. SINGLESTEP and
-    /// BLOCKSTEP are refused with EOPNOTSUPP. From a callback, REPORT,
-    /// STOP and INTERRUPT work once the control sites are set (attaching
-    /// an engine with QUIESCE, or any call of this from outside a callback,
-    /// sets them): setting them pauses every vCPU, which a vCPU thread
-    /// cannot wait for.
+    /// BLOCKSTEP (QUIESCE needed in the mask, EINVAL otherwise) make the
+    /// thread step: a stopped thread resumes for one instruction (or one
+    /// block) and reports it through report_quiesce with
+    /// [`crate::context::ThreadContext::step`] set; a running thread first
+    /// reports at its next return to user mode, as for REPORT, and steps
+    /// from there. From a callback, REPORT, STOP and INTERRUPT work once
+    /// the control sites are set (attaching an engine with QUIESCE, or any
+    /// call of this from outside a callback, sets them), and SINGLESTEP,
+    /// BLOCKSTEP (as a call or a vote) once [`Tracer::ensure_step_site`]
+    /// has set the STEP trap: setting traps pauses every vCPU, which a
+    /// vCPU thread cannot wait for.
     pub fn control(
         &self,
         vm: &RunningVm,
@@ -266,11 +272,74 @@ impl Tracer {
     ) -> Result<(), TracerError> {
         if matches!(
             action,
-            ResumeAction::Report | ResumeAction::Stop | ResumeAction::Interrupt
+            ResumeAction::Report
+                | ResumeAction::Stop
+                | ResumeAction::Interrupt
+                | ResumeAction::SingleStep
+                | ResumeAction::BlockStep
         ) {
             self.ensure_quiesce_site(vm)?;
         }
+        if matches!(action, ResumeAction::SingleStep | ResumeAction::BlockStep) {
+            self.ensure_step_site(vm)?;
+        }
         self.inner.control(tid, engine, action)
+    }
+
+    /// Sets the STEP trap (`send_sigtrap`'s entry) if it is not set, with
+    /// the vCPUs paused: engines may then step threads, by a vote or by
+    /// [`Tracer::control`]. Called from outside the vCPU threads.
+    pub fn ensure_step_site(&self, vm: &RunningVm) -> Result<(), TracerError> {
+        let inner = &self.inner;
+        if inner.has_step_site() {
+            return Ok(());
+        }
+        vm.pause_all()?;
+        let result = (|| -> Result<(), TracerError> {
+            let space = vm.vcpu_sregs(0)?.view.kernel_space();
+            let k = inner.kernel(space);
+            let (plans, errors) = plan(&k, &inner.info.symbols, &inner.layout, &[Site::Step]);
+            if plans.is_empty() {
+                return Err(TracerError::Sites(errors.join("; ")));
+            }
+            set_traps(vm, inner, space, plans)
+        })();
+        vm.resume_all()?;
+        result
+    }
+
+    /// Removes the STEP trap once no thread steps or carries a trap flag
+    /// the tracer set (a thread left with one traps once more, and is
+    /// cleared then: call this again later). Whether it is gone.
+    pub fn release_step_site(&self, vm: &RunningVm) -> Result<bool, TracerError> {
+        let inner = &self.inner;
+        if !inner.has_step_site() {
+            return Ok(true);
+        }
+        let busy = |table: &crate::hv::threads::Threads| {
+            !table.trap_flag.is_empty()
+                || table.traced.values().any(|t| t.utrace.stepping().is_some())
+        };
+        if busy(&inner.lock()) {
+            return Ok(false);
+        }
+        vm.pause_all()?;
+        // Checked again with every vCPU paused: none can start a step now.
+        let gone = !busy(&inner.lock());
+        if gone {
+            let mut plans = inner.plans.write().unwrap_or_else(|e| e.into_inner());
+            let steps: Vec<Arc<PlannedTrap>> = plans
+                .values()
+                .filter(|p| p.site == Site::Step)
+                .cloned()
+                .collect();
+            for p in steps {
+                remove_trap(vm, &p);
+                plans.remove(&p.va);
+            }
+        }
+        vm.resume_all()?;
+        Ok(gone)
     }
 
     /// Holds every thread of `target` stopped with a [`StopHolder`] engine
@@ -659,6 +728,8 @@ impl Tracer {
             }
         }
         self.inner.release_all();
+        self.inner
+            .drain_trap_flags(std::time::Duration::from_secs(1));
         let stuck = self.inner.wait_drained(std::time::Duration::from_secs(5));
         if !stuck.is_empty() {
             log::error!(
@@ -741,10 +812,14 @@ impl Dispatcher {
     ) -> Result<(), TracerError> {
         let err = |e| TracerError::Utrace(tid, e);
         match action {
-            ResumeAction::SingleStep | ResumeAction::BlockStep => {
+            ResumeAction::SingleStep | ResumeAction::BlockStep if !self.has_step_site() => {
                 return Err(err(crate::UtraceError::NotSupported))
             }
-            ResumeAction::Report | ResumeAction::Stop | ResumeAction::Interrupt
+            ResumeAction::Report
+            | ResumeAction::Stop
+            | ResumeAction::Interrupt
+            | ResumeAction::SingleStep
+            | ResumeAction::BlockStep
                 if !self.has_quiesce_site() =>
             {
                 return Err(err(crate::UtraceError::NotSupported))
@@ -752,12 +827,17 @@ impl Dispatcher {
             _ => {}
         }
         let mut table = self.lock();
+        let task = table
+            .traced
+            .get(&tid)
+            .map(|t| t.task)
+            .ok_or(err(crate::UtraceError::NoSuchThread))?;
+        let parked = table.parked.get(&tid) == Some(&task);
         let t = table
             .traced
             .get_mut(&tid)
             .ok_or(err(crate::UtraceError::NoSuchThread))?;
         let result = t.utrace.control(engine, action);
-        let task = t.task;
         if action == ResumeAction::Stop {
             match result {
                 Ok(()) | Err(crate::UtraceError::InProgress) => {}
@@ -783,6 +863,25 @@ impl Dispatcher {
         let mut notify = false;
         let mut ring = false;
         match action {
+            ResumeAction::SingleStep | ResumeAction::BlockStep if parked => {
+                // Held in the kernel: its user registers are where the
+                // kernel saved them; it steps from there once released.
+                drop(table);
+                let k = self.kernel(self.kernel_space);
+                let u = self.user_regs(&k, task)?;
+                self.set_trap_flag(tid, task, self.kernel_space, &u)?;
+                table = self.lock();
+            }
+            ResumeAction::SingleStep | ResumeAction::BlockStep => {
+                // Running: it reports at its next return to user mode and
+                // steps from there (its report sets the trap flag).
+                if let Some(t) = table.traced.get_mut(&tid) {
+                    if !t.report_pending {
+                        t.report_pending = true;
+                        notify = true;
+                    }
+                }
+            }
             ResumeAction::Report if !t.report_pending => {
                 t.report_pending = true;
                 notify = true;

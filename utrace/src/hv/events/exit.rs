@@ -88,6 +88,7 @@ impl Dispatcher {
             self.report(tid, &Event::Reap, &ctx, t.space());
             self.lock().traced.remove(&tid);
         }
+        self.lock().trap_flag.remove(&tid);
         Ok(())
     }
 

@@ -8,10 +8,12 @@
 //! * [`exit`]: a thread's exit, death and reaping.
 //! * [`signal`]: a signal delivered to a handler, or dequeued and killing.
 //! * [`quiesce`]: REPORT's report_quiesce on the way back to user mode.
+//! * [`step`]: SINGLESTEP and BLOCKSTEP, through the guest's own `#DB`.
 
 pub mod clone;
 pub mod exec;
 pub mod exit;
 pub mod quiesce;
 pub mod signal;
+pub mod step;
 pub mod syscall;

@@ -239,6 +239,17 @@ impl Dispatcher {
     /// unless the frame could not be written. Reported here only where
     /// SIGNAL_TAKEN is not set (it reported the signal already).
     pub(crate) fn on_signal_delivered(&self, t: &Trap<'_>) -> Result<(), IntrospectError> {
+        self.report_delivery(t)?;
+        if t.regs.rdi as i32 == 0 {
+            // A stepped thread's step ends at the handler.
+            self.step_into_handler(t)?;
+        }
+        Ok(())
+    }
+
+    /// The signal report at `signal_setup_done`, where SIGNAL_TAKEN is not
+    /// set.
+    fn report_delivery(&self, t: &Trap<'_>) -> Result<(), IntrospectError> {
         if self.signal_taken.get().is_some() {
             return Ok(());
         }

@@ -25,9 +25,10 @@ impl Dispatcher {
             nr,
             args: u.syscall_args(),
         };
-        let ctx = self
+        let mut ctx = self
             .thread_context(t)
             .with_regs(u, self.pt_regs.clone(), true);
+        ctx.stepped_instructions = self.stepped_into_syscall(t);
         self.report(t.tid, &event, &ctx, t.space());
         t.send_signal.set(ctx.signal_to_send());
         Ok(())
@@ -61,7 +62,7 @@ impl Dispatcher {
             .thread_context(t)
             .with_regs(u, self.pt_regs.clone(), false);
         self.report(t.tid, &event, &ctx, t.space());
-        Ok(())
+        self.step_after_syscall(t)
     }
 
     /// Whether `t`'s thread is traced; if not, it is steered off the
