@@ -39,7 +39,20 @@ fn hex(s: &str) -> u64 {
 /// `hv-stepcount step -v PROGRAM ARGS` in the guest (nothing of hvtrace's
 /// attached).
 fn ptrace_steps(program: &[&str]) -> PtraceSteps {
-    let mut args = vec!["run", "--", "hv-stepcount", "step", "-v"];
+    ptrace_steps_on("minimal", program)
+}
+
+/// [`ptrace_steps`] on guest kernel `kernel`.
+fn ptrace_steps_on(kernel: &str, program: &[&str]) -> PtraceSteps {
+    let mut args = vec![
+        "run",
+        "--kernel",
+        kernel,
+        "--",
+        "hv-stepcount",
+        "step",
+        "-v",
+    ];
     args.extend_from_slice(program);
     let out = hvtrace(&args);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -92,8 +105,13 @@ impl PtraceSteps {
 /// `hvtrace trace --steps EXTRA -o FILE -- PROGRAM`: its output and the
 /// trace.
 fn hv_steps(extra: &[&str], program: &[&str]) -> (std::process::Output, String) {
+    hv_steps_on("minimal", extra, program)
+}
+
+/// [`hv_steps`] on guest kernel `kernel`.
+fn hv_steps_on(kernel: &str, extra: &[&str], program: &[&str]) -> (std::process::Output, String) {
     let trace = temp_path("steps.txt");
-    let mut args = vec!["trace", "--steps"];
+    let mut args = vec!["trace", "--kernel", kernel, "--steps"];
     args.extend_from_slice(extra);
     args.extend_from_slice(&["-o", trace.to_str().unwrap(), "--"]);
     args.extend_from_slice(program);
@@ -209,14 +227,36 @@ fn is_unconditional(m: &str) -> bool {
 #[test]
 fn single_steps_are_the_instructions_the_guest_kernels_ptrace_steps() {
     require_kvm();
+    single_steps_equal_ptrace_on("minimal");
+}
+
+// Debian's own kernels: opt-in (`scripts/test.sh --debian`), as their
+// first boots take half an hour and more here.
+#[test]
+#[ignore]
+fn debian_6_1_single_steps_and_blocks_equal_ptrace() {
+    require_kvm();
+    single_steps_equal_ptrace_on("debian-6.1");
+    blocks_equal_ptrace_on("debian-6.1");
+}
+
+#[test]
+#[ignore]
+fn debian_6_12_single_steps_and_blocks_equal_ptrace() {
+    require_kvm();
+    single_steps_equal_ptrace_on("debian-6.12");
+    blocks_equal_ptrace_on("debian-6.12");
+}
+
+fn single_steps_equal_ptrace_on(kernel: &str) {
     for (name, program) in [
         ("hv-step-loop", vec!["/usr/bin/hv-step-loop"]),
         ("hv-step-calls", vec!["/usr/bin/hv-step-calls"]),
         ("hv-step-signal", vec!["/usr/bin/hv-step-signal"]),
     ] {
-        let oracle = ptrace_steps(&program);
+        let oracle = ptrace_steps_on(kernel, &program);
         let expected = oracle.executed();
-        let (_, log) = hv_steps(&[], &program);
+        let (_, log) = hv_steps_on(kernel, &[], &program);
         let lines = step_lines(&log);
         let got: Vec<u64> = lines.iter().map(|l| l.0).collect();
         assert_eq!(
@@ -328,9 +368,13 @@ fn a_loop_runs_a_times_n_plus_b_instructions_read_from_its_disassembly() {
 #[test]
 fn blocks_start_where_the_guest_kernels_ptrace_steps_branch() {
     require_kvm();
+    blocks_equal_ptrace_on("minimal");
+}
+
+fn blocks_equal_ptrace_on(kernel: &str) {
     for name in ["hv-step-calls", "hv-step-signal"] {
         let program = format!("/usr/bin/{name}");
-        let oracle = ptrace_steps(&[&program]);
+        let oracle = ptrace_steps_on(kernel, &[&program]);
         let dis = objdump(&host_binary(name));
         // Block heads: the entry; after a taken branch, its target; after
         // a system call, the next instruction; a handler's first one.
@@ -347,7 +391,7 @@ fn blocks_start_where_the_guest_kernels_ptrace_steps_branch() {
             }
             pc = *next;
         }
-        let (_, log) = hv_steps(&["--blocks"], &[&program]);
+        let (_, log) = hv_steps_on(kernel, &["--blocks"], &[&program]);
         let got: Vec<u64> = step_lines(&log).iter().map(|l| l.0).collect();
         assert_eq!(got, expected, "{name}:\n{log}");
     }
