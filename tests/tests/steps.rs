@@ -567,3 +567,65 @@ fn a_thread_detached_mid_step_runs_on_and_nothing_is_left_behind() {
     tracer.remove(g.session.vm()).unwrap();
     g.session.shutdown();
 }
+
+#[test]
+fn attach_steps_a_running_process_through_its_exec() {
+    require_kvm();
+    let oracle = ptrace_steps(&["/usr/bin/hv-step-loop"]).executed();
+    let sock = temp_path("steps.sock");
+    let child = Command::new(hvtrace_bin())
+        .args(["run", "--api-sock", sock.to_str().unwrap(), "--"])
+        .args(["sh", "-c", "sleep 3; exec /usr/bin/hv-step-loop"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start hvtrace run");
+    let mut vm = ApiVm::new(child, sock.clone());
+    // The shell, while its `sleep` runs.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let pid = loop {
+        assert!(Instant::now() < deadline, "no sleep in the guest's ps");
+        if let Ok(v) = api_call(&sock, r#"{"v":1,"op":"ps"}"#) {
+            let tasks = v["tasks"].as_array().cloned().unwrap_or_default();
+            if let Some(sleep) = tasks.iter().find(|t| t["comm"] == "sleep") {
+                break sleep["ppid"].as_i64().expect("ppid");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let trace = temp_path("attach-steps.txt");
+    let out = hvtrace(&[
+        "attach",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "-p",
+        &pid.to_string(),
+        "--steps",
+        "-o",
+        trace.to_str().unwrap(),
+    ]);
+    let log = std::fs::read_to_string(&trace).unwrap_or_default();
+    let _ = std::fs::remove_file(&trace);
+    assert!(out.status.success(), "{}\n{log}", stderr(&out));
+    let exec = log
+        .lines()
+        .position(|l| l.starts_with("execve(\"/usr/bin/hv-step-loop\""))
+        .unwrap_or_else(|| panic!("no exec line:\n{log}"));
+    // The shell stepped before its exec (busybox, no symbols) ...
+    assert!(
+        step_lines(&log.lines().take(exec).collect::<Vec<_>>().join("\n")).len() > 100,
+        "{log}"
+    );
+    // ... and the new program from its first instruction, as the guest's
+    // own ptrace steps it, with its symbols.
+    let after: Vec<&str> = log.lines().skip(exec + 1).collect();
+    let lines = step_lines(&after.join("\n"));
+    let got: Vec<u64> = lines.iter().map(|l| l.0).collect();
+    assert_eq!(got, oracle, "{log}");
+    assert!(lines[0].1.contains("<_start>"), "{}", lines[0].1);
+    assert!(log.contains("+++ exited with 0 +++"), "{log}");
+    let child = vm.take_child();
+    let run = child.wait_with_output().unwrap();
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+}

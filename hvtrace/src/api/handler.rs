@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use utrace::engine::EngineData;
 use utrace::hv::{EngineSpec, Target, Tracer};
 use utrace::strace::{RecordObserver, Strace, StraceOptions, STRACE_EVENTS};
+use utrace::UtraceError;
 use vmm::session::Session;
 use vmm::vstate::memory::GuestRam;
 
@@ -97,6 +98,8 @@ struct AttachRequest {
     trace: Option<Vec<String>>,
     string_limit: Option<usize>,
     entries: bool,
+    steps: Option<String>,
+    intel: bool,
 }
 
 /// An engine's output: whole lines, wrapped for the protocol and queued
@@ -490,7 +493,15 @@ impl Handler {
             trace,
             string_limit,
             entries,
+            steps,
+            intel,
         } = req;
+        let blocks = match steps.as_deref() {
+            None => None,
+            Some("single") => Some(false),
+            Some("block") => Some(true),
+            Some(other) => return Err(format!("steps must be `single` or `block`, not `{other}`")),
+        };
         if self.attached.contains_key(&conn.id) {
             return Err("this connection is already attached; detach first".into());
         }
@@ -532,21 +543,112 @@ impl Handler {
             follow,
             data: Some(data.clone()),
         };
-        match tracer.attach_process(session.vm(), pid, &spec) {
-            Ok(tids) => {
-                self.attached.insert(conn.id, data);
-                Ok(json!({ "tids": tids }))
-            }
+        let tids = match tracer.attach_process(session.vm(), pid, &spec) {
+            Ok(tids) => tids,
             Err(e) => {
                 self.remove_idle_tracer(session);
-                Err(e.to_string())
+                return Err(e.to_string());
+            }
+        };
+        self.attached.insert(conn.id, data.clone());
+        if let Some(blocks) = blocks {
+            if let Err(e) = self.start_steps(session, conn, pid, &data, blocks, intel, follow) {
+                self.detach(session, conn)?;
+                return Err(e);
             }
         }
+        Ok(json!({ "tids": tids }))
+    }
+
+    /// Attaches a steps engine (with `data`) to process `pid` beside the
+    /// connection's strace engine and makes each of its threads step.
+    #[allow(clippy::too_many_arguments)]
+    fn start_steps(
+        &mut self,
+        session: &Session,
+        conn: &Conn,
+        pid: i32,
+        data: &EngineData,
+        blocks: bool,
+        intel: bool,
+        follow: bool,
+    ) -> Result<(), String> {
+        let source = self.default_source.clone();
+        let exe = self
+            .live(session, &source, |mem, vcpus, info| {
+                introspect::inspect_json(mem, vcpus, info, pid)
+            })
+            .ok()
+            .and_then(|v| v["exe"].as_str().map(str::to_string));
+        let tracer = self.tracer(session)?;
+        tracer
+            .ensure_step_site(session.vm())
+            .map_err(|e| e.to_string())?;
+        let opts = utrace::steps::StepsOptions {
+            blocks,
+            summary: false,
+            syntax: if intel {
+                utrace::steps::Syntax::Intel
+            } else {
+                utrace::steps::Syntax::Att
+            },
+            quiet: false,
+            json: true,
+        };
+        let out: Box<dyn Write + Send> = Box::new(ConnSink {
+            buf: Vec::new(),
+            events: conn.events.clone(),
+        });
+        // The default image's files (a VM booted with its own --initrd
+        // gets no symbols here).
+        let images = crate::cmd::trace::image_files_of(&[]);
+        let symbols = Arc::new(crate::guestfiles::ImageSymbols::open(&images));
+        let steps = Arc::new(utrace::steps::Steps::new(
+            opts,
+            Arc::new(std::sync::Mutex::new(out)),
+            symbols,
+        ));
+        if let Some(exe) = &exe {
+            steps.set_program(pid, exe);
+        }
+        let spec = EngineSpec {
+            ops: steps.clone(),
+            events: utrace::steps::STEPS_EVENTS,
+            follow,
+            data: Some(data.clone()),
+        };
+        let tids = tracer
+            .attach_process(session.vm(), pid, &spec)
+            .map_err(|e| e.to_string())?;
+        let mode = steps.mode();
+        for tid in tids {
+            // The connection's last engine on the thread: the steps one.
+            let engine = tracer
+                .engines(tid)
+                .into_iter()
+                .rfind(|e| e.data().is_some_and(|d| Arc::ptr_eq(d, data)));
+            if let Some(engine) = engine {
+                match tracer.control(session.vm(), tid, &engine, mode) {
+                    // A thread gone meanwhile has nothing to step.
+                    Ok(()) | Err(utrace::hv::TracerError::Utrace(_, UtraceError::NoSuchThread)) => {
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        }
+        Ok(())
     }
 
     fn detach(&mut self, session: &Session, conn: &Conn) -> Result<Value, String> {
         let engines = match (self.attached.remove(&conn.id), &self.tracer) {
-            (Some(data), Some(t)) => t.detach_data(&data),
+            (Some(data), Some(t)) => {
+                let n = t.detach_data(&data);
+                // No trap left on the #DB path once nobody steps (a
+                // thread still carrying a TF keeps it until it traps once
+                // more; the tracer's removal takes it anyway).
+                let _ = t.release_step_site(session.vm());
+                n
+            }
             _ => 0,
         };
         self.remove_idle_tracer(session);
@@ -615,6 +717,8 @@ impl Handler {
                 trace,
                 string_limit,
                 entries,
+                steps,
+                intel,
             } => self.attach(
                 session,
                 conn,
@@ -624,6 +728,8 @@ impl Handler {
                     trace,
                     string_limit,
                     entries,
+                    steps,
+                    intel,
                 },
             ),
             Op::Detach => self.detach(session, conn),

@@ -105,6 +105,13 @@ pub enum Op {
         /// `<unfinished ...>` (what `hvtrace attach` does without `--json`).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         entries: bool,
+        /// Also step the threads: `single` (one `step` event per user
+        /// instruction) or `block` (one per block).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        steps: Option<String>,
+        /// With `steps`: Intel syntax instead of AT&T.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        intel: bool,
     },
     /// Detach this connection's engines.
     Detach,

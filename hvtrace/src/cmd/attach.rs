@@ -14,7 +14,7 @@ use utrace::strace::text::TextRenderer;
 use utrace::strace::Emitted;
 
 use crate::api::{Op, Request, PROTOCOL_VERSION};
-use crate::cmd::trace::{open_output, parse_exprs};
+use crate::cmd::trace::{open_output, parse_exprs, StepsArgs};
 use crate::sink::{Sink, SinkArgs};
 
 /// Arguments of `hvtrace attach`.
@@ -47,11 +47,15 @@ pub struct AttachArgs {
     pub report: bool,
     #[command(flatten)]
     pub sink: SinkArgs,
+    #[command(flatten)]
+    pub steps: StepsArgs,
 }
 
 /// Prints events as JSON lines, or as strace's text (the same renderer
 /// `hvtrace trace` uses), and hands them to the sink if there is one.
 struct Printer {
+    /// The process attached to.
+    pid: i32,
     out: Box<dyn Write + Send>,
     text: Option<TextRenderer>,
     sink: Option<Sink>,
@@ -59,6 +63,18 @@ struct Printer {
 
 impl Printer {
     fn event(&mut self, e: &Value) -> Result<()> {
+        if e["event"] == "step" {
+            // An instruction (or block) line of the steps engine.
+            match (&self.text, e["line"].as_str(), e["pid"].as_i64()) {
+                (Some(_), Some(line), Some(pid)) if pid != i64::from(self.pid) => {
+                    writeln!(self.out, "[pid {pid}] {line}")?
+                }
+                (Some(_), Some(line), _) => writeln!(self.out, "{line}")?,
+                _ => writeln!(self.out, "{e}")?,
+            }
+            self.out.flush()?;
+            return Ok(());
+        }
         let malformed = || format!("malformed event from the VM: {e}");
         let emitted = match (&self.text, &self.sink) {
             (None, None) => None,
@@ -84,7 +100,13 @@ pub fn attach(args: AttachArgs) -> Result<i32> {
     }
     let only = exprs.only;
     let out = open_output(args.output.as_deref())?;
+    if args.steps.summary || args.steps.quiet_steps {
+        bail!(
+            "--summary works with `hvtrace trace --steps` only (not yet over the control socket)"
+        );
+    }
     let mut printer = Printer {
+        pid: args.pid,
         out,
         text: (!args.json).then(TextRenderer::default),
         sink: args.sink.start()?,
@@ -118,6 +140,11 @@ fn follow(
             trace: only.map(|s| s.into_iter().collect()),
             string_limit: Some(args.string_limit),
             entries: !args.json,
+            steps: args
+                .steps
+                .steps
+                .then(|| if args.steps.blocks { "block" } else { "single" }.to_string()),
+            intel: args.steps.intel,
         },
     };
     writeln!(sock, "{}", serde_json::to_string(&req)?)?;

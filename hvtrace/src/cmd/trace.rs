@@ -118,6 +118,7 @@ impl StepsArgs {
                 utrace::steps::Syntax::Att
             },
             quiet: self.quiet_steps,
+            json: false,
         };
         let symbols = Arc::new(crate::guestfiles::ImageSymbols::open(images));
         Some(Arc::new(utrace::steps::Steps::new(opts, out.0, symbols)))
@@ -126,10 +127,15 @@ impl StepsArgs {
 
 /// The guest image files of `guest` (its --initrd, or the default image).
 pub fn image_files(guest: &GuestArgs) -> Vec<PathBuf> {
-    if guest.initrd.is_empty() {
+    image_files_of(&guest.initrd)
+}
+
+/// The guest image files: `initrd`, or the default image if empty.
+pub fn image_files_of(initrd: &[PathBuf]) -> Vec<PathBuf> {
+    if initrd.is_empty() {
         crate::artifacts::default_image().into_iter().collect()
     } else {
-        guest.initrd.clone()
+        initrd.to_vec()
     }
 }
 

@@ -59,6 +59,10 @@ pub struct StepsOptions {
     pub syntax: Syntax,
     /// Print no instruction lines (a summary only).
     pub quiet: bool,
+    /// One JSON object per line instead of text:
+    /// `{"pid":TID,"event":"step","line":"ADDR <sym+off>:\tinsn"}` (the
+    /// control socket's form; the client adds `[pid N]`).
+    pub json: bool,
 }
 
 /// Per-thread state.
@@ -154,12 +158,8 @@ impl Steps {
     }
 
     /// One instruction line: `ADDR <sym+off>: disassembly`.
-    fn line(&self, tgid: Tid, tid: Tid, ip: u64, insn: Option<&Instruction>) -> String {
-        let mut s = String::new();
-        if tid != tgid || lock(&self.threads).len() > 1 {
-            s.push_str(&format!("[pid {tid}] "));
-        }
-        s.push_str(&format!("{ip:x}"));
+    fn line(&self, tgid: Tid, ip: u64, insn: Option<&Instruction>) -> String {
+        let mut s = format!("{ip:x}");
         if let Some((name, off)) = self.program(tgid).as_deref().and_then(|p| p.lookup(ip)) {
             s.push_str(&symbolized(name, off));
         }
@@ -190,12 +190,21 @@ impl Steps {
         s
     }
 
-    fn print(&self, line: &str) {
+    /// Prints thread `tid`'s line (`[pid N]` first in text while more
+    /// than one thread steps, as strace does).
+    fn print(&self, tgid: Tid, tid: Tid, line: &str) {
         if self.opts.quiet {
             return;
         }
+        let text = if self.opts.json {
+            serde_json::json!({"pid": tid, "event": "step", "line": line}).to_string()
+        } else if tid != tgid || lock(&self.threads).len() > 1 {
+            format!("[pid {tid}] {line}")
+        } else {
+            line.to_string()
+        };
         let mut out = lock(&self.out);
-        let _ = writeln!(out, "{line}");
+        let _ = writeln!(out, "{text}");
     }
 
     /// Counts (and prints) the instruction at `ip`, now run, the thread
@@ -211,7 +220,8 @@ impl Steps {
         };
         lock(&self.summary).instruction(&function, ends);
         if !self.opts.blocks {
-            self.print(&self.line(thread.tgid, thread.tid, ip, insn.as_ref()));
+            let line = self.line(thread.tgid, ip, insn.as_ref());
+            self.print(thread.tgid, thread.tid, &line);
         }
     }
 
@@ -220,7 +230,8 @@ impl Steps {
         let function = self.function_of(thread.tgid, ip);
         lock(&self.summary).block(&function, instructions);
         let insn = self.decode(thread, ip);
-        self.print(&self.line(thread.tgid, thread.tid, ip, insn.as_ref()));
+        let line = self.line(thread.tgid, ip, insn.as_ref());
+        self.print(thread.tgid, thread.tid, &line);
     }
 
     fn function_of(&self, tgid: Tid, ip: u64) -> String {
