@@ -65,6 +65,8 @@ enum Command {
     Regs(cmd::control::RegsArgs),
     /// Dump (or write, copy-on-write as ptrace does) a guest process's memory.
     Mem(cmd::control::MemArgs),
+    /// Step a stopped thread one user instruction (or block, or N) and keep it stopped.
+    Step(cmd::control::StepArgs),
 }
 
 fn main() {
@@ -99,6 +101,7 @@ fn main() {
         Command::Interrupt(a) => cmd::control::interrupt(a),
         Command::Signal(a) => cmd::control::signal(a),
         Command::Regs(a) => cmd::control::regs(a),
+        Command::Step(a) => cmd::control::step(a),
         Command::Mem(a) => cmd::control::mem(a),
     };
     match result {

@@ -629,3 +629,141 @@ fn attach_steps_a_running_process_through_its_exec() {
     let run = child.wait_with_output().unwrap();
     assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
 }
+
+/// objdump of the image's copy of `path` (extracted with cpio).
+fn objdump_guest_file(path: &str) -> BTreeMap<u64, (Insn, String)> {
+    let image = default_image();
+    let dir = temp_path("cpio");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rel = path.trim_start_matches('/');
+    let st = Command::new("cpio")
+        .args(["-i", "--quiet", "-d", rel])
+        .current_dir(&dir)
+        .stdin(std::fs::File::open(&image).unwrap())
+        .status()
+        .expect("cpio");
+    assert!(st.success());
+    let file = dir.join(rel);
+    let out = Command::new("objdump")
+        .args(["-d", "--no-show-raw-insn"])
+        .arg(&file)
+        .output()
+        .expect("objdump");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut rows: Vec<(u64, String)> = Vec::new();
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some((a, rest)) = l.trim_start().split_once(":\t") else {
+            continue;
+        };
+        if let Ok(a) = u64::from_str_radix(a, 16) {
+            rows.push((a, rest.to_string()));
+        }
+    }
+    let mut map = BTreeMap::new();
+    for (i, (a, text)) in rows.iter().enumerate() {
+        let len = rows.get(i + 1).map_or(1, |n| n.0.saturating_sub(*a));
+        // The mnemonic and its first operand, past any prefix.
+        let words: Vec<&str> = text
+            .split_whitespace()
+            .skip_while(|w| {
+                matches!(
+                    *w,
+                    "addr32"
+                        | "data16"
+                        | "bnd"
+                        | "notrack"
+                        | "rep"
+                        | "repz"
+                        | "repnz"
+                        | "lock"
+                        | "cs"
+                        | "ds"
+                )
+            })
+            .collect();
+        let mnemonic = words.first().copied().unwrap_or("").to_string();
+        let operand = words.get(1).copied().unwrap_or("").to_string();
+        map.insert(*a, (Insn { len, mnemonic }, operand));
+    }
+    map
+}
+
+#[test]
+fn hvtrace_step_moves_a_stopped_thread_one_instruction_at_a_time() {
+    require_kvm();
+    // hv-spin is a symlink to the multi-call hv-tests.
+    let dis = objdump_guest_file("/usr/bin/hv-tests");
+    let sock = temp_path("step.sock");
+    let child = Command::new(hvtrace_bin())
+        .args([
+            "run",
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--",
+            "hv-spin",
+            "4",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start hvtrace run");
+    let mut vm = ApiVm::new(child, sock.clone());
+    let s = sock.to_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let pid = loop {
+        assert!(Instant::now() < deadline, "no hv-spin in the guest's ps");
+        if let Ok(v) = api_call(&sock, r#"{"v":1,"op":"ps"}"#) {
+            let tasks = v["tasks"].as_array().cloned().unwrap_or_default();
+            if let Some(t) = tasks.iter().find(|t| t["comm"] == "hv-spin") {
+                break t["pid"].as_i64().unwrap();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let p = pid.to_string();
+    let out = hvtrace(&["stop", "--api-sock", s, "-p", &p]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ip_of = |v: &serde_json::Value| hex(v["regs"]["ip"].as_str().expect("ip"));
+    let regs = |args: &[&str]| -> serde_json::Value {
+        let out = hvtrace(args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        serde_json::from_str(stdout(&out).trim()).unwrap()
+    };
+    let mut ip = ip_of(&regs(&["regs", "--api-sock", s, "-t", &p, "--json"]));
+    let mut stepped = 0;
+    while stepped < 25 {
+        let v = regs(&["step", "--api-sock", s, "-t", &p, "--json"]);
+        assert_eq!(v["steps"], 1, "{v}");
+        let next = ip_of(&v);
+        assert_eq!(hex(v["ip"].as_str().unwrap()), next, "{v}");
+        if let Some((insn, text)) = dis.get(&ip) {
+            let fallthrough = ip + insn.len;
+            let target = u64::from_str_radix(text, 16).ok();
+            assert!(
+                next == fallthrough || Some(next) == target || is_branch(&insn.mnemonic),
+                "one step from {ip:#x} ({text}) went to {next:#x}"
+            );
+            if !is_branch(&insn.mnemonic) && insn.mnemonic != "syscall" {
+                assert_eq!(next, fallthrough, "{ip:#x}: {text}");
+            }
+            stepped += 1;
+        } else {
+            // vDSO code (the clock read): not in the program's file.
+            assert!(next != ip || stepped > 0, "no progress at {ip:#x}");
+            stepped += 1;
+        }
+        ip = next;
+    }
+    // Ten more at once, then blocks: the thread stays held in between.
+    let v = regs(&["step", "--api-sock", s, "-t", &p, "-n", "10", "--json"]);
+    assert_eq!(v["steps"], 10, "{v}");
+    let v = regs(&["step", "--api-sock", s, "-t", &p, "--blocks", "--json"]);
+    assert_eq!(v["steps"], 1, "{v}");
+    let out = hvtrace(&["cont", "--api-sock", s, "-p", &p]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let child = vm.take_child();
+    let run = child.wait_with_output().unwrap();
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    assert!(stdout(&run).contains("spin done"), "{}", stdout(&run));
+}

@@ -102,6 +102,39 @@ struct AttachRequest {
     intel: bool,
 }
 
+/// The `step` op's engine: steps its thread until `left` step reports
+/// have come, sending each one's next instruction, then votes STOP.
+struct StepCounter {
+    left: std::sync::atomic::AtomicU64,
+    mode: utrace::ResumeAction,
+    reports: Sender<u64>,
+}
+
+impl utrace::EngineOps for StepCounter {
+    fn report_quiesce(
+        &self,
+        _action: utrace::ResumeAction,
+        _engine: &utrace::Engine,
+        thread: &utrace::context::ThreadContext,
+        _event: utrace::EventMask,
+    ) -> utrace::ResumeAction {
+        use std::sync::atomic::Ordering;
+        let Some(step) = thread.step else {
+            return self.mode;
+        };
+        let _ = self.reports.send(step.ip);
+        let before = self
+            .left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .unwrap_or(0);
+        if before <= 1 {
+            utrace::ResumeAction::Stop
+        } else {
+            self.mode
+        }
+    }
+}
+
 /// An engine's output: whole lines, wrapped for the protocol and queued
 /// for the client's connection (dropped if the client stopped reading).
 struct ConnSink {
@@ -316,6 +349,105 @@ impl Handler {
             return Err(errors.join("; "));
         }
         Ok(json!({ "tids": tids, "reported": reported }))
+    }
+
+    /// Steps thread `tid`, held by `stop`, `count` times and holds it
+    /// again: a stepping engine is attached, the hold released, and the
+    /// engine votes STOP at the last step's report (the thread parks
+    /// there); then the hold is taken again and the engine goes.
+    fn step(
+        &mut self,
+        session: &Session,
+        tid: i32,
+        count: u64,
+        blocks: bool,
+    ) -> Result<Value, String> {
+        if count == 0 || count > 1_000_000 {
+            return Err(format!("count {count}: want 1 to 1000000 steps"));
+        }
+        let hold_data = match self.held.get(&tid) {
+            Some(h) => h.data.clone(),
+            None => {
+                return Err(format!(
+                    "thread {tid} is not held stopped (EBUSY): `hvtrace stop -t {tid}` first"
+                ))
+            }
+        };
+        let tracer = self.tracer(session)?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mode = if blocks {
+            utrace::ResumeAction::BlockStep
+        } else {
+            utrace::ResumeAction::SingleStep
+        };
+        let data: EngineData = Arc::new("hvtrace step");
+        let spec = EngineSpec {
+            ops: Arc::new(StepCounter {
+                left: std::sync::atomic::AtomicU64::new(count),
+                mode,
+                reports: tx,
+            }),
+            events: utrace::event::EventMask::QUIESCE,
+            follow: false,
+            data: Some(data.clone()),
+        };
+        tracer
+            .attach_target(session.vm(), Target::Thread(tid), &spec)
+            .map_err(|e| e.to_string())?;
+        let engine = tracer
+            .engines(tid)
+            .into_iter()
+            .find(|e| e.data().is_some_and(|d| Arc::ptr_eq(d, &data)));
+        let asked = std::time::Instant::now();
+        let started = match engine {
+            Some(e) => tracer
+                .control(session.vm(), tid, &e, mode)
+                .map_err(|e| e.to_string()),
+            None => Err(format!("thread {tid} is gone")),
+        };
+        let mut ips = Vec::new();
+        if started.is_ok() {
+            tracer.release_thread(tid, &hold_data);
+            // Each report is one step; the last parks the thread.
+            let deadline = asked
+                + std::time::Duration::from_secs(10)
+                    .max(std::time::Duration::from_millis(count.saturating_mul(20)));
+            while (ips.len() as u64) < count {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(ip) => ips.push(ip),
+                    Err(_) => break,
+                }
+            }
+        }
+        // Held again by `stop`'s holder, then the stepping engine goes.
+        let rehold = tracer.hold_stopped(
+            session.vm(),
+            Target::Thread(tid),
+            &hold_data,
+            std::time::Duration::from_secs(3),
+            false,
+        );
+        tracer.detach_data(&data);
+        let _ = tracer.release_step_site(session.vm());
+        started?;
+        let ms = asked.elapsed().as_secs_f64() * 1e3;
+        match rehold {
+            Ok(h) if h.stopped.contains(&tid) => {}
+            _ => {
+                self.held.remove(&tid);
+                self.remove_idle_tracer(session);
+                return Err(format!(
+                    "thread {tid} did not stop again after {} of {count} steps (it exited?)",
+                    ips.len()
+                ));
+            }
+        }
+        let mut reply = self.regs(session, tid, None)?;
+        reply["steps"] = json!(ips.len());
+        reply["ip"] = json!(format!("{:#x}", ips.last().copied().unwrap_or(0)));
+        reply["ms"] = json!(ms);
+        Ok(reply)
     }
 
     fn regs(
@@ -746,6 +878,7 @@ impl Handler {
             }
             Op::Cont { pid, tid } => self.cont(session, target(pid, tid)?),
             Op::Regs { tid, set } => self.regs(session, tid, set),
+            Op::Step { tid, count, blocks } => self.step(session, tid, count.unwrap_or(1), blocks),
             Op::Mem {
                 pid,
                 addr,

@@ -26,7 +26,10 @@
 //!   client that stops reading loses events, never stalls the guest. When the client closes
 //!   the connection (or is killed) its engines are detached and its
 //!   threads run on untraced; when no engine is left the tracer's traps
-//!   are removed and the kernel text is as it was.
+//!   are removed and the kernel text is as it was. With `"steps":"single"`
+//!   (or `"block"`, and `"intel":true` for Intel syntax) the process's
+//!   threads also step, each instruction (or block) an event
+//!   `{"pid":N,"event":"step","line":"401000 <_start>:\tmov (%rsp),%rcx"}`.
 //! * `{"v":1,"op":"detach"}` -> `{"v":1,"ok":true,"engines":N}`: the same,
 //!   keeping the connection.
 //! * `{"v":1,"op":"stop","pid":N}` (or `"tid":N` for one thread) ->
@@ -64,6 +67,11 @@
 //!   with `"write":"hex"` instead of `len`, writes as ptrace does (a private
 //!   read-only page is copied for this process only). The process must have
 //!   a thread held by `stop`, or it is stopped for the access and released.
+//! * `{"v":1,"op":"step","tid":N,"count":1,"blocks":false}` ->
+//!   `{"v":1,"ok":true,"steps":1,"ip":"0x..","ms":..,"regs":{..},..}`: a
+//!   thread held by `stop` runs `count` user instructions (or blocks:
+//!   emulated, to the next taken branch) and is held again; the reply is
+//!   `regs`' with the steps made and where the thread is.
 //! * `{"v":1,"op":"text_hash"}` -> `{"v":1,"ok":true,"sha256":"..","bytes":N,"traps":N}`:
 //!   SHA-256 of the guest kernel's text (`_text`..`_etext`) as it is in
 //!   guest memory, and how many of the tracer's traps are set.
@@ -168,6 +176,19 @@ pub enum Op {
         /// Registers to set first.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         set: Option<std::collections::BTreeMap<String, Value>>,
+    },
+    /// Step a thread held by `stop` for `count` user instructions (or
+    /// blocks, with `blocks`), and hold it again; replies with where it
+    /// is (`ip`), the steps made and its registers.
+    Step {
+        /// Thread id.
+        tid: i32,
+        /// Steps (default 1).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        count: Option<u64>,
+        /// Block steps instead of single steps.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        blocks: bool,
     },
     /// Read (`len`) or write (`write`, hex) a process's memory.
     Mem {

@@ -269,6 +269,56 @@ pub fn regs(args: RegsArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// Arguments of `hvtrace step`.
+#[derive(Args, Debug)]
+pub struct StepArgs {
+    /// Control socket of the VM.
+    #[arg(long)]
+    pub api_sock: PathBuf,
+    /// The thread (stopped by `hvtrace stop`).
+    #[arg(short = 't', long = "tid")]
+    pub tid: i32,
+    /// Steps to make.
+    #[arg(short = 'n', long = "count", default_value_t = 1)]
+    pub count: u64,
+    /// Step blocks (to the next taken branch; emulated) instead of
+    /// single instructions.
+    #[arg(long)]
+    pub blocks: bool,
+    /// Print the reply (registers included) as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Steps a stopped thread and leaves it stopped.
+pub fn step(args: StepArgs) -> Result<i32> {
+    let reply = client::call(
+        &args.api_sock,
+        Op::Step {
+            tid: args.tid,
+            count: Some(args.count),
+            blocks: args.blocks,
+        },
+    )?;
+    if args.json {
+        println!("{reply}");
+    } else {
+        println!(
+            "thread {} stepped {} {} in {:.1} ms, now at {}",
+            args.tid,
+            reply["steps"],
+            if args.blocks {
+                "block(s)"
+            } else {
+                "instruction(s)"
+            },
+            reply["ms"].as_f64().unwrap_or(f64::NAN),
+            reply["ip"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(0)
+}
+
 /// Arguments of `hvtrace mem`.
 #[derive(Args, Debug)]
 pub struct MemArgs {

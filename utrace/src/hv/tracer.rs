@@ -325,21 +325,28 @@ impl Tracer {
         }
         vm.pause_all()?;
         // Checked again with every vCPU paused: none can start a step now.
+        // A thread parked at the STEP trap returns to it (its kernel call
+        // in flight): the trap stays until it has.
+        let in_flight = inner.calls_in_flight();
         let gone = !busy(&inner.lock());
         if gone {
             let mut plans = inner.plans.write().unwrap_or_else(|e| e.into_inner());
             let steps: Vec<Arc<PlannedTrap>> = plans
                 .values()
-                .filter(|p| p.site == Site::Step)
+                .filter(|p| p.site == Site::Step && !in_flight.contains(&p.va))
                 .cloned()
                 .collect();
+            let all = steps.len() == plans.values().filter(|p| p.site == Site::Step).count();
             for p in steps {
                 remove_trap(vm, &p);
                 plans.remove(&p.va);
             }
+            drop(plans);
+            vm.resume_all()?;
+            return Ok(all);
         }
         vm.resume_all()?;
-        Ok(gone)
+        Ok(false)
     }
 
     /// Holds every thread of `target` stopped with a [`StopHolder`] engine
@@ -904,7 +911,18 @@ impl Dispatcher {
             _ => {}
         }
         ring |= self.release_if_free(&mut table, tid);
+        let stale_flag = parked
+            && table.trap_flag.contains_key(&tid)
+            && table
+                .traced
+                .get(&tid)
+                .is_none_or(|t| t.utrace.stepping().is_none());
         drop(table);
+        if stale_flag {
+            // Nobody steps a thread held in the kernel any more: its TF
+            // goes now (its user registers are the saved ones).
+            self.sync_or_clear_trap_flag(tid, task);
+        }
         if action == ResumeAction::Interrupt {
             // As signal_wake_up: TIF_SIGPENDING, then the wake (the
             // doorbell's); a thread in user mode sees it at its next

@@ -306,6 +306,18 @@ impl Dispatcher {
         }
     }
 
+    /// Clears the TF of thread `tid` (`task`), held in the kernel, that no
+    /// engine steps any more.
+    pub(crate) fn sync_or_clear_trap_flag(&self, tid: Tid, task: u64) {
+        let k = self.kernel(self.kernel_space);
+        let result = self
+            .user_regs(&k, task)
+            .and_then(|u| self.clear_trap_flag(tid, self.kernel_space, &u));
+        if let Err(e) = result {
+            log::warn!("tracer: the trap flag of thread {tid}: {e}");
+        }
+    }
+
     /// Sets TF in `u` (thread `tid`, `task`) and marks it forced.
     pub(crate) fn set_trap_flag(
         &self,
