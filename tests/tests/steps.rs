@@ -568,32 +568,42 @@ fn a_thread_detached_mid_step_runs_on_and_nothing_is_left_behind() {
     g.session.shutdown();
 }
 
-#[test]
-fn attach_steps_a_running_process_through_its_exec() {
-    require_kvm();
-    let oracle = ptrace_steps(&["/usr/bin/hv-step-loop"]).executed();
+/// `hvtrace run --api-sock SOCK -- COMMAND` in the background, and the
+/// first task of the guest's `ps` with name `comm` once it shows up.
+fn serve(command: &[&str], comm: &str) -> (ApiVm, PathBuf, serde_json::Value) {
     let sock = temp_path("steps.sock");
     let child = Command::new(hvtrace_bin())
         .args(["run", "--api-sock", sock.to_str().unwrap(), "--"])
-        .args(["sh", "-c", "sleep 3; exec /usr/bin/hv-step-loop"])
+        .args(command)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start hvtrace run");
-    let mut vm = ApiVm::new(child, sock.clone());
-    // The shell, while its `sleep` runs.
+    let vm = ApiVm::new(child, sock.clone());
     let deadline = Instant::now() + Duration::from_secs(300);
-    let pid = loop {
-        assert!(Instant::now() < deadline, "no sleep in the guest's ps");
+    loop {
+        assert!(Instant::now() < deadline, "no {comm} in the guest's ps");
         if let Ok(v) = api_call(&sock, r#"{"v":1,"op":"ps"}"#) {
             let tasks = v["tasks"].as_array().cloned().unwrap_or_default();
-            if let Some(sleep) = tasks.iter().find(|t| t["comm"] == "sleep") {
-                break sleep["ppid"].as_i64().expect("ppid");
+            if let Some(t) = tasks.into_iter().find(|t| t["comm"] == comm) {
+                return (vm, sock, t);
             }
         }
         std::thread::sleep(Duration::from_millis(100));
-    };
+    }
+}
+
+#[test]
+fn attach_steps_a_running_process_through_its_exec() {
+    require_kvm();
+    let oracle = ptrace_steps(&["/usr/bin/hv-step-loop"]).executed();
+    // The shell, while its `sleep` runs.
+    let (mut vm, sock, sleep) = serve(
+        &["sh", "-c", "sleep 3; exec /usr/bin/hv-step-loop"],
+        "sleep",
+    );
+    let pid = sleep["ppid"].as_i64().expect("ppid");
     let trace = temp_path("attach-steps.txt");
     let out = hvtrace(&[
         "attach",
@@ -693,34 +703,9 @@ fn hvtrace_step_moves_a_stopped_thread_one_instruction_at_a_time() {
     require_kvm();
     // hv-spin is a symlink to the multi-call hv-tests.
     let dis = objdump_guest_file("/usr/bin/hv-tests");
-    let sock = temp_path("step.sock");
-    let child = Command::new(hvtrace_bin())
-        .args([
-            "run",
-            "--api-sock",
-            sock.to_str().unwrap(),
-            "--",
-            "hv-spin",
-            "4",
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start hvtrace run");
-    let mut vm = ApiVm::new(child, sock.clone());
+    let (mut vm, sock, spin) = serve(&["hv-spin", "4"], "hv-spin");
     let s = sock.to_str().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let pid = loop {
-        assert!(Instant::now() < deadline, "no hv-spin in the guest's ps");
-        if let Ok(v) = api_call(&sock, r#"{"v":1,"op":"ps"}"#) {
-            let tasks = v["tasks"].as_array().cloned().unwrap_or_default();
-            if let Some(t) = tasks.iter().find(|t| t["comm"] == "hv-spin") {
-                break t["pid"].as_i64().unwrap();
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let pid = spin["pid"].as_i64().unwrap();
     let p = pid.to_string();
     let out = hvtrace(&["stop", "--api-sock", s, "-p", &p]);
     assert!(out.status.success(), "{}", stderr(&out));

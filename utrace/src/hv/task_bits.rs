@@ -51,11 +51,7 @@ impl Dispatcher {
         task: u64,
         bit: u32,
     ) -> Result<(), IntrospectError> {
-        let flags = (
-            self.layout.tasks.task.ti_flags.offset(),
-            "task_struct.thread_info.flags",
-        );
-        self.update_task_bits(space, task, flags, 1 << bit, false)
+        self.update_thread_flag(space, task, bit, false)
     }
 
     /// Sets flag `bit` in `task`'s thread flags, as the guest's own
@@ -66,11 +62,22 @@ impl Dispatcher {
         task: u64,
         bit: u32,
     ) -> Result<(), IntrospectError> {
+        self.update_thread_flag(space, task, bit, true)
+    }
+
+    /// Sets (`on`) or clears flag `bit` in `task`'s thread flags.
+    fn update_thread_flag(
+        &self,
+        space: AddressSpace,
+        task: u64,
+        bit: u32,
+        on: bool,
+    ) -> Result<(), IntrospectError> {
         let flags = (
             self.layout.tasks.task.ti_flags.offset(),
             "task_struct.thread_info.flags",
         );
-        self.update_task_bits(space, task, flags, 1 << bit, true)
+        self.update_task_bits(space, task, flags, 1 << bit, on)
     }
 
     /// Sets or clears the steering bit in `task`'s `syscall_work`.

@@ -921,7 +921,7 @@ impl Dispatcher {
         if stale_flag {
             // Nobody steps a thread held in the kernel any more: its TF
             // goes now (its user registers are the saved ones).
-            self.sync_or_clear_trap_flag(tid, task);
+            self.clear_trap_flag_in_kernel(tid, task);
         }
         if action == ResumeAction::Interrupt {
             // As signal_wake_up: TIF_SIGPENDING, then the wake (the

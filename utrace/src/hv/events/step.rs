@@ -295,27 +295,24 @@ impl Dispatcher {
             .map(|(tid, o)| (*tid, o.task))
             .collect();
         for (tid, task) in left {
-            let k = self.kernel(self.kernel_space);
-            let result = self
-                .user_regs(&k, task)
-                .and_then(|u| self.clear_trap_flag(tid, self.kernel_space, &u));
-            if let Err(e) = result {
-                log::warn!("tracer: the trap flag of thread {tid}: {e}");
+            if !self.clear_trap_flag_in_kernel(tid, task) {
                 self.lock().trap_flag.remove(&tid);
             }
         }
     }
 
-    /// Clears the TF of thread `tid` (`task`), held in the kernel, that no
-    /// engine steps any more.
-    pub(crate) fn sync_or_clear_trap_flag(&self, tid: Tid, task: u64) {
+    /// Clears the TF of thread `tid` (`task`), in the kernel (parked,
+    /// asleep or preempted: its user flags are the saved ones), that no
+    /// engine steps any more. Whether it could.
+    pub(crate) fn clear_trap_flag_in_kernel(&self, tid: Tid, task: u64) -> bool {
         let k = self.kernel(self.kernel_space);
         let result = self
             .user_regs(&k, task)
             .and_then(|u| self.clear_trap_flag(tid, self.kernel_space, &u));
-        if let Err(e) = result {
+        if let Err(e) = &result {
             log::warn!("tracer: the trap flag of thread {tid}: {e}");
         }
+        result.is_ok()
     }
 
     /// Sets TF in `u` (thread `tid`, `task`) and marks it forced.
