@@ -56,54 +56,28 @@ impl GuestFiles {
         files
     }
 
-    /// Indexes archive `which`; returns how many entries it had.
+    /// Indexes archive `which` (`vmm`'s newc walker: a malformed member
+    /// ends it, with the members before it kept); returns how many
+    /// members it had.
     fn add(&mut self, which: usize, b: &[u8]) -> usize {
-        let mut at = 0usize;
         let mut n = 0;
-        while let Some(h) = b.get(at..at.saturating_add(110)) {
-            if &h[..6] != b"070701" && &h[..6] != b"070702" {
-                break;
-            }
-            let field = |i: usize| -> Option<usize> {
-                let s = std::str::from_utf8(h.get(6 + i * 8..14 + i * 8)?).ok()?;
-                usize::from_str_radix(s, 16).ok()
-            };
-            let (Some(mode), Some(size), Some(namesize)) = (field(1), field(6), field(11)) else {
-                break;
-            };
-            let name_start = at + 110;
-            let Some(name_end) = name_start.checked_add(namesize) else {
-                break;
-            };
-            let Some(name) = b.get(name_start..name_end.saturating_sub(1)) else {
-                break;
-            };
-            let data_start = (name_end + 3) & !3;
-            let Some(data_end) = data_start.checked_add(size).filter(|&e| e <= b.len()) else {
-                break;
-            };
-            let name = String::from_utf8_lossy(name).into_owned();
-            if name == "TRAILER!!!" {
-                // Concatenated archives: another may follow, after padding.
-                at = (data_end + 3) & !3;
-                while b.get(at) == Some(&0) {
-                    at += 1;
-                }
+        for m in vmm::initrd::cpio_members(b).map_while(Result::ok) {
+            if m.is_trailer() {
                 continue;
             }
+            let name = String::from_utf8_lossy(m.name);
             let path = format!("/{}", name.trim_start_matches("./").trim_start_matches('/'));
             self.index.insert(
                 path,
                 (
                     which,
                     Entry {
-                        mode: mode as u32,
-                        data: data_start..data_end,
+                        mode: m.mode,
+                        data: m.data,
                     },
                 ),
             );
             n += 1;
-            at = (data_end + 3) & !3;
         }
         n
     }

@@ -61,44 +61,91 @@ fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
+/// One member of a newc cpio archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpioMember<'a> {
+    /// Its name, without the terminating NUL (`TRAILER!!!` for an
+    /// archive's end).
+    pub name: &'a [u8],
+    /// `c_mode`: file type and permissions.
+    pub mode: u32,
+    /// Where its contents lie in the archive.
+    pub data: std::ops::Range<usize>,
+}
+
+impl CpioMember<'_> {
+    /// Whether it is an archive's `TRAILER!!!` entry.
+    pub fn is_trailer(&self) -> bool {
+        self.name == b"TRAILER!!!"
+    }
+}
+
+/// The members of one or more concatenated newc archives, trailers
+/// included, in order; zero padding between archives is skipped. A
+/// malformed or truncated member ends the walk with its error.
+pub fn cpio_members(data: &[u8]) -> impl Iterator<Item = Result<CpioMember<'_>, InitrdError>> {
+    let mut off = 0usize;
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        while !failed && data.get(off) == Some(&0) {
+            off += 1; // padding between concatenated archives
+        }
+        if failed || off >= data.len() {
+            return None;
+        }
+        let member = next_member(data, off);
+        match &member {
+            Ok((_, end)) => off = align4(*end),
+            Err(_) => failed = true,
+        }
+        Some(member.map(|(m, _)| m))
+    })
+}
+
+/// The member whose header is at `off`, and where its contents end.
+fn next_member(data: &[u8], off: usize) -> Result<(CpioMember<'_>, usize), InitrdError> {
+    let h = data
+        .get(off..off + HEADER_LEN)
+        .ok_or_else(|| InitrdError::Cpio(format!("header at byte {off} is cut off")))?;
+    if &h[..6] != NEWC_MAGIC && &h[..6] != CRC_MAGIC {
+        return Err(InitrdError::Cpio(format!("no cpio header at byte {off}")));
+    }
+    let mode = hex_field(h, 1)?;
+    let filesize = hex_field(h, 6)?;
+    let namesize = hex_field(h, 11)?;
+    let name_start = off + HEADER_LEN;
+    let name = data
+        .get(name_start..name_start + namesize)
+        .ok_or_else(|| InitrdError::Cpio(format!("name of member at byte {off} is cut off")))?;
+    let name = name.strip_suffix(&[0]).unwrap_or(name);
+    let data_start = align4(name_start + namesize);
+    let data_end = data_start
+        .checked_add(filesize)
+        .ok_or_else(|| InitrdError::Cpio("size overflow".into()))?;
+    if data_end > data.len() {
+        let n = String::from_utf8_lossy(name).into_owned();
+        return Err(InitrdError::Cpio(format!(
+            "member {n:?} needs {filesize} bytes but the file ends first"
+        )));
+    }
+    let member = CpioMember {
+        name,
+        mode: mode as u32,
+        data: data_start..data_end,
+    };
+    Ok((member, data_end))
+}
+
 /// Walks every member of one or more concatenated newc archives up to their
 /// `TRAILER!!!` entries; zero padding between archives is allowed.
 pub fn check_cpio(data: &[u8]) -> Result<usize, InitrdError> {
-    let mut off = 0usize;
     let mut members = 0usize;
     let mut saw_trailer = false;
-    while off < data.len() {
-        if data[off] == 0 {
-            off += 1; // padding between concatenated archives
-            continue;
-        }
-        let h = data
-            .get(off..off + HEADER_LEN)
-            .ok_or_else(|| InitrdError::Cpio(format!("header at byte {off} is cut off")))?;
-        if &h[..6] != NEWC_MAGIC && &h[..6] != CRC_MAGIC {
-            return Err(InitrdError::Cpio(format!("no cpio header at byte {off}")));
-        }
-        let filesize = hex_field(h, 6)?;
-        let namesize = hex_field(h, 11)?;
-        let name_start = off + HEADER_LEN;
-        let name = data
-            .get(name_start..name_start + namesize)
-            .ok_or_else(|| InitrdError::Cpio(format!("name of member at byte {off} is cut off")))?;
-        let data_start = align4(name_start + namesize);
-        let data_end = data_start
-            .checked_add(filesize)
-            .ok_or_else(|| InitrdError::Cpio("size overflow".into()))?;
-        if data_end > data.len() {
-            let n = String::from_utf8_lossy(name.strip_suffix(&[0]).unwrap_or(name)).into_owned();
-            return Err(InitrdError::Cpio(format!(
-                "member {n:?} needs {filesize} bytes but the file ends first"
-            )));
-        }
-        saw_trailer = name == b"TRAILER!!!\0";
+    for m in cpio_members(data) {
+        saw_trailer = m?.is_trailer();
         if !saw_trailer {
             members += 1;
         }
-        off = align4(data_end);
     }
     if !saw_trailer {
         return Err(InitrdError::Cpio(
