@@ -447,8 +447,13 @@ impl Dispatcher {
 
     /// Whether the QUIESCE traps are set.
     pub fn has_quiesce_site(&self) -> bool {
+        self.has_site(Site::Quiesce)
+    }
+
+    /// Whether a trap of `site` is set.
+    pub fn has_site(&self, site: Site) -> bool {
         let plans = self.plans.read().unwrap_or_else(|e| e.into_inner());
-        plans.values().any(|p| p.site == Site::Quiesce)
+        plans.values().any(|p| p.site == site)
     }
 
     /// Does what the instruction under the `int3` would have done.

@@ -197,11 +197,7 @@ impl Tracer {
         let result = (|| -> Result<(), TracerError> {
             let space = vm.vcpu_sregs(0)?.view.kernel_space();
             let k = inner.kernel(space);
-            let (plans, errors) = plan(&k, &inner.info.symbols, &inner.layout, &[Site::Quiesce]);
-            if plans.is_empty() {
-                return Err(TracerError::Sites(errors.join("; ")));
-            }
-            set_traps(vm, inner, space, plans)?;
+            set_traps(vm, inner, space, plan_required(&k, inner, Site::Quiesce)?)?;
             let (bell, errors) = plan(&k, &inner.info.symbols, &inner.layout, &[Site::Doorbell]);
             if bell.is_empty() || inner.doorbell.is_none() {
                 log::warn!(
@@ -298,11 +294,7 @@ impl Tracer {
         let result = (|| -> Result<(), TracerError> {
             let space = vm.vcpu_sregs(0)?.view.kernel_space();
             let k = inner.kernel(space);
-            let (plans, errors) = plan(&k, &inner.info.symbols, &inner.layout, &[Site::Step]);
-            if plans.is_empty() {
-                return Err(TracerError::Sites(errors.join("; ")));
-            }
-            set_traps(vm, inner, space, plans)
+            set_traps(vm, inner, space, plan_required(&k, inner, Site::Step)?)
         })();
         vm.resume_all()?;
         result
@@ -937,6 +929,19 @@ impl Dispatcher {
         }
         Ok(())
     }
+}
+
+/// The traps of `site`, planned; an error naming why if none can be.
+fn plan_required(
+    k: &RunningKernel<'_, vmm::vstate::memory::GuestRam>,
+    inner: &Dispatcher,
+    site: Site,
+) -> Result<Vec<PlannedTrap>, TracerError> {
+    let (plans, errors) = plan(k, &inner.info.symbols, &inner.layout, &[site]);
+    if plans.is_empty() {
+        return Err(TracerError::Sites(errors.join("; ")));
+    }
+    Ok(plans)
 }
 
 /// The traps of one of [`Site::OPTIONAL`], planned.

@@ -84,8 +84,7 @@ pub(crate) struct OwnedTrapFlag {
 impl Dispatcher {
     /// Whether the STEP trap is set.
     pub fn has_step_site(&self) -> bool {
-        let plans = self.plans.read().unwrap_or_else(|e| e.into_inner());
-        plans.values().any(|p| p.site == Site::Step)
+        self.has_site(Site::Step)
     }
 
     /// Whether `t`'s thread carries a TF the tracer set.
