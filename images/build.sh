@@ -122,6 +122,15 @@ for src in programs/hv-step-*.S; do
     gcc -nostdlib -static -no-pie -o "$root/usr/bin/$p" "$src"
     progs+=("$p")
 done
+# Debugging targets (hvtrace gdbserver's tests): with debug information
+# and no optimisation, as a developer builds what they debug; each its own
+# static binary. The debug information names sources relative to images/.
+for src in programs/debug/*.c; do
+    p=$(basename "$src" .c)
+    gcc -static -g -O0 -Wall -Werror -pthread "-fdebug-prefix-map=$PWD=." \
+        -o "$root/usr/bin/$p" "$src"
+    progs+=("$p")
+done
 hv_log "test programs: ${progs[*]}"
 
 # ---- strace -----------------------------------------------------------------

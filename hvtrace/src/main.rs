@@ -3,6 +3,7 @@
 mod api;
 mod artifacts;
 mod cmd;
+mod gdb;
 mod guestfiles;
 mod introspect;
 mod sink;
@@ -67,6 +68,8 @@ enum Command {
     Mem(cmd::control::MemArgs),
     /// Step a stopped thread one user instruction (or block, or N) and keep it stopped.
     Step(cmd::control::StepArgs),
+    /// Serve one guest process to gdb (the GDB remote protocol), from outside the guest.
+    Gdbserver(gdb::GdbserverArgs),
 }
 
 fn main() {
@@ -102,6 +105,7 @@ fn main() {
         Command::Signal(a) => cmd::control::signal(a),
         Command::Regs(a) => cmd::control::regs(a),
         Command::Step(a) => cmd::control::step(a),
+        Command::Gdbserver(a) => gdb::gdbserver(a),
         Command::Mem(a) => cmd::control::mem(a),
     };
     match result {

@@ -101,7 +101,9 @@ pub struct ThreadContext {
     /// `SIGNAL_IGN`, `SIGNAL_STOP`, `SIGNAL_TERM` or `SIGNAL_CORE`).
     pub signal_disposition: Option<crate::event::EventMask>,
     /// The user registers the kernel saved at its entry (`pt_regs`), where
-    /// the report read them (system-call and exec reports); changed by
+    /// the report read them (system-call, exec and signal reports; at a
+    /// signal's report a system call it interrupted shows its -ERESTART*
+    /// error in `ax`, before the kernel's restart decision); changed by
     /// [`ThreadContext::set_reg`].
     regs: RefCell<Option<SavedRegs>>,
     memory: Option<(GuestRam, AddressSpace)>,

@@ -17,6 +17,7 @@ use utrace::UtraceError;
 use vmm::session::Session;
 use vmm::vstate::memory::GuestRam;
 
+use super::debugger::{Debugger, DEBUGGER_EVENTS};
 use super::server::Conn;
 use super::{Op, PROTOCOL_VERSION};
 use crate::introspect::{self, KernelSource};
@@ -36,6 +37,9 @@ pub struct Handler {
     held: HashMap<i32, Hold>,
     /// Where every attached engine also hands its records (`--sink`).
     observer: Option<Arc<dyn RecordObserver>>,
+    /// The debugger engines (`debug`), by connection (each also in
+    /// `attached`).
+    debuggers: HashMap<u64, (EngineData, Arc<Debugger>)>,
 }
 
 /// One thread held stopped by a `stop` request.
@@ -171,6 +175,7 @@ impl Handler {
             attached: HashMap::new(),
             held: HashMap::new(),
             observer: None,
+            debuggers: HashMap::new(),
         }
     }
 
@@ -227,6 +232,8 @@ impl Handler {
             }
         }
         let tids: Vec<i32> = pairs.iter().map(|p| p.0).collect();
+        // The stop takes over any hold a debugger's report left.
+        self.lift_debugger_stops(session, &tids);
         let pending: Vec<i32> = tids
             .iter()
             .copied()
@@ -271,6 +278,136 @@ impl Handler {
         let mut released = tids;
         released.sort_unstable();
         Ok(json!({ "released": released, "running": running, "ms": ms }))
+    }
+
+    /// `debug`: a [`Debugger`] engine on process `pid`'s threads, or armed
+    /// for the next exec of `exec`.
+    fn debug(
+        &mut self,
+        session: &Session,
+        conn: &Conn,
+        pid: Option<i32>,
+        exec: Option<Vec<String>>,
+    ) -> Result<Value, String> {
+        match (&pid, &exec) {
+            (Some(p), None) if *p > 0 => {}
+            (None, Some(argv)) if !argv.is_empty() => {}
+            _ => {
+                return Err(
+                    "give pid (a running process) or exec (a non-empty argv), not both".into(),
+                )
+            }
+        }
+        if self.attached.contains_key(&conn.id) {
+            return Err("this connection is already attached; detach first".into());
+        }
+        let tracer = self.tracer(session)?;
+        let debugger = Arc::new(Debugger::new(pid.unwrap_or(0), conn.events.clone()));
+        let data: EngineData = Arc::new(conn.id);
+        let spec = EngineSpec {
+            ops: debugger.clone(),
+            events: DEBUGGER_EVENTS,
+            follow: true,
+            data: Some(data.clone()),
+        };
+        let tids = match (pid, exec) {
+            (Some(p), _) => tracer.attach_process(session.vm(), p, &spec),
+            (None, Some(argv)) => tracer
+                .trace_next_exec(session.vm(), argv, spec)
+                .map(|()| Vec::new()),
+            (None, None) => unreachable!("checked above"),
+        };
+        match tids {
+            Ok(tids) => {
+                self.attached.insert(conn.id, data.clone());
+                self.debuggers.insert(conn.id, (data, debugger));
+                Ok(json!({ "tids": tids }))
+            }
+            Err(e) => {
+                self.remove_idle_tracer(session);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Withdraws the STOP a debugger's report left on `tids` (a `stop`
+    /// hold has taken it over).
+    fn lift_debugger_stops(&self, session: &Session, tids: &[i32]) {
+        let Some(tracer) = &self.tracer else {
+            return;
+        };
+        for &tid in tids {
+            for e in tracer.engines(tid) {
+                let debugger = e.data().is_some_and(|d| {
+                    self.debuggers
+                        .values()
+                        .any(|(data, _)| Arc::ptr_eq(data, d))
+                });
+                if debugger {
+                    let _ = tracer.control(session.vm(), tid, &e, utrace::ResumeAction::Resume);
+                }
+            }
+        }
+    }
+
+    /// `cont` of held thread `tid` with `signal`: an INTERRUPT whose
+    /// report sends the signal, then the release; the reply waits for the
+    /// report. A debugger of the thread lets that signal through.
+    fn cont_with_signal(
+        &mut self,
+        session: &Session,
+        tid: i32,
+        signal: i32,
+    ) -> Result<Value, String> {
+        if !(1..=64).contains(&signal) {
+            return Err(format!(
+                "signal {signal} is not a signal number (1-64) (EINVAL)"
+            ));
+        }
+        if !self.held.contains_key(&tid) {
+            return Err(format!("thread {tid} is not held stopped by hvtrace stop"));
+        }
+        let tracer = self.tracer(session)?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let data: EngineData = Arc::new("hvtrace cont signal");
+        let spec = EngineSpec {
+            ops: Arc::new(Interrupter {
+                reports: tx,
+                signal: Some(signal),
+            }),
+            events: utrace::event::EventMask::QUIESCE | utrace::event::EventMask::SIGNAL,
+            follow: false,
+            data: Some(data.clone()),
+        };
+        tracer
+            .attach_target(session.vm(), Target::Thread(tid), &spec)
+            .map_err(|e| e.to_string())?;
+        let armed = tracer
+            .engines(tid)
+            .into_iter()
+            .find(|e| e.data().is_some_and(|d| Arc::ptr_eq(d, &data)))
+            .ok_or_else(|| format!("thread {tid} is gone"))
+            .and_then(|e| {
+                tracer
+                    .control(session.vm(), tid, &e, utrace::ResumeAction::Interrupt)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = armed {
+            tracer.detach_data(&data);
+            return Err(e);
+        }
+        for (_, d) in self.debuggers.values() {
+            d.pass_signal(tid, signal);
+        }
+        let reply = self.cont(session, Target::Thread(tid));
+        let signalled = rx.recv_timeout(std::time::Duration::from_secs(3)).is_ok();
+        if let Some(t) = &self.tracer {
+            t.detach_data(&data);
+        }
+        self.remove_idle_tracer(session);
+        let mut reply = reply?;
+        reply["signalled"] = json!(signalled);
+        Ok(reply)
     }
 
     /// Releases the holds of `tids`.
@@ -511,6 +648,7 @@ impl Handler {
             "fs_base": hex(r.fs_base),
             "gs_base": hex(r.gs_base),
             "fpu": r.fxsave.as_deref().map(fpu_json),
+            "fxsave": r.fxsave.as_deref().map(|a| a.iter().map(|b| format!("{b:02x}")).collect::<String>()),
         }))
     }
 
@@ -772,6 +910,7 @@ impl Handler {
     }
 
     fn detach(&mut self, session: &Session, conn: &Conn) -> Result<Value, String> {
+        self.debuggers.remove(&conn.id);
         let engines = match (self.attached.remove(&conn.id), &self.tracer) {
             (Some(data), Some(t)) => {
                 let n = t.detach_data(&data);
@@ -876,7 +1015,16 @@ impl Handler {
                 let wait = std::time::Duration::from_millis(wait_ms.unwrap_or(2000).min(600_000));
                 self.stop(session, conn, target(pid, tid)?, wait, until_close, interrupt)
             }
-            Op::Cont { pid, tid } => self.cont(session, target(pid, tid)?),
+            Op::Cont {
+                pid,
+                tid: Some(tid),
+                signal: Some(signal),
+            } if pid.is_none() => self.cont_with_signal(session, tid, signal),
+            Op::Cont { signal: Some(_), .. } => {
+                Err("cont with a signal names one thread (tid), not a process".into())
+            }
+            Op::Cont { pid, tid, .. } => self.cont(session, target(pid, tid)?),
+            Op::Debug { pid, exec } => self.debug(session, conn, pid, exec),
             Op::Regs { tid, set } => self.regs(session, tid, set),
             Op::Step { tid, count, blocks } => self.step(session, tid, count.unwrap_or(1), blocks),
             Op::Mem {

@@ -43,6 +43,16 @@
 //!   the stop is this connection's and ends when it closes (or the client
 //!   is killed).
 //! * `{"v":1,"op":"cont","pid":N}` (or `"tid":N`) -> `{"v":1,"ok":true,"released":[N,..]}`.
+//!   With `"tid":N,"signal":S` the thread takes signal S as it goes on (as
+//!   `signal` sends it: siginfo `SI_KERNEL`); the reply then waits for that.
+//! * `{"v":1,"op":"debug","pid":N}` (or `"exec":["/bin/prog","arg"]`) ->
+//!   `{"v":1,"ok":true,"tids":[..]}`: what a debugger needs (`hvtrace
+//!   gdbserver`): every thread of process N (or of the next process to exec
+//!   that argv, held before its first instruction) is held stopped at each
+//!   signal it takes, the signal withheld until a `cont` with `signal`
+//!   gives it back. Events: `{"debug":"exec"|"signal"|"thread"|"exit",..}`
+//!   (see `api::debugger`). A `stop` of a thread takes over its hold. Ends
+//!   with `detach` or the connection.
 //! * `{"v":1,"op":"interrupt","pid":N}` (or `"tid":N`) ->
 //!   `{"v":1,"ok":true,"tids":[..],"reported":[[TID,MS],..]}`: utrace's
 //!   INTERRUPT from an engine of the VM's own: a thread asleep in an
@@ -57,8 +67,9 @@
 //!   1)`; it takes the signal on its way back to user mode (siginfo
 //!   `SI_KERNEL`, as a signal the kernel sends).
 //! * `{"v":1,"op":"regs","tid":N,"set":{"ip":"0x401000"}}` ->
-//!   `{"v":1,"ok":true,"regs":{"ax":"0x..",..},"fs_base":"0x..","gs_base":"0x..","fpu":{"fcw":..,"mxcsr":..,"xmm0":..}}`:
+//!   `{"v":1,"ok":true,"regs":{"ax":"0x..",..},"fs_base":"0x..","gs_base":"0x..","fpu":{"fcw":..,"mxcsr":..,"xmm0":..},"fxsave":"hex"}`:
 //!   a stopped thread's user registers and (read only) FPU/SSE registers
+//!   (`fxsave`: the whole 512-byte FXSAVE image)
 //!   (EBUSY if it is not stopped), after
 //!   setting those in the optional `set` (ptrace's rules: no segment
 //!   selectors, only user RFLAGS bits; `fs_base` and `gs_base` below the
@@ -82,6 +93,7 @@
 //! peers with the server's uid (or root) are served.
 
 pub mod client;
+pub mod debugger;
 pub mod handler;
 pub mod server;
 
@@ -211,6 +223,20 @@ pub enum Op {
         /// One thread.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tid: Option<i32>,
+        /// With `tid`: the thread takes this signal as it goes on.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
+    },
+    /// Debug a process on this connection: its threads stop at every
+    /// signal (and at the armed exec), each stop an event.
+    Debug {
+        /// The running process.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<i32>,
+        /// Or the next process to exec this argv, held at its first
+        /// instruction.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exec: Option<Vec<String>>,
     },
     /// Hash of the guest kernel text.
     TextHash,

@@ -105,6 +105,7 @@ pub fn cont(args: ContArgs) -> Result<i32> {
         Op::Cont {
             pid: args.who.pid,
             tid: args.who.tid,
+            signal: None,
         },
     )?;
     if args.json {

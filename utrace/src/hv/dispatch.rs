@@ -435,12 +435,23 @@ impl Dispatcher {
             && !t.report_pending
             && t.wants_quiesce()
             && self.has_quiesce_site();
+        // A STOP voted where the thread cannot sleep (a signal's report,
+        // made under the signal lock) takes effect at the next place it
+        // can: a handler's delivery, the exit, or else the return-to-user
+        // work, which TIF_NOTIFY_RESUME brings it to. Without it a signal
+        // that is ignored or restarts a call would let it run on in user
+        // mode.
+        let stop_due = action == ResumeAction::Stop
+            && matches!(event, Event::Signal { .. })
+            && self.has_quiesce_site();
         if report_due {
             t.report_pending = true;
+        }
+        if report_due || stop_due {
             let task = t.task;
             drop(threads);
             if let Err(e) = self.notify_resume(space, task) {
-                log::warn!("tracer: REPORT for thread {tid}: {e}");
+                log::warn!("tracer: {action:?} for thread {tid}: {e}");
             }
         }
     }

@@ -89,6 +89,11 @@ impl Dispatcher {
         };
         let kind = signals::disposition(signo, details.handler);
         let mut ctx = self.thread_context(t).voting_on_signal();
+        // The user registers too: a call the signal interrupted is seen
+        // with its error (ax), before the kernel decides on its restart.
+        if let Ok(u) = self.user_regs(k, t.current) {
+            ctx = ctx.with_regs(u, self.pt_regs.clone(), false);
+        }
         ctx.signal = Some(details);
         ctx.signal_disposition = Some(kind);
         self.report(t.tid, &Event::Signal { signo, kind }, &ctx, t.space());
