@@ -77,6 +77,6 @@ step "running tests"
 cargo test --release --workspace --no-fail-fast --lib --bins --tests -- --test-threads=1 "$@"
 if [ $debian -eq 1 ]; then
     step "Debian kernel tests"
-    cargo test --release -p hvtrace-tests --test boot_matches_qemu --test tracing --test introspect --test report --test engines --test attach --test signal_vote --test control --test steps -- --ignored --test-threads=1
+    cargo test --release -p hvtrace-tests --test boot_matches_qemu --test tracing --test introspect --test report --test engines --test attach --test signal_vote --test control --test steps --test gdbserver -- --ignored --test-threads=1
 fi
 step "done"

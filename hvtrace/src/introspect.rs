@@ -164,6 +164,41 @@ pub fn sites_json(
     }))
 }
 
+/// Most bytes of `mm->saved_auxv` read (the kernel's is 52 words; a
+/// hostile BTF cannot make the read larger).
+const AUXV_MAX: u64 = 4096;
+
+/// The auxiliary vector the kernel gave the task at `task` at its exec
+/// (`mm->saved_auxv`, what `/proc/PID/auxv` shows), up to and with its
+/// AT_NULL entry; None for a kernel thread.
+fn saved_auxv<M: PhysMemory + ?Sized>(
+    k: &RunningKernel<'_, M>,
+    info: &KernelInfo,
+    task: u64,
+) -> Result<Option<Vec<u8>>> {
+    let mm_off = info.types.member("task_struct", "mm")?.offset;
+    let auxv = info.types.member("mm_struct", "saved_auxv")?;
+    let mut word = [0u8; 8];
+    k.read(task.wrapping_add(mm_off), &mut word, "task_struct.mm")?;
+    let mm = u64::from_le_bytes(word);
+    if mm == 0 {
+        return Ok(None);
+    }
+    let mut bytes = vec![0u8; auxv.size.min(AUXV_MAX) as usize];
+    k.read(
+        mm.wrapping_add(auxv.offset),
+        &mut bytes,
+        "mm_struct.saved_auxv",
+    )?;
+    // Pairs of (type, value) words, ending at AT_NULL (type 0).
+    let end = bytes
+        .chunks_exact(16)
+        .position(|pair| pair[..8] == [0; 8])
+        .map_or(bytes.len() / 16 * 16, |i| 16 * (i + 1));
+    bytes.truncate(end);
+    Ok(Some(bytes))
+}
+
 /// Details of the task with thread id `tid`, as JSON.
 pub fn inspect_json(
     mem: &(impl PhysMemory + ?Sized),
@@ -183,6 +218,10 @@ pub fn inspect_json(
     // A page of the arguments that was never touched is not in memory yet;
     // that is not an error of the request, so it shows as null.
     let cmdline = reader.cmdline(&task).ok().flatten();
+    let auxv = saved_auxv(&k, info, task.addr)
+        .ok()
+        .flatten()
+        .map(|b| b.iter().map(|x| format!("{x:02x}")).collect::<String>());
     let regs_json = regs.as_ref().map(|r: &UserRegs| {
         let m: serde_json::Map<String, Value> = Reg::NAMES
             .iter()
@@ -199,6 +238,7 @@ pub fn inspect_json(
         "task": task,
         "exe": exe,
         "cmdline": cmdline,
+        "auxv": auxv,
         "user_regs": regs_json,
         "syscall": syscall,
     }))

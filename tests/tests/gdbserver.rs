@@ -160,10 +160,15 @@ struct Server {
 
 impl Server {
     fn start(argv: &[&str]) -> Self {
+        Self::start_on("minimal", argv)
+    }
+
+    /// On guest kernel `kernel` (`minimal`, `debian-6.1`, `debian-6.12`).
+    fn start_on(kernel: &str, argv: &[&str]) -> Self {
         require_kvm();
         // The cached snapshot first (a cold boot, once per image).
         let out = Command::new(hvtrace_bin())
-            .args(["run", "--", "true"])
+            .args(["run", "--kernel", kernel, "--", "true"])
             .stdin(Stdio::null())
             .output()
             .unwrap();
@@ -174,7 +179,7 @@ impl Server {
         );
         let sock = temp_path("gdb.sock");
         let mut child = Command::new(hvtrace_bin())
-            .args(["gdbserver", "--listen"])
+            .args(["gdbserver", "--kernel", kernel, "--listen"])
             .arg(&sock)
             .arg("--")
             .args(argv)
@@ -289,12 +294,28 @@ const SESSION: [&str; 22] = [
 
 #[test]
 fn a_gdb_session_prints_what_native_gdb_prints() {
+    session_matches_native_on("minimal");
+}
+
+#[test]
+#[ignore = "Debian kernel: scripts/test.sh --debian"]
+fn debian_6_1_gdb_session_prints_what_native_gdb_prints() {
+    session_matches_native_on("debian-6.1");
+}
+
+#[test]
+#[ignore = "Debian kernel: scripts/test.sh --debian"]
+fn debian_6_12_gdb_session_prints_what_native_gdb_prints() {
+    session_matches_native_on("debian-6.12");
+}
+
+fn session_matches_native_on(kernel: &str) {
     let native_bin = host_demo();
     let mut native = vec!["break scale", "run"];
     native.extend(&SESSION[1..]);
     let native_out = gdb(&[native_bin.to_str().unwrap()], &native);
 
-    let server = Server::start(&[DEMO]);
+    let server = Server::start_on(kernel, &[DEMO]);
     let t = target(&server.sock);
     let mut remote = vec![
         "set remotetimeout 30",
@@ -335,9 +356,123 @@ fn a_gdb_session_prints_what_native_gdb_prints() {
     );
 }
 
+/// `text` with every hexadecimal number blanked.
+fn blank_hex(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("0x") {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i + 2..];
+        let n = tail.chars().take_while(|c| c.is_ascii_hexdigit()).count();
+        out.push_str("0xN");
+        rest = &tail[n..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn a_dynamic_programs_libraries_are_found_as_ldd_lists_them() {
+    // strace in the guest image is Debian's, with the host's libraries
+    // at the host's paths (images/build.sh), so the host's ldd and gdb
+    // are the oracles: the libraries, and the frames at a libc function.
+    let script = [
+        "set breakpoint pending on",
+        "break write",
+        "START",
+        "info sharedlibrary",
+        "backtrace 3",
+        "kill",
+    ];
+    let with = |start: &str| -> Vec<String> {
+        script
+            .iter()
+            .map(|c| {
+                if *c == "START" {
+                    start.to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    };
+    let native = with("run");
+    let native: Vec<&str> = native.iter().map(String::as_str).collect();
+    let native_out = gdb(&["--args", "/usr/bin/strace", "-V"], &native);
+
+    let server = Server::start(&["/usr/bin/strace", "-V"]);
+    let t = target(&server.sock);
+    let mut remote = vec!["set remotetimeout 30".to_string(), t];
+    remote.extend(with("continue"));
+    let remote: Vec<&str> = remote.iter().map(String::as_str).collect();
+    let remote_out = gdb(&[], &remote);
+    drop(server);
+
+    let libs = |out: &str| -> BTreeSet<String> {
+        out.lines()
+            .filter_map(|l| l.split_whitespace().last())
+            .filter(|w| w.contains(".so") && !w.starts_with("linux-vdso"))
+            .map(|w| w.rsplit('/').next().unwrap().to_string())
+            .collect()
+    };
+    let ldd = Command::new("ldd")
+        .arg("/usr/bin/strace")
+        .output()
+        .expect("ldd");
+    let want: BTreeSet<String> = String::from_utf8_lossy(&ldd.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|w| w.contains(".so") && !w.starts_with("linux-vdso"))
+        .map(|w| w.rsplit('/').next().unwrap().to_string())
+        .collect();
+    assert!(want.contains("libc.so.6"), "ldd: {want:?}");
+    assert_eq!(
+        libs(&remote_out),
+        want,
+        "gdb's libraries in the guest are not ldd's"
+    );
+    // The same frames as native gdb's at libc's write (addresses aside).
+    // Function names only: the arguments differ where stdout's buffering
+    // does (a console in the guest, a pipe on the host).
+    let frames = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter(|l| l.starts_with('#'))
+            .filter_map(|l| {
+                let l = blank_hex(l);
+                let call = l.split(" (").next()?;
+                Some(call.rsplit(' ').next()?.to_string())
+            })
+            .collect()
+    };
+    let want = frames(&native_out);
+    assert_eq!(
+        want.first().map(String::as_str),
+        Some("__GI___libc_write"),
+        "{native_out}"
+    );
+    assert!(want.len() >= 3, "{native_out}");
+    assert_eq!(frames(&remote_out), want);
+}
+
 #[test]
 fn every_thread_the_guests_proc_lists_is_a_gdb_thread() {
-    let server = Server::start(&[DEMO, "threads", "3"]);
+    threads_match_proc_on("minimal");
+}
+
+#[test]
+#[ignore = "Debian kernel: scripts/test.sh --debian"]
+fn debian_6_1_every_thread_the_guests_proc_lists_is_a_gdb_thread() {
+    threads_match_proc_on("debian-6.1");
+}
+
+#[test]
+#[ignore = "Debian kernel: scripts/test.sh --debian"]
+fn debian_6_12_every_thread_the_guests_proc_lists_is_a_gdb_thread() {
+    threads_match_proc_on("debian-6.12");
+}
+
+fn threads_match_proc_on(kernel: &str) {
+    let server = Server::start_on(kernel, &[DEMO, "threads", "3"]);
     let t = target(&server.sock);
     let out = gdb(
         &[],
@@ -561,7 +696,19 @@ fn detach_and_a_killed_gdb_leave_the_process_running_to_its_end() {
     assert!(s1.wait().unwrap().success());
 
     // 2. Another gdb: the program still spins (it was left running, and
-    // no int3 of the first session is in its memory); this one ends it.
+    // no int3 of the first session is in its memory); this one ends it,
+    // while `hvtrace attach` traces the same process beside the stub.
+    let mut tracer = Command::new(hvtrace_bin())
+        .args(["attach", "--api-sock"])
+        .arg(&sock)
+        .args(["-p", &a])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start hvtrace attach");
+    let trace = lines_of(tracer.stderr.take().unwrap());
+    std::thread::sleep(Duration::from_secs(2));
     let (mut s2, g2, _errs2) = serve("gdb2.sock");
     let t = target(&g2);
     let bp_line = line_of("printf(\"stopped spinning");
@@ -592,6 +739,15 @@ fn detach_and_a_killed_gdb_leave_the_process_running_to_its_end() {
         l.starts_with("A-status=")
     });
     assert_eq!(end, "A-status=0");
+    // The tracer saw the program's end as strace shows it.
+    wait_line(&trace, Duration::from_secs(30), |l| {
+        // stdout is unbuffered: printf writes the text, then the newline.
+        l == "write(1, \"stopped spinning\", 16) = 16"
+    });
+    wait_line(&trace, Duration::from_secs(30), |l| {
+        l == "+++ exited with 0 +++"
+    });
+    let _ = tracer.wait();
     drop(vm);
 }
 

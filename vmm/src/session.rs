@@ -300,6 +300,9 @@ impl Wiring {
     }
 }
 
+/// Longest wait for a VM event in one look at the guest's messages.
+const POLL_WAIT: Duration = Duration::from_millis(20);
+
 impl Session {
     /// Restores a snapshot (saved while init waited for a request) and
     /// starts it; `expected_label` guards against a snapshot of another guest.
@@ -465,7 +468,7 @@ impl Session {
     /// Waits for the next control message, watching for VM failure and stalls.
     fn next_message(&mut self, during: &'static str) -> Result<ControlMessage, SessionError> {
         loop {
-            if let Some(m) = self.poll_once(during)? {
+            if let Some(m) = self.poll_once(during, POLL_WAIT)? {
                 return Ok(m);
             }
             let idle = self
@@ -486,7 +489,11 @@ impl Session {
     /// One step of waiting: a control message if one is queued; otherwise
     /// up to 20 ms for a VM event (an ended VM is an error) and a RIP
     /// sample if one is due.
-    fn poll_once(&mut self, during: &'static str) -> Result<Option<ControlMessage>, SessionError> {
+    fn poll_once(
+        &mut self,
+        during: &'static str,
+        wait: Duration,
+    ) -> Result<Option<ControlMessage>, SessionError> {
         if self.check_crash()? {
             // A crash report is printing: no message is handed out (the
             // command's exit may follow the oops that killed it); the VM's
@@ -502,7 +509,7 @@ impl Session {
         if let Ok(m) = self.control.try_recv() {
             return Ok(Some(m));
         }
-        if let Some(ev) = self.vm.next_event(Duration::from_millis(20)) {
+        if let Some(ev) = self.vm.next_event(wait) {
             if !matches!(ev, VmEvent::Vcpu(VcpuEvent::Finished(_))) {
                 // Let the console drain what the guest printed last.
                 std::thread::sleep(Duration::from_millis(50));
@@ -678,17 +685,32 @@ impl Session {
     pub fn poll_exit(&mut self, timeout: Duration) -> Result<Option<i32>, SessionError> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            match self.poll_once("waiting for the guest command to finish")? {
-                Some(ControlMessage::Exit(code)) => {
-                    self.in_flight = None;
-                    return Ok(Some(code));
-                }
-                Some(ControlMessage::Error(e)) if self.resent_as_run(&e) => {}
-                Some(ControlMessage::Error(e)) => return Err(SessionError::Init(e)),
-                _ => {}
+            if let Some(code) = self.exit_from(POLL_WAIT)? {
+                return Ok(Some(code));
             }
         }
         Ok(None)
+    }
+
+    /// [`Session::poll_exit`] without waiting: the command's exit status if
+    /// the guest has reported it, for a loop that also waits on something
+    /// else (a control socket's requests).
+    pub fn poll_exit_now(&mut self) -> Result<Option<i32>, SessionError> {
+        self.exit_from(Duration::ZERO)
+    }
+
+    /// One look for the command's exit, waiting up to `wait` for a VM
+    /// event.
+    fn exit_from(&mut self, wait: Duration) -> Result<Option<i32>, SessionError> {
+        match self.poll_once("waiting for the guest command to finish", wait)? {
+            Some(ControlMessage::Exit(code)) => {
+                self.in_flight = None;
+                Ok(Some(code))
+            }
+            Some(ControlMessage::Error(e)) if self.resent_as_run(&e) => Ok(None),
+            Some(ControlMessage::Error(e)) => Err(SessionError::Init(e)),
+            _ => Ok(None),
+        }
     }
 
     /// Figures about this session for `--report`: setup time before the

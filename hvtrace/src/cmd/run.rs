@@ -272,11 +272,17 @@ fn serve_while_running(
     }
     session.start(argv)?;
     loop {
-        if let Some(code) = session.poll_exit(Duration::from_millis(50))? {
+        if let Some(code) = session.poll_exit_now()? {
             handler.finish(session);
             return Ok(Some(code));
         }
-        while let Ok(req) = server.requests.try_recv() {
+        // Requests are answered as they come (a debugger's every step is
+        // one), the guest's exit noticed within a few milliseconds.
+        let first = server.requests.recv_timeout(Duration::from_millis(5)).ok();
+        for req in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| server.requests.try_recv().ok()))
+        {
             if req.op == Op::Shutdown {
                 let _ = req.reply.send(Ok(serde_json::json!({})));
                 handler.finish(session);

@@ -1,6 +1,7 @@
-//! The program's files for gdb: `qXfer:exec-file` names the executable and
-//! `vFile:` reads files, so gdb loads the program's symbols with no local
-//! copy. Files are read from the guest image on the host (the initramfs
+//! The program's files for gdb: `qXfer:exec-file` names the executable,
+//! `qXfer:auxv` gives the auxiliary vector (where a PIE program and its
+//! dynamic loader are), and `vFile:` reads files, so gdb loads the
+//! program's and its libraries' symbols with no local copy. Files are read from the guest image on the host (the initramfs
 //! the guest booted from), read-only: the guest's own file system is never
 //! touched.
 
@@ -29,6 +30,12 @@ impl ExecFile for Inferior {
     ) -> TargetResult<usize, Self> {
         let path = self.exe.as_deref().unwrap_or("").as_bytes();
         Ok(copy_range(path, offset, length, buf))
+    }
+}
+
+impl gdbstub::target::ext::auxv::Auxv for Inferior {
+    fn get_auxv(&self, offset: u64, length: usize, buf: &mut [u8]) -> TargetResult<usize, Self> {
+        Ok(copy_range(&self.auxv, offset, length, buf))
     }
 }
 

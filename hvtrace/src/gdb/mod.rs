@@ -347,11 +347,14 @@ fn run_command(args: &GdbserverArgs) -> Result<i32> {
     // detached command runs to its end.
     while !(stub.is_finished() && (code.is_some() || !started)) {
         if started && code.is_none() {
-            code = session.poll_exit(Duration::from_millis(20))?;
-        } else {
-            std::thread::sleep(Duration::from_millis(5));
+            code = session.poll_exit_now()?;
         }
-        while let Ok(req) = server.requests.try_recv() {
+        // Each request answered as it comes: every gdb step is several.
+        let first = server.requests.recv_timeout(Duration::from_millis(5)).ok();
+        for req in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| server.requests.try_recv().ok()))
+        {
             let answer = match req.op {
                 Op::Shutdown => Err("shutdown is not served here".to_string()),
                 op => handler.handle(&session, op, &req.conn),

@@ -54,8 +54,14 @@ pub struct Inferior {
     /// Its threads, as the last hold found them.
     threads: Vec<i32>,
     regs: HashMap<i32, Amd64LinuxRegs>,
-    /// Inserted breakpoints: address to the byte the `int3` replaced.
+    /// The breakpoints gdb has inserted: address to the byte an `int3`
+    /// there replaces.
     breakpoints: BTreeMap<u64, u8>,
+    /// The `int3`s in the process's memory now, with the bytes they
+    /// replaced. gdb removes every breakpoint at each stop and inserts
+    /// them again at each resume; memory follows `breakpoints` only when
+    /// the process is about to run, so a `stepi` costs no writes.
+    planted: BTreeMap<u64, u8>,
     actions: HashMap<i32, Action>,
     /// Only the threads in `actions` resume (gdb's scheduler locking);
     /// otherwise every other thread continues.
@@ -69,6 +75,8 @@ pub struct Inferior {
     pub(super) stop_now: Option<StopReason>,
     /// The executable's path in the guest.
     pub(super) exe: Option<String>,
+    /// The auxiliary vector the kernel gave the program (`qXfer:auxv`).
+    pub(super) auxv: Vec<u8>,
     /// The guest image's files, for gdb's `vFile:` requests.
     pub(super) files: GuestFiles,
     /// Files gdb opened, by descriptor.
@@ -88,7 +96,8 @@ fn guest_tid(tid: Tid) -> i32 {
 
 /// A control-socket failure as gdbstub's non-fatal error.
 fn failed<T>(what: &str, e: anyhow::Error) -> TargetResult<T, Inferior> {
-    log::warn!("gdbserver: {what}: {e:#}");
+    // gdb probes unmapped memory as a matter of course: not worth a warning.
+    log::debug!("gdbserver: {what}: {e:#}");
     Err(TargetError::Errno(14)) // EFAULT, as gdbserver answers a failed access
 }
 
@@ -102,12 +111,14 @@ impl Inferior {
             threads: vec![pid],
             regs: HashMap::new(),
             breakpoints: BTreeMap::new(),
+            planted: BTreeMap::new(),
             actions: HashMap::new(),
             locked: false,
             pending: VecDeque::new(),
             stop_now: None,
             signal_stops: HashMap::new(),
             exe: None,
+            auxv: Vec::new(),
             files,
             open_files: HashMap::new(),
             exited: false,
@@ -141,14 +152,20 @@ impl Inferior {
         Ok(())
     }
 
-    /// Reads the executable's path (the `inspect` op).
+    /// Reads the executable's path and auxiliary vector (the `inspect` op).
     pub fn learn_exe(&mut self) {
         match self.remote.call(Op::Inspect {
             pid: self.pid,
             kernel: None,
             system_map: None,
         }) {
-            Ok(v) => self.exe = v["exe"].as_str().map(str::to_owned),
+            Ok(v) => {
+                self.exe = v["exe"].as_str().map(str::to_owned);
+                self.auxv = v["auxv"]
+                    .as_str()
+                    .and_then(|h| crate::api::handler::parse_hex(h).ok())
+                    .unwrap_or_default();
+            }
             Err(e) => log::info!("gdbserver: the executable's path is unknown: {e:#}"),
         }
     }
@@ -196,13 +213,45 @@ impl Inferior {
         Ok(())
     }
 
-    /// Takes every inserted breakpoint out of the process's memory (at
-    /// detach, or when gdb went away).
+    /// Takes every breakpoint out of the process's memory (at detach, or
+    /// when gdb went away).
     pub fn remove_all_breakpoints(&mut self) {
-        let all: Vec<(u64, u8)> = std::mem::take(&mut self.breakpoints).into_iter().collect();
-        for (addr, orig) in all {
+        self.breakpoints.clear();
+        self.sync_breakpoints();
+    }
+
+    /// Makes the process's memory hold an `int3` at each of gdb's
+    /// breakpoints and nowhere else (written as ptrace writes: a page is
+    /// copied for this process). A breakpoint that cannot be written is
+    /// dropped, with a message.
+    fn sync_breakpoints(&mut self) {
+        let stale: Vec<(u64, u8)> = self
+            .planted
+            .iter()
+            .filter(|(a, _)| !self.breakpoints.contains_key(a))
+            .map(|(a, o)| (*a, *o))
+            .collect();
+        for (addr, orig) in stale {
             if let Err(e) = self.write_memory(addr, &[orig]) {
                 eprintln!("hvtrace gdbserver: cannot restore the byte at {addr:#x}: {e:#}");
+            }
+            self.planted.remove(&addr);
+        }
+        let new: Vec<(u64, u8)> = self
+            .breakpoints
+            .iter()
+            .filter(|(a, _)| !self.planted.contains_key(a))
+            .map(|(a, o)| (*a, *o))
+            .collect();
+        for (addr, orig) in new {
+            match self.write_memory(addr, &[INT3]) {
+                Ok(()) => {
+                    self.planted.insert(addr, orig);
+                }
+                Err(e) => {
+                    eprintln!("hvtrace gdbserver: cannot set a breakpoint at {addr:#x}: {e:#}");
+                    self.breakpoints.remove(&addr);
+                }
             }
         }
     }
@@ -279,7 +328,7 @@ impl Inferior {
     fn back_up_over_breakpoint(&mut self, tid: i32) -> Result<bool> {
         let rip = self.thread_regs(tid)?.core.rip;
         let at = rip.wrapping_sub(1);
-        if !self.breakpoints.contains_key(&at) {
+        if !self.planted.contains_key(&at) {
             return Ok(false);
         }
         self.set_regs(
@@ -316,6 +365,7 @@ impl Inferior {
         let mut actions = std::mem::take(&mut self.actions);
         let locked = std::mem::take(&mut self.locked);
         self.regs.clear();
+        self.sync_breakpoints();
         // A thread gdb does not know from us (a hostile or stale packet) is
         // not resumed; asked only for such, the process stays stopped and
         // gdb hears of a stop at once.
@@ -448,6 +498,10 @@ impl Target for Inferior {
         Some(self)
     }
 
+    fn support_auxv(&mut self) -> Option<gdbstub::target::ext::auxv::AuxvOps<'_, Self>> {
+        Some(self)
+    }
+
     fn support_host_io(&mut self) -> Option<gdbstub::target::ext::host_io::HostIoOps<'_, Self>> {
         Some(self)
     }
@@ -523,7 +577,7 @@ impl MultiThreadBase for Inferior {
                 data[..n].copy_from_slice(&bytes[..n]);
                 // gdb sees the program's bytes, not our int3s.
                 let end = start.saturating_add(n as u64);
-                for (&addr, &orig) in self.breakpoints.range(start..end) {
+                for (&addr, &orig) in self.planted.range(start..end) {
                     data[(addr - start) as usize] = orig;
                 }
                 Ok(n)
@@ -628,26 +682,20 @@ impl SwBreakpoint for Inferior {
         if self.breakpoints.contains_key(&addr) {
             return Ok(true);
         }
-        let orig = match self.read_memory(addr, 1) {
-            Ok(b) if b.len() == 1 => b[0],
-            Ok(_) => return Ok(false),
-            Err(e) => return failed("reading a breakpoint's byte", e),
+        let orig = match self.planted.get(&addr) {
+            Some(&orig) => orig,
+            None => match self.read_memory(addr, 1) {
+                Ok(b) if b.len() == 1 => b[0],
+                Ok(_) => return Ok(false),
+                Err(e) => return failed("reading a breakpoint's byte", e),
+            },
         };
-        // Written as ptrace writes: the page is copied for this process.
-        if let Err(e) = self.write_memory(addr, &[INT3]) {
-            return failed("writing a breakpoint", e);
-        }
+        // Written when the process next runs (sync_breakpoints).
         self.breakpoints.insert(addr, orig);
         Ok(true)
     }
 
     fn remove_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        let Some(orig) = self.breakpoints.remove(&addr) else {
-            return Ok(false);
-        };
-        match self.write_memory(addr, &[orig]) {
-            Ok(()) => Ok(true),
-            Err(e) => failed("removing a breakpoint", e),
-        }
+        Ok(self.breakpoints.remove(&addr).is_some())
     }
 }

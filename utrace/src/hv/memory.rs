@@ -24,7 +24,8 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use guest_introspect::paging::AddressSpace;
+use guest_introspect::memory::VirtAddr;
+use guest_introspect::paging::{read_virt, translate, AddressSpace};
 use guest_introspect::pt_regs::{Reg, UserRegs};
 use vmm::trap::GuestRegs;
 
@@ -215,6 +216,13 @@ impl Dispatcher {
         }
         match op {
             AccessOp::Read(_) => {
+                // Present pages are read straight from guest memory: the
+                // process is held, so its mappings stand still. Anything
+                // else (a page never touched, swapped, a hole) goes through
+                // the thread's own access_process_vm, as ptrace's does.
+                if let Some(bytes) = self.read_present(tid, addr, len) {
+                    return Ok(bytes);
+                }
                 let mut out = Vec::with_capacity(len);
                 while out.len() < len {
                     let n = (len - out.len()).min(ACCESS_CHUNK);
@@ -249,6 +257,28 @@ impl Dispatcher {
     }
 
     /// One chunk: queue it for the parked thread, wake the thread, wait.
+    /// `len` bytes at user address `addr` of parked thread `tid`'s
+    /// process, read through its page tables (`mm->pgd`) from guest
+    /// memory; None unless every page is present.
+    fn read_present(&self, tid: Tid, addr: u64, len: usize) -> Option<Vec<u8>> {
+        let task = self.parked_task(tid).ok()?;
+        let k = self.kernel(self.kernel_space);
+        let l = &self.layout.tasks;
+        let mm = l.task.mm.read(&k, task, "task_struct.mm").ok()?;
+        if mm == 0 {
+            return None;
+        }
+        let pgd = l.mm.pgd.read(&k, mm, "mm_struct.pgd").ok()?;
+        let pa = translate(&self.ram, k.space(), VirtAddr(pgd)).ok()?;
+        let space = AddressSpace {
+            cr3: pa.0,
+            levels: k.space().levels,
+        };
+        let mut buf = vec![0u8; len];
+        read_virt(&self.ram, space, VirtAddr(addr), &mut buf).ok()?;
+        Some(buf)
+    }
+
     fn access_chunk(&self, tid: Tid, addr: u64, op: AccessOp) -> Result<Vec<u8>, UtraceError> {
         let (tx, rx) = mpsc::channel();
         {
