@@ -531,19 +531,16 @@ fn threads_match_proc_on(kernel: &str) {
     assert_eq!(guest_out.matches("worker ").count(), 3, "{guest_out}");
 }
 
-#[test]
-fn a_signal_stops_in_gdb_and_is_passed_on_and_breakpoints_stay_in_one_process() {
+/// A VM `hvtrace run --api-sock` serves while `script` runs in its shell,
+/// which prints `A=PID` for the process to debug: the VM, its socket, its
+/// stdout lines and that pid.
+fn serve_script(script: &str) -> (ApiVm, PathBuf, std::sync::mpsc::Receiver<String>, String) {
     require_kvm();
     let sock = temp_path("gdb-api.sock");
-    // A waits for SIGUSR1; meanwhile B, the same binary, calls scale()
-    // (where gdb has a breakpoint in A) three times, then A is signalled.
-    let script = format!(
-        "{DEMO} usr1 & a=$!; echo A=$a; sleep 12; {DEMO}; echo B=$?; kill -USR1 $a; wait $a; echo A-status=$?; md5sum {DEMO}"
-    );
     let mut child = Command::new(hvtrace_bin())
         .args(["run", "--api-sock"])
         .arg(&sock)
-        .args(["--", "/bin/sh", "-c", &script])
+        .args(["--", "/bin/sh", "-c", script])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -551,13 +548,23 @@ fn a_signal_stops_in_gdb_and_is_passed_on_and_breakpoints_stay_in_one_process() 
         .expect("start hvtrace run");
     let stdout = lines_of(child.stdout.take().unwrap());
     let vm = ApiVm::new(child, sock.clone());
-    let a: String =
-        wait_line(&stdout, Duration::from_secs(300), |l| l.starts_with("A="))[2..].to_string();
-    let gdbsock = temp_path("gdb.sock");
+    let a = wait_line(&stdout, Duration::from_secs(300), |l| l.starts_with("A="))[2..].to_string();
+    (vm, sock, stdout, a)
+}
+
+/// `hvtrace gdbserver -p PID` on the VM at `sock`, listening on a new
+/// socket named after `name`, once it listens: the process, the socket
+/// and its stderr lines.
+fn attach_server(
+    sock: &Path,
+    pid: &str,
+    name: &str,
+) -> (Child, PathBuf, std::sync::mpsc::Receiver<String>) {
+    let gdbsock = temp_path(name);
     let mut server = Command::new(hvtrace_bin())
         .args(["gdbserver", "--api-sock"])
-        .arg(&sock)
-        .args(["-p", &a, "--listen"])
+        .arg(sock)
+        .args(["-p", pid, "--listen"])
         .arg(&gdbsock)
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
@@ -567,6 +574,18 @@ fn a_signal_stops_in_gdb_and_is_passed_on_and_breakpoints_stay_in_one_process() 
     wait_line(&errs, Duration::from_secs(60), |l| {
         l.starts_with("Listening on")
     });
+    (server, gdbsock, errs)
+}
+
+#[test]
+fn a_signal_stops_in_gdb_and_is_passed_on_and_breakpoints_stay_in_one_process() {
+    // A waits for SIGUSR1; meanwhile B, the same binary, calls scale()
+    // (where gdb has a breakpoint in A) three times, then A is signalled.
+    let script = format!(
+        "{DEMO} usr1 & a=$!; echo A=$a; sleep 12; {DEMO}; echo B=$?; kill -USR1 $a; wait $a; echo A-status=$?; md5sum {DEMO}"
+    );
+    let (vm, sock, stdout, a) = serve_script(&script);
+    let (mut server, gdbsock, _errs) = attach_server(&sock, &a, "gdb.sock");
     let t = target(&gdbsock);
     let out = gdb(
         &[],
@@ -623,39 +642,9 @@ fn a_signal_stops_in_gdb_and_is_passed_on_and_breakpoints_stay_in_one_process() 
 
 #[test]
 fn detach_and_a_killed_gdb_leave_the_process_running_to_its_end() {
-    require_kvm();
-    let sock = temp_path("gdb-api.sock");
     let script = format!("{DEMO} spin & a=$!; echo A=$a; wait $a; echo A-status=$?");
-    let mut child = Command::new(hvtrace_bin())
-        .args(["run", "--api-sock"])
-        .arg(&sock)
-        .args(["--", "/bin/sh", "-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start hvtrace run");
-    let stdout = lines_of(child.stdout.take().unwrap());
-    let vm = ApiVm::new(child, sock.clone());
-    let a: String =
-        wait_line(&stdout, Duration::from_secs(300), |l| l.starts_with("A="))[2..].to_string();
-    let serve = |n: &str| {
-        let gdbsock = temp_path(n);
-        let mut server = Command::new(hvtrace_bin())
-            .args(["gdbserver", "--api-sock"])
-            .arg(&sock)
-            .args(["-p", &a, "--listen"])
-            .arg(&gdbsock)
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start hvtrace gdbserver");
-        let errs = lines_of(server.stderr.take().unwrap());
-        wait_line(&errs, Duration::from_secs(60), |l| {
-            l.starts_with("Listening on")
-        });
-        (server, gdbsock, errs)
-    };
+    let (vm, sock, stdout, a) = serve_script(&script);
+    let serve = |n: &str| attach_server(&sock, &a, n);
 
     // 1. A gdb killed while the program runs with a breakpoint inserted
     // (at the spin loop's exit, never reached while `stop` is 0).

@@ -383,9 +383,7 @@ impl Handler {
             .attach_target(session.vm(), Target::Thread(tid), &spec)
             .map_err(|e| e.to_string())?;
         let armed = tracer
-            .engines(tid)
-            .into_iter()
-            .find(|e| e.data().is_some_and(|d| Arc::ptr_eq(d, &data)))
+            .engine_with_data(tid, &data)
             .ok_or_else(|| format!("thread {tid} is gone"))
             .and_then(|e| {
                 tracer
@@ -457,10 +455,7 @@ impl Handler {
         let asked = std::time::Instant::now();
         let mut errors = Vec::new();
         for &tid in &tids {
-            let engine = tracer
-                .engines(tid)
-                .into_iter()
-                .find(|e| e.data().is_some_and(|d| Arc::ptr_eq(d, &data)));
+            let engine = tracer.engine_with_data(tid, &data);
             if let Some(e) = engine {
                 if let Err(err) =
                     tracer.control(session.vm(), tid, &e, utrace::ResumeAction::Interrupt)
@@ -531,10 +526,7 @@ impl Handler {
         tracer
             .attach_target(session.vm(), Target::Thread(tid), &spec)
             .map_err(|e| e.to_string())?;
-        let engine = tracer
-            .engines(tid)
-            .into_iter()
-            .find(|e| e.data().is_some_and(|d| Arc::ptr_eq(d, &data)));
+        let engine = tracer.engine_with_data(tid, &data);
         let asked = std::time::Instant::now();
         let started = match engine {
             Some(e) => tracer

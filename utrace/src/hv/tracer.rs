@@ -236,6 +236,14 @@ impl Tracer {
             .unwrap_or_default()
     }
 
+    /// The engine attached to thread `tid` with data `data` (the first, in
+    /// attach order), as utrace's `UTRACE_ATTACH_MATCH_DATA` finds one.
+    pub fn engine_with_data(&self, tid: Tid, data: &EngineData) -> Option<Arc<Engine>> {
+        self.engines(tid)
+            .into_iter()
+            .find(|e| e.data().is_some_and(|d| Arc::ptr_eq(d, data)))
+    }
+
     /// `utrace_control` from outside the guest thread or from a callback:
     /// RESUME withdraws this engine's STOP, DETACH detaches the engine
     /// (and stops tracing the thread if it was the last); a thread no
@@ -367,10 +375,7 @@ impl Tracer {
         let pairs = self.attach_target_pids(vm, target, &spec)?;
         let tids: Vec<Tid> = pairs.iter().map(|p| p.0).collect();
         for &tid in &tids {
-            let holder = self
-                .engines(tid)
-                .into_iter()
-                .find(|e| e.data().is_some_and(|d| Arc::ptr_eq(d, data)));
+            let holder = self.engine_with_data(tid, data);
             if let Some(e) = holder {
                 match self.inner.control(tid, &e, ResumeAction::Stop) {
                     Ok(()) | Err(TracerError::Utrace(_, crate::UtraceError::InProgress)) => {}
@@ -405,10 +410,7 @@ impl Tracer {
     /// [`Tracer::hold_stopped`] holder, say); the thread runs on if no
     /// other engine holds it. Whether there was one.
     pub fn release_thread(&self, tid: Tid, data: &EngineData) -> bool {
-        let engine = self
-            .engines(tid)
-            .into_iter()
-            .find(|e| e.data().is_some_and(|d| Arc::ptr_eq(d, data)));
+        let engine = self.engine_with_data(tid, data);
         match engine {
             Some(e) => self.inner.control(tid, &e, ResumeAction::Detach).is_ok(),
             None => false,
