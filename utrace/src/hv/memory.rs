@@ -24,10 +24,13 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
+use guest_introspect::error::IntrospectError;
+use guest_introspect::kernel::RunningKernel;
 use guest_introspect::memory::VirtAddr;
 use guest_introspect::paging::{read_virt, translate, AddressSpace};
 use guest_introspect::pt_regs::{Reg, UserRegs};
 use vmm::trap::GuestRegs;
+use vmm::vstate::memory::GuestRam;
 
 use crate::context::ThreadContext;
 use crate::engine::UtraceError;
@@ -256,29 +259,49 @@ impl Dispatcher {
         }
     }
 
-    /// One chunk: queue it for the parked thread, wake the thread, wait.
     /// `len` bytes at user address `addr` of parked thread `tid`'s
     /// process, read through its page tables (`mm->pgd`) from guest
     /// memory; None unless every page is present.
     fn read_present(&self, tid: Tid, addr: u64, len: usize) -> Option<Vec<u8>> {
         let task = self.parked_task(tid).ok()?;
         let k = self.kernel(self.kernel_space);
-        let l = &self.layout.tasks;
-        let mm = l.task.mm.read(&k, task, "task_struct.mm").ok()?;
+        let mm = self
+            .layout
+            .tasks
+            .task
+            .mm
+            .read(&k, task, "task_struct.mm")
+            .ok()?;
         if mm == 0 {
             return None;
         }
-        let pgd = l.mm.pgd.read(&k, mm, "mm_struct.pgd").ok()?;
-        let pa = translate(&self.ram, k.space(), VirtAddr(pgd)).ok()?;
-        let space = AddressSpace {
-            cr3: pa.0,
-            levels: k.space().levels,
-        };
+        let space = self.mm_space(&k, mm).ok()?;
         let mut buf = vec![0u8; len];
         read_virt(&self.ram, space, VirtAddr(addr), &mut buf).ok()?;
         Some(buf)
     }
 
+    /// The user address space of `mm` (its `pgd`, translated to the
+    /// physical address CR3 would hold).
+    pub(crate) fn mm_space(
+        &self,
+        k: &RunningKernel<'_, GuestRam>,
+        mm: u64,
+    ) -> Result<AddressSpace, IntrospectError> {
+        let pgd = self.layout.tasks.mm.pgd.read(k, mm, "mm_struct.pgd")?;
+        let pa =
+            translate(&self.ram, k.space(), VirtAddr(pgd)).map_err(|e| IntrospectError::Read {
+                what: "a process's page tables (mm->pgd)".into(),
+                va: pgd,
+                source: e.into(),
+            })?;
+        Ok(AddressSpace {
+            cr3: pa.0,
+            levels: k.space().levels,
+        })
+    }
+
+    /// One chunk: queue it for the parked thread, wake the thread, wait.
     fn access_chunk(&self, tid: Tid, addr: u64, op: AccessOp) -> Result<Vec<u8>, UtraceError> {
         let (tx, rx) = mpsc::channel();
         {

@@ -5,8 +5,6 @@
 
 use guest_introspect::error::IntrospectError;
 use guest_introspect::kernel::RunningKernel;
-use guest_introspect::memory::VirtAddr;
-use guest_introspect::paging::{translate, AddressSpace};
 use vmm::vstate::memory::GuestRam;
 
 use crate::context::{ExecDetails, ThreadContext};
@@ -108,17 +106,7 @@ impl Dispatcher {
     ) -> Result<Vec<String>, IntrospectError> {
         let l = &self.layout;
         let mm = k.read_u64(bprm.wrapping_add(l.bprm_mm), "linux_binprm.mm")?;
-        let pgd = l.tasks.mm.pgd.read(k, mm, "mm_struct.pgd")?;
-        let pa =
-            translate(&self.ram, k.space(), VirtAddr(pgd)).map_err(|e| IntrospectError::Read {
-                what: "the new image's page tables".into(),
-                va: pgd,
-                source: e.into(),
-            })?;
-        let space = AddressSpace {
-            cr3: pa.0,
-            levels: k.space().levels,
-        };
+        let space = self.mm_space(k, mm)?;
         let argc = k.read_u32(bprm.wrapping_add(l.bprm_argc), "linux_binprm.argc")? as usize;
         if argc > ARGV_MAX_ITEMS {
             return Err(IntrospectError::Corrupt(format!(
