@@ -40,3 +40,77 @@ fn guest_syscalls_work_through_the_pvm_fixup() {
     );
     assert!(s.contains("getpid x 200 done"), "{s}");
 }
+
+/// The command's output travels through the output window (the guest
+/// image's relay and one exit per 64 KiB): every byte arrives, in order,
+/// before the exit status. The oracles are the host's own copy of the
+/// image's busybox binary (every byte value) and the host's `seq`.
+#[test]
+fn binary_and_bulk_output_arrive_byte_for_byte_before_the_exit_status() {
+    require_kvm();
+    let out = hvtrace(&[
+        "run",
+        "--",
+        "/bin/sh",
+        "-c",
+        "cat /bin/busybox; seq 1 3 >&2; seq 1 50000; exit 4",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "stderr: {}", stderr(&out));
+    let mut want = std::fs::read("/bin/busybox").expect("the host's busybox (the image's copy)");
+    let seq = std::process::Command::new("seq")
+        .args(["1", "50000"])
+        .output()
+        .expect("seq on the host");
+    want.extend_from_slice(&seq.stdout);
+    assert_eq!(out.stdout.len(), want.len(), "bytes that reached the host");
+    assert!(
+        out.stdout == want,
+        "the guest's stdout differs from busybox + seq"
+    );
+    assert!(
+        stderr(&out).contains("1\n2\n3\n"),
+        "stderr: {}",
+        stderr(&out)
+    );
+}
+
+/// A relay that died (here killed on purpose) leaves the UARTs in charge:
+/// the command that killed it still ends, and the next one's output
+/// arrives through ttyS2 as before the window existed.
+#[test]
+fn a_killed_output_relay_falls_back_to_the_uart() {
+    let mut guest = InProcessGuest::restore_default();
+    let run = |guest: &mut InProcessGuest, script: &str| {
+        let argv: Vec<String> = ["/bin/sh", "-c", script].map(String::from).to_vec();
+        guest.session.start(&argv).expect("send the request");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        loop {
+            if let Some(code) = guest
+                .session
+                .poll_exit(std::time::Duration::from_millis(100))
+                .expect("the VM runs")
+            {
+                return code;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "`{script}` never ended; console:\n{}",
+                guest.session.console().tail(20)
+            );
+        }
+    };
+    let window =
+        "readlink /proc/self/fd/1; ls -l /proc/$(cat /run/hvtrace/pid)/fd | grep -c /dev/mem";
+    assert_eq!(run(&mut guest, window), 0);
+    assert_eq!(run(&mut guest, "kill -9 $(cat /run/hvtrace/pid)"), 0);
+    assert_eq!(
+        run(&mut guest, "echo via-uart; readlink /proc/self/fd/1"),
+        0
+    );
+    assert_eq!(
+        guest.stdout(),
+        "/run/hvtrace/out\n2\nvia-uart\n/dev/ttyS2\n",
+        "stdout was the relay's FIFO, the relay held /dev/mem twice (doorbell \
+         and window); after it died, stdout is ttyS2"
+    );
+}

@@ -29,7 +29,7 @@ use crate::vstate::vm::{create_vcpu, create_vm, kvm_err, open_kvm, VmError};
 /// tables, devices, boot registers). Bump it whenever a change would make a
 /// guest booted by an older build differ from one booted now: the run
 /// snapshot cache keys on it, so no stale snapshot is served.
-pub const MACHINE_REVISION: u32 = 4;
+pub const MACHINE_REVISION: u32 = 5;
 
 /// Largest kernel image (decompressed) the VMM accepts.
 pub const MAX_KERNEL_SIZE: usize = 512 << 20;
@@ -357,10 +357,7 @@ pub(crate) fn create_devices(
         uarts.push(uart);
     }
     Ok((
-        PortIoBus {
-            uarts,
-            i8042: I8042Device::new(ResetTrigger(reset_tx)),
-        },
+        PortIoBus::new(uarts, I8042Device::new(ResetTrigger(reset_tx))),
         reset_rx,
     ))
 }

@@ -17,6 +17,13 @@ pub enum KvmKind {
     Pvm,
 }
 
+/// The features every PVM guest kernel goes without (see [`PVM_GUEST_CMDLINE`]).
+macro_rules! pvm_cleared_features {
+    () => {
+        "clearcpuid=cx16,smap,popcnt,rdrand,rdseed,fsgsbase,pcid,invpcid,ssse3,pclmulqdq,aes,xsaveopt,xsavec,xsaves,xgetbv1,pku,avx2"
+    };
+}
+
 /// Kernel command-line options a non-PVM guest kernel needs on PVM: they
 /// hide features the KVM instruction emulator cannot emulate in ring 0.
 /// Appended after the user's command line. `ssse3` (and with it SSE4.x),
@@ -28,9 +35,18 @@ pub enum KvmKind {
 /// AVX registers of its tasks: `xsaveopt`, `xsavec`, `xsaves` and
 /// `xgetbv1` are hidden so that it uses only the standard `xsave64` and
 /// `xrstor64`, which the VMM performs (`trap/pvm_xsave.rs`); `pku` so that
-/// it never runs `wrpkru` in ring 0.
-pub const PVM_GUEST_CMDLINE: &str =
-    "clearcpuid=cx16,smap,popcnt,rdrand,rdseed,fsgsbase,pcid,invpcid,ssse3,pclmulqdq,aes,xsaveopt,xsavec,xsaves,xgetbv1,pku,avx2";
+/// it never runs `wrpkru` in ring 0. `erms` and `fsrm` for speed: the
+/// emulator runs a `rep` string instruction one iteration per pass, so the
+/// kernel's ERMS copies and clears (`rep movsb`, `rep stosb`) cost a pass
+/// per byte, its REP_GOOD ones (`rep movsq`, `rep stosq`) a pass per eight
+/// bytes: 1 MiB from /dev/zero took 0.89 s instead of 1.58-1.75 s, and
+/// through a pipe to the output window 1.74 s instead of 5.0-5.3 s
+/// (`benches/output-figures.sh` measures both side by side).
+pub const PVM_GUEST_CMDLINE: &str = concat!(pvm_cleared_features!(), ",erms,fsrm");
+
+/// [`PVM_GUEST_CMDLINE`] keeping ERMS and FSRM: the baseline of
+/// `benches/output-figures.sh`, chosen by `HVTRACE_BENCH_PVM_ERMS=1`.
+pub const PVM_GUEST_CMDLINE_WITH_ERMS: &str = pvm_cleared_features!();
 
 /// Defaults that save emulated time on PVM, where every ring-0 instruction
 /// is emulated: `mitigations=off` drops the speculation mitigations' MSR
@@ -68,6 +84,9 @@ impl KvmKind {
     pub fn guest_cmdline(self) -> &'static str {
         match self {
             Self::Hardware => "",
+            Self::Pvm if std::env::var_os("HVTRACE_BENCH_PVM_ERMS").is_some() => {
+                PVM_GUEST_CMDLINE_WITH_ERMS
+            }
             Self::Pvm => PVM_GUEST_CMDLINE,
         }
     }

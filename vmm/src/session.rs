@@ -734,6 +734,7 @@ impl Session {
             "page_faults_trapped": sum(&|s| s.page_faults.load(Relaxed)),
             "guest_breakpoints_reinjected": sum(&|s| s.guest_breakpoints.load(Relaxed)),
             "pio_exits": sum(&|s| s.pio_exits.load(Relaxed)),
+            "mmio_exits": sum(&|s| s.mmio_exits.load(Relaxed)),
             "xsave_emulations": sum(&|s| s.xsave_emulations.load(Relaxed)),
             "vm_exits": sum(&|s| s.exits.load(Relaxed)),
             "tracer_trap_exits": sum(&|s| s.tracer_trap_exits.load(Relaxed)),

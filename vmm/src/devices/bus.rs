@@ -1,8 +1,12 @@
-//! Port-I/O dispatch: which device answers which port.
+//! Device dispatch: which device answers which port, and the one MMIO
+//! device (the output window's doorbell).
 
 use vm_superio::I8042Device;
 
+use super::output_window::{self, Channel};
 use super::serial::Uart;
+use crate::arch::x86_64::layout::OUTPUT_WINDOW_START;
+use crate::vstate::memory::GuestRam;
 
 /// Base ports of ttyS0..ttyS3 (COM1..COM4).
 pub const COM_PORTS: [u16; 4] = [0x3f8, 0x2f8, 0x3e8, 0x2e8];
@@ -27,15 +31,29 @@ impl vm_superio::Trigger for ResetTrigger {
     }
 }
 
-/// All port-I/O devices of the machine.
+/// All devices of the machine.
 pub struct PortIoBus {
     /// ttyS0..ttyS3.
     pub uarts: Vec<Uart>,
     /// Keyboard controller (reset only).
     pub i8042: I8042Device<ResetTrigger>,
+    /// Output-window pushes refused (bad channel, length or width).
+    pub refused_pushes: u64,
+    /// The last push's bytes (kept to spare an allocation per push).
+    window: Vec<u8>,
 }
 
 impl PortIoBus {
+    /// The bus for these UARTs (ttyS0..ttyS3) and i8042.
+    pub fn new(uarts: Vec<Uart>, i8042: I8042Device<ResetTrigger>) -> Self {
+        Self {
+            uarts,
+            i8042,
+            refused_pushes: 0,
+            window: Vec::new(),
+        }
+    }
+
     /// The UART whose 8 registers include `port`, with the register offset.
     fn uart_at(&mut self, port: u16) -> Option<(&mut Uart, u8)> {
         let i = COM_PORTS
@@ -75,5 +93,91 @@ impl PortIoBus {
             // A failed send means the VMM is already shutting down.
             let _ = self.i8042.write((port - I8042_DATA) as u8, value);
         }
+    }
+
+    /// Answers a guest MMIO read outside guest RAM: the output window's
+    /// registers, all ones elsewhere (no device there).
+    pub fn mmio_read(&mut self, gpa: u64, data: &mut [u8]) {
+        if output_window::claims(gpa) {
+            output_window::read(gpa, data);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    /// Handles a guest MMIO write outside guest RAM. An output-window push
+    /// copies the window's first bytes from `ram` to the host side of
+    /// ttyS2 (stdout) or ttyS3 (stderr); a malformed one is counted in
+    /// `refused_pushes` and dropped. Writes elsewhere are ignored.
+    pub fn mmio_write(&mut self, gpa: u64, data: &[u8], ram: &GuestRam) {
+        if !output_window::claims(gpa) {
+            return;
+        }
+        let Some(push) = output_window::decode_write(gpa, data) else {
+            self.refused_pushes += 1;
+            return;
+        };
+        self.window.resize(push.len, 0);
+        if ram.read(OUTPUT_WINDOW_START, &mut self.window).is_err() {
+            self.refused_pushes += 1;
+            return;
+        }
+        let port = match push.channel {
+            Channel::Stdout => 2,
+            Channel::Stderr => 3,
+        };
+        if let Some(uart) = self.uarts.get_mut(port) {
+            uart.emit(&self.window);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::x86_64::layout::OUTPUT_DOORBELL_START;
+    use std::sync::{Arc, Mutex};
+    use vmm_sys_util::eventfd::EventFd;
+
+    #[derive(Clone, Default)]
+    struct Collect(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Collect {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_push_copies_the_window_to_its_channel_and_a_bad_one_nothing() {
+        let sinks: Vec<Collect> = (0..4).map(|_| Collect::default()).collect();
+        let uarts = sinks
+            .iter()
+            .map(|s| Uart::new(EventFd::new(0).unwrap(), Box::new(s.clone())))
+            .collect();
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let mut bus = PortIoBus::new(uarts, I8042Device::new(ResetTrigger(tx)));
+        let ram = GuestRam::new(2 << 20).unwrap();
+        ram.write(OUTPUT_WINDOW_START, b"hello, stderr").unwrap();
+        let push = OUTPUT_DOORBELL_START + output_window::reg::PUSH;
+        bus.mmio_write(push, &0x0200_0005u32.to_le_bytes(), &ram);
+        bus.mmio_write(push, &0x0100_0003u32.to_le_bytes(), &ram);
+        assert_eq!(*sinks[3].0.lock().unwrap(), b"hello");
+        assert_eq!(*sinks[2].0.lock().unwrap(), b"hel");
+        // Past the window, an unknown channel, a wrong width: nothing.
+        bus.mmio_write(push, &0x0101_0001u32.to_le_bytes(), &ram);
+        bus.mmio_write(push, &0x0700_0001u32.to_le_bytes(), &ram);
+        bus.mmio_write(push, &[1, 0], &ram);
+        assert_eq!(bus.refused_pushes, 3);
+        assert_eq!(sinks[2].0.lock().unwrap().len(), 3);
+        let mut magic = [0u8; 4];
+        bus.mmio_read(OUTPUT_DOORBELL_START, &mut magic);
+        assert_eq!(&magic, b"HVO1");
+        bus.mmio_read(0xfed0_0000, &mut magic);
+        assert_eq!(magic, [0xff; 4], "no device elsewhere");
     }
 }

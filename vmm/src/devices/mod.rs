@@ -1,6 +1,8 @@
-//! The few legacy devices a traced guest needs: four 16550 UARTs and the
-//! i8042 reset line, behind one port-I/O dispatcher.
+//! The few devices a traced guest needs: four 16550 UARTs, the i8042 reset
+//! line and the output window (the fast path for the command's output),
+//! behind one dispatcher.
 
 pub mod bus;
+pub mod output_window;
 pub mod serial;
 pub mod uart16550;

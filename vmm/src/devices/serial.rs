@@ -102,6 +102,12 @@ impl Uart {
         self.device.write(offset, value);
     }
 
+    /// Writes `bytes` to the port's host side as if transmitted, without
+    /// touching the chip (the output window's path to the same sink).
+    pub fn emit(&mut self, bytes: &[u8]) {
+        self.device.emit(bytes);
+    }
+
     /// Bytes and interrupts the host side failed to deliver so far.
     pub fn losses(&self) -> Losses {
         self.device.losses()

@@ -59,6 +59,8 @@ pub struct VcpuStats {
     pub guest_breakpoints: std::sync::atomic::AtomicU64,
     /// Port I/O exits.
     pub pio_exits: std::sync::atomic::AtomicU64,
+    /// MMIO exits (the output window's doorbell, and stray accesses).
+    pub mmio_exits: std::sync::atomic::AtomicU64,
     /// Instructions the VMM skipped or performed for the emulator (`fwait`, `ldmxcsr`, `stmxcsr`).
     pub skipped_instructions: std::sync::atomic::AtomicU64,
     /// `xsave`/`xrstor` performed (or faulted) for the PVM emulator.
@@ -255,11 +257,30 @@ impl VcpuThread {
                             .read(port, data);
                         Next::Run
                     }
-                    VcpuExit::MmioRead(_, data) => {
-                        data.fill(0xff);
+                    VcpuExit::MmioRead(gpa, data) => {
+                        self.shared.stats[self.id as usize]
+                            .mmio_exits
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.shared
+                            .bus
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .mmio_read(gpa, data);
                         Next::Run
                     }
-                    VcpuExit::MmioWrite(..) | VcpuExit::Hlt | VcpuExit::IrqWindowOpen => Next::Run,
+                    VcpuExit::MmioWrite(gpa, data) => {
+                        self.shared.stats[self.id as usize]
+                            .mmio_exits
+                            .fetch_add(1, Ordering::Relaxed);
+                        let data = data.to_vec();
+                        self.shared
+                            .bus
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .mmio_write(gpa, &data, &self.shared.ram);
+                        Next::Run
+                    }
+                    VcpuExit::Hlt | VcpuExit::IrqWindowOpen => Next::Run,
                     VcpuExit::Shutdown => {
                         let _ = self.events.send(VcpuEvent::Reset(self.id));
                         Next::Stop

@@ -24,6 +24,11 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const MPTABLE_START: u64 = 0x9fc00;
 /// End of conventional low memory.
 pub const EBDA_END: u64 = 0xa0000;
+/// The output window (`devices::output_window`): guest RAM in the legacy
+/// hole that e820 leaves out, so the kernel never allocates it.
+pub const OUTPUT_WINDOW_START: u64 = 0xd_0000;
+/// Size of the output window.
+pub const OUTPUT_WINDOW_SIZE: u64 = 0x1_0000;
 /// Start of high memory (above the legacy VGA/BIOS hole).
 pub const HIMEM_START: u64 = 0x100000;
 /// Physical address the kernel is linked to run at (LOAD_PHYSICAL_ADDR).
@@ -32,6 +37,8 @@ pub const KERNEL_DEFAULT_PHYS: u64 = 0x100_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO hole; RAM beyond the hole continues here.
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// The output window's doorbell page (no memory slot: every access exits).
+pub const OUTPUT_DOORBELL_START: u64 = 0xfeb0_0000;
 /// The I/O APIC's MMIO base.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// The local APIC's MMIO base.
