@@ -6,6 +6,7 @@ mod cmd;
 mod gdb;
 mod guestfiles;
 mod introspect;
+mod output;
 mod sink;
 mod snapcache;
 mod stacks;

@@ -25,6 +25,12 @@ fn start(calls: u32) -> LoopGuest {
 
 /// [`start`] on guest kernel `kernel`.
 fn start_on(kernel: &str, calls: u32) -> LoopGuest {
+    start_with(kernel, &[], &["hv-getpid-loop", &calls.to_string()])
+}
+
+/// [`start_on`] with more `hvtrace run` options and the guest command
+/// `command` (which runs hv-getpid-loop).
+fn start_with(kernel: &str, options: &[&str], command: &[&str]) -> LoopGuest {
     require_kvm();
     let sock = temp_path("attach.sock");
     let child = Command::new(hvtrace_bin())
@@ -34,9 +40,10 @@ fn start_on(kernel: &str, calls: u32) -> LoopGuest {
             kernel,
             "--api-sock",
             sock.to_str().unwrap(),
-            "--",
         ])
-        .args(["hv-getpid-loop", &calls.to_string()])
+        .args(options)
+        .arg("--")
+        .args(command)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -343,4 +350,70 @@ echo rounds-done";
         attached >= 8,
         "only {attached} attaches in {windows} windows"
     );
+}
+
+/// A client that stops reading loses events rather than stalling the guest
+/// (the process runs to its end meanwhile), is told how many in the stream
+/// once it reads again, and the VM's `--report` counts them.
+#[test]
+fn a_client_that_stops_reading_is_told_how_many_events_it_lost() {
+    let calls: u32 = 60_000;
+    // The VM lives on after the loop, while the client catches up.
+    let script = format!("hv-getpid-loop {calls}; sleep 60");
+    let mut g = start_with("minimal", &["--report"], &["/bin/sh", "-c", &script]);
+    let mut sock = UnixStream::connect(&g.sock).unwrap();
+    writeln!(
+        sock,
+        r#"{{"v":1,"id":1,"op":"attach","pid":{},"entries":true}}"#,
+        g.pid
+    )
+    .unwrap();
+    // Not reading: the loop (two events per call) overflows the queue.
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let v = api_call(&g.sock, r#"{"v":1,"op":"ps"}"#).unwrap();
+        let alive = v["tasks"]
+            .as_array()
+            .is_some_and(|ts| ts.iter().any(|t| t["pid"] == g.pid));
+        if !alive {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the loop never ended");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (mut delivered, mut lost, mut notices) = (0u64, 0u64, 0);
+    for line in BufReader::new(&sock).lines() {
+        let Ok(line) = line else { break };
+        let v: Value = serde_json::from_str(&line).unwrap();
+        match v["event"]["event"].as_str() {
+            Some("lost") => {
+                lost += v["event"]["count"].as_u64().unwrap();
+                notices += 1;
+            }
+            _ if v.get("event").is_some() => delivered += 1,
+            _ => {}
+        }
+    }
+    drop(sock);
+    api_call(&g.sock, r#"{"v":1,"op":"shutdown"}"#).unwrap();
+    // Entry and exit of each of the loop's calls, and of the few calls
+    // of the program's start and end.
+    let most = 2 * u64::from(calls) + 100;
+    assert!(
+        notices >= 1 && lost > 0,
+        "no loss told: {delivered} events delivered"
+    );
+    assert!(
+        delivered >= 65_536 && delivered + lost <= most,
+        "{delivered} delivered + {lost} lost, for at most {most} events"
+    );
+    let out = g.vm.take_child().wait_with_output().unwrap();
+    assert!(stdout(&out).contains(&format!("getpid x {calls} done")));
+    let report = stderr(&out)
+        .lines()
+        .find_map(|l| l.strip_prefix("hvtrace-report "))
+        .map(|r| serde_json::from_str::<Value>(r).unwrap())
+        .expect("a --report line");
+    assert_eq!(report["events_lost"], lost, "{report}");
 }

@@ -385,3 +385,122 @@ fn guest_ptrace_keeps_working_on_a_thread_hvtrace_traces() {
     assert!(opened, "hvtrace should see hv-fileio's calls too:\n{log}");
     assert!(stdout(&out).contains("fileio done"), "{}", stdout(&out));
 }
+
+/// The rows of a `strace -c` table: call name -> (calls, errors).
+fn count_table(text: &str) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let rule = "------ ----------- ----------- --------- --------- ----------------";
+    let mut rows = std::collections::BTreeMap::new();
+    let mut in_body = false;
+    for line in text.lines() {
+        if line == rule {
+            if in_body {
+                break;
+            }
+            in_body = true;
+            continue;
+        }
+        if !in_body {
+            continue;
+        }
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (calls, errors) = match f.len() {
+            5 => (f[3], "0"),
+            6 => (f[3], f[4]),
+            _ => panic!("not a table row: {line:?}\n{text}"),
+        };
+        rows.insert(
+            f[f.len() - 1].to_string(),
+            (calls.parse().unwrap(), errors.parse().unwrap()),
+        );
+    }
+    rows
+}
+
+/// `hvtrace trace -c` counts what the guest's own `strace -c` counts on
+/// the same program: the same calls, with the same numbers of calls and
+/// errors (the times are each tracer's own), and prints no trace lines.
+#[test]
+fn the_call_count_table_equals_the_guests_strace_c() {
+    require_kvm();
+    let program = ["hv-fileio"];
+    let table = temp_path("count.txt");
+    let t = table.to_str().unwrap();
+    let out = hvtrace(&["trace", "-c", "-S", "calls", "-o", t, "--", program[0]]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("hvtrace-guest"),
+        "the program ran: {}",
+        stdout(&out)
+    );
+    let ours = std::fs::read_to_string(&table).unwrap();
+    let _ = std::fs::remove_file(&table);
+    assert!(
+        ours.starts_with("% time     seconds  usecs/call     calls    errors syscall\n"),
+        "-c prints the table only:\n{ours}"
+    );
+    let (_, theirs) = guest_strace_output("minimal", &["-c", "-S", "calls", program[0]]);
+    let (ours, theirs) = (count_table(&ours), count_table(&theirs));
+    assert!(theirs.get("openat").is_some_and(|r| r.1 >= 1), "{theirs:?}");
+    assert_eq!(
+        ours, theirs,
+        "hvtrace -c and the guest's strace -c disagree"
+    );
+}
+
+/// A trace whose reader is slow does not stall the guest: with hvtrace's
+/// stderr a pipe nobody reads (its 64 KiB fill after a few thousand
+/// lines), the traced program still runs to its end, and once the reader
+/// comes back every line is there.
+#[test]
+fn a_reader_that_does_not_read_does_not_stall_the_traced_program() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+    require_kvm();
+    let calls = 10_000;
+    let mut child = Command::new(hvtrace_bin())
+        .args(["trace", "--", "hv-getpid-loop", &calls.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let done = format!("getpid x {calls} done");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(&done) => break,
+            Ok(_) => {}
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the program never finished while the trace was not read");
+            }
+        }
+    }
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "{log}");
+    let getpids = log.lines().filter(|l| l.starts_with("getpid() = ")).count();
+    assert_eq!(
+        getpids,
+        calls + 1,
+        "every call's line arrived (the loop's, and one for the pid it prints)"
+    );
+    assert!(
+        log.contains("+++ exited with 0 +++"),
+        "{}",
+        &log[log.len().saturating_sub(500)..]
+    );
+}

@@ -246,6 +246,61 @@ impl ThreadUtrace {
         self.state().apply_vote(engine, vote, prevailing)
     }
 
+    /// One engine's part of [`ThreadUtrace::report`]: report_quiesce and
+    /// the event's callback as its mask asks, each vote applied. Returns
+    /// the action prevailing after it.
+    fn report_to(
+        &self,
+        engine: &Arc<Engine>,
+        event: &Event,
+        thread: &ThreadContext,
+        mut prevailing: ResumeAction,
+        exit_code: &mut i64,
+    ) -> ResumeAction {
+        let bit = event.mask();
+        let ops = &engine.ops;
+        let mask = engine.events();
+        let _running = engine.enter_callback();
+        let wants_event = bit != EventMask::NONE && mask.contains(bit);
+        let wants_quiesce = mask.contains(EventMask::QUIESCE);
+        if matches!(event, Event::Reap) {
+            if wants_event {
+                ops.report_reap(engine, thread);
+            }
+            return prevailing;
+        }
+        // Each vote is applied as it is cast (utrace's finish_callback),
+        // so the event callback already sees the engine's quiesce vote.
+        if wants_quiesce && (wants_event || bit == EventMask::NONE) {
+            let vote = ops.report_quiesce(prevailing, engine, thread, bit);
+            prevailing = self.vote(engine, vote, prevailing);
+            if vote == ResumeAction::Detach {
+                return prevailing;
+            }
+        }
+        if !wants_event {
+            return prevailing;
+        }
+        let p = prevailing;
+        let vote = match event {
+            Event::Quiesce | Event::Step | Event::Reap => return prevailing,
+            Event::Death { group_dead, signal } => {
+                ops.report_death(engine, thread, *group_dead, *signal);
+                return prevailing;
+            }
+            Event::Clone { child, flags } => ops.report_clone(p, engine, thread, *flags, *child),
+            Event::Exec { filename } => ops.report_exec(p, engine, thread, filename),
+            Event::SyscallEntry { nr, args } => {
+                ops.report_syscall_entry(p, engine, thread, *nr, args)
+            }
+            Event::SyscallExit { nr, ret } => ops.report_syscall_exit(p, engine, thread, *nr, *ret),
+            Event::Exit { code } => ops.report_exit(p, engine, thread, *code, exit_code),
+            Event::Signal { signo, .. } => ops.report_signal(p, engine, thread, *signo),
+            Event::Jctl { kind, signo } => ops.report_jctl(p, engine, thread, *kind, *signo),
+        };
+        self.vote(engine, vote, prevailing)
+    }
+
     /// SIGKILL: always breaks STOP (and ends stepping: the thread never
     /// runs another user instruction).
     pub fn kill(&self) {
@@ -277,7 +332,6 @@ impl ThreadUtrace {
             }
             st.engines.clone()
         };
-        let bit = event.mask();
         if matches!(event, Event::SyscallEntry { .. }) {
             order.reverse();
         }
@@ -291,51 +345,28 @@ impl ThreadUtrace {
             if engine.is_detached() {
                 continue;
             }
-            let ops = &engine.ops;
-            let mask = engine.events();
-            let _running = engine.enter_callback();
-            let wants_event = bit != EventMask::NONE && mask.contains(bit);
-            let wants_quiesce = mask.contains(EventMask::QUIESCE);
-            if matches!(event, Event::Reap) {
-                if wants_event {
-                    ops.report_reap(&engine, thread);
+            // A panicking callback is contained: its engine is detached
+            // with a message, the thread and the other engines go on (a
+            // bug in one engine must not kill a vCPU thread).
+            let reported = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.report_to(&engine, event, thread, prevailing, &mut exit_code)
+            }));
+            prevailing = match reported {
+                Ok(p) => p,
+                Err(panic) => {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "(no message)".into());
+                    log::error!(
+                        "engine {} of thread {} panicked at {event:?}: {why}; detaching it",
+                        engine.id(),
+                        engine.tid()
+                    );
+                    self.vote(&engine, ResumeAction::Detach, prevailing)
                 }
-                continue;
-            }
-            // Each vote is applied as it is cast (utrace's finish_callback),
-            // so the event callback already sees the engine's quiesce vote.
-            if wants_quiesce && (wants_event || bit == EventMask::NONE) {
-                let vote = ops.report_quiesce(prevailing, &engine, thread, bit);
-                prevailing = self.vote(&engine, vote, prevailing);
-                if vote == ResumeAction::Detach {
-                    continue;
-                }
-            }
-            if !wants_event {
-                continue;
-            }
-            let p = prevailing;
-            let vote = match event {
-                Event::Quiesce | Event::Step | Event::Reap => continue,
-                Event::Death { group_dead, signal } => {
-                    ops.report_death(&engine, thread, *group_dead, *signal);
-                    continue;
-                }
-                Event::Clone { child, flags } => {
-                    ops.report_clone(p, &engine, thread, *flags, *child)
-                }
-                Event::Exec { filename } => ops.report_exec(p, &engine, thread, filename),
-                Event::SyscallEntry { nr, args } => {
-                    ops.report_syscall_entry(p, &engine, thread, *nr, args)
-                }
-                Event::SyscallExit { nr, ret } => {
-                    ops.report_syscall_exit(p, &engine, thread, *nr, *ret)
-                }
-                Event::Exit { code } => ops.report_exit(p, &engine, thread, *code, &mut exit_code),
-                Event::Signal { signo, .. } => ops.report_signal(p, &engine, thread, *signo),
-                Event::Jctl { kind, signo } => ops.report_jctl(p, &engine, thread, *kind, *signo),
             };
-            prevailing = self.vote(&engine, vote, prevailing);
         }
         if let Event::Exit { code } = event {
             if exit_code != *code {
@@ -510,6 +541,60 @@ mod tests {
             take(&log),
             ["b:entry(0):UTRACE_RESUME", "a:entry(0):UTRACE_RESUME"]
         );
+    }
+
+    /// Panics in report_exec; STOP otherwise.
+    struct Panicky;
+
+    impl EngineOps for Panicky {
+        fn report_exec(
+            &self,
+            _action: ResumeAction,
+            _engine: &Engine,
+            _thread: &ThreadContext,
+            _filename: &str,
+        ) -> ResumeAction {
+            panic!("engine bug");
+        }
+    }
+
+    #[test]
+    fn a_panicking_engine_is_detached_and_the_others_still_get_the_event() {
+        let (t, engines, log) = setup(&[("a", EXEC, Resume, Resume)]);
+        let create = AttachFlags {
+            create: true,
+            ..Default::default()
+        };
+        // Between a and b in attach order.
+        let bad = t.attach(create, Arc::new(Panicky), None).unwrap();
+        t.set_events(&bad, EXEC).unwrap();
+        let rec_b = Rec {
+            name: "b",
+            log: log.clone(),
+            quiesce: Resume,
+            event: Report,
+        };
+        let b = t.attach(create, Arc::new(rec_b), None).unwrap();
+        t.set_events(&b, EXEC).unwrap();
+        let first = engines[0].clone();
+        let ev = Event::Exec {
+            filename: "/x".into(),
+        };
+        let action = t.report(&ev, &ctx());
+        assert_eq!(
+            take(&log),
+            ["a:exec(/x):UTRACE_RESUME", "b:exec(/x):UTRACE_RESUME"],
+            "the engine after the panicking one still ran"
+        );
+        assert_eq!(
+            action, Report,
+            "b's vote prevails; the panicking engine's none"
+        );
+        assert!(bad.is_detached(), "the panicking engine is detached");
+        assert!(!first.is_detached() && !b.is_detached());
+        // The next event reaches the others only.
+        t.report(&ev, &ctx());
+        assert_eq!(take(&log).len(), 2);
     }
 
     #[test]

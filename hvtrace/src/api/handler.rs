@@ -140,10 +140,34 @@ impl utrace::EngineOps for StepCounter {
 }
 
 /// An engine's output: whole lines, wrapped for the protocol and queued
-/// for the client's connection (dropped if the client stopped reading).
+/// for the client's connection. A client that stops reading loses events
+/// rather than stalling the guest; the connection's writer thread tells it
+/// how many (`{"event":"lost","count":N}`, see [`Conn::lost`]) and they
+/// count in `--report`'s `events_lost`.
 struct ConnSink {
     buf: Vec<u8>,
     events: Sender<String>,
+    lost: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ConnSink {
+    fn new(conn: &Conn) -> Self {
+        Self {
+            buf: Vec::new(),
+            events: conn.events.clone(),
+            lost: conn.lost.clone(),
+        }
+    }
+
+    /// Queues one event, or counts it lost.
+    fn offer(&mut self, event: Value) {
+        let wrapped = json!({"v": PROTOCOL_VERSION, "event": event});
+        if self.events.try_send(wrapped.to_string()).is_err() {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.lost.fetch_add(1, Relaxed);
+            super::EVENTS_LOST.fetch_add(1, Relaxed);
+        }
+    }
 }
 
 impl Write for ConnSink {
@@ -153,8 +177,7 @@ impl Write for ConnSink {
             let line: Vec<u8> = self.buf.drain(..=nl).collect();
             let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
             let event: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-            let wrapped = json!({"v": PROTOCOL_VERSION, "event": event});
-            let _ = self.events.try_send(wrapped.to_string());
+            self.offer(event);
         }
         Ok(data.len())
     }
@@ -789,10 +812,7 @@ impl Handler {
                 tamper: Vec::new(),
             },
             tracer.syscalls(),
-            Box::new(ConnSink {
-                buf: Vec::new(),
-                events: conn.events.clone(),
-            }),
+            Box::new(ConnSink::new(conn)),
         );
         if let Some(o) = &self.observer {
             engine = engine.with_observer(o.clone());
@@ -857,10 +877,7 @@ impl Handler {
             quiet: false,
             json: true,
         };
-        let out: Box<dyn Write + Send> = Box::new(ConnSink {
-            buf: Vec::new(),
-            events: conn.events.clone(),
-        });
+        let out: Box<dyn Write + Send> = Box::new(ConnSink::new(conn));
         // The default image's files (a VM booted with its own --initrd
         // gets no symbols here).
         let images = crate::cmd::trace::image_files_of(&[]);

@@ -23,7 +23,10 @@
 //!   and its exit record a `"rest"` (the line after that start): enough to
 //!   print strace's `<unfinished ...>`/`<... read resumed>` lines (the
 //!   client's `utrace::strace::text::TextRenderer` does). Events are queued per connection (65536 lines); a
-//!   client that stops reading loses events, never stalls the guest. When the client closes
+//!   client that stops reading loses events, never stalls the guest; it is
+//!   told so once the events queued before them are written,
+//!   `{"v":1,"event":{"event":"lost","count":N}}`, and `run --report`
+//!   counts them (`events_lost`). When the client closes
 //!   the connection (or is killed) its engines are detached and its
 //!   threads run on untraced; when no engine is left the tracer's traps
 //!   are removed and the kernel text is as it was. With `"steps":"single"`
@@ -96,6 +99,10 @@ pub mod client;
 pub mod debugger;
 pub mod handler;
 pub mod server;
+
+/// Events dropped in this process because a client's queue was full
+/// (`run --report`'s `events_lost`).
+pub static EVENTS_LOST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

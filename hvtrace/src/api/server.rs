@@ -32,6 +32,10 @@ pub struct Conn {
     /// Lines to send the client besides replies (trace events). Bounded:
     /// a client that stops reading loses events, never stalls the guest.
     pub events: Sender<String>,
+    /// Events dropped because `events` was full, not yet told to the
+    /// client: its writer thread sends `{"event":"lost","count":N}` as soon
+    /// as it has written what was queued before them.
+    pub lost: Arc<AtomicU64>,
 }
 
 /// Event lines a connection may have queued before more are dropped.
@@ -87,9 +91,11 @@ fn serve(stream: UnixStream, tx: Sender<Pending>) {
     };
     let out = Arc::new(Mutex::new(stream));
     let (etx, erx) = bounded::<String>(EVENT_QUEUE);
+    let lost = Arc::new(AtomicU64::new(0));
     let conn = Conn {
         id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
         events: etx,
+        lost: lost.clone(),
     };
     let event_out = out.clone();
     let _ = std::thread::Builder::new()
@@ -98,6 +104,16 @@ fn serve(stream: UnixStream, tx: Sender<Pending>) {
             for line in erx {
                 if write_line(&event_out, &line).is_err() {
                     return;
+                }
+                let n = lost.swap(0, Ordering::Relaxed);
+                if n > 0 {
+                    let notice = json!({
+                        "v": PROTOCOL_VERSION,
+                        "event": {"event": "lost", "count": n},
+                    });
+                    if write_line(&event_out, &notice.to_string()).is_err() {
+                        return;
+                    }
                 }
             }
         });

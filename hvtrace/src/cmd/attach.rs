@@ -75,6 +75,13 @@ impl Printer {
             self.out.flush()?;
             return Ok(());
         }
+        if e["event"] == "lost" && self.text.is_some() {
+            // The VM's queue for this client overflowed (it read too slowly).
+            let n = e["count"].as_u64().unwrap_or(0);
+            writeln!(self.out, "+++ {n} events lost +++")?;
+            self.out.flush()?;
+            return Ok(());
+        }
         let malformed = || format!("malformed event from the VM: {e}");
         let emitted = match (&self.text, &self.sink) {
             (None, None) => None,

@@ -243,6 +243,11 @@ pub fn run(args: RunArgs) -> Result<i32> {
     if args.report {
         let mut r = session.report();
         r["restored"] = serde_json::Value::Bool(restored);
+        if args.api_sock.is_some() {
+            r["events_lost"] = crate::api::EVENTS_LOST
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .into();
+        }
         if let Some(s) = &sunk {
             s.add_to(&mut r);
         }

@@ -48,6 +48,18 @@ pub struct TraceArgs {
     /// Show the time spent in each call (`strace -T`).
     #[arg(short = 'T')]
     pub timing: bool,
+    /// Count calls, errors and time per system call and print strace's
+    /// table at the end instead of the trace (`strace -c`; the time is
+    /// wall-clock, as strace's `-w`).
+    #[arg(short = 'c', conflicts_with_all = ["summary_too", "json"])]
+    pub count: bool,
+    /// Like -c, with the trace printed too (`strace -C`).
+    #[arg(short = 'C', conflicts_with = "json")]
+    pub summary_too: bool,
+    /// Order of the -c/-C table: time (default), calls, errors, name,
+    /// nothing (`strace -S`).
+    #[arg(short = 'S', value_name = "SORTBY", default_value = "time")]
+    pub sort_by: utrace::strace::summary::SortBy,
     /// One JSON object per event instead of strace lines.
     #[arg(long)]
     pub json: bool,
@@ -221,7 +233,18 @@ fn kernel_info(session: &Session, guest: &GuestArgs, from_memory: bool) -> Resul
 /// Traces the command; returns its exit status.
 pub fn trace(args: TraceArgs) -> Result<i32> {
     let Exprs { only, tamper } = parse_exprs(&args.expr)?;
-    let out = utrace::steps::SharedOut::new(open_output(args.output.as_deref())?);
+    // Written by a thread of its own: a slow reader must not stall the guest.
+    let (queued, writer) = crate::output::queued(open_output(args.output.as_deref())?)
+        .context("starting the trace writer")?;
+    let out = utrace::steps::SharedOut::new(Box::new(queued));
+    let summary = (args.count || args.summary_too)
+        .then(|| Arc::new(utrace::strace::summary::Summary::default()));
+    // -c: the table only (the engine's own lines go nowhere).
+    let engine_out: Box<dyn Write + Send> = if args.count {
+        Box::new(std::io::sink())
+    } else {
+        Box::new(out.clone())
+    };
     // Before booting: an unreachable sink is an error, with nothing traced.
     let sink = args.sink.start()?;
     let (mut session, _) = open_guest(&args.guest, args.no_cache, args.restore.as_deref(), None)?;
@@ -238,10 +261,13 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
             tamper,
         },
         tracer.syscalls(),
-        Box::new(out.clone()),
+        engine_out,
     );
     if let Some(sink) = &sink {
         engine = engine.with_observer(sink.observer());
+    }
+    if let Some(summary) = &summary {
+        engine = engine.with_observer(summary.clone());
     }
     let engine = Arc::new(engine);
     let mut specs = vec![EngineSpec {
@@ -285,6 +311,12 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
         let _ = o.write_all(text.as_bytes());
         let _ = o.flush();
     }
+    if let Some(summary) = &summary {
+        let mut o = out.clone();
+        let _ = o.write_all(summary.render(args.sort_by).as_bytes());
+        let _ = o.flush();
+    }
+    writer.finish();
     let sunk = sink.map(|s| s.finish());
     log::info!("tracer: {seen} traps, {errors} handler errors");
     if errors > 0 {

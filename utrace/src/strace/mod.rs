@@ -10,6 +10,7 @@
 //! one thread is alive.
 
 pub mod record;
+pub mod summary;
 pub mod tamper;
 pub mod text;
 
@@ -151,7 +152,7 @@ pub struct Strace {
     syscalls: Arc<SyscallTable>,
     out: Mutex<Output>,
     state: Mutex<State>,
-    observer: Option<Arc<dyn RecordObserver>>,
+    observers: Vec<Arc<dyn RecordObserver>>,
 }
 
 impl Strace {
@@ -171,13 +172,14 @@ impl Strace {
             syscalls,
             out: Mutex::new(Output { out, text }),
             state: Mutex::new(State::default()),
-            observer: None,
+            observers: Vec::new(),
         }
     }
 
-    /// The same engine, also handing every record to `observer`.
+    /// The same engine, also handing every record to `observer` (after
+    /// the observers given before).
     pub fn with_observer(mut self, observer: Arc<dyn RecordObserver>) -> Self {
-        self.observer = Some(observer);
+        self.observers.push(observer);
         self
     }
 
@@ -207,8 +209,8 @@ impl Strace {
         };
         // A closed output (the reader went away) must not disturb the guest.
         let _ = r.and_then(|_| out.flush());
-        if let Some(observer) = &self.observer {
-            observer.observe(emitted);
+        for observer in &self.observers {
+            observer.observe(emitted.clone());
         }
     }
 
