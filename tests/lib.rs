@@ -371,6 +371,28 @@ impl InProcessGuest {
         }
     }
 
+    /// Runs `argv` through the control channel and returns its exit
+    /// status; fails the test, saying it was `what` and showing the
+    /// console's tail, if no status comes within `limit`.
+    pub fn run_with_limit(&mut self, argv: &[String], limit: Duration, what: &str) -> i32 {
+        self.session.start(argv).expect("send the request");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(code) = self
+                .session
+                .poll_exit(Duration::from_millis(100))
+                .expect("the VM runs")
+            {
+                return code;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} got no answer in {limit:?}\nconsole tail:\n{}",
+                self.session.console().tail(20)
+            );
+        }
+    }
+
     /// What the guest command printed so far.
     pub fn stdout(&self) -> String {
         String::from_utf8_lossy(&self.stdout.lock().unwrap_or_else(|e| e.into_inner())).into_owned()

@@ -82,22 +82,7 @@ fn a_killed_output_relay_falls_back_to_the_uart() {
     let mut guest = InProcessGuest::restore_default();
     let run = |guest: &mut InProcessGuest, script: &str| {
         let argv: Vec<String> = ["/bin/sh", "-c", script].map(String::from).to_vec();
-        guest.session.start(&argv).expect("send the request");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-        loop {
-            if let Some(code) = guest
-                .session
-                .poll_exit(std::time::Duration::from_millis(100))
-                .expect("the VM runs")
-            {
-                return code;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "`{script}` never ended; console:\n{}",
-                guest.session.console().tail(20)
-            );
-        }
+        guest.run_with_limit(&argv, std::time::Duration::from_secs(300), script)
     };
     let window =
         "readlink /proc/self/fd/1; ls -l /proc/$(cat /run/hvtrace/pid)/fd | grep -c /dev/mem";

@@ -13,22 +13,9 @@ use vmm::control::Start;
 fn run_with_limit(guest: &mut InProcessGuest, argv: &[String], limit: Duration) -> (i32, String) {
     let before = guest.stdout().len();
     let request_len = vmm::control::sh_request(argv, Start::Plain).len();
-    guest.session.start(argv).expect("send the request");
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(code) = guest
-            .session
-            .poll_exit(Duration::from_millis(100))
-            .expect("the VM runs")
-        {
-            return (code, guest.stdout()[before..].to_string());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "a request of {request_len} bytes got no answer in {limit:?}: the guest never read all of it\nconsole tail:\n{}",
-            guest.session.console().tail(20)
-        );
-    }
+    let what = format!("a request of {request_len} bytes (did the guest read all of it?)");
+    let code = guest.run_with_limit(argv, limit, &what);
+    (code, guest.stdout()[before..].to_string())
 }
 
 /// `echo` of a payload chosen so that the request line is `len` bytes.

@@ -504,3 +504,66 @@ fn a_reader_that_does_not_read_does_not_stall_the_traced_program() {
         &log[log.len().saturating_sub(500)..]
     );
 }
+
+/// `-ttt` starts every line with the epoch time of its event: within the
+/// run, never decreasing; `-tt` with the time of day to the microsecond,
+/// the same as the host's clock says (to the minute), as strace prints them.
+#[test]
+fn time_stamps_start_every_line_in_order_within_the_run() {
+    require_kvm();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let stamped = |flag: &str| {
+        let file = temp_path("stamped.txt");
+        let f = file.to_str().unwrap();
+        let out = hvtrace(&["trace", flag, "-o", f, "--", "hv-fileio"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let log = std::fs::read_to_string(&file).unwrap();
+        let _ = std::fs::remove_file(&file);
+        log
+    };
+    let before = now();
+    let log = stamped("-ttt");
+    let after = now();
+    let mut last = before;
+    for line in log.lines() {
+        let (t, rest) = line.split_once(' ').unwrap();
+        let t: f64 = t.parse().unwrap_or_else(|_| panic!("no stamp: {line:?}"));
+        assert!(
+            t >= last && t <= after,
+            "{t} not in {last}..{after}: {line}"
+        );
+        assert!(!rest.is_empty());
+        last = t;
+    }
+    assert!(log.lines().count() >= 10, "{log}");
+    let hm = || {
+        let out = std::process::Command::new("date")
+            .arg("+%H:%M")
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let hm_before = hm();
+    let log = stamped("-tt");
+    let hm_after = hm();
+    for line in log.lines() {
+        let stamp = &line[..16];
+        let shape_ok = stamp.char_indices().all(|(i, c)| match i {
+            2 | 5 => c == ':',
+            8 => c == '.',
+            15 => c == ' ',
+            _ => c.is_ascii_digit(),
+        });
+        assert!(shape_ok, "not HH:MM:SS.uuuuuu: {line:?}");
+    }
+    let first = &log[..5];
+    assert!(
+        first == hm_before || first == hm_after,
+        "the trace's first line says {first}, the host's clock {hm_before}..{hm_after}"
+    );
+}

@@ -810,6 +810,7 @@ impl Handler {
                 timing: false,
                 entries,
                 tamper: Vec::new(),
+                stamp: None,
             },
             tracer.syscalls(),
             Box::new(ConnSink::new(conn)),

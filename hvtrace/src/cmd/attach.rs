@@ -35,6 +35,8 @@ pub struct AttachArgs {
     /// Longest string shown (`strace -s`), at most 1048576.
     #[arg(short = 's', default_value_t = 32, value_parser = parse_string_limit)]
     pub string_limit: usize,
+    #[command(flatten)]
+    pub stamps: super::StampArgs,
     /// One JSON object per event instead of strace lines.
     #[arg(long)]
     pub json: bool,
@@ -115,7 +117,10 @@ pub fn attach(args: AttachArgs) -> Result<i32> {
     let mut printer = Printer {
         pid: args.pid,
         out,
-        text: (!args.json).then(TextRenderer::default),
+        text: (!args.json).then(|| match args.stamps.stamp() {
+            Some((stamp, offset)) => TextRenderer::with_stamp(stamp, offset),
+            None => TextRenderer::default(),
+        }),
         sink: args.sink.start()?,
     };
     let result = follow(&args, only, &mut printer);

@@ -13,6 +13,49 @@ pub mod snapshot;
 pub mod symbols;
 pub mod trace;
 
+/// strace's time-stamp options (`trace` and `attach`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct StampArgs {
+    /// Start each line with the time of day (`strace -t`); `-tt` adds
+    /// microseconds, `-ttt` gives seconds since the epoch.
+    #[arg(short = 't', action = clap::ArgAction::Count)]
+    pub time: u8,
+    /// Start each line with the time since the previous one (`strace -r`).
+    #[arg(short = 'r', conflicts_with = "time")]
+    pub relative: bool,
+}
+
+impl StampArgs {
+    /// The renderer's stamp these options ask for, with the host's local
+    /// time offset.
+    pub fn stamp(&self) -> Option<(utrace::strace::text::Stamp, i64)> {
+        use utrace::strace::text::Stamp;
+        let stamp = match (self.time, self.relative) {
+            (_, true) => Stamp::Relative,
+            (0, false) => return None,
+            (1, false) => Stamp::Time,
+            (2, false) => Stamp::Micros,
+            _ => Stamp::Epoch,
+        };
+        Some((stamp, local_utc_offset()))
+    }
+}
+
+/// The host's local time offset from UTC now, in seconds (0 if unknown).
+fn local_utc_offset() -> i64 {
+    // SAFETY: time(NULL) only returns the time; localtime_r writes only the
+    // `tm` it is given, which is a plain C struct for which all-zero bytes
+    // are a valid value.
+    unsafe {
+        let now = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&now, &mut tm).is_null() {
+            return 0;
+        }
+        tm.tm_gmtoff
+    }
+}
+
 /// `-s N`: a number no larger than utrace's `MAX_STRING_LIMIT`.
 pub fn parse_string_limit(s: &str) -> Result<usize, String> {
     let n: usize = s

@@ -60,6 +60,8 @@ pub struct TraceArgs {
     /// nothing (`strace -S`).
     #[arg(short = 'S', value_name = "SORTBY", default_value = "time")]
     pub sort_by: utrace::strace::summary::SortBy,
+    #[command(flatten)]
+    pub stamps: super::StampArgs,
     /// One JSON object per event instead of strace lines.
     #[arg(long)]
     pub json: bool,
@@ -259,6 +261,7 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
             timing: args.timing,
             entries: false,
             tamper,
+            stamp: args.stamps.stamp(),
         },
         tracer.syscalls(),
         engine_out,

@@ -47,6 +47,9 @@ pub struct StraceOptions {
     /// `-e inject=` / `-e fault=`: calls to tamper with (a later
     /// expression naming a call overrides an earlier one, as in strace).
     pub tamper: Vec<tamper::Tamper>,
+    /// `-t`/`-tt`/`-ttt`/`-r` in text mode, with the local time's offset
+    /// from UTC in seconds.
+    pub stamp: Option<(text::Stamp, i64)>,
 }
 
 /// The events this engine asks for.
@@ -165,7 +168,10 @@ impl Strace {
         let fmt = Formatter {
             string_limit: opts.string_limit.unwrap_or(32),
         };
-        let text = (!opts.json).then(text::TextRenderer::default);
+        let text = (!opts.json).then(|| match opts.stamp {
+            Some((stamp, offset)) => text::TextRenderer::with_stamp(stamp, offset),
+            None => text::TextRenderer::default(),
+        });
         Self {
             opts,
             fmt,

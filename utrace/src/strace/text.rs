@@ -11,13 +11,33 @@
 //! the exit prints `<... read resumed>"...", 4096) = 14`, as strace does.
 
 use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::record::Record;
 use crate::event::Tid;
 
+/// strace's `-t`, `-tt`, `-ttt` and `-r`: the time that starts each line
+/// (after its `[pid N]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stamp {
+    /// `-t`: local time of day, `12:34:56 `.
+    Time,
+    /// `-tt`: with microseconds, `12:34:56.123456 `.
+    Micros,
+    /// `-ttt`: seconds since the epoch, `1764800000.123456 `.
+    Epoch,
+    /// `-r`: seconds since the previous line started, `     0.000123 `.
+    Relative,
+}
+
 /// Renders event records as strace's text.
 #[derive(Debug, Default)]
 pub struct TextRenderer {
+    /// The time stamp each line starts with, and the local time's offset
+    /// from UTC in seconds (for `-t` and `-tt`).
+    stamp: Option<(Stamp, i64)>,
+    /// When the previous line started (for `-r`).
+    last_line: Option<SystemTime>,
     /// Threads seen and not yet exited: `[pid N]` once there are two.
     live: BTreeSet<Tid>,
     /// The thread and call whose entry ends the output so far.
@@ -27,15 +47,38 @@ pub struct TextRenderer {
 }
 
 impl TextRenderer {
+    /// A renderer starting each line with `stamp`; `utc_offset_s` is the
+    /// local time's offset from UTC.
+    pub fn with_stamp(stamp: Stamp, utc_offset_s: i64) -> Self {
+        Self {
+            stamp: Some((stamp, utc_offset_s)),
+            ..Self::default()
+        }
+    }
+
     /// The text for record `r` (complete lines end with `\n`; a call's
-    /// entry does not).
+    /// entry does not), stamped with the time now.
     pub fn render(&mut self, r: &Record) -> String {
+        self.render_at(r, SystemTime::now())
+    }
+
+    /// [`TextRenderer::render`] as of time `now`.
+    pub fn render_at(&mut self, r: &Record, now: SystemTime) -> String {
         let pid = r.pid();
         self.live.insert(pid);
-        let tag = if self.live.len() > 1 {
-            format!("[pid {pid:>5}] ")
-        } else {
+        // Only a record that starts a line takes a time stamp: a call's
+        // end completing its own open entry line does not.
+        let completes_open = matches!(r, Record::Call(c) if c.rest.is_some()
+            && self.open.as_ref().is_some_and(|(p, n)| *p == pid && *n == c.syscall));
+        let stamp = if completes_open {
             String::new()
+        } else {
+            self.stamp(now)
+        };
+        let tag = if self.live.len() > 1 {
+            format!("[pid {pid:>5}] {stamp}")
+        } else {
+            stamp
         };
         let mut out = String::new();
         match r {
@@ -90,6 +133,28 @@ impl TextRenderer {
         out
     }
 
+    /// The time stamp of a line starting at `now` (empty without one).
+    fn stamp(&mut self, now: SystemTime) -> String {
+        let Some((kind, offset)) = self.stamp else {
+            return String::new();
+        };
+        let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let (secs, micros) = (since_epoch.as_secs() as i64, since_epoch.subsec_micros());
+        let day = (secs + offset).rem_euclid(86_400);
+        let hms = format!("{:02}:{:02}:{:02}", day / 3600, day / 60 % 60, day % 60);
+        match kind {
+            Stamp::Time => format!("{hms} "),
+            Stamp::Micros => format!("{hms}.{micros:06} "),
+            Stamp::Epoch => format!("{secs}.{micros:06} "),
+            Stamp::Relative => {
+                let since = self.last_line.replace(now).map_or(Duration::ZERO, |l| {
+                    now.duration_since(l).unwrap_or_default()
+                });
+                format!("{:6}.{:06} ", since.as_secs(), since.subsec_micros())
+            }
+        }
+    }
+
     /// Ends an open entry line with strace's marker.
     fn interrupt_open(&mut self) -> String {
         match self.open.take() {
@@ -133,6 +198,43 @@ mod tests {
             rest: rest.map(str::to_string),
             injected: false,
         })
+    }
+
+    #[test]
+    fn time_stamps_start_each_line_after_the_pid() {
+        let at = |s: u64, us: u64| UNIX_EPOCH + Duration::from_micros(s * 1_000_000 + us);
+        // 1764806400 is 2025-12-04 00:00:00 UTC.
+        let t0 = 1_764_806_400 + 3600 * 13 + 60 * 5 + 7;
+        let mut r = TextRenderer::with_stamp(Stamp::Micros, 3600);
+        let mut text = r.render_at(&entry(5, "read", "read(3, "), at(t0, 42));
+        text += &r.render_at(
+            &end(5, "read", "read(3, \"\", 1) = 0", Some("\"\", 1) = 0")),
+            at(t0, 99),
+        );
+        text += &r.render_at(&Record::Exited { pid: 6, code: 0 }, at(t0 + 1, 7));
+        assert_eq!(
+            text,
+            "14:05:07.000042 read(3, \"\", 1) = 0\n[pid     6] 14:05:08.000007 +++ exited with 0 +++\n"
+        );
+        let mut r = TextRenderer::with_stamp(Stamp::Time, 0);
+        assert_eq!(
+            r.render_at(&Record::Exited { pid: 5, code: 0 }, at(t0, 500_000)),
+            "13:05:07 +++ exited with 0 +++\n"
+        );
+        let mut r = TextRenderer::with_stamp(Stamp::Epoch, 3600);
+        assert!(r
+            .render_at(&Record::Exited { pid: 5, code: 0 }, at(t0, 5))
+            .starts_with(&format!("{t0}.000005 +++")));
+        let mut r = TextRenderer::with_stamp(Stamp::Relative, 0);
+        let a = r.render_at(&Record::Exited { pid: 5, code: 0 }, at(t0, 0));
+        let b = r.render_at(&Record::Exited { pid: 5, code: 0 }, at(t0 + 2, 250));
+        assert_eq!(
+            (a.as_str(), b.as_str()),
+            (
+                "     0.000000 +++ exited with 0 +++\n",
+                "     2.000250 +++ exited with 0 +++\n"
+            )
+        );
     }
 
     #[test]

@@ -130,6 +130,19 @@ pub struct VcpuShared {
     pub started: Instant,
 }
 
+/// A device exit: counts it in the `counter` of vCPU `id` and hands the
+/// locked bus to `access`; the vCPU runs on.
+fn to_bus(
+    shared: &VcpuShared,
+    id: u8,
+    counter: impl FnOnce(&VcpuStats) -> &std::sync::atomic::AtomicU64,
+    access: impl FnOnce(&mut PortIoBus),
+) -> Next {
+    counter(&shared.stats[id as usize]).fetch_add(1, Ordering::Relaxed);
+    access(&mut shared.bus.lock().unwrap_or_else(|e| e.into_inner()));
+    Next::Run
+}
+
 /// The state a vCPU thread owns.
 pub struct VcpuThread {
     id: u8,
@@ -234,51 +247,32 @@ impl VcpuThread {
             );
             let next = match ran {
                 Ok(exit) => match exit {
-                    VcpuExit::IoOut(port, data) => {
-                        self.shared.stats[self.id as usize]
-                            .pio_exits
-                            .fetch_add(1, Ordering::Relaxed);
-                        let data = data.to_vec();
-                        self.shared
-                            .bus
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .write(port, &data);
-                        Next::Run
-                    }
-                    VcpuExit::IoIn(port, data) => {
-                        self.shared.stats[self.id as usize]
-                            .pio_exits
-                            .fetch_add(1, Ordering::Relaxed);
-                        self.shared
-                            .bus
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .read(port, data);
-                        Next::Run
-                    }
-                    VcpuExit::MmioRead(gpa, data) => {
-                        self.shared.stats[self.id as usize]
-                            .mmio_exits
-                            .fetch_add(1, Ordering::Relaxed);
-                        self.shared
-                            .bus
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .mmio_read(gpa, data);
-                        Next::Run
-                    }
+                    VcpuExit::IoOut(port, data) => to_bus(
+                        &self.shared,
+                        self.id,
+                        |s| &s.pio_exits,
+                        |b| b.write(port, data),
+                    ),
+                    VcpuExit::IoIn(port, data) => to_bus(
+                        &self.shared,
+                        self.id,
+                        |s| &s.pio_exits,
+                        |b| b.read(port, data),
+                    ),
+                    VcpuExit::MmioRead(gpa, data) => to_bus(
+                        &self.shared,
+                        self.id,
+                        |s| &s.mmio_exits,
+                        |b| b.mmio_read(gpa, data),
+                    ),
                     VcpuExit::MmioWrite(gpa, data) => {
-                        self.shared.stats[self.id as usize]
-                            .mmio_exits
-                            .fetch_add(1, Ordering::Relaxed);
-                        let data = data.to_vec();
-                        self.shared
-                            .bus
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .mmio_write(gpa, &data, &self.shared.ram);
-                        Next::Run
+                        let ram = &self.shared.ram;
+                        to_bus(
+                            &self.shared,
+                            self.id,
+                            |s| &s.mmio_exits,
+                            |b| b.mmio_write(gpa, data, ram),
+                        )
                     }
                     VcpuExit::Hlt | VcpuExit::IrqWindowOpen => Next::Run,
                     VcpuExit::Shutdown => {
