@@ -117,10 +117,7 @@ pub fn attach(args: AttachArgs) -> Result<i32> {
     let mut printer = Printer {
         pid: args.pid,
         out,
-        text: (!args.json).then(|| match args.stamps.stamp() {
-            Some((stamp, offset)) => TextRenderer::with_stamp(stamp, offset),
-            None => TextRenderer::default(),
-        }),
+        text: (!args.json).then(|| TextRenderer::new(args.stamps.stamp())),
         sink: args.sink.start()?,
     };
     let result = follow(&args, only, &mut printer);

@@ -168,10 +168,7 @@ impl Strace {
         let fmt = Formatter {
             string_limit: opts.string_limit.unwrap_or(32),
         };
-        let text = (!opts.json).then(|| match opts.stamp {
-            Some((stamp, offset)) => text::TextRenderer::with_stamp(stamp, offset),
-            None => text::TextRenderer::default(),
-        });
+        let text = (!opts.json).then(|| text::TextRenderer::new(opts.stamp));
         Self {
             opts,
             fmt,

@@ -47,11 +47,11 @@ pub struct TextRenderer {
 }
 
 impl TextRenderer {
-    /// A renderer starting each line with `stamp`; `utc_offset_s` is the
-    /// local time's offset from UTC.
-    pub fn with_stamp(stamp: Stamp, utc_offset_s: i64) -> Self {
+    /// A renderer starting each line with `stamp` if given, with the local
+    /// time's offset from UTC in seconds.
+    pub fn new(stamp: Option<(Stamp, i64)>) -> Self {
         Self {
-            stamp: Some((stamp, utc_offset_s)),
+            stamp,
             ..Self::default()
         }
     }
@@ -66,10 +66,12 @@ impl TextRenderer {
     pub fn render_at(&mut self, r: &Record, now: SystemTime) -> String {
         let pid = r.pid();
         self.live.insert(pid);
+        // Whether `r` is the end of the call whose entry ends the output.
+        let this_open = matches!(r, Record::Call(c)
+            if self.open.as_ref().is_some_and(|(p, n)| *p == pid && *n == c.syscall));
         // Only a record that starts a line takes a time stamp: a call's
         // end completing its own open entry line does not.
-        let completes_open = matches!(r, Record::Call(c) if c.rest.is_some()
-            && self.open.as_ref().is_some_and(|(p, n)| *p == pid && *n == c.syscall));
+        let completes_open = this_open && matches!(r, Record::Call(c) if c.rest.is_some());
         let stamp = if completes_open {
             String::new()
         } else {
@@ -89,10 +91,6 @@ impl TextRenderer {
             }
             Record::Call(c) => {
                 let name = &c.syscall;
-                let this_open = self
-                    .open
-                    .as_ref()
-                    .is_some_and(|(p, n)| *p == pid && n == name);
                 match &c.rest {
                     Some(rest) if this_open => {
                         self.open = None;
@@ -205,7 +203,7 @@ mod tests {
         let at = |s: u64, us: u64| UNIX_EPOCH + Duration::from_micros(s * 1_000_000 + us);
         // 1764806400 is 2025-12-04 00:00:00 UTC.
         let t0 = 1_764_806_400 + 3600 * 13 + 60 * 5 + 7;
-        let mut r = TextRenderer::with_stamp(Stamp::Micros, 3600);
+        let mut r = TextRenderer::new(Some((Stamp::Micros, 3600)));
         let mut text = r.render_at(&entry(5, "read", "read(3, "), at(t0, 42));
         text += &r.render_at(
             &end(5, "read", "read(3, \"\", 1) = 0", Some("\"\", 1) = 0")),
@@ -216,16 +214,16 @@ mod tests {
             text,
             "14:05:07.000042 read(3, \"\", 1) = 0\n[pid     6] 14:05:08.000007 +++ exited with 0 +++\n"
         );
-        let mut r = TextRenderer::with_stamp(Stamp::Time, 0);
+        let mut r = TextRenderer::new(Some((Stamp::Time, 0)));
         assert_eq!(
             r.render_at(&Record::Exited { pid: 5, code: 0 }, at(t0, 500_000)),
             "13:05:07 +++ exited with 0 +++\n"
         );
-        let mut r = TextRenderer::with_stamp(Stamp::Epoch, 3600);
+        let mut r = TextRenderer::new(Some((Stamp::Epoch, 3600)));
         assert!(r
             .render_at(&Record::Exited { pid: 5, code: 0 }, at(t0, 5))
             .starts_with(&format!("{t0}.000005 +++")));
-        let mut r = TextRenderer::with_stamp(Stamp::Relative, 0);
+        let mut r = TextRenderer::new(Some((Stamp::Relative, 0)));
         let a = r.render_at(&Record::Exited { pid: 5, code: 0 }, at(t0, 0));
         let b = r.render_at(&Record::Exited { pid: 5, code: 0 }, at(t0 + 2, 250));
         assert_eq!(

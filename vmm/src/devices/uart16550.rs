@@ -283,13 +283,8 @@ impl<T: Trigger, W: Write> Uart16550<T, W> {
             if self.rx.len() < FIFO_SIZE {
                 self.rx.push_back(value);
             }
-        } else if self
-            .out
-            .write_all(&[value])
-            .and_then(|_| self.out.flush())
-            .is_err()
-        {
-            self.losses.tx_bytes += 1;
+        } else {
+            self.emit(&[value]);
         }
         // The byte left at once: the holding register is empty again.
         self.regs.thre_pending = true;
