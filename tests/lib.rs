@@ -111,9 +111,12 @@ pub struct GuestRun {
     pub status: i32,
 }
 
-/// Boots `kernel` with `initrd` under QEMU in TCG mode, speaks the guest
-/// image's control protocol over a socket on ttyS1, runs `argv`, and returns
-/// what ttyS2 received. Independent of hvtrace's VMM.
+/// Boots `kernel` with `initrd` under QEMU, speaks the guest image's
+/// control protocol over a socket on ttyS1, runs `argv`, and returns what
+/// ttyS2 received. Independent of hvtrace's VMM. QEMU's accelerator is
+/// `$HVTRACE_QEMU_ACCEL`, else TCG: the hardware-KVM lane, itself inside
+/// QEMU's TCG, sets `kvm` there (TCG inside TCG would take most of an hour
+/// per boot; QEMU's own device model and boot path stay the oracle).
 pub fn qemu_run(
     kernel: &Path,
     initrd: &Path,
@@ -128,10 +131,11 @@ pub fn qemu_run(
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("ctl.sock");
+    let accel = std::env::var("HVTRACE_QEMU_ACCEL").unwrap_or_else(|_| "tcg".into());
     let mut child = Command::new("qemu-system-x86_64")
         .args([
             "-accel",
-            "tcg",
+            &accel,
             "-m",
             "256",
             "-smp",

@@ -113,7 +113,7 @@ fn a_killed_client_leaves_the_process_running_and_the_text_intact() {
 
 /// Both on the Debian kernels (KASLR on).
 #[test]
-#[ignore = "an emulated Debian boot takes most of an hour on PVM; run scripts/test.sh --debian"]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_attach_detach_a_hundred_times_and_a_killed_client() {
     for kernel in ["debian-6.1", "debian-6.12"] {
         attach_detach_a_hundred_times(start_on(kernel, 40_000), 40_000);

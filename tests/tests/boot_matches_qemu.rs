@@ -31,15 +31,16 @@ fn minimal_kernel_output_matches_qemu() {
 }
 
 // Debian's kernels boot for most of an hour emulated on PVM KVM, too long
-// for CI's 90 minutes; `scripts/test.sh --debian` runs these two.
+// for CI's 90 minutes there; the hardware-KVM lane (scripts/hw-kvm/tests.sh,
+// part of every scripts/test.sh) runs these two.
 #[test]
-#[ignore = "an emulated Debian boot takes most of an hour on PVM; run scripts/test.sh --debian"]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_6_1_output_matches_qemu() {
     check_kernel("debian-6.1");
 }
 
 #[test]
-#[ignore = "an emulated Debian boot takes most of an hour on PVM; run scripts/test.sh --debian"]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_6_12_output_matches_qemu() {
     check_kernel("debian-6.12");
 }

@@ -243,7 +243,7 @@ fn a_stopped_thread_stays_put_while_its_sibling_counts_on_2cpus() {
 
 /// The stop, INTERRUPT and signal cases on Debian's 6.1 (KASLR on).
 #[test]
-#[ignore = "an emulated Debian boot takes most of an hour on PVM; run scripts/test.sh --debian"]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_6_1_stop_interrupt_and_signal() {
     stop_one_thread_while_its_sibling_runs("debian-6.1", 1);
     interrupt_case("debian-6.1");
@@ -252,7 +252,7 @@ fn debian_6_1_stop_interrupt_and_signal() {
 
 /// The same on Debian's 6.12.
 #[test]
-#[ignore = "an emulated Debian boot takes most of an hour on PVM; run scripts/test.sh --debian"]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_6_12_stop_interrupt_and_signal() {
     stop_one_thread_while_its_sibling_runs("debian-6.12", 1);
     interrupt_case("debian-6.12");

@@ -93,7 +93,7 @@ fn two_engines_with_different_masks_on_one_guest_thread() {
 
 /// The same on both Debian kernels (KASLR on).
 #[test]
-#[ignore = "an emulated Debian boot takes most of an hour on PVM; run scripts/test.sh --debian"]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_two_engines_with_different_masks_on_one_guest_thread() {
     two_engines_on_one_thread(InProcessGuest::restore("debian-6.1"));
     two_engines_on_one_thread(InProcessGuest::restore("debian-6.12"));

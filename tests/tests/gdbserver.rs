@@ -298,13 +298,13 @@ fn a_gdb_session_prints_what_native_gdb_prints() {
 }
 
 #[test]
-#[ignore = "Debian kernel: scripts/test.sh --debian"]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_6_1_gdb_session_prints_what_native_gdb_prints() {
     session_matches_native_on("debian-6.1");
 }
 
 #[test]
-#[ignore = "Debian kernel: scripts/test.sh --debian"]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_6_12_gdb_session_prints_what_native_gdb_prints() {
     session_matches_native_on("debian-6.12");
 }
@@ -460,13 +460,13 @@ fn every_thread_the_guests_proc_lists_is_a_gdb_thread() {
 }
 
 #[test]
-#[ignore = "Debian kernel: scripts/test.sh --debian"]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_6_1_every_thread_the_guests_proc_lists_is_a_gdb_thread() {
     threads_match_proc_on("debian-6.1");
 }
 
 #[test]
-#[ignore = "Debian kernel: scripts/test.sh --debian"]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_6_12_every_thread_the_guests_proc_lists_is_a_gdb_thread() {
     threads_match_proc_on("debian-6.12");
 }

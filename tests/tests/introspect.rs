@@ -282,17 +282,17 @@ fn ps_matches_the_guests_own_proc_and_inspect_shows_the_blocked_read() {
 
 /// The same live oracle on Debian's 6.1 cloud kernel (KASLR on, symbols
 /// from the kallsyms in its vmlinuz, types from its BTF). Its cold boot
-/// takes over half an hour emulated on PVM KVM; `scripts/test.sh --debian`
-/// boots it once and runs this.
+/// takes over half an hour emulated on PVM KVM; the hardware-KVM lane of
+/// scripts/test.sh runs this.
 #[test]
-#[ignore = "an emulated Debian boot takes most of an hour on PVM; run scripts/test.sh --debian"]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_6_1_ps_matches_the_guests_own_proc() {
     debian_ps_matches("debian-6.1");
 }
 
 /// The same on Debian's 6.12.
 #[test]
-#[ignore = "an emulated Debian boot takes most of an hour on PVM; run scripts/test.sh --debian"]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_6_12_ps_matches_the_guests_own_proc() {
     debian_ps_matches("debian-6.12");
 }

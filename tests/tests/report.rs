@@ -134,9 +134,9 @@ fn report_reaches_a_thread_running_in_user_mode() {
 
 /// Both on Debian's 6.1 cloud kernel (KASLR on, one CPU: its `lock`
 /// prefixes are patched to `ds`). Its first boot takes about half an hour
-/// emulated; `scripts/test.sh --debian` runs this.
+/// emulated on PVM KVM; the hardware-KVM lane of scripts/test.sh runs this.
 #[test]
-#[ignore = "an emulated Debian boot takes most of an hour on PVM; run scripts/test.sh --debian"]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_6_1_report_while_sleeping_and_while_spinning() {
     report_while_sleeping(InProcessGuest::restore("debian-6.1"));
     report_while_spinning(InProcessGuest::restore("debian-6.1"));
@@ -147,7 +147,7 @@ fn debian_6_1_report_while_sleeping_and_while_spinning() {
 /// out of line: a sleeper returns through the first, a spinner through the
 /// second.
 #[test]
-#[ignore = "an emulated Debian boot takes most of an hour on PVM; run scripts/test.sh --debian"]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_6_12_report_while_sleeping_and_while_spinning() {
     report_while_sleeping(InProcessGuest::restore("debian-6.12"));
     report_while_spinning(InProcessGuest::restore("debian-6.12"));

@@ -126,7 +126,7 @@ fn the_guests_own_strace_sees_the_siginfo_the_engine_wrote() {
 /// Both on Debian's kernels (KASLR on), whose `get_signal` keeps the
 /// signal in another register.
 #[test]
-#[ignore = "an emulated Debian boot takes most of an hour on PVM; run scripts/test.sh --debian"]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_6_1_signal_votes() {
     changes_ignores_and_stops("debian-6.1");
     strace_sees_the_new_siginfo("debian-6.1");
@@ -134,7 +134,7 @@ fn debian_6_1_signal_votes() {
 
 /// The same on Debian's 6.12.
 #[test]
-#[ignore = "an emulated Debian boot takes most of an hour on PVM; run scripts/test.sh --debian"]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_6_12_signal_votes() {
     changes_ignores_and_stops("debian-6.12");
     strace_sees_the_new_siginfo("debian-6.12");

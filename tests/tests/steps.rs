@@ -230,10 +230,10 @@ fn single_steps_are_the_instructions_the_guest_kernels_ptrace_steps() {
     single_steps_equal_ptrace_on("minimal");
 }
 
-// Debian's own kernels: opt-in (`scripts/test.sh --debian`), as their
-// first boots take half an hour and more here.
+// Debian's own kernels: in the hardware-KVM lane of scripts/test.sh, as
+// their first boots on PVM KVM take half an hour and more.
 #[test]
-#[ignore]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_6_1_single_steps_and_blocks_equal_ptrace() {
     require_kvm();
     single_steps_equal_ptrace_on("debian-6.1");
@@ -241,7 +241,7 @@ fn debian_6_1_single_steps_and_blocks_equal_ptrace() {
 }
 
 #[test]
-#[ignore]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_6_12_single_steps_and_blocks_equal_ptrace() {
     require_kvm();
     single_steps_equal_ptrace_on("debian-6.12");

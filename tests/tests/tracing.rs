@@ -222,17 +222,17 @@ fn fatal_signals_equal_guest_strace_on(kernel: &str) {
 }
 
 /// Debian's 6.1 cloud kernel, KASLR on: the same oracle on every program.
-/// Its cold boot takes over half an hour emulated on PVM KVM, too long for
-/// CI; `scripts/test.sh --debian` boots it once and runs this.
+/// Its cold boot takes over half an hour emulated on PVM KVM; the
+/// hardware-KVM lane of scripts/test.sh runs this.
 #[test]
-#[ignore = "an emulated Debian boot takes most of an hour on PVM; run scripts/test.sh --debian"]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_6_1_calls_equal_guest_strace() {
     calls_equal_guest_strace_on("debian-6.1");
 }
 
 /// The same on Debian's 6.12 (cold boot: 50 min emulated here).
 #[test]
-#[ignore = "an emulated Debian boot takes most of an hour on PVM; run scripts/test.sh --debian"]
+#[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_6_12_calls_equal_guest_strace() {
     calls_equal_guest_strace_on("debian-6.12");
 }

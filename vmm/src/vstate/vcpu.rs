@@ -554,6 +554,10 @@ impl VcpuThread {
                 }
             },
             Breakpoint::GuestOwned => {
+                log::debug!(
+                    "vCPU {}: the guest's own int3 at {rip:#x}, re-injected",
+                    self.id
+                );
                 self.shared.stats[self.id as usize]
                     .guest_breakpoints
                     .fetch_add(1, Ordering::Relaxed);
@@ -595,13 +599,25 @@ impl VcpuThread {
         Ok(())
     }
 
-    /// Delivers a guest-owned `int3` to the guest as the CPU would: RIP past
-    /// the `int3`, then #BP through the guest's IDT.
+    /// Delivers a guest-owned `int3` to the guest as the CPU would: #BP
+    /// through the guest's IDT with the return address past the `int3`.
+    ///
+    /// Hardware KVM takes a #BP queued from user space as a *soft*
+    /// exception with RIP still at the `int3` (KVM_EXIT_DEBUG leaves it
+    /// there) and moves past the instruction itself: VMX from the exit's
+    /// instruction length, SVM by decoding it when the CPU has no NRIP save.
+    /// Moving RIP here too made the guest's handler see a return address
+    /// one byte late (found by the nested-SVM lane: the kernel's own int3
+    /// self-test failed). PVM's emulation-failure exit injects it as a
+    /// plain exception, so RIP is moved past the `int3` first.
     fn reinject_breakpoint(&mut self) -> Next {
+        let advance_rip = self.shared.kind != KvmKind::Hardware;
         let result = (|| -> Result<(), kvm_ioctls::Error> {
-            let mut regs = self.fd.get_regs()?;
-            regs.rip += 1;
-            self.fd.set_regs(&regs)?;
+            if advance_rip {
+                let mut regs = self.fd.get_regs()?;
+                regs.rip += 1;
+                self.fd.set_regs(&regs)?;
+            }
             let mut events = self.fd.get_vcpu_events()?;
             events.exception.injected = 1;
             events.exception.nr = 3;

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The hardware-KVM lane of scripts/test.sh: runs the guest integration tests
+# that matter on real SVM KVM (scripts/hw-kvm.sh), the Debian-kernel tests
+# (#[ignore]d on PVM KVM, where a Debian cold boot takes most of an hour)
+# included.
+#
+#   scripts/hw-kvm/tests.sh [--full] [TEST-BINARY...] [-- TEST-ARGS...]
+#
+# With binary names, only those of the plan below run; TEST-ARGS go to
+# every test binary.
+#
+# Each test binary runs in an L1 of its own, one test at a time; QEMU
+# oracles inside L1 use KVM (HVTRACE_QEMU_ACCEL=kvm: TCG inside TCG is
+# far too slow). Exits non-zero if any binary failed or could not run.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+. scripts/lib.sh
+
+# What runs in the lane: each line is a test binary and the libtest name
+# filters (substrings) of its tests to run there. In this lane every guest
+# program runs under QEMU's TCG twice over: a test takes minutes (the
+# Debian strace oracle about 13), so CI runs a plan that fits beside the
+# PVM lane, and --full runs every Debian-kernel test (over an hour).
+#
+# CI: on Debian's kernels the strace oracle (6.1), ps against /proc, REPORT
+# (6.1), engines, attach/detach with a killed client (6.1), and QEMU-output
+# equality (6.1, 6.12 and the minimal kernel). The minimal kernel's other
+# tests run in the PVM lane.
+ci_plan="
+introspect debian_
+boot_matches_qemu debian_ minimal_kernel_output_matches_qemu
+report debian_6_1_
+engines debian_
+attach debian_
+tracing debian_6_1_
+"
+# --full: every Debian-kernel test, STOP/INTERRUPT, signals, stepping and
+# gdb among them.
+full_plan="
+tracing debian_
+introspect debian_
+boot_matches_qemu debian_ minimal_kernel_output_matches_qemu
+report debian_
+engines debian_
+attach debian_
+signal_vote debian_
+control debian_
+steps debian_
+gdbserver debian_
+"
+plan=$ci_plan
+if [ "${1:-}" = "--full" ]; then plan=$full_plan; shift; fi
+only=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do only+=("$1"); shift; done
+[ "${1:-}" = "--" ] && shift
+
+# name -> executable, from cargo's own build messages (builds if needed).
+executables=$(cargo test --release -p hvtrace-tests --no-run --message-format=json 2>/dev/null |
+    /usr/bin/python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
+        print(m["target"]["name"], m["executable"])')
+
+failed=()
+# The lane's guests are booted (or restored) once before any test, each
+# timed: a cold boot inside a test would count against its own timeouts.
+# Their kernels and image are prepared on the host first, where it is
+# quick.
+images/build.sh >/dev/null
+kernel-config/build.sh >/dev/null
+for series in 6.1 6.12; do kernel-config/debian.sh "$series" >/dev/null; done
+hv_log "hardware-KVM lane: booting (or restoring) each guest once"
+# shellcheck disable=SC2016
+if ! scripts/hw-kvm.sh --exec sh -c '
+    for kernel in minimal debian-6.1 debian-6.12; do
+        start=$(date +%s)
+        "$0" run --kernel "$kernel" -- true || exit 1
+        echo "[hvtrace] hardware-KVM lane: $kernel ready in $(( $(date +%s) - start )) s" >&2
+    done' "$root/target/release/hvtrace" </dev/null; then
+    hv_log "hardware-KVM lane: a guest failed to boot"
+    failed+=(boot)
+fi
+while read -r name filters; do
+    [ -n "$name" ] || continue
+    if [ ${#only[@]} -gt 0 ] && ! printf '%s\n' "${only[@]}" | grep -qx "$name"; then
+        continue
+    fi
+    exe=$(awk -v n="$name" '$1 == n {print $2}' <<<"$executables")
+    if [ -z "$exe" ]; then
+        hv_log "hardware-KVM lane: no test binary named $name"
+        failed+=("$name")
+        continue
+    fi
+    t0=$(date +%s)
+    hv_log "hardware-KVM lane: $name ($filters)"
+    # shellcheck disable=SC2086
+    if scripts/hw-kvm.sh --exec env HVTRACE_QEMU_ACCEL=kvm "$exe" \
+        --include-ignored --test-threads=1 $filters "$@" </dev/null; then
+        hv_log "hardware-KVM lane: $name passed in $(( $(date +%s) - t0 )) s"
+    else
+        hv_log "hardware-KVM lane: $name FAILED after $(( $(date +%s) - t0 )) s"
+        failed+=("$name")
+    fi
+done <<<"$plan"
+if [ ${#failed[@]} -gt 0 ]; then
+    hv_log "hardware-KVM lane: failed: ${failed[*]}"
+    exit 1
+fi
+hv_log "hardware-KVM lane: all passed"
