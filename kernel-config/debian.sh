@@ -20,16 +20,8 @@ esac
 # 6.12 comes from bookworm-backports, which a fresh machine's apt lacks.
 [ "$series" = 6.12 ] && hv_apt_backports
 
-resolve() {
-    apt-cache depends "$meta" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}' || true
-}
-pkg=$(resolve)
-if [ -z "$pkg" ]; then
-    apt-get update -qq >&2 || true
-    pkg=$(resolve)
-fi
-[ -n "$pkg" ] || { hv_log "cannot resolve $meta to a kernel package (is the Debian archive reachable?)"; exit 1; }
-version=$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')
+read -r pkg version < <(hv_debian_kernel_package "$meta") ||
+    { hv_log "cannot resolve $meta to a kernel package (is the Debian archive reachable?)"; exit 1; }
 out="$(hv_cache_dir)/kernels/${pkg}_${version}"
 if [ -f "$out/vmlinuz" ]; then
     echo "$out/vmlinuz"
@@ -38,8 +30,7 @@ fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/hvtrace-deb.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 hv_log "downloading $pkg $version"
-(cd "$work" && apt-get download -qq "$pkg=$version" >&2)
-dpkg-deb -x "$work"/*.deb "$work/root"
+hv_deb_unpack "$pkg" "$version" "$work/root"
 mkdir -p "$out.tmp"
 cp "$work"/root/boot/vmlinuz-* "$out.tmp/vmlinuz"
 cp "$work"/root/boot/config-* "$out.tmp/config" 2>/dev/null || true

@@ -56,3 +56,30 @@ hv_apt_backports() {
         $sudo tee /etc/apt/sources.list.d/hvtrace-bookworm-backports.sources >/dev/null
     $sudo apt-get update -qq >&2
 }
+
+# The kernel package a Debian meta-package (linux-image-amd64, ...) depends
+# on now, and its candidate version, as "PACKAGE VERSION"; the package
+# lists are refreshed once if the meta-package is unknown. Fails if apt
+# cannot resolve it.
+hv_debian_kernel_package() {
+    local meta=$1 pkg
+    resolve() {
+        apt-cache depends "$meta" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}' || true
+    }
+    pkg=$(resolve)
+    if [ -z "$pkg" ]; then
+        apt-get update -qq >&2 || true
+        pkg=$(resolve)
+    fi
+    [ -n "$pkg" ] || return 1
+    echo "$pkg $(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')"
+}
+
+# Downloads Debian's package PKG at VERSION and unpacks it into DIR.
+hv_deb_unpack() {
+    local pkg=$1 version=$2 dir=$3 dl
+    dl=$(mktemp -d "${TMPDIR:-/tmp}/hvtrace-deb-dl.XXXXXX")
+    (cd "$dl" && apt-get download -qq "$pkg=$version" >&2) || { rm -rf "$dl"; return 1; }
+    dpkg-deb -x "$dl"/*.deb "$dir" || { rm -rf "$dl"; return 1; }
+    rm -rf "$dl"
+}

@@ -16,16 +16,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 hv_apt_install busybox-static kmod cpio gzip
 
 meta=linux-image-amd64
-resolve() {
-    apt-cache depends "$meta" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}' || true
-}
-pkg=$(resolve)
-if [ -z "$pkg" ]; then
-    apt-get update -qq >&2 || true
-    pkg=$(resolve)
-fi
-[ -n "$pkg" ] || { hv_log "cannot resolve $meta to a kernel package (is the Debian archive reachable?)"; exit 1; }
-version=$(apt-cache policy "$pkg" | awk '/Candidate:/ {print $2}')
+read -r pkg version < <(hv_debian_kernel_package "$meta") ||
+    { hv_log "cannot resolve $meta to a kernel package (is the Debian archive reachable?)"; exit 1; }
 
 key=$(hv_hash "$pkg $version" "$(sha256sum <"$here/init")" "$(sha256sum <"$here/l1.sh")" "$(sha256sum </bin/busybox)")
 out="$(hv_cache_dir)/hw-kvm/l1-$key"
@@ -37,8 +29,7 @@ fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/hvtrace-l1.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 hv_log "downloading $pkg $version (the hardware-KVM lane's L1 kernel)"
-(cd "$work" && apt-get download -qq "$pkg=$version" >&2)
-dpkg-deb -x "$work"/*.deb "$work/deb"
+hv_deb_unpack "$pkg" "$version" "$work/deb"
 release=$(ls "$work/deb/lib/modules")
 depmod -b "$work/deb" "$release"
 

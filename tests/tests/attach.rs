@@ -103,12 +103,14 @@ fn text_hash_after_detach(sock: &Path, traps: u64) -> (String, u64) {
 
 #[test]
 fn attach_detach_a_hundred_times_while_it_runs() {
-    attach_detach_a_hundred_times(start(40_000), 40_000);
+    let calls = loop_count(40_000);
+    attach_detach_a_hundred_times(start(calls), calls);
 }
 
 #[test]
 fn a_killed_client_leaves_the_process_running_and_the_text_intact() {
-    killed_client(start(8_000), 8_000);
+    let calls = loop_count(8_000);
+    killed_client(start(calls), calls);
 }
 
 /// Both on the Debian kernels (KASLR on).
@@ -116,8 +118,10 @@ fn a_killed_client_leaves_the_process_running_and_the_text_intact() {
 #[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_attach_detach_a_hundred_times_and_a_killed_client() {
     for kernel in ["debian-6.1", "debian-6.12"] {
-        attach_detach_a_hundred_times(start_on(kernel, 40_000), 40_000);
-        killed_client(start_on(kernel, 8_000), 8_000);
+        let calls = loop_count(40_000);
+        attach_detach_a_hundred_times(start_on(kernel, calls), calls);
+        let calls = loop_count(8_000);
+        killed_client(start_on(kernel, calls), calls);
     }
 }
 
