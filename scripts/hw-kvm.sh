@@ -13,7 +13,7 @@
 # is this script's. A lane that cannot run (QEMU build, L1 boot, kvm_amd)
 # exits 125 with the reason: it never passes by skipping.
 #
-# Environment: HVTRACE_HW_KVM_CPUS (L1 vCPUs, default 2),
+# Environment: HVTRACE_HW_KVM_CPUS (L1 vCPUs, default 1),
 # HVTRACE_HW_KVM_MEMORY (L1 memory, default 4G).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

@@ -13,3 +13,6 @@ hv_apt_install \
     qemu-system-x86 strace gdb binutils nats-server \
     gzip bzip2 xz-utils lzop lz4 zstd
 "$here/python-tools.sh" >/dev/null
+# The hardware-KVM lane's QEMU build (scripts/test.sh starts it in the
+# background; its packages are installed here, before anything runs beside).
+"$here/hw-kvm/qemu.sh" --deps

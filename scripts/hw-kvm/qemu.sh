@@ -18,9 +18,32 @@
 # configuration under the cache so the system's apt sources are left as
 # they are, and checked against the sha256 the signed Sources index gives.
 # Cached under $(hv_cache_dir)/qemu/<hash of tarball, patch, options>/.
+#
+#   scripts/hw-kvm/qemu.sh          builds (once) and prints the prefix
+#   scripts/hw-kvm/qemu.sh --deps   only installs the build's Debian packages
+#                                   (scripts/setup.sh, so that a build in the
+#                                   background never runs apt beside others)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/../lib.sh"
+
+# The build's Debian packages. QEMU 10's configure wants meson >= 1.5
+# (bookworm has 1.0, bookworm-backports 1.7) and pycotap (bookworm-backports
+# only).
+install_build_deps() {
+    hv_apt_install build-essential pkg-config ninja-build libglib2.0-dev \
+        libpixman-1-dev libattr1-dev python3-venv qemu-system-data seabios
+    hv_apt_backports
+    if ! dpkg --compare-versions "$(dpkg-query -W -f='${Version}' meson 2>/dev/null || echo 0)" ge 1.5 ||
+        ! dpkg-query -W -f='${Status}' python3-pycotap 2>/dev/null | grep -q 'install ok installed'; then
+        hv_log "installing meson and pycotap from bookworm-backports"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports meson python3-pycotap >&2
+    fi
+}
+if [ "${1:-}" = "--deps" ]; then
+    install_build_deps
+    exit 0
+fi
 
 patch_file="$here/qemu-svm-int3-intercept.patch"
 # x86_64 system emulation with TCG and virtio-9p (the lane shares the host's
@@ -75,16 +98,7 @@ if [ -x "$prefix/bin/qemu-system-x86_64" ]; then
     exit 0
 fi
 
-hv_apt_install build-essential pkg-config ninja-build libglib2.0-dev \
-    libpixman-1-dev libattr1-dev python3-venv qemu-system-data seabios
-# QEMU 10's configure wants meson >= 1.5 (bookworm has 1.0,
-# bookworm-backports 1.7) and pycotap (bookworm-backports only).
-hv_apt_backports
-if ! dpkg --compare-versions "$(dpkg-query -W -f='${Version}' meson 2>/dev/null || echo 0)" ge 1.5 ||
-    ! dpkg-query -W -f='${Status}' python3-pycotap 2>/dev/null | grep -q 'install ok installed'; then
-    hv_log "installing meson and pycotap from bookworm-backports"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports meson python3-pycotap >&2
-fi
+install_build_deps
 
 tarball="$apt_dir/$file"
 if [ ! -f "$tarball" ] || ! echo "$sha  $tarball" | sha256sum -c --quiet >/dev/null 2>&1; then

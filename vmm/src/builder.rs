@@ -10,13 +10,12 @@ use kvm_bindings::{
     kvm_guest_debug, Msrs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_SW_BP, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_superio::I8042Device;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::bootparams::{build_boot_params, e820_map, BootParamsConfig};
 use crate::arch::x86_64::layout::*;
-use crate::arch::x86_64::{cpuid, gdt, mptable, msr, paging, regs};
-use crate::devices::bus::{PortIoBus, ResetTrigger, COM_IRQS};
+use crate::arch::x86_64::{acpi, cpuid, gdt, mptable, msr, paging, regs};
+use crate::devices::bus::{PlatformEvent, PortIoBus, COM_IRQS};
 use crate::devices::serial::{Sink, Uart};
 use crate::initrd::{prepare_initrd, InitrdError};
 use crate::kvm_kind::KvmKind;
@@ -29,7 +28,7 @@ use crate::vstate::vm::{create_vcpu, create_vm, kvm_err, open_kvm, VmError};
 /// tables, devices, boot registers). Bump it whenever a change would make a
 /// guest booted by an older build differ from one booted now: the run
 /// snapshot cache keys on it, so no stale snapshot is served.
-pub const MACHINE_REVISION: u32 = 5;
+pub const MACHINE_REVISION: u32 = 6;
 
 /// Largest kernel image (decompressed) the VMM accepts.
 pub const MAX_KERNEL_SIZE: usize = 512 << 20;
@@ -131,6 +130,9 @@ pub enum BuildError {
     /// MP table error.
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
+    /// The ACPI tables could not be built.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     /// A saved device state is invalid.
     #[error("saved device state is invalid: {0}")]
     DeviceState(String),
@@ -315,13 +317,17 @@ pub fn build(config: &VmConfig, sinks: Sinks) -> Result<Machine, BuildError> {
         MPTABLE_START,
         &mptable::build_mptable(MPTABLE_START, config.cpus)?,
     )?;
+    ram.write(
+        ACPI_START,
+        &acpi::build_acpi_tables(ACPI_START, config.cpus)?,
+    )?;
 
     let vm = create_vm(&kvm, &ram)?;
     let vcpus = (0..config.cpus)
         .map(|id| setup_vcpu(&kvm, &vm, kind, id, config.cpus, placement.entry))
         .collect::<Result<Vec<_>, _>>()?;
 
-    let (bus, reset_rx) = create_devices(&vm, sinks, None)?;
+    let (bus, platform_rx) = create_devices(&vm, sinks, None)?;
 
     Ok(Machine::new(
         kvm,
@@ -330,7 +336,7 @@ pub fn build(config: &VmConfig, sinks: Sinks) -> Result<Machine, BuildError> {
         kind,
         vcpus,
         Arc::new(Mutex::new(bus)),
-        reset_rx,
+        platform_rx,
         placement,
         cmdline,
     ))
@@ -342,8 +348,8 @@ pub(crate) fn create_devices(
     vm: &VmFd,
     sinks: Sinks,
     states: Option<&[crate::devices::serial::UartState]>,
-) -> Result<(PortIoBus, mpsc::Receiver<()>), BuildError> {
-    let (reset_tx, reset_rx) = mpsc::channel();
+) -> Result<(PortIoBus, mpsc::Receiver<PlatformEvent>), BuildError> {
+    let (platform_tx, platform_rx) = mpsc::channel();
     let sinks_by_port: Vec<Sink> = vec![sinks.console, sinks.control, sinks.stdout, sinks.stderr];
     let mut uarts = Vec::new();
     for (i, sink) in sinks_by_port.into_iter().enumerate() {
@@ -356,10 +362,7 @@ pub(crate) fn create_devices(
         };
         uarts.push(uart);
     }
-    Ok((
-        PortIoBus::new(uarts, I8042Device::new(ResetTrigger(reset_tx))),
-        reset_rx,
-    ))
+    Ok((PortIoBus::new(uarts, platform_tx), platform_rx))
 }
 
 /// Creates vCPU `id` of `count` with its CPUID and, on hardware KVM, with

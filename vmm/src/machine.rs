@@ -13,7 +13,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::builder::KernelPlacement;
-use crate::devices::bus::{PortIoBus, CONTROL_UART};
+use crate::devices::bus::{PlatformEvent, PortIoBus, CONTROL_UART};
 use crate::kvm_kind::KvmKind;
 use crate::trap::TrapTable;
 use crate::vstate::memory::GuestRam;
@@ -60,7 +60,7 @@ pub struct Machine {
     kind: KvmKind,
     vcpus: Vec<VcpuFd>,
     bus: Arc<Mutex<PortIoBus>>,
-    reset_rx: StdReceiver<()>,
+    platform_rx: StdReceiver<PlatformEvent>,
     placement: KernelPlacement,
     cmdline: String,
 }
@@ -75,7 +75,7 @@ impl Machine {
         kind: KvmKind,
         vcpus: Vec<VcpuFd>,
         bus: Arc<Mutex<PortIoBus>>,
-        reset_rx: StdReceiver<()>,
+        platform_rx: StdReceiver<PlatformEvent>,
         placement: KernelPlacement,
         cmdline: String,
     ) -> Self {
@@ -86,7 +86,7 @@ impl Machine {
             kind,
             vcpus,
             bus,
-            reset_rx,
+            platform_rx,
             placement,
             cmdline,
         }
@@ -180,7 +180,7 @@ impl Machine {
             vcpus,
             events: event_rx,
             acks: ack_rx,
-            reset_rx: self.reset_rx,
+            platform_rx: self.platform_rx,
             stats,
             started,
             placement: self.placement,
@@ -204,6 +204,8 @@ pub enum VmEvent {
     Vcpu(VcpuEvent),
     /// The guest pulsed the reset line through the i8042.
     I8042Reset,
+    /// The guest powered off through the ACPI sleep control register.
+    AcpiPowerOff,
 }
 
 /// A running VM.
@@ -217,7 +219,7 @@ pub struct RunningVm {
     vcpus: Vec<VcpuHandle>,
     events: Receiver<VcpuEvent>,
     acks: Receiver<u8>,
-    reset_rx: StdReceiver<()>,
+    platform_rx: StdReceiver<PlatformEvent>,
     stats: Arc<Vec<VcpuStats>>,
     started: Instant,
     placement: KernelPlacement,
@@ -393,8 +395,8 @@ impl RunningVm {
 
     /// Waits up to `timeout` for the next VM event.
     pub fn next_event(&self, timeout: Duration) -> Option<VmEvent> {
-        if self.reset_rx.try_recv().is_ok() {
-            return Some(VmEvent::I8042Reset);
+        if let Some(e) = self.platform_event() {
+            return Some(e);
         }
         let step = Duration::from_millis(50).min(timeout);
         let deadline = Instant::now() + timeout;
@@ -404,12 +406,20 @@ impl RunningVm {
                 Err(RecvTimeoutError::Disconnected) => return None,
                 Err(RecvTimeoutError::Timeout) => {}
             }
-            if self.reset_rx.try_recv().is_ok() {
-                return Some(VmEvent::I8042Reset);
+            if let Some(e) = self.platform_event() {
+                return Some(e);
             }
             if Instant::now() >= deadline {
                 return None;
             }
+        }
+    }
+
+    /// A reset or power-off the devices have seen, if any.
+    fn platform_event(&self) -> Option<VmEvent> {
+        match self.platform_rx.try_recv().ok()? {
+            PlatformEvent::Reset => Some(VmEvent::I8042Reset),
+            PlatformEvent::PowerOff => Some(VmEvent::AcpiPowerOff),
         }
     }
 

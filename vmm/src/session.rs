@@ -440,7 +440,7 @@ impl Session {
                     tail,
                 }
             }
-            VmEvent::Vcpu(VcpuEvent::PowerOff(_)) => SessionError::Ended {
+            VmEvent::Vcpu(VcpuEvent::PowerOff(_)) | VmEvent::AcpiPowerOff => SessionError::Ended {
                 what: "powered off",
                 during,
                 tail,

@@ -3,6 +3,7 @@
 
 use vm_superio::I8042Device;
 
+use super::acpi_pm;
 use super::output_window::{self, Channel};
 use super::serial::Uart;
 use crate::arch::x86_64::layout::OUTPUT_WINDOW_START;
@@ -20,14 +21,23 @@ pub const I8042_CMD: u16 = 0x64;
 /// Index of the UART used as the guest control channel (ttyS1).
 pub const CONTROL_UART: usize = 1;
 
+/// What the guest asked of the machine through a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlatformEvent {
+    /// A reset through the i8042's reset line.
+    Reset,
+    /// Power-off through the ACPI sleep control register (S5).
+    PowerOff,
+}
+
 /// Signals the VMM that the guest asked for a reset through the i8042.
 #[derive(Debug)]
-pub struct ResetTrigger(pub std::sync::mpsc::Sender<()>);
+pub struct ResetTrigger(pub std::sync::mpsc::Sender<PlatformEvent>);
 
 impl vm_superio::Trigger for ResetTrigger {
-    type E = std::sync::mpsc::SendError<()>;
+    type E = std::sync::mpsc::SendError<PlatformEvent>;
     fn trigger(&self) -> Result<(), Self::E> {
-        self.0.send(())
+        self.0.send(PlatformEvent::Reset)
     }
 }
 
@@ -37,6 +47,8 @@ pub struct PortIoBus {
     pub uarts: Vec<Uart>,
     /// Keyboard controller (reset only).
     pub i8042: I8042Device<ResetTrigger>,
+    /// Where a power-off through the ACPI sleep registers goes.
+    platform: std::sync::mpsc::Sender<PlatformEvent>,
     /// Output-window pushes refused (bad channel, length or width).
     pub refused_pushes: u64,
     /// The last push's bytes (kept to spare an allocation per push).
@@ -44,11 +56,13 @@ pub struct PortIoBus {
 }
 
 impl PortIoBus {
-    /// The bus for these UARTs (ttyS0..ttyS3) and i8042.
-    pub fn new(uarts: Vec<Uart>, i8042: I8042Device<ResetTrigger>) -> Self {
+    /// The bus for these UARTs (ttyS0..ttyS3), an i8042 and the ACPI sleep
+    /// registers; resets and power-offs go to `platform`.
+    pub fn new(uarts: Vec<Uart>, platform: std::sync::mpsc::Sender<PlatformEvent>) -> Self {
         Self {
             uarts,
-            i8042,
+            i8042: I8042Device::new(ResetTrigger(platform.clone())),
+            platform,
             refused_pushes: 0,
             window: Vec::new(),
         }
@@ -89,9 +103,11 @@ impl PortIoBus {
             uart.write(off, value);
             return;
         }
+        // A failed send means the VMM is already shutting down.
         if port == I8042_DATA || port == I8042_CMD {
-            // A failed send means the VMM is already shutting down.
             let _ = self.i8042.write((port - I8042_DATA) as u8, value);
+        } else if port == acpi_pm::SLEEP_CONTROL_PORT && acpi_pm::is_power_off(value) {
+            let _ = self.platform.send(PlatformEvent::PowerOff);
         }
     }
 
@@ -160,7 +176,7 @@ mod tests {
             .map(|s| Uart::new(EventFd::new(0).unwrap(), Box::new(s.clone())))
             .collect();
         let (tx, _rx) = std::sync::mpsc::channel();
-        let mut bus = PortIoBus::new(uarts, I8042Device::new(ResetTrigger(tx)));
+        let mut bus = PortIoBus::new(uarts, tx);
         let ram = GuestRam::new(2 << 20).unwrap();
         ram.write(OUTPUT_WINDOW_START, b"hello, stderr").unwrap();
         let push = OUTPUT_DOORBELL_START + output_window::reg::PUSH;
@@ -179,5 +195,21 @@ mod tests {
         assert_eq!(&magic, b"HVO1");
         bus.mmio_read(0xfed0_0000, &mut magic);
         assert_eq!(magic, [0xff; 4], "no device elsewhere");
+    }
+
+    #[test]
+    fn s5_in_the_sleep_control_register_powers_off_and_the_i8042_resets() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut bus = PortIoBus::new(Vec::new(), tx);
+        bus.write(acpi_pm::SLEEP_CONTROL_PORT, &[0x14]);
+        bus.write(acpi_pm::SLEEP_STATUS_PORT, &[0x34]);
+        assert!(
+            rx.try_recv().is_err(),
+            "no SLP_EN, or not the control register"
+        );
+        bus.write(acpi_pm::SLEEP_CONTROL_PORT, &[0x34]);
+        assert_eq!(rx.try_recv(), Ok(PlatformEvent::PowerOff));
+        bus.write(I8042_CMD, &[0xfe]);
+        assert_eq!(rx.try_recv(), Ok(PlatformEvent::Reset));
     }
 }

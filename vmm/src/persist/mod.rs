@@ -274,7 +274,7 @@ pub fn restore(
         restore_vcpu(&fd, s).map_err(|(w, e)| SnapshotError::Kvm(w, e))?;
         vcpus.push(fd);
     }
-    let (bus, reset_rx) = create_devices(&vm, sinks, Some(&state.uarts))?;
+    let (bus, platform_rx) = create_devices(&vm, sinks, Some(&state.uarts))?;
     let traps = Arc::new(TrapTable::default());
     if let Some((va, pa)) = state.pvm_trap {
         traps
@@ -288,7 +288,7 @@ pub fn restore(
         kind,
         vcpus,
         Arc::new(Mutex::new(bus)),
-        reset_rx,
+        platform_rx,
         state.placement,
         state.cmdline,
     );

@@ -29,6 +29,11 @@ pub const EBDA_END: u64 = 0xa0000;
 pub const OUTPUT_WINDOW_START: u64 = 0xd_0000;
 /// Size of the output window.
 pub const OUTPUT_WINDOW_SIZE: u64 = 0x1_0000;
+/// The ACPI tables (`acpi`), RSDP first: in the BIOS area that Linux scans
+/// for the RSDP (0xe0000-0xfffff), guest RAM that e820 leaves out.
+pub const ACPI_START: u64 = 0xe_0000;
+/// End of the ACPI tables' area.
+pub const ACPI_END: u64 = 0x10_0000;
 /// Start of high memory (above the legacy VGA/BIOS hole).
 pub const HIMEM_START: u64 = 0x100000;
 /// Physical address the kernel is linked to run at (LOAD_PHYSICAL_ADDR).
