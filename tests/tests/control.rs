@@ -534,7 +534,7 @@ fn registers_and_memory_written_from_outside_change_only_that_process() {
 fn the_guests_own_strace_of_a_held_process_waits_for_the_release_then_traces_it() {
     let mut g = start(
         2,
-        "hv-counters 16 & p=$!; sleep 6; echo tracing; strace -f -p $p -o /tmp/st 2>/dev/null & s=$!; \
+        "hv-counters 40 & p=$!; sleep 6; echo tracing; strace -f -p $p -o /tmp/st 2>/dev/null & s=$!; \
          i=0; until grep -q '^TracerPid:[[:space:]]*[1-9]' /proc/$p/status || [ $i -ge 100 ]; do \
          sleep 0.5; i=$((i+1)); done; echo waited; wait $p; echo \"counters exit $?\"; wait $s; \
          echo \"strace lines $(grep -c nanosleep /tmp/st)\"",
@@ -560,7 +560,7 @@ fn the_guests_own_strace_of_a_held_process_waits_for_the_release_then_traces_it(
     assert_eq!(code, 0, "{text}");
     // Released, it runs on under the guest's strace, to its normal end.
     g.wait_for(Duration::from_secs(10), |l| counts(l).is_some());
-    g.wait_for(Duration::from_secs(60), |l| l == "counters exit 0");
+    g.wait_for(Duration::from_secs(120), |l| l == "counters exit 0");
     let (_, lines) = g.wait_for(Duration::from_secs(30), |l| l.starts_with("strace lines"));
     let n: u32 = lines.split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!(n > 0, "the guest's strace saw no nanosleep: {}", g.output());
