@@ -284,9 +284,8 @@ fn ps_matches_the_guests_own_proc_and_inspect_shows_the_blocked_read() {
 /// The same live oracle on Debian's 6.1 cloud kernel (KASLR on, symbols
 /// from the kallsyms in its vmlinuz, types from its BTF), with two vCPUs
 /// (found in the ACPI MADT): each CPU's current task is read from its own
-/// per-CPU area. Its cold boot
-/// takes over half an hour emulated on PVM KVM; the hardware-KVM lane of
-/// scripts/test.sh runs this.
+/// per-CPU area. Its cold boot takes over half an hour emulated on PVM KVM;
+/// the hardware-KVM lane of scripts/test.sh runs this.
 #[test]
 #[ignore = "Debian kernel: runs in the hardware-KVM lane (scripts/test.sh)"]
 fn debian_6_1_ps_of_a_two_cpu_guest_matches_the_guests_own_proc() {
