@@ -37,7 +37,8 @@ fn hash_file(h: &mut Sha256, path: &Path) -> Result<()> {
 }
 
 /// The cache key of a guest: kernel and initrd contents, the effective
-/// command line (with what the KVM kind adds), memory, vCPUs, KASLR mode,
+/// command line (with what the KVM kind adds), the KVM features the kind
+/// hides from the guest, memory, vCPUs, KASLR mode,
 /// KVM kind, the host CPU's XSAVE layout (a guest kernel keeps the layout
 /// of the CPU it booted on), and this hvtrace's version, snapshot format
 /// and machine revision.
@@ -55,6 +56,11 @@ pub fn key(config: &VmConfig, kind: KvmKind) -> Result<String> {
         "kind-cmdline {} | {}\n",
         kind.guest_cmdline_defaults(),
         kind.guest_cmdline()
+    ));
+    // So are the KVM features it hides from the guest's CPUID.
+    h.update(format!(
+        "hidden-kvm-features {:#x}\n",
+        kind.hidden_kvm_features()
     ));
     h.update(format!(
         "xsave-layout {:?}\n",

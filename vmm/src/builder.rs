@@ -382,7 +382,7 @@ pub(crate) fn create_configured_vcpu(
         supported,
         id,
         count,
-        kind == KvmKind::Pvm,
+        kind.hidden_kvm_features(),
     ))
     .map_err(kvm_err("KVM_SET_CPUID2"))?;
     if kind == KvmKind::Hardware {
