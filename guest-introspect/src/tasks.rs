@@ -514,87 +514,101 @@ impl<'k, 'a, M: PhysMemory + ?Sized> TaskReader<'k, 'a, M> {
     /// file systems, as /proc's fd links and strace -y show them); None if
     /// the descriptor is not open or the task has no file table.
     pub fn fd_path(&self, task: &Task, fd: u64) -> Result<Option<String>> {
-        let k = self.k;
-        let files = k.field(task.addr, "task_struct", "files")?;
-        if files == 0 {
-            return Ok(None);
-        }
-        let fdt = k.field(files, "files_struct", "fdt")?;
-        let max_fds = k.field(fdt, "fdtable", "max_fds")?;
-        if fd >= max_fds {
-            return Ok(None);
-        }
-        let array = k.field(fdt, "fdtable", "fd")?;
-        let file = k.read_u64(array.wrapping_add(8 * fd), "fdtable.fd[]")?;
-        if file == 0 {
-            return Ok(None);
-        }
-        self.file_path(file).map(Some)
+        fd_path(self.k, task.addr, fd)
     }
 
-    /// The path of `struct file` at `file`, rebuilt from dentries and
-    /// mounts.
     fn file_path(&self, file: u64) -> Result<String> {
-        let k = self.k;
-        let t = k.types();
-        if let Some(pseudo) = self.pseudo_file_name(file)? {
-            return Ok(pseudo);
-        }
-        let path_off = t.member("file", "f_path")?.offset;
-        let mut dentry = k.field(file + path_off, "path", "dentry")?;
-        let vfsmount = k.field(file + path_off, "path", "mnt")?;
-        let mnt_in_mount = t.member("mount", "mnt")?.offset;
-        let mut mount = vfsmount.wrapping_sub(mnt_in_mount);
-        let mut parts = Vec::new();
-        for _ in 0..PATH_MAX_COMPONENTS {
-            let root = k.field(mount + mnt_in_mount, "vfsmount", "mnt_root")?;
-            if dentry == root {
-                let parent = k.field(mount, "mount", "mnt_parent")?;
-                if parent == mount || parent == 0 {
-                    parts.reverse();
-                    return Ok(format!("/{}", parts.join("/")));
-                }
-                dentry = k.field(mount, "mount", "mnt_mountpoint")?;
-                mount = parent;
-                continue;
-            }
-            let parent = k.field(dentry, "dentry", "d_parent")?;
-            let name_off = t.member("dentry", "d_name")?.offset;
-            let name_ptr = k.field(dentry + name_off, "qstr", "name")?;
-            parts.push(k.read_cstr(name_ptr, NAME_MAX + 1, "dentry name")?);
-            if parent == dentry {
+        file_path(self.k, file)
+    }
+}
+
+/// [`TaskReader::fd_path`] for the `task_struct` at `task`, needing only
+/// the kernel's types (no task layout): what a tracer asks at every
+/// system call of `strace -y`.
+pub fn fd_path<M: PhysMemory + ?Sized>(
+    k: &RunningKernel<'_, M>,
+    task: u64,
+    fd: u64,
+) -> Result<Option<String>> {
+    let files = k.field(task, "task_struct", "files")?;
+    if files == 0 {
+        return Ok(None);
+    }
+    let fdt = k.field(files, "files_struct", "fdt")?;
+    let max_fds = k.field(fdt, "fdtable", "max_fds")?;
+    if fd >= max_fds {
+        return Ok(None);
+    }
+    let array = k.field(fdt, "fdtable", "fd")?;
+    let file = k.read_u64(array.wrapping_add(8 * fd), "fdtable.fd[]")?;
+    if file == 0 {
+        return Ok(None);
+    }
+    file_path(k, file).map(Some)
+}
+
+/// The path of `struct file` at `file`, rebuilt from dentries and mounts.
+fn file_path<M: PhysMemory + ?Sized>(k: &RunningKernel<'_, M>, file: u64) -> Result<String> {
+    let t = k.types();
+    if let Some(pseudo) = pseudo_file_name(k, file)? {
+        return Ok(pseudo);
+    }
+    let path_off = t.member("file", "f_path")?.offset;
+    let mut dentry = k.field(file + path_off, "path", "dentry")?;
+    let vfsmount = k.field(file + path_off, "path", "mnt")?;
+    let mnt_in_mount = t.member("mount", "mnt")?.offset;
+    let mut mount = vfsmount.wrapping_sub(mnt_in_mount);
+    let mut parts = Vec::new();
+    for _ in 0..PATH_MAX_COMPONENTS {
+        let root = k.field(mount + mnt_in_mount, "vfsmount", "mnt_root")?;
+        if dentry == root {
+            let parent = k.field(mount, "mount", "mnt_parent")?;
+            if parent == mount || parent == 0 {
                 parts.reverse();
                 return Ok(format!("/{}", parts.join("/")));
             }
-            dentry = parent;
+            dentry = k.field(mount, "mount", "mnt_mountpoint")?;
+            mount = parent;
+            continue;
         }
-        Err(IntrospectError::Corrupt(format!(
-            "the path of file {file:#x} has more than {PATH_MAX_COMPONENTS} components"
-        )))
+        let parent = k.field(dentry, "dentry", "d_parent")?;
+        let name_off = t.member("dentry", "d_name")?.offset;
+        let name_ptr = k.field(dentry + name_off, "qstr", "name")?;
+        parts.push(k.read_cstr(name_ptr, NAME_MAX + 1, "dentry name")?);
+        if parent == dentry {
+            parts.reverse();
+            return Ok(format!("/{}", parts.join("/")));
+        }
+        dentry = parent;
     }
+    Err(IntrospectError::Corrupt(format!(
+        "the path of file {file:#x} has more than {PATH_MAX_COMPONENTS} components"
+    )))
+}
 
-    /// `pipe:[N]` and the like for a file of pipefs, sockfs or
-    /// anon_inodefs (whose dentries have no path), from its inode's super
-    /// block type.
-    fn pseudo_file_name(&self, file: u64) -> Result<Option<String>> {
-        let k = self.k;
-        let inode = k.field(file, "file", "f_inode")?;
-        if inode == 0 {
-            return Ok(None);
-        }
-        let sb = k.field(inode, "inode", "i_sb")?;
-        let fs_type = k.field(sb, "super_block", "s_type")?;
-        let name_ptr = k.field(fs_type, "file_system_type", "name")?;
-        let fs = k.read_cstr(name_ptr, 32, "file system type name")?;
-        let prefix = match fs.as_str() {
-            "pipefs" => "pipe",
-            "sockfs" => "socket",
-            "anon_inodefs" => "anon_inode",
-            _ => return Ok(None),
-        };
-        let ino = k.field(inode, "inode", "i_ino")?;
-        Ok(Some(format!("{prefix}:[{ino}]")))
+/// `pipe:[N]` and the like for a file of pipefs, sockfs or
+/// anon_inodefs (whose dentries have no path), from its inode's super
+/// block type.
+fn pseudo_file_name<M: PhysMemory + ?Sized>(
+    k: &RunningKernel<'_, M>,
+    file: u64,
+) -> Result<Option<String>> {
+    let inode = k.field(file, "file", "f_inode")?;
+    if inode == 0 {
+        return Ok(None);
     }
+    let sb = k.field(inode, "inode", "i_sb")?;
+    let fs_type = k.field(sb, "super_block", "s_type")?;
+    let name_ptr = k.field(fs_type, "file_system_type", "name")?;
+    let fs = k.read_cstr(name_ptr, 32, "file system type name")?;
+    let prefix = match fs.as_str() {
+        "pipefs" => "pipe",
+        "sockfs" => "socket",
+        "anon_inodefs" => "anon_inode",
+        _ => return Ok(None),
+    };
+    let ino = k.field(inode, "inode", "i_ino")?;
+    Ok(Some(format!("{prefix}:[{ino}]")))
 }
 
 #[cfg(test)]

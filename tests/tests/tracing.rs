@@ -42,9 +42,16 @@ fn traced(program: &[&str]) -> (std::process::Output, String) {
 
 /// [`traced`] on guest kernel `kernel`.
 fn traced_on(kernel: &str, program: &[&str]) -> (std::process::Output, String) {
+    traced_with(kernel, &[], program)
+}
+
+/// [`traced_on`] with more options for `hvtrace trace` (`-e ...`).
+fn traced_with(kernel: &str, options: &[&str], program: &[&str]) -> (std::process::Output, String) {
     let trace = temp_path("trace.txt");
     let t = trace.to_str().unwrap();
-    let mut args = vec!["trace", "--kernel", kernel, "-f", "-o", t, "--"];
+    let mut args = vec!["trace", "--kernel", kernel, "-f", "-o", t];
+    args.extend_from_slice(options);
+    args.push("--");
     args.extend_from_slice(program);
     let out = hvtrace(&args);
     let log = std::fs::read_to_string(&trace).unwrap_or_default();
@@ -74,7 +81,17 @@ fn guest_strace(kernel: &str, program: &[&str]) -> (String, String) {
 
 /// `strace -f program` in the guest: hvtrace run's output and strace's log.
 fn guest_strace_output(kernel: &str, program: &[&str]) -> (std::process::Output, String) {
+    guest_strace_with(kernel, &[], program)
+}
+
+/// [`guest_strace_output`] with more options for strace.
+fn guest_strace_with(
+    kernel: &str,
+    options: &[&str],
+    program: &[&str],
+) -> (std::process::Output, String) {
     let mut args = vec!["run", "--kernel", kernel, "--", "strace", "-f"];
+    args.extend_from_slice(options);
     args.extend_from_slice(program);
     let out = hvtrace(&args);
     // The command's stderr is strace's log (hvtrace's own lines start
@@ -248,6 +265,105 @@ fn calls_equal_guest_strace_on(kernel: &str) {
         let _ = assert_same_calls_on(kernel, program);
     }
     fatal_signals_equal_guest_strace_on(kernel);
+}
+
+/// `-e trace=` sets in strace's syntax (classes, negation, regular
+/// expressions, numbers, `?`) and `-e signal=` choose the same lines as
+/// the guest's own strace given the same expression, on a shell that
+/// opens, reads, maps, forks and execs, and on a program that takes
+/// signals.
+#[test]
+fn trace_and_signal_sets_choose_what_the_guests_strace_chooses() {
+    require_kvm();
+    let shell = ["/bin/sh", "-c", "cat /etc/hostname; ls / >/dev/null"];
+    for (expr, program) in [
+        ("trace=%file", &shell[..]),
+        ("trace=!%desc,%memory,?bogus", &shell),
+        ("trace=/^(open|close|exit),%process,0", &shell),
+        ("signal=!SIGUSR1", &["hv-signals"]),
+    ] {
+        let (hv_out, hv_log) = traced_with("minimal", &["-e", expr], program);
+        let (st_out, st_log) = guest_strace_with("minimal", &["-e", expr], program);
+        let what = format!(
+            "-e {expr} {program:?}\n--- hvtrace ---\n{hv_log}\n--- strace ---\n{st_log}\n{}",
+            stderr(&hv_out)
+        );
+        assert!(hv_out.status.success() && st_out.status.success(), "{what}");
+        let (hv, st) = (calls(&hv_log), calls(&st_log));
+        assert!(hv.iter().any(|s| !s.is_empty()), "nothing traced: {what}");
+        assert_eq!(hv, st, "{what}");
+        assert_eq!(signal_lines(&hv_log), signal_lines(&st_log), "{what}");
+    }
+    // What strace refuses, hvtrace refuses with strace's words and its own
+    // failure status: a malformed set before booting, a name that is no
+    // call of the guest kernel once its table is read.
+    for (expr, words) in [
+        ("trace=bogus", "invalid system call 'bogus'"),
+        ("trace=/(", "/("),
+        ("signal=SIGBOGUS", "invalid signal 'SIGBOGUS'"),
+    ] {
+        let out = hvtrace(&["trace", "-e", expr, "--", "true"]);
+        assert_eq!(out.status.code(), Some(125), "-e {expr}: {}", stderr(&out));
+        assert!(stderr(&out).contains(words), "-e {expr}: {}", stderr(&out));
+    }
+}
+
+/// Every `FD<path>` annotation of a trace (`-y`), sorted, with the inode
+/// numbers of pipes and sockets blanked (each run makes its own pipes).
+fn fd_names(log: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for line in log.lines() {
+        let b = line.as_bytes();
+        for (i, _) in line.match_indices('<') {
+            let digits = b[..i]
+                .iter()
+                .rev()
+                .take_while(|c| c.is_ascii_digit())
+                .count();
+            let Some(len) = line[i..].find('>') else {
+                continue;
+            };
+            if digits == 0 {
+                continue;
+            }
+            let mut name = line[i - digits..i + len + 1].to_string();
+            if let Some(open) = name.find(":[") {
+                name.replace_range(open + 2..name.len() - 2, "N");
+            }
+            names.push(name);
+        }
+    }
+    names.sort();
+    names
+}
+
+/// `-y` names each descriptor's file from the guest kernel's own file
+/// table (its task's `files`, dentries and mounts), as the guest's `strace
+/// -y` names it from /proc: opened files, /dev/null, the pipes the output
+/// goes through, a descriptor a shell redirection made.
+#[test]
+fn descriptors_are_named_as_the_guests_strace_y_names_them() {
+    require_kvm();
+    let program = [
+        "/bin/sh",
+        "-c",
+        "cat /etc/hostname; exec 3</etc/hostname; ls / >/dev/null; cat <&3",
+    ];
+    let (hv_out, hv_log) = traced_with("minimal", &["-y"], &program);
+    let (st_out, st_log) = guest_strace_with("minimal", &["-y"], &program);
+    let what = format!(
+        "--- hvtrace ---\n{hv_log}\n--- strace ---\n{st_log}\n{}",
+        stderr(&hv_out)
+    );
+    assert!(hv_out.status.success() && st_out.status.success(), "{what}");
+    let (hv, st) = (fd_names(&hv_log), fd_names(&st_log));
+    for expected in ["</etc/hostname>", "</dev/null>", "<pipe:[N]>"] {
+        assert!(
+            st.iter().any(|n| n.ends_with(expected)),
+            "the guest's strace shows {expected}: {what}"
+        );
+    }
+    assert_eq!(hv, st, "{what}");
 }
 
 #[test]

@@ -12,6 +12,8 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
+use guest_introspect::image::KernelInfo;
+use guest_introspect::kernel::{KernelPlacement, RunningKernel};
 use guest_introspect::memory::VirtAddr;
 use guest_introspect::paging::{read_virt, translate, AddressSpace};
 use guest_introspect::pt_regs::{PtRegsLayout, Reg, UserRegs};
@@ -117,6 +119,50 @@ pub struct ThreadContext {
     /// At the report of a signal the kernel has just taken: the engines'
     /// choice (None at any other report).
     signal_action: std::cell::Cell<Option<SignalAction>>,
+    /// Where its open files are found (None: not known here).
+    files: Option<OpenFiles>,
+}
+
+/// A thread's open files as the kernel holds them: its `task_struct`,
+/// read through the kernel's own address space on demand (`strace -y`).
+#[derive(Clone)]
+pub struct OpenFiles {
+    /// Guest memory.
+    pub ram: GuestRam,
+    /// The kernel's symbols and types.
+    pub info: Arc<KernelInfo>,
+    /// Where the kernel lies.
+    pub placement: KernelPlacement,
+    /// An address space that maps the kernel (the trap's).
+    pub space: AddressSpace,
+    /// The thread's `task_struct`.
+    pub task: u64,
+}
+
+impl std::fmt::Debug for OpenFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenFiles")
+            .field("task", &format_args!("{:#x}", self.task))
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpenFiles {
+    /// The path of descriptor `fd` as /proc's fd links show it (None if
+    /// it is not open, or the guest's structures cannot be followed: they
+    /// are untrusted data, and a bad one only costs the annotation).
+    pub fn path(&self, fd: u64) -> Option<String> {
+        let k = RunningKernel::assume(
+            &self.ram,
+            self.space,
+            &self.info.symbols,
+            &self.info.types,
+            self.placement,
+        );
+        guest_introspect::tasks::fd_path(&k, self.task, fd)
+            .ok()
+            .flatten()
+    }
 }
 
 /// A thread's saved user registers and where they lie.
@@ -155,7 +201,14 @@ impl ThreadContext {
             send_signal: std::cell::Cell::new(None),
             may_send_signal: false,
             signal_action: std::cell::Cell::new(None),
+            files: None,
         }
+    }
+
+    /// The same context, able to name its thread's open files.
+    pub fn with_files(mut self, files: OpenFiles) -> Self {
+        self.files = Some(files);
+        self
     }
 
     /// The context of a report from which the thread may be sent a signal
@@ -319,5 +372,9 @@ impl UserMemory for ThreadContext {
             return false;
         };
         read_virt(ram, *space, VirtAddr(addr), buf).is_ok()
+    }
+
+    fn fd_path(&self, fd: u64) -> Option<String> {
+        self.files.as_ref()?.path(fd)
     }
 }

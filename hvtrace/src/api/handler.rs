@@ -1,7 +1,7 @@
 //! Answering control-socket requests against a running [`Session`]; shared
 //! by `hvtrace boot` and `hvtrace run --api-sock`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
 
@@ -100,6 +100,8 @@ struct AttachRequest {
     pid: i32,
     follow: bool,
     trace: Option<Vec<String>>,
+    signal: Option<String>,
+    decode_fds: bool,
     string_limit: Option<usize>,
     entries: bool,
     steps: Option<String>,
@@ -776,6 +778,8 @@ impl Handler {
             pid,
             follow,
             trace,
+            signal,
+            decode_fds,
             string_limit,
             entries,
             steps,
@@ -793,21 +797,22 @@ impl Handler {
         if let Some(n) = string_limit {
             utrace::syscalls::format::check_string_limit(n)?;
         }
-        if let Some(names) = &trace {
-            if let Some(bad) = names
-                .iter()
-                .find(|n| n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-            {
-                return Err(format!("`{bad}` is not a system call name"));
-            }
-        }
+        let calls = trace
+            .map(|items| utrace::strace::select::CallSet::parse(&items.join(",")))
+            .transpose()?;
+        let signals = signal
+            .map(|s| utrace::strace::select::SignalSet::parse(&s))
+            .transpose()?;
         let tracer = self.tracer(session)?;
+        let only = calls.map(|c| c.resolve(&tracer.syscalls())).transpose()?;
         let mut engine = Strace::new(
             StraceOptions {
                 string_limit,
-                only: trace.map(|v| v.into_iter().collect::<HashSet<_>>()),
+                only,
+                signals,
                 json: true,
                 timing: false,
+                decode_fds,
                 entries,
                 tamper: Vec::new(),
                 stamp: None,
@@ -996,6 +1001,8 @@ impl Handler {
                 pid,
                 follow,
                 trace,
+                signal,
+                decode_fds,
                 string_limit,
                 entries,
                 steps,
@@ -1007,6 +1014,8 @@ impl Handler {
                     pid,
                     follow,
                     trace,
+                    signal,
+                    decode_fds,
                     string_limit,
                     entries,
                     steps,

@@ -13,7 +13,10 @@
 //! * `{"v":1,"op":"inspect","pid":N}` -> `{"v":1,"ok":true,"task":{..},"exe":"/bin/sleep","user_regs":{..},"syscall":{"nr":35,"args":[..]}}`
 //!
 //! * `{"v":1,"op":"attach","pid":N,"follow":false,"trace":["openat"],"string_limit":32}`
-//!   -> `{"v":1,"ok":true,"tids":[N,..]}`; from then on the connection also
+//!   -> `{"v":1,"ok":true,"tids":[N,..]}` (`trace` items, joined with
+//!   commas, are a strace set: names, numbers, `%class`, `/regex`, `?`,
+//!   a leading `!`; `"signal":"!SIGCHLD"` chooses the signals shown the
+//!   same way; `"decode_fds":true` is strace's `-y`); from then on the connection also
 //!   carries the trace of process N (every thread; with `follow`, new
 //!   children too), one event per line, possibly before the reply:
 //!   `{"v":1,"event":{"pid":N,"syscall":"openat","line":"openat(AT_FDCWD, \"/x\", O_RDONLY) = 3","ret":3,..}}`,
@@ -121,9 +124,17 @@ pub enum Op {
         /// Follow new children and threads.
         #[serde(default)]
         follow: bool,
-        /// Only these system calls (default: all).
+        /// Only these system calls (default: all): the items joined with
+        /// commas are one strace set (`["%file","read"]`, `["!/^get"]`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         trace: Option<Vec<String>>,
+        /// Only these signals' `signal` events, a strace set
+        /// (`"!SIGCHLD"`, `"none"`; default: all).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<String>,
+        /// File descriptors shown with their files' paths (`strace -y`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        decode_fds: bool,
         /// Longest string shown.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         string_limit: Option<usize>,

@@ -29,9 +29,15 @@ pub struct AttachArgs {
     /// Follow new children and threads (`strace -f`).
     #[arg(short = 'f', long = "follow")]
     pub follow: bool,
-    /// Which calls to show: `trace=openat,read` (or just `openat,read`).
+    /// Which calls to show, as strace's `-e trace=`: names, numbers,
+    /// `%file`/`%process`/`%network`/..., `/REGEX`, `?` before an item that
+    /// may match nothing, `!` in front to invert (or just `openat,read`);
+    /// `signal=SET` chooses the signals shown (`!SIGCHLD`, `none`).
     #[arg(short = 'e', value_name = "EXPR")]
     pub expr: Vec<String>,
+    /// Show each file descriptor with the path of its file (`strace -y`).
+    #[arg(short = 'y')]
+    pub decode_fds: bool,
     /// Longest string shown (`strace -s`), at most 1048576.
     #[arg(short = 's', default_value_t = 32, value_parser = parse_string_limit)]
     pub string_limit: usize,
@@ -107,7 +113,8 @@ pub fn attach(args: AttachArgs) -> Result<i32> {
     if !exprs.tamper.is_empty() {
         bail!("-e inject=/fault= work with `hvtrace trace` only (not yet over the control socket)");
     }
-    let only = exprs.only;
+    let only = exprs.only.map(|s| s.spec().to_string());
+    let signals = exprs.signals.map(|s| s.spec().to_string());
     let out = open_output(args.output.as_deref())?;
     if args.steps.summary || args.steps.quiet_steps {
         bail!(
@@ -120,7 +127,7 @@ pub fn attach(args: AttachArgs) -> Result<i32> {
         text: (!args.json).then(|| TextRenderer::new(args.stamps.stamp())),
         sink: args.sink.start()?,
     };
-    let result = follow(&args, only, &mut printer);
+    let result = follow(&args, only, signals, &mut printer);
     if let Some(sink) = printer.sink.take() {
         let report = sink.finish();
         if args.report {
@@ -135,7 +142,8 @@ pub fn attach(args: AttachArgs) -> Result<i32> {
 /// Sends the attach request and prints the events until the process exits.
 fn follow(
     args: &AttachArgs,
-    only: Option<std::collections::HashSet<String>>,
+    only: Option<String>,
+    signals: Option<String>,
     printer: &mut Printer,
 ) -> Result<i32> {
     let mut sock = UnixStream::connect(&args.api_sock)
@@ -146,7 +154,9 @@ fn follow(
         op: Op::Attach {
             pid: args.pid,
             follow: args.follow,
-            trace: only.map(|s| s.into_iter().collect()),
+            trace: only.map(|s| vec![s]),
+            signal: signals,
+            decode_fds: args.decode_fds,
             string_limit: Some(args.string_limit),
             entries: !args.json,
             steps: args

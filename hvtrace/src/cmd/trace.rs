@@ -1,18 +1,18 @@
 //! `hvtrace trace`: boot the guest (or restore its cached snapshot), trace
 //! one command from its exec, strace-like, and exit with its status.
 
-use std::collections::HashSet;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 
 use super::parse_string_limit;
 use guest_introspect::image::KernelInfo;
 use utrace::hv::{EngineSpec, Tracer};
+use utrace::strace::select::{CallSet, SignalSet};
 use utrace::strace::tamper::Tamper;
 use utrace::strace::{Strace, StraceOptions, STRACE_EVENTS};
 use vmm::session::Session;
@@ -35,8 +35,11 @@ pub struct TraceArgs {
     /// Follow children and threads (`strace -f`).
     #[arg(short = 'f', long = "follow")]
     pub follow: bool,
-    /// Which calls to show: `trace=openat,read` (or just `openat,read`);
-    /// `inject=SET:error=ERRNO|retval=N[:signal=SIG][:when=EXPR]` and
+    /// Which calls to show, as strace's `-e trace=`: names, numbers,
+    /// `%file`/`%process`/`%network`/`%signal`/`%desc`/`%memory`/..., `/REGEX`,
+    /// `?` before an item that may match nothing, `!` in front to invert
+    /// (or just `openat,read`); `signal=SET` the signals shown (`!SIGCHLD`,
+    /// `none`); `inject=SET:error=ERRNO|retval=N[:signal=SIG][:when=EXPR]` and
     /// `fault=SET[:error=ERRNO][:when=EXPR]` make the chosen invocations
     /// fail or return N without running, and/or send the thread SIG at
     /// their entry, as strace's do (`when=` is `first[..last][+[step]]`).
@@ -48,6 +51,11 @@ pub struct TraceArgs {
     /// Show the time spent in each call (`strace -T`).
     #[arg(short = 'T')]
     pub timing: bool,
+    /// Show each file descriptor with the path of its file
+    /// (`3</etc/hostname>`, `1<pipe:[1234]>`), read from the guest
+    /// kernel's file table of the thread (`strace -y`).
+    #[arg(short = 'y')]
+    pub decode_fds: bool,
     /// Count calls, errors and time per system call and print strace's
     /// table at the end instead of the trace (`strace -c`; the time is
     /// wall-clock, as strace's `-w`).
@@ -156,36 +164,40 @@ pub fn image_files_of(initrd: &[PathBuf]) -> Vec<PathBuf> {
 /// What the `-e` expressions ask for.
 #[derive(Debug, Default)]
 pub struct Exprs {
-    /// `trace=`: the calls shown (None: all).
-    pub only: Option<HashSet<String>>,
+    /// `trace=`: the calls shown (None: all), still to be checked against
+    /// the guest kernel's calls.
+    pub only: Option<CallSet>,
+    /// `signal=`: the signals shown (None: all).
+    pub signals: Option<SignalSet>,
     /// `inject=` and `fault=`: calls to tamper with.
     pub tamper: Vec<Tamper>,
 }
 
-/// Parses `-e` expressions: `trace=SET` (or just `SET`),
-/// `inject=SET:error=E|retval=N[:when=W]` and `fault=SET[:error=E][:when=W]`.
+/// Parses `-e` expressions: `trace=SET` (or `t=SET`, or just `SET`; a
+/// later one replaces an earlier one, as in strace), `signal=SET` (or
+/// `signals=`, `s=`), `inject=SET:error=E|retval=N[:when=W]` and
+/// `fault=SET[:error=E][:when=W]`. The set syntax is strace's
+/// (`utrace::strace::select`).
 pub fn parse_exprs(exprs: &[String]) -> Result<Exprs> {
     let mut out = Exprs::default();
     for e in exprs {
-        let list = match e.split_once('=') {
-            Some(("trace", list)) => list,
+        let set = match e.split_once('=') {
+            Some(("trace" | "t", set)) => set,
+            Some(("signal" | "signals" | "s", set)) => {
+                out.signals = Some(SignalSet::parse(set).map_err(|m| anyhow!("-e {e}: {m}"))?);
+                continue;
+            }
             Some((q @ ("inject" | "fault"), spec)) => {
                 let t = Tamper::parse(spec, q == "fault").map_err(anyhow::Error::msg)?;
                 out.tamper.push(t);
                 continue;
             }
-            Some((q, _)) => {
-                bail!("unsupported -e qualifier `{q}` (trace=, inject= and fault= are supported)")
-            }
+            Some((q, _)) => bail!(
+                "unsupported -e qualifier `{q}` (trace=, signal=, inject= and fault= are supported)"
+            ),
             None => e.as_str(),
         };
-        let set = out.only.get_or_insert_with(HashSet::new);
-        for name in list.split(',').filter(|n| !n.is_empty()) {
-            if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                bail!("-e: `{name}` is not a system call name");
-            }
-            set.insert(name.to_string());
-        }
+        out.only = Some(CallSet::parse(set).map_err(|m| anyhow!("-e {e}: {m}"))?);
     }
     Ok(out)
 }
@@ -234,7 +246,11 @@ fn kernel_info(session: &Session, guest: &GuestArgs, from_memory: bool) -> Resul
 
 /// Traces the command; returns its exit status.
 pub fn trace(args: TraceArgs) -> Result<i32> {
-    let Exprs { only, tamper } = parse_exprs(&args.expr)?;
+    let Exprs {
+        only,
+        signals,
+        tamper,
+    } = parse_exprs(&args.expr)?;
     // Written by a thread of its own: a slow reader must not stall the guest.
     let (queued, writer) = crate::output::queued(open_output(args.output.as_deref())?)
         .context("starting the trace writer")?;
@@ -253,12 +269,18 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
     let info = Arc::new(kernel_info(&session, &args.guest, args.restore.is_some())?);
     let tracer = Tracer::install(session.vm(), info).context("installing the tracer")?;
     check_tampered_calls(&tamper, &tracer.syscalls())?;
+    let only = only
+        .map(|set| set.resolve(&tracer.syscalls()))
+        .transpose()
+        .map_err(|m| anyhow!("-e trace: {m}"))?;
     let mut engine = Strace::new(
         StraceOptions {
             string_limit: Some(args.string_limit),
             only,
+            signals,
             json: args.json,
             timing: args.timing,
+            decode_fds: args.decode_fds,
             entries: false,
             tamper,
             stamp: args.stamps.stamp(),

@@ -366,7 +366,15 @@ impl Dispatcher {
 
     /// A context for callbacks about `t`'s thread.
     pub fn thread_context(&self, t: &Trap<'_>) -> ThreadContext {
-        ThreadContext::new(t.tid, t.tgid, self.ram.clone(), t.space())
+        ThreadContext::new(t.tid, t.tgid, self.ram.clone(), t.space()).with_files(
+            crate::context::OpenFiles {
+                ram: self.ram.clone(),
+                info: self.info.clone(),
+                placement: self.placement,
+                space: t.space(),
+                task: t.current,
+            },
+        )
     }
 
     /// Reports `event` to `tid`'s engines, with no tracer lock held while

@@ -9,12 +9,14 @@
 //! resumed>` when another line comes in between, `[pid N]` while more than
 //! one thread is alive.
 
+pub mod classes;
 pub mod record;
+pub mod select;
 pub mod summary;
 pub mod tamper;
 pub mod text;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -34,11 +36,16 @@ pub struct StraceOptions {
     /// `-s`: longest string shown.
     pub string_limit: Option<usize>,
     /// `-e trace=`: only these calls (None: all).
-    pub only: Option<HashSet<String>>,
+    pub only: Option<select::CallFilter>,
+    /// `-e signal=`: only these signals' `--- SIG... ---` lines (None: all).
+    pub signals: Option<select::SignalSet>,
     /// `--json`: one JSON object per line.
     pub json: bool,
     /// `-T`: time spent in each call.
     pub timing: bool,
+    /// `-y`: file descriptors shown with their files' paths, read from
+    /// the guest kernel's file table of the thread.
+    pub decode_fds: bool,
     /// With `json`: also a record at each call's entry
     /// (`{"pid":N,"syscall":"read","phase":"entry","line":"read(3, "}`),
     /// and `"rest"` in the exit record, for a client that renders text
@@ -167,6 +174,7 @@ impl Strace {
     ) -> Self {
         let fmt = Formatter {
             string_limit: opts.string_limit.unwrap_or(32),
+            decode_fds: opts.decode_fds,
         };
         let text = (!opts.json).then(|| text::TextRenderer::new(opts.stamp));
         Self {
@@ -361,7 +369,7 @@ impl EngineOps for Strace {
             return ResumeAction::Resume;
         }
         let args = self.fmt.finish_args(&p, ret, thread);
-        let mut line = self.fmt.line(&p.name, &args, ret);
+        let mut line = self.fmt.exit_line(&p.name, &args, ret, thread);
         let spent = started.elapsed();
         if injected {
             line.push_str(" (INJECTED)");
@@ -422,6 +430,14 @@ impl EngineOps for Strace {
         if signo == 0 {
             // Another engine's INTERRUPT (UTRACE_SIGNAL_REPORT): no signal,
             // and strace shows nothing for it.
+            return ResumeAction::Resume;
+        }
+        if self
+            .opts
+            .signals
+            .as_ref()
+            .is_some_and(|s| !s.contains(signo))
+        {
             return ResumeAction::Resume;
         }
         let d = thread.signal;

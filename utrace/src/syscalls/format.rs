@@ -9,6 +9,12 @@ use super::{has_out_args, kinds_for, signature, Arg, Ret};
 pub trait UserMemory {
     /// Fills `buf` from user address `addr`; false if any byte is unmapped.
     fn read(&self, addr: u64, buf: &mut [u8]) -> bool;
+
+    /// The path of the thread's open descriptor `fd` (`strace -y`), if
+    /// known.
+    fn fd_path(&self, _fd: u64) -> Option<String> {
+        None
+    }
 }
 
 /// Longest `argv` shown before `...`, as strace's default.
@@ -35,11 +41,16 @@ pub fn check_string_limit(n: usize) -> Result<usize, String> {
 pub struct Formatter {
     /// `-s`: longest string shown (strace's default is 32).
     pub string_limit: usize,
+    /// `-y`: a file descriptor shown with its file's path.
+    pub decode_fds: bool,
 }
 
 impl Default for Formatter {
     fn default() -> Self {
-        Self { string_limit: 32 }
+        Self {
+            string_limit: 32,
+            decode_fds: false,
+        }
     }
 }
 
@@ -104,7 +115,29 @@ impl Formatter {
     /// Renders the remaining arguments and the return value: the whole
     /// line without a trailing newline.
     pub fn finish(&self, p: &Pending, ret: i64, mem: &dyn UserMemory) -> String {
-        self.line(&p.name, &self.finish_args(p, ret, mem), ret)
+        self.exit_line(&p.name, &self.finish_args(p, ret, mem), ret, mem)
+    }
+
+    /// [`Formatter::line`] at the call's exit, where a returned descriptor
+    /// can still be named (`-y`).
+    pub fn exit_line(&self, name: &str, args: &[String], ret: i64, mem: &dyn UserMemory) -> String {
+        let shown = match signature(name).map(|s| s.1) {
+            Some(Ret::Fd) if errno_of(ret).is_none() => self.fd(ret as u64, mem),
+            _ => self.ret(name, ret),
+        };
+        format!("{name}({}) = {shown}", args.join(", "))
+    }
+
+    /// Descriptor `v` (an `int`), with `-y` its file's path as strace
+    /// shows it: `3</etc/hostname>`.
+    fn fd(&self, v: u64, mem: &dyn UserMemory) -> String {
+        let n = v as i32;
+        if self.decode_fds && n >= 0 {
+            if let Some(path) = mem.fd_path(n as u64) {
+                return format!("{n}<{}>", escape_path(&path));
+            }
+        }
+        n.to_string()
     }
 
     /// Every argument of a returned call as its line shows it.
@@ -175,6 +208,7 @@ impl Formatter {
                 _ => format!("{v:#x}"),
             },
             Arg::Int => (v as i32).to_string(),
+            Arg::Fd => self.fd(v, mem),
             Arg::Uint => v.to_string(),
             Arg::Hex if v == 0 => "0".into(),
             Arg::Hex => format!("{v:#x}"),
@@ -183,7 +217,7 @@ impl Formatter {
                 if v as i32 == AT_FDCWD {
                     "AT_FDCWD".into()
                 } else {
-                    (v as i32).to_string()
+                    self.fd(v, mem)
                 }
             }
             // Pages the kernel has not touched yet (a fresh fork's
@@ -512,6 +546,21 @@ pub fn quote(bytes: &[u8]) -> String {
         }
     }
     s.push('"');
+    s
+}
+
+/// A path inside strace's `<...>`: bytes that are not printable, `<`, `>`
+/// and `\`, as `\xNN`, so a file name can neither end the annotation nor
+/// forge another line.
+fn escape_path(path: &str) -> String {
+    let mut s = String::with_capacity(path.len());
+    for b in path.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'<' && b != b'>' && b != b'\\' {
+            s.push(char::from(b));
+        } else {
+            s.push_str(&format!("\\x{b:02x}"));
+        }
+    }
     s
 }
 
@@ -851,6 +900,47 @@ mod tests {
         );
     }
 
+    /// Memory plus a file table (`-y`).
+    struct WithFiles(Mem, BTreeMap<u64, &'static str>);
+    impl UserMemory for WithFiles {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+            self.0.read(addr, buf)
+        }
+        fn fd_path(&self, fd: u64) -> Option<String> {
+            self.1.get(&fd).map(|p| p.to_string())
+        }
+    }
+
+    #[test]
+    fn descriptors_carry_their_paths_with_y_only() {
+        let files = BTreeMap::from([(1, "pipe:[77]"), (3, "/etc/host>name\n"), (4, "/dir")]);
+        let m = WithFiles(mem(&[(0x1000, b"x\0"), (0x2000, b"ok\n")]), files);
+        let y = Formatter {
+            decode_fds: true,
+            ..Formatter::default()
+        };
+        let p = y.enter("openat", [4, 0x1000, 0, 0, 0, 0], &m);
+        assert_eq!(
+            y.finish(&p, 3, &m),
+            r#"openat(4</dir>, "x", O_RDONLY) = 3</etc/host\x3ename\x0a>"#,
+            "a path cannot close the annotation or start a line"
+        );
+        let p = y.enter("write", [1, 0x2000, 3, 0, 0, 0], &m);
+        assert_eq!(y.finish(&p, 3, &m), r#"write(1<pipe:[77]>, "ok\n", 3) = 3"#);
+        // Not open, an error, -1 for an anonymous map: plain numbers.
+        let p = y.enter("close", [9, 0, 0, 0, 0, 0], &m);
+        assert_eq!(
+            y.finish(&p, -9, &m),
+            "close(9) = -1 EBADF (Bad file descriptor)"
+        );
+        let p = y.enter("mmap", [0, 4096, 3, 0x22, u64::MAX, 0], &m);
+        assert!(y.finish(&p, 0x7000, &m).contains(", -1, 0) = 0x7000"));
+        // Without -y, the numbers alone.
+        let f = Formatter::default();
+        let p = f.enter("write", [1, 0x2000, 3, 0, 0, 0], &m);
+        assert_eq!(f.finish(&p, 3, &m), r#"write(1, "ok\n", 3) = 3"#);
+    }
+
     #[test]
     fn uname_shows_the_first_two_fields_as_strace_does() {
         let f = Formatter::default();
@@ -872,13 +962,16 @@ mod tests {
 
     #[test]
     fn long_strings_are_cut_and_bad_pointers_shown() {
-        let f = Formatter { string_limit: 4 };
+        let f = Formatter {
+            string_limit: 4,
+            ..Formatter::default()
+        };
         let m = mem(&[(0x1000, b"abcdefgh\0")]);
         assert_eq!(f.c_string(0x1000, &m), r#""abcd"..."#);
         assert_eq!(f.c_string(0x5000, &m), "0x5000");
         assert_eq!(f.c_string(0, &m), "NULL");
         assert_eq!(f.buffer(0x1000, 9, &m), r#""abcd"..."#);
-        let f = Formatter { string_limit: 32 };
+        let f = Formatter::default();
         assert_eq!(
             f.c_string(0x1000, &m),
             r#""abcdefgh""#,

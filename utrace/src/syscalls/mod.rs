@@ -11,8 +11,11 @@ pub use table::SyscallTable;
 /// How one argument is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arg {
-    /// Signed decimal (`int`, `pid_t`, file descriptors).
+    /// Signed decimal (`int`, `pid_t`).
     Int,
+    /// A file descriptor: signed decimal, with `-y` the open file's path
+    /// after it (`3</etc/hostname>`).
+    Fd,
     /// Unsigned decimal (`size_t`, counts).
     Uint,
     /// Hexadecimal.
@@ -72,6 +75,8 @@ pub enum Arg {
 pub enum Ret {
     /// Decimal, `-1 ERRNO (message)` on error.
     Int,
+    /// A new file descriptor: like `Int`, with `-y` its file's path.
+    Fd,
     /// Hex (an address: brk, mmap), `-1 ERRNO` on error.
     Hex,
     /// Never returns (`= ?`).
@@ -82,16 +87,20 @@ pub enum Ret {
 pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
     use Arg::*;
     Some(match name {
-        "read" => (&[Int, BufOut, Uint], Ret::Int),
-        "pread64" => (&[Int, BufOut, Uint, Int], Ret::Int),
-        "write" => (&[Int, BufIn(2), Uint], Ret::Int),
-        "pwrite64" => (&[Int, BufIn(2), Uint, Int], Ret::Int),
-        "open" => (&[Str, OpenFlags, Mode], Ret::Int),
-        "openat" => (&[DirFd, Str, OpenFlags, Mode], Ret::Int),
-        "close" | "fsync" | "dup" => (&[Int], Ret::Int),
-        "dup2" => (&[Int, Int], Ret::Int),
-        "dup3" => (&[Int, Int, OpenFlags], Ret::Int),
-        "lseek" => (&[Int, Int, Whence], Ret::Int),
+        "read" => (&[Fd, BufOut, Uint], Ret::Int),
+        "pread64" => (&[Fd, BufOut, Uint, Int], Ret::Int),
+        "write" => (&[Fd, BufIn(2), Uint], Ret::Int),
+        "pwrite64" => (&[Fd, BufIn(2), Uint, Int], Ret::Int),
+        "open" => (&[Str, OpenFlags, Mode], Ret::Fd),
+        "openat" => (&[DirFd, Str, OpenFlags, Mode], Ret::Fd),
+        "close" | "fsync" => (&[Fd], Ret::Int),
+        "dup" => (&[Fd], Ret::Fd),
+        // The offset pointer shows as NULL or its address (strace shows a
+        // non-NULL one's value before and after: `[0] => [N]`).
+        "sendfile" => (&[Fd, Fd, Ptr, Uint], Ret::Int),
+        "dup2" => (&[Fd, Fd], Ret::Fd),
+        "dup3" => (&[Fd, Fd, OpenFlags], Ret::Fd),
+        "lseek" => (&[Fd, Int, Whence], Ret::Int),
         "unlink" | "rmdir" | "chdir" => (&[Str], Ret::Int),
         "unlinkat" => (&[DirFd, Str, Hex], Ret::Int),
         "mkdir" => (&[Str, Mode], Ret::Int),
@@ -99,7 +108,7 @@ pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
         "access" => (&[Str, AccessMode], Ret::Int),
         "faccessat" | "faccessat2" => (&[DirFd, Str, AccessMode], Ret::Int),
         "stat" | "lstat" => (&[Str, Ptr], Ret::Int),
-        "fstat" => (&[Int, Ptr], Ret::Int),
+        "fstat" => (&[Fd, Ptr], Ret::Int),
         "uname" => (&[Utsname], Ret::Int),
         "newfstatat" => (&[DirFd, Str, Ptr, Hex], Ret::Int),
         "readlink" => (&[Str, BufOut, Uint], Ret::Int),
@@ -109,7 +118,7 @@ pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
         "execve" => (&[Str, Argv, Envp], Ret::Int),
         "exit" | "exit_group" => (&[Int], Ret::NoReturn),
         "brk" => (&[Ptr], Ret::Hex),
-        "mmap" => (&[Ptr, Uint, Prot, MapFlags, Int, Hex], Ret::Hex),
+        "mmap" => (&[Ptr, Uint, Prot, MapFlags, Fd, Hex], Ret::Hex),
         "munmap" => (&[Ptr, Uint], Ret::Int),
         "mprotect" => (&[Ptr, Uint, Prot], Ret::Int),
         "clone" => (&[CloneFlags, Ptr, Ptr, Ptr, Hex], Ret::Int),
@@ -128,7 +137,7 @@ pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
         "set_tid_address" => (&[Ptr], Ret::Int),
         "set_robust_list" => (&[Ptr, Uint], Ret::Int),
         "arch_prctl" => (&[Hex, Hex], Ret::Int),
-        "ioctl" | "fcntl" => (&[Int, Hex, Hex], Ret::Int),
+        "ioctl" | "fcntl" => (&[Fd, Hex, Hex], Ret::Int),
         "chroot" | "acct" | "swapoff" => (&[Str], Ret::Int),
         "sethostname" => (&[BufIn(1), Uint], Ret::Int),
         "rseq" => (&[Ptr, Uint, Hex, Hex], Ret::Int),
@@ -144,7 +153,7 @@ pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
         "chmod" => (&[Str, Mode], Ret::Int),
         "fchmodat" => (&[DirFd, Str, Mode], Ret::Int),
         "symlink" | "link" => (&[Str, Str], Ret::Int),
-        "getdents64" => (&[Int, Ptr, Uint], Ret::Int),
+        "getdents64" => (&[Fd, Ptr, Uint], Ret::Int),
         "poll" => (&[Ptr, Uint, Int], Ret::Int),
         "sysinfo" | "times" => (&[Ptr], Ret::Int),
         "umask" => (&[Mode], Ret::Int),
@@ -153,7 +162,7 @@ pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
         "sigaltstack" => (&[Ptr, Ptr], Ret::Int),
         "rt_sigsuspend" => (&[Ptr, Uint], Ret::Int),
         "statfs" => (&[Str, Ptr], Ret::Int),
-        "fstatfs" => (&[Int, Ptr], Ret::Int),
+        "fstatfs" => (&[Fd, Ptr], Ret::Int),
         _ => return None,
     })
 }

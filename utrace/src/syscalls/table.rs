@@ -17,13 +17,15 @@ pub struct SyscallTable {
 
 /// Handlers whose x86-64 call has another name in the ABI (and in
 /// strace): the kernel kept the `new*` handlers of the old 32-bit ABI's
-/// second versions, and `umount2` is `sys_umount`.
-const ABI_NAMES: [(&str, &str); 5] = [
+/// second versions, `umount2` is `sys_umount`, and `sendfile` is
+/// `sys_sendfile64`.
+const ABI_NAMES: [(&str, &str); 6] = [
     ("newstat", "stat"),
     ("newlstat", "lstat"),
     ("newfstat", "fstat"),
     ("newuname", "uname"),
     ("umount", "umount2"),
+    ("sendfile64", "sendfile"),
 ];
 
 /// The call name of a handler symbol (`__x64_sys_openat` -> `openat`,
@@ -127,6 +129,7 @@ mod tests {
             "strace keeps this one"
         );
         assert_eq!(call_name("__x64_sys_umount"), Some("umount2"));
+        assert_eq!(call_name("__x64_sys_sendfile64"), Some("sendfile"));
         let t = SyscallTable::from_names(vec![Some("read".into()), None, Some("open".into())]);
         assert_eq!(t.name(2), Some("open"));
         assert_eq!(t.name(1), None);
