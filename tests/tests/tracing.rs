@@ -268,22 +268,26 @@ fn calls_equal_guest_strace_on(kernel: &str) {
 }
 
 /// `-e trace=` sets in strace's syntax (classes, negation, regular
-/// expressions, numbers, `?`) and `-e signal=` choose the same lines as
-/// the guest's own strace given the same expression, on a shell that
-/// opens, reads, maps, forks and execs, and on a program that takes
-/// signals.
+/// expressions, numbers, `?`), `-e signal=`, `-e status=` and `-Z` choose
+/// the same lines as the guest's own strace given the same options, on a
+/// shell that opens, reads, maps, forks and execs (and fails to open), and
+/// on a program that takes signals.
 #[test]
-fn trace_and_signal_sets_choose_what_the_guests_strace_chooses() {
+fn trace_signal_and_status_sets_choose_what_the_guests_strace_chooses() {
     require_kvm();
     let shell = ["/bin/sh", "-c", "cat /etc/hostname; ls / >/dev/null"];
-    for (expr, program) in [
-        ("trace=%file", &shell[..]),
-        ("trace=!%desc,%memory,?bogus", &shell),
-        ("trace=/^(open|close|exit),%process,0", &shell),
-        ("signal=!SIGUSR1", &["hv-signals"]),
+    let failing = ["/bin/sh", "-c", "cat /etc/hostname /nonexistent; true"];
+    for (options, program) in [
+        (&["-e", "trace=%file"][..], &shell[..]),
+        (&["-e", "trace=!%desc,%memory,?bogus"], &shell),
+        (&["-e", "trace=/^(open|close|exit),%process,0"], &shell),
+        (&["-e", "signal=!SIGUSR1"], &["hv-signals"]),
+        (&["-e", "status=unfinished,failed"], &failing),
+        (&["-Z", "-e", "trace=%file"], &failing),
     ] {
-        let (hv_out, hv_log) = traced_with("minimal", &["-e", expr], program);
-        let (st_out, st_log) = guest_strace_with("minimal", &["-e", expr], program);
+        let expr = options.join(" ");
+        let (hv_out, hv_log) = traced_with("minimal", options, program);
+        let (st_out, st_log) = guest_strace_with("minimal", options, program);
         let what = format!(
             "-e {expr} {program:?}\n--- hvtrace ---\n{hv_log}\n--- strace ---\n{st_log}\n{}",
             stderr(&hv_out)

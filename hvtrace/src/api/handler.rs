@@ -102,6 +102,7 @@ struct AttachRequest {
     trace: Option<Vec<String>>,
     signal: Option<String>,
     decode_fds: bool,
+    status: Option<String>,
     string_limit: Option<usize>,
     entries: bool,
     steps: Option<String>,
@@ -780,6 +781,7 @@ impl Handler {
             trace,
             signal,
             decode_fds,
+            status,
             string_limit,
             entries,
             steps,
@@ -803,6 +805,9 @@ impl Handler {
         let signals = signal
             .map(|s| utrace::strace::select::SignalSet::parse(&s))
             .transpose()?;
+        let status = status
+            .map(|s| utrace::strace::select::StatusSet::parse(&s))
+            .transpose()?;
         let tracer = self.tracer(session)?;
         let only = calls.map(|c| c.resolve(&tracer.syscalls())).transpose()?;
         let mut engine = Strace::new(
@@ -810,6 +815,7 @@ impl Handler {
                 string_limit,
                 only,
                 signals,
+                status,
                 json: true,
                 timing: false,
                 decode_fds,
@@ -1003,6 +1009,7 @@ impl Handler {
                 trace,
                 signal,
                 decode_fds,
+                status,
                 string_limit,
                 entries,
                 steps,
@@ -1016,6 +1023,7 @@ impl Handler {
                     trace,
                     signal,
                     decode_fds,
+                    status,
                     string_limit,
                     entries,
                     steps,

@@ -16,7 +16,7 @@
 //!   -> `{"v":1,"ok":true,"tids":[N,..]}` (`trace` items, joined with
 //!   commas, are a strace set: names, numbers, `%class`, `/regex`, `?`,
 //!   a leading `!`; `"signal":"!SIGCHLD"` chooses the signals shown the
-//!   same way; `"decode_fds":true` is strace's `-y`); from then on the connection also
+//!   same way; `"decode_fds":true` is strace's `-y`, `"status":"failed"` its `-e status=`); from then on the connection also
 //!   carries the trace of process N (every thread; with `follow`, new
 //!   children too), one event per line, possibly before the reply:
 //!   `{"v":1,"event":{"pid":N,"syscall":"openat","line":"openat(AT_FDCWD, \"/x\", O_RDONLY) = 3","ret":3,..}}`,
@@ -135,6 +135,10 @@ pub enum Op {
         /// File descriptors shown with their files' paths (`strace -y`).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         decode_fds: bool,
+        /// Only calls that ended so, a strace status set (`"failed"`,
+        /// `"!successful"`; default: all).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<String>,
         /// Longest string shown.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         string_limit: Option<usize>,

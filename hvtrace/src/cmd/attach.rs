@@ -38,6 +38,12 @@ pub struct AttachArgs {
     /// Show each file descriptor with the path of its file (`strace -y`).
     #[arg(short = 'y')]
     pub decode_fds: bool,
+    /// Only calls that returned without an error (`strace -z`).
+    #[arg(short = 'z', conflicts_with = "failed_only")]
+    pub successful_only: bool,
+    /// Only calls that returned an error (`strace -Z`).
+    #[arg(short = 'Z')]
+    pub failed_only: bool,
     /// Longest string shown (`strace -s`), at most 1048576.
     #[arg(short = 's', default_value_t = 32, value_parser = parse_string_limit)]
     pub string_limit: usize,
@@ -115,6 +121,14 @@ pub fn attach(args: AttachArgs) -> Result<i32> {
     }
     let only = exprs.only.map(|s| s.spec().to_string());
     let signals = exprs.signals.map(|s| s.spec().to_string());
+    // -z/-Z win over -e status=, as in `hvtrace trace`.
+    let status = if args.successful_only {
+        Some("successful".to_string())
+    } else if args.failed_only {
+        Some("failed".to_string())
+    } else {
+        exprs.status.map(|(spec, _)| spec)
+    };
     let out = open_output(args.output.as_deref())?;
     if args.steps.summary || args.steps.quiet_steps {
         bail!(
@@ -127,7 +141,7 @@ pub fn attach(args: AttachArgs) -> Result<i32> {
         text: (!args.json).then(|| TextRenderer::new(args.stamps.stamp())),
         sink: args.sink.start()?,
     };
-    let result = follow(&args, only, signals, &mut printer);
+    let result = follow(&args, only, signals, status, &mut printer);
     if let Some(sink) = printer.sink.take() {
         let report = sink.finish();
         if args.report {
@@ -144,6 +158,7 @@ fn follow(
     args: &AttachArgs,
     only: Option<String>,
     signals: Option<String>,
+    status: Option<String>,
     printer: &mut Printer,
 ) -> Result<i32> {
     let mut sock = UnixStream::connect(&args.api_sock)
@@ -157,6 +172,7 @@ fn follow(
             trace: only.map(|s| vec![s]),
             signal: signals,
             decode_fds: args.decode_fds,
+            status,
             string_limit: Some(args.string_limit),
             entries: !args.json,
             steps: args

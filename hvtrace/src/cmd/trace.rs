@@ -12,7 +12,7 @@ use clap::Args;
 use super::parse_string_limit;
 use guest_introspect::image::KernelInfo;
 use utrace::hv::{EngineSpec, Tracer};
-use utrace::strace::select::{CallSet, SignalSet};
+use utrace::strace::select::{CallSet, CallStatus, SignalSet, StatusSet};
 use utrace::strace::tamper::Tamper;
 use utrace::strace::{Strace, StraceOptions, STRACE_EVENTS};
 use vmm::session::Session;
@@ -51,6 +51,13 @@ pub struct TraceArgs {
     /// Show the time spent in each call (`strace -T`).
     #[arg(short = 'T')]
     pub timing: bool,
+    /// Only calls that returned without an error (`strace -z`, the same
+    /// as `-e status=successful`).
+    #[arg(short = 'z', conflicts_with = "failed_only")]
+    pub successful_only: bool,
+    /// Only calls that returned an error (`strace -Z`, `-e status=failed`).
+    #[arg(short = 'Z')]
+    pub failed_only: bool,
     /// Show each file descriptor with the path of its file
     /// (`3</etc/hostname>`, `1<pipe:[1234]>`), read from the guest
     /// kernel's file table of the thread (`strace -y`).
@@ -169,13 +176,16 @@ pub struct Exprs {
     pub only: Option<CallSet>,
     /// `signal=`: the signals shown (None: all).
     pub signals: Option<SignalSet>,
+    /// `status=` (the spec as written, for the control socket, and the
+    /// set): the call endings shown (None: all).
+    pub status: Option<(String, StatusSet)>,
     /// `inject=` and `fault=`: calls to tamper with.
     pub tamper: Vec<Tamper>,
 }
 
 /// Parses `-e` expressions: `trace=SET` (or `t=SET`, or just `SET`; a
 /// later one replaces an earlier one, as in strace), `signal=SET` (or
-/// `signals=`, `s=`), `inject=SET:error=E|retval=N[:when=W]` and
+/// `signals=`, `s=`), `status=SET`, `inject=SET:error=E|retval=N[:when=W]` and
 /// `fault=SET[:error=E][:when=W]`. The set syntax is strace's
 /// (`utrace::strace::select`).
 pub fn parse_exprs(exprs: &[String]) -> Result<Exprs> {
@@ -187,19 +197,36 @@ pub fn parse_exprs(exprs: &[String]) -> Result<Exprs> {
                 out.signals = Some(SignalSet::parse(set).map_err(|m| anyhow!("-e {e}: {m}"))?);
                 continue;
             }
+            Some(("status", set)) => {
+                let parsed = StatusSet::parse(set).map_err(|m| anyhow!("-e {e}: {m}"))?;
+                out.status = Some((set.to_string(), parsed));
+                continue;
+            }
             Some((q @ ("inject" | "fault"), spec)) => {
                 let t = Tamper::parse(spec, q == "fault").map_err(anyhow::Error::msg)?;
                 out.tamper.push(t);
                 continue;
             }
             Some((q, _)) => bail!(
-                "unsupported -e qualifier `{q}` (trace=, signal=, inject= and fault= are supported)"
+                "unsupported -e qualifier `{q}` (trace=, signal=, status=, inject= and fault= are supported)"
             ),
             None => e.as_str(),
         };
         out.only = Some(CallSet::parse(set).map_err(|m| anyhow!("-e {e}: {m}"))?);
     }
     Ok(out)
+}
+
+/// The call endings shown: `-z` and `-Z` win over `-e status=`, as in
+/// strace (each replaces the set).
+pub fn status_option(expr: Option<StatusSet>, successful: bool, failed: bool) -> Option<StatusSet> {
+    if successful {
+        Some(StatusSet::only(CallStatus::Successful))
+    } else if failed {
+        Some(StatusSet::only(CallStatus::Failed))
+    } else {
+        expr
+    }
 }
 
 /// Refuses tampering with a call the guest kernel does not have.
@@ -249,8 +276,14 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
     let Exprs {
         only,
         signals,
+        status,
         tamper,
     } = parse_exprs(&args.expr)?;
+    let status = status_option(
+        status.map(|(_, set)| set),
+        args.successful_only,
+        args.failed_only,
+    );
     // Written by a thread of its own: a slow reader must not stall the guest.
     let (queued, writer) = crate::output::queued(open_output(args.output.as_deref())?)
         .context("starting the trace writer")?;
@@ -278,6 +311,7 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
             string_limit: Some(args.string_limit),
             only,
             signals,
+            status,
             json: args.json,
             timing: args.timing,
             decode_fds: args.decode_fds,

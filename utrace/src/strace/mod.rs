@@ -39,6 +39,9 @@ pub struct StraceOptions {
     pub only: Option<select::CallFilter>,
     /// `-e signal=`: only these signals' `--- SIG... ---` lines (None: all).
     pub signals: Option<select::SignalSet>,
+    /// `-e status=` (`-z`, `-Z`): only calls that ended so (None: all).
+    /// A call's line is then printed whole when it ends, as strace does.
+    pub status: Option<select::StatusSet>,
     /// `--json`: one JSON object per line.
     pub json: bool,
     /// `-T`: time spent in each call.
@@ -204,6 +207,17 @@ impl Strace {
         self.opts.only.as_ref().is_none_or(|s| s.contains(name))
     }
 
+    /// Whether a call that ended with `ret` (None: never returned) is
+    /// shown under `-e status=`.
+    fn status_shown(&self, ret: Option<i64>) -> bool {
+        let status = match ret {
+            None => select::CallStatus::Unfinished,
+            Some(r) if errno_of(r).is_some() => select::CallStatus::Failed,
+            Some(_) => select::CallStatus::Successful,
+        };
+        self.opts.status.as_ref().is_none_or(|s| s.contains(status))
+    }
+
     /// Writes one record of `thread` (a call's with its `args`): as JSON,
     /// or rendered as text; then hands it to the observer.
     fn emit(&self, thread: &ThreadContext, record: Record, args: Option<Vec<String>>) {
@@ -234,9 +248,10 @@ impl Strace {
         line.strip_prefix(prefix).map(str::to_string)
     }
 
-    /// Whether entry records are produced.
+    /// Whether entry records are produced (not under `-e status=`, which
+    /// decides at a call's end whether its line is shown at all).
     fn entries(&self) -> bool {
-        !self.opts.json || self.opts.entries
+        self.opts.status.is_none() && (!self.opts.json || self.opts.entries)
     }
 
     /// At a call's entry: counts the invocation if `-e inject=` names the
@@ -340,7 +355,7 @@ impl EngineOps for Strace {
             }
             // Attached in the middle of a call: its entry was not seen.
             _ => {
-                if self.shown(&name) {
+                if self.shown(&name) && self.status_shown(Some(ret)) {
                     let line = format!("<... {name} resumed>) = {}", self.fmt.ret(&name, ret));
                     let end = CallEnd {
                         pid: tid,
@@ -365,7 +380,7 @@ impl EngineOps for Strace {
             prefix,
             injected,
         } = f;
-        if !self.shown(&p.name) {
+        if !self.shown(&p.name) || !self.status_shown(Some(ret)) {
             return ResumeAction::Resume;
         }
         let args = self.fmt.finish_args(&p, ret, thread);
@@ -501,7 +516,7 @@ impl EngineOps for Strace {
             call: p, prefix, ..
         }) = pending
         {
-            if self.shown(&p.name) {
+            if self.shown(&p.name) && self.status_shown(None) {
                 let args = self.fmt.unreturned_args(&p);
                 let line = self.fmt.unreturned_line(&p.name, &args);
                 let rest = self.rest_after(&line, &prefix);

@@ -1,4 +1,4 @@
-//! strace's set syntax for `-e trace=` and `-e signal=`.
+//! strace's set syntax for `-e trace=`, `-e signal=` and `-e status=`.
 //!
 //! A system-call set is comma-separated tokens: a call's name, its number,
 //! a class (`%file`, [`super::classes`]), `/REGEX` (every call whose name
@@ -192,6 +192,84 @@ impl Token {
     }
 }
 
+/// How a call ended, for `-e status=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CallStatus {
+    /// It returned without an error.
+    Successful,
+    /// It returned an error.
+    Failed,
+    /// It never returned (`exit_group`, or its thread died in it): `= ?`.
+    Unfinished,
+    /// Its result could not be read. (Never, here: the return value is in
+    /// a register the trap reads. Accepted for strace's sake.)
+    Unavailable,
+    /// The tracer detached during it. (hvtrace prints nothing for such a
+    /// call. Accepted for strace's sake.)
+    Detached,
+}
+
+/// Which call endings to show (`-e status=`, `-z`, `-Z`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusSet {
+    statuses: HashSet<CallStatus>,
+    inverted: bool,
+}
+
+impl StatusSet {
+    /// Parses a set (the part after `status=`): `successful`, `failed`,
+    /// `unfinished`, `unavailable`, `detached`, `all`, `none`, `!`.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let mut inverted = false;
+        let mut rest = spec;
+        while let Some(r) = rest.strip_prefix('!') {
+            inverted = !inverted;
+            rest = r;
+        }
+        let mut set = Self {
+            statuses: HashSet::new(),
+            inverted,
+        };
+        match rest {
+            "none" => return Ok(set),
+            "all" => {
+                set.inverted = !set.inverted;
+                return Ok(set);
+            }
+            _ => {}
+        }
+        for token in rest.split(',').filter(|t| !t.is_empty()) {
+            set.statuses.insert(match token {
+                "successful" => CallStatus::Successful,
+                "failed" => CallStatus::Failed,
+                "unfinished" => CallStatus::Unfinished,
+                "unavailable" => CallStatus::Unavailable,
+                "detached" => CallStatus::Detached,
+                _ => return Err(format!(
+                    "invalid status '{token}' (successful, failed, unfinished, unavailable, detached, all, none)"
+                )),
+            });
+        }
+        if set.statuses.is_empty() {
+            return Err(format!("invalid status '{spec}'"));
+        }
+        Ok(set)
+    }
+
+    /// Exactly one status (`-z`: successful, `-Z`: failed).
+    pub fn only(status: CallStatus) -> Self {
+        Self {
+            statuses: HashSet::from([status]),
+            inverted: false,
+        }
+    }
+
+    /// Whether calls that ended so are shown.
+    pub fn contains(&self, status: CallStatus) -> bool {
+        self.statuses.contains(&status) != self.inverted
+    }
+}
+
 /// A set of signals (`-e signal=`): which `--- SIG... ---` lines to show.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignalSet {
@@ -336,6 +414,24 @@ mod tests {
         }
         let many = vec!["read"; MAX_TOKENS + 1].join(",");
         assert!(CallSet::parse(&many).is_err());
+    }
+
+    #[test]
+    fn status_sets() {
+        let s = StatusSet::parse("failed,unfinished").unwrap();
+        assert!(s.contains(CallStatus::Failed) && s.contains(CallStatus::Unfinished));
+        assert!(!s.contains(CallStatus::Successful));
+        let n = StatusSet::parse("!successful").unwrap();
+        assert!(!n.contains(CallStatus::Successful) && n.contains(CallStatus::Failed));
+        assert!(StatusSet::parse("all")
+            .unwrap()
+            .contains(CallStatus::Detached));
+        assert!(!StatusSet::parse("none")
+            .unwrap()
+            .contains(CallStatus::Failed));
+        for bad in ["", "ok", "failed,bogus", "!"] {
+            assert!(StatusSet::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
