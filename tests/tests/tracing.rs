@@ -370,6 +370,60 @@ fn descriptors_are_named_as_the_guests_strace_y_names_them() {
     assert_eq!(hv, st, "{what}");
 }
 
+/// `-ff -o PREFIX` writes each process's trace to `PREFIX.PID`, as the
+/// guest's `strace -ff -o` does: as many files, each one process's calls
+/// without `[pid N]` prefixes, the same calls in them.
+#[test]
+fn ff_writes_each_process_to_its_own_file_as_the_guests_strace_does() {
+    require_kvm();
+    let script = "cat /etc/hostname; ls / >/dev/null";
+    let dir = temp_path("ff");
+    std::fs::create_dir_all(&dir).unwrap();
+    let prefix = dir.join("trace");
+    let p = prefix.to_str().unwrap();
+    let out = hvtrace(&["trace", "-ff", "-o", p, "--", "/bin/sh", "-c", script]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut ours = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let tid = name.strip_prefix("trace.").unwrap_or_default();
+        assert!(tid.parse::<u32>().is_ok(), "an unexpected file {name}");
+        let log = std::fs::read_to_string(&path).unwrap();
+        assert!(!log.contains("[pid "), "{name}:\n{log}");
+        ours.push((calls(&log), log));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let guest = format!(
+        "strace -ff -o /tmp/st /bin/sh -c '{script}' >/dev/null && \
+         for f in /tmp/st.*; do echo \"== $f\"; cat \"$f\"; done"
+    );
+    let out = hvtrace(&["run", "--", "/bin/sh", "-c", &guest]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut theirs = Vec::new();
+    for file in stdout(&out).split("== /tmp/st.").skip(1) {
+        let log = file.split_once('\n').map_or("", |(_, rest)| rest);
+        theirs.push((calls(log), log.to_string()));
+    }
+    ours.sort();
+    theirs.sort();
+    let show = |v: &[(Vec<Vec<hvtrace_tests::strace_log::Call>>, String)]| {
+        v.iter()
+            .map(|(_, log)| log.as_str())
+            .collect::<Vec<_>>()
+            .join("\n======\n")
+    };
+    assert_eq!(theirs.len(), 3, "sh, cat and ls: {}", show(&theirs));
+    assert_eq!(
+        ours.iter().map(|(c, _)| c).collect::<Vec<_>>(),
+        theirs.iter().map(|(c, _)| c).collect::<Vec<_>>(),
+        "--- hvtrace's files ---\n{}\n--- strace's ---\n{}",
+        show(&ours),
+        show(&theirs)
+    );
+}
+
 #[test]
 fn the_trace_names_the_exec_and_a_failing_open_as_strace_would() {
     require_kvm();

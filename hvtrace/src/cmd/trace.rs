@@ -32,9 +32,10 @@ pub struct TraceArgs {
     /// Restore this snapshot instead of booting.
     #[arg(long, conflicts_with_all = ["no_cache"])]
     pub restore: Option<PathBuf>,
-    /// Follow children and threads (`strace -f`).
-    #[arg(short = 'f', long = "follow")]
-    pub follow: bool,
+    /// Follow children and threads (`strace -f`); given twice (`-ff`)
+    /// with `-o PREFIX`, each thread's trace goes to `PREFIX.TID`.
+    #[arg(short = 'f', long = "follow", action = clap::ArgAction::Count)]
+    pub follow: u8,
     /// Which calls to show, as strace's `-e trace=`: names, numbers,
     /// `%file`/`%process`/`%network`/`%signal`/`%desc`/`%memory`/..., `/REGEX`,
     /// `?` before an item that may match nothing, `!` in front to invert
@@ -244,6 +245,18 @@ fn check_tampered_calls(
     Ok(())
 }
 
+/// `-ff -o PREFIX`: each thread's trace in `PREFIX.TID`, as strace names
+/// them (created afresh; a file that cannot be created is reported, and
+/// that thread's lines are dropped, the others go on).
+fn thread_files(prefix: PathBuf) -> utrace::strace::ThreadOutputs {
+    Box::new(move |tid| {
+        let mut name = prefix.clone().into_os_string();
+        name.push(format!(".{tid}"));
+        let file = std::fs::File::create(&name)?;
+        Ok(Box::new(file) as Box<dyn Write + Send>)
+    })
+}
+
 /// Where the trace goes.
 pub fn open_output(path: Option<&std::path::Path>) -> Result<Box<dyn Write + Send>> {
     Ok(match path {
@@ -285,8 +298,12 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
         args.failed_only,
     );
     // Written by a thread of its own: a slow reader must not stall the guest.
-    let (queued, writer) = crate::output::queued(open_output(args.output.as_deref())?)
-        .context("starting the trace writer")?;
+    // With -ff, -o names the threads' files; what is not one thread's
+    // (the steps engine's lines, -C's table) goes to stderr.
+    let split = args.follow >= 2 && args.output.is_some() && !args.count;
+    let shared = if split { None } else { args.output.as_deref() };
+    let (queued, writer) =
+        crate::output::queued(open_output(shared)?).context("starting the trace writer")?;
     let out = utrace::steps::SharedOut::new(Box::new(queued));
     let summary = (args.count || args.summary_too)
         .then(|| Arc::new(utrace::strace::summary::Summary::default()));
@@ -322,6 +339,9 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
         tracer.syscalls(),
         engine_out,
     );
+    if let (true, Some(prefix)) = (split, &args.output) {
+        engine = engine.with_thread_outputs(thread_files(prefix.clone()));
+    }
     if let Some(sink) = &sink {
         engine = engine.with_observer(sink.observer());
     }
@@ -332,7 +352,7 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
     let mut specs = vec![EngineSpec {
         ops: engine,
         events: STRACE_EVENTS,
-        follow: args.follow,
+        follow: args.follow > 0,
         data: None,
     }];
     let steps = args.steps.engine(out.clone(), &image_files(&args.guest));
@@ -345,7 +365,7 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
         specs.push(EngineSpec {
             ops: steps.clone(),
             events: utrace::steps::STEPS_EVENTS,
-            follow: args.follow,
+            follow: args.follow > 0,
             data: None,
         });
     }

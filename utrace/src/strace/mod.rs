@@ -103,6 +103,22 @@ struct Output {
     text: Option<text::TextRenderer>,
 }
 
+/// Opens the output of one thread's records (`-ff -o PREFIX`: the file
+/// `PREFIX.TID`).
+pub type ThreadOutputs = Box<dyn Fn(Tid) -> std::io::Result<Box<dyn Write + Send>> + Send + Sync>;
+
+/// All records to one output, or each thread's to its own.
+enum Outputs {
+    One(Output),
+    PerThread {
+        open: ThreadOutputs,
+        /// The outputs of live threads (closed at their thread's end).
+        files: HashMap<Tid, Output>,
+        /// Threads whose output could not be opened (said once each).
+        failed: std::collections::HashSet<Tid>,
+    },
+}
+
 /// One record as the engine emits it, with what a consumer outside the
 /// engine needs besides it (see [`Strace::with_observer`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -163,7 +179,7 @@ pub struct Strace {
     opts: StraceOptions,
     fmt: Formatter,
     syscalls: Arc<SyscallTable>,
-    out: Mutex<Output>,
+    out: Mutex<Outputs>,
     state: Mutex<State>,
     observers: Vec<Arc<dyn RecordObserver>>,
 }
@@ -184,10 +200,22 @@ impl Strace {
             opts,
             fmt,
             syscalls,
-            out: Mutex::new(Output { out, text }),
+            out: Mutex::new(Outputs::One(Output { out, text })),
             state: Mutex::new(State::default()),
             observers: Vec::new(),
         }
+    }
+
+    /// The same engine writing each thread's records to an output of its
+    /// own, opened by `open` at the thread's first record and closed at
+    /// its end (`strace -ff -o PREFIX`); no `[pid N]` prefixes then.
+    pub fn with_thread_outputs(mut self, open: ThreadOutputs) -> Self {
+        self.out = Mutex::new(Outputs::PerThread {
+            open,
+            files: HashMap::new(),
+            failed: Default::default(),
+        });
+        self
     }
 
     /// The same engine, also handing every record to `observer` (after
@@ -227,13 +255,36 @@ impl Strace {
             args,
         };
         let mut o = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        let Output { out, text } = &mut *o;
-        let r = match text {
-            Some(renderer) => write!(out, "{}", renderer.render(&emitted.record)),
-            None => writeln!(out, "{}", emitted.to_json()),
-        };
-        // A closed output (the reader went away) must not disturb the guest.
-        let _ = r.and_then(|_| out.flush());
+        match &mut *o {
+            Outputs::One(output) => write_record(output, &emitted),
+            Outputs::PerThread {
+                open,
+                files,
+                failed,
+            } => {
+                let pid = emitted.record.pid();
+                if !files.contains_key(&pid) && !failed.contains(&pid) {
+                    match open(pid) {
+                        Ok(out) => {
+                            let text =
+                                (!self.opts.json).then(|| text::TextRenderer::new(self.opts.stamp));
+                            files.insert(pid, Output { out, text });
+                        }
+                        Err(e) => {
+                            log::error!("strace: cannot open the output of thread {pid}: {e}");
+                            failed.insert(pid);
+                        }
+                    }
+                }
+                if let Some(output) = files.get_mut(&pid) {
+                    write_record(output, &emitted);
+                }
+                if emitted.record.ends_thread() {
+                    files.remove(&pid);
+                    failed.remove(&pid);
+                }
+            }
+        }
         for observer in &self.observers {
             observer.observe(emitted.clone());
         }
@@ -296,6 +347,17 @@ impl Strace {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Writes one record to `output`: rendered as text, or as JSON.
+fn write_record(output: &mut Output, emitted: &Emitted) {
+    let Output { out, text } = output;
+    let r = match text {
+        Some(renderer) => write!(out, "{}", renderer.render(&emitted.record)),
+        None => writeln!(out, "{}", emitted.to_json()),
+    };
+    // A closed output (the reader went away) must not disturb the guest.
+    let _ = r.and_then(|_| out.flush());
 }
 
 impl EngineOps for Strace {
