@@ -268,7 +268,7 @@ fn calls_equal_guest_strace_on(kernel: &str) {
 }
 
 /// `-e trace=` sets in strace's syntax (classes, negation, regular
-/// expressions, numbers, `?`), `-e signal=`, `-e status=` and `-Z` choose
+/// expressions, numbers, `?`), `-e signal=`, `-e status=`, `-Z` and `-qq` choose
 /// the same lines as the guest's own strace given the same options, on a
 /// shell that opens, reads, maps, forks and execs (and fails to open), and
 /// on a program that takes signals.
@@ -284,6 +284,7 @@ fn trace_signal_and_status_sets_choose_what_the_guests_strace_chooses() {
         (&["-e", "signal=!SIGUSR1"], &["hv-signals"]),
         (&["-e", "status=unfinished,failed"], &failing),
         (&["-Z", "-e", "trace=%file"], &failing),
+        (&["-qq"], &shell),
     ] {
         let expr = options.join(" ");
         let (hv_out, hv_log) = traced_with("minimal", options, program);

@@ -818,6 +818,8 @@ impl Handler {
                 status,
                 json: true,
                 timing: false,
+                // The client renders text (and drops exit lines for -qq).
+                quiet_exits: false,
                 decode_fds,
                 entries,
                 tamper: Vec::new(),

@@ -38,6 +38,9 @@ pub struct AttachArgs {
     /// Show each file descriptor with the path of its file (`strace -y`).
     #[arg(short = 'y')]
     pub decode_fds: bool,
+    /// Quieter, as strace's `-q`; `-qq`: no `+++ exited with N +++` lines.
+    #[arg(short = 'q', action = clap::ArgAction::Count)]
+    pub quiet: u8,
     /// Only calls that returned without an error (`strace -z`).
     #[arg(short = 'z', conflicts_with = "failed_only")]
     pub successful_only: bool,
@@ -138,7 +141,8 @@ pub fn attach(args: AttachArgs) -> Result<i32> {
     let mut printer = Printer {
         pid: args.pid,
         out,
-        text: (!args.json).then(|| TextRenderer::new(args.stamps.stamp())),
+        text: (!args.json)
+            .then(|| TextRenderer::new(args.stamps.stamp()).with_quiet_exits(args.quiet >= 2)),
         sink: args.sink.start()?,
     };
     let result = follow(&args, only, signals, status, &mut printer);

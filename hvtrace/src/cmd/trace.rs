@@ -52,6 +52,10 @@ pub struct TraceArgs {
     /// Show the time spent in each call (`strace -T`).
     #[arg(short = 'T')]
     pub timing: bool,
+    /// Quieter, as strace's `-q`: hvtrace prints no attach or detach notes
+    /// anyway; given twice (`-qq`), no `+++ exited with N +++` lines.
+    #[arg(short = 'q', action = clap::ArgAction::Count)]
+    pub quiet: u8,
     /// Only calls that returned without an error (`strace -z`, the same
     /// as `-e status=successful`).
     #[arg(short = 'z', conflicts_with = "failed_only")]
@@ -332,6 +336,7 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
             json: args.json,
             timing: args.timing,
             decode_fds: args.decode_fds,
+            quiet_exits: args.quiet >= 2,
             entries: false,
             tamper,
             stamp: args.stamps.stamp(),

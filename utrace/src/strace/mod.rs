@@ -46,6 +46,8 @@ pub struct StraceOptions {
     pub json: bool,
     /// `-T`: time spent in each call.
     pub timing: bool,
+    /// `-qq`: no `+++ exited with N +++` lines in text.
+    pub quiet_exits: bool,
     /// `-y`: file descriptors shown with their files' paths, read from
     /// the guest kernel's file table of the thread.
     pub decode_fds: bool,
@@ -195,7 +197,8 @@ impl Strace {
             string_limit: opts.string_limit.unwrap_or(32),
             decode_fds: opts.decode_fds,
         };
-        let text = (!opts.json).then(|| text::TextRenderer::new(opts.stamp));
+        let text = (!opts.json)
+            .then(|| text::TextRenderer::new(opts.stamp).with_quiet_exits(opts.quiet_exits));
         Self {
             opts,
             fmt,
@@ -266,8 +269,10 @@ impl Strace {
                 if !files.contains_key(&pid) && !failed.contains(&pid) {
                     match open(pid) {
                         Ok(out) => {
-                            let text =
-                                (!self.opts.json).then(|| text::TextRenderer::new(self.opts.stamp));
+                            let text = (!self.opts.json).then(|| {
+                                text::TextRenderer::new(self.opts.stamp)
+                                    .with_quiet_exits(self.opts.quiet_exits)
+                            });
                             files.insert(pid, Output { out, text });
                         }
                         Err(e) => {

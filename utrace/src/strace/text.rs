@@ -44,6 +44,8 @@ pub struct TextRenderer {
     open: Option<(Tid, String)>,
     /// Calls left `<unfinished ...>`, by thread.
     unfinished: HashMap<Tid, String>,
+    /// `-qq`: no `+++ exited with N +++` lines.
+    quiet_exits: bool,
 }
 
 impl TextRenderer {
@@ -62,9 +64,21 @@ impl TextRenderer {
         self.render_at(r, SystemTime::now())
     }
 
+    /// The same renderer without `+++ exited with N +++` lines (strace's
+    /// `-qq`; `+++ killed by ... +++` stays, as there).
+    pub fn with_quiet_exits(mut self, quiet: bool) -> Self {
+        self.quiet_exits = quiet;
+        self
+    }
+
     /// [`TextRenderer::render`] as of time `now`.
     pub fn render_at(&mut self, r: &Record, now: SystemTime) -> String {
         let pid = r.pid();
+        if self.quiet_exits && matches!(r, Record::Exited { .. }) {
+            self.live.remove(&pid);
+            self.unfinished.remove(&pid);
+            return String::new();
+        }
         self.live.insert(pid);
         // Whether `r` is the end of the call whose entry ends the output.
         let this_open = matches!(r, Record::Call(c)
@@ -196,6 +210,36 @@ mod tests {
             rest: rest.map(str::to_string),
             injected: false,
         })
+    }
+
+    #[test]
+    fn qq_drops_exit_lines_and_keeps_the_prefixes_right() {
+        let sig = |pid| Record::Signal {
+            pid,
+            signal: "SIGCHLD".into(),
+            line: "--- SIGCHLD ---".into(),
+            si_code: None,
+            si_pid: None,
+            handler: None,
+        };
+        let mut r = TextRenderer::new(None).with_quiet_exits(true);
+        let text: String = [sig(5), sig(6), Record::Exited { pid: 6, code: 0 }, sig(5)]
+            .iter()
+            .map(|rec| r.render_at(rec, UNIX_EPOCH))
+            .collect();
+        assert_eq!(
+            text, "--- SIGCHLD ---\n[pid     6] --- SIGCHLD ---\n--- SIGCHLD ---\n",
+            "no exit line, and one thread left: no prefix"
+        );
+        let killed = Record::Killed {
+            pid: 5,
+            signal: "SIGKILL".into(),
+            core: false,
+        };
+        assert_eq!(
+            r.render_at(&killed, UNIX_EPOCH),
+            "+++ killed by SIGKILL +++\n"
+        );
     }
 
     #[test]
