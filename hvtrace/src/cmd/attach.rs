@@ -38,7 +38,8 @@ pub struct AttachArgs {
     /// Show each file descriptor with the path of its file (`strace -y`).
     #[arg(short = 'y')]
     pub decode_fds: bool,
-    /// Quieter, as strace's `-q`; `-qq`: no `+++ exited with N +++` lines.
+    /// Quieter, as strace's `-q`: no "attached to process" note;
+    /// `-qq`: no `+++ exited with N +++` lines either.
     #[arg(short = 'q', action = clap::ArgAction::Count)]
     pub quiet: u8,
     /// Only calls that returned without an error (`strace -z`).
@@ -214,11 +215,13 @@ fn follow(
                 .as_array()
                 .map(|a| a.iter().map(|t| t.to_string()).collect())
                 .unwrap_or_default();
-            eprintln!(
-                "hvtrace: attached to process {} (threads {})",
-                args.pid,
-                tids.join(" ")
-            );
+            if args.quiet == 0 {
+                eprintln!(
+                    "hvtrace: attached to process {} (threads {})",
+                    args.pid,
+                    tids.join(" ")
+                );
+            }
         }
     }
     if attached {

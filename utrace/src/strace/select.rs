@@ -182,7 +182,9 @@ impl Token {
         } else if !body.is_empty() && body.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             What::Name(body.to_string())
         } else {
-            return Err(format!("invalid system call '{text}'"));
+            return Err(format!(
+                "invalid system call '{text}': not a system call name, number, %class or /regex"
+            ));
         };
         Ok(Self {
             optional,
