@@ -32,22 +32,12 @@ pub struct AttachArgs {
     /// Which calls to show, as strace's `-e trace=`: names, numbers,
     /// `%file`/`%process`/`%network`/..., `/REGEX`, `?` before an item that
     /// may match nothing, `!` in front to invert (or just `openat,read`);
-    /// `signal=SET` chooses the signals shown (`!SIGCHLD`, `none`).
+    /// `signal=SET` chooses the signals shown (`!SIGCHLD`, `none`),
+    /// `status=SET` the call endings (`failed`, `!successful`).
     #[arg(short = 'e', value_name = "EXPR")]
     pub expr: Vec<String>,
-    /// Show each file descriptor with the path of its file (`strace -y`).
-    #[arg(short = 'y')]
-    pub decode_fds: bool,
-    /// Quieter, as strace's `-q`: no "attached to process" note;
-    /// `-qq`: no `+++ exited with N +++` lines either.
-    #[arg(short = 'q', action = clap::ArgAction::Count)]
-    pub quiet: u8,
-    /// Only calls that returned without an error (`strace -z`).
-    #[arg(short = 'z', conflicts_with = "failed_only")]
-    pub successful_only: bool,
-    /// Only calls that returned an error (`strace -Z`).
-    #[arg(short = 'Z')]
-    pub failed_only: bool,
+    #[command(flatten)]
+    pub lines: super::LineArgs,
     /// Longest string shown (`strace -s`), at most 1048576.
     #[arg(short = 's', default_value_t = 32, value_parser = parse_string_limit)]
     pub string_limit: usize,
@@ -125,14 +115,7 @@ pub fn attach(args: AttachArgs) -> Result<i32> {
     }
     let only = exprs.only.map(|s| s.spec().to_string());
     let signals = exprs.signals.map(|s| s.spec().to_string());
-    // -z/-Z win over -e status=, as in `hvtrace trace`.
-    let status = if args.successful_only {
-        Some("successful".to_string())
-    } else if args.failed_only {
-        Some("failed".to_string())
-    } else {
-        exprs.status.map(|(spec, _)| spec)
-    };
+    let status = args.lines.status_spec(exprs.status);
     let out = open_output(args.output.as_deref())?;
     if args.steps.summary || args.steps.quiet_steps {
         bail!(
@@ -142,8 +125,9 @@ pub fn attach(args: AttachArgs) -> Result<i32> {
     let mut printer = Printer {
         pid: args.pid,
         out,
-        text: (!args.json)
-            .then(|| TextRenderer::new(args.stamps.stamp()).with_quiet_exits(args.quiet >= 2)),
+        text: (!args.json).then(|| {
+            TextRenderer::new(args.stamps.stamp()).with_quiet_exits(args.lines.quiet >= 2)
+        }),
         sink: args.sink.start()?,
     };
     let result = follow(&args, only, signals, status, &mut printer);
@@ -176,7 +160,7 @@ fn follow(
             follow: args.follow,
             trace: only.map(|s| vec![s]),
             signal: signals,
-            decode_fds: args.decode_fds,
+            decode_fds: args.lines.decode_fds,
             status,
             string_limit: Some(args.string_limit),
             entries: !args.json,
@@ -215,7 +199,7 @@ fn follow(
                 .as_array()
                 .map(|a| a.iter().map(|t| t.to_string()).collect())
                 .unwrap_or_default();
-            if args.quiet == 0 {
+            if args.lines.quiet == 0 {
                 eprintln!(
                     "hvtrace: attached to process {} (threads {})",
                     args.pid,

@@ -25,6 +25,42 @@ pub struct StampArgs {
     pub relative: bool,
 }
 
+/// strace's options that choose and annotate lines (`trace` and
+/// `attach`): `-y`, `-z`, `-Z`, `-q`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct LineArgs {
+    /// Show each file descriptor with the path of its file
+    /// (`3</etc/hostname>`, `1<pipe:[1234]>`), read from the guest
+    /// kernel's file table of the thread (`strace -y`).
+    #[arg(short = 'y')]
+    pub decode_fds: bool,
+    /// Only calls that returned without an error (`strace -z`, the same
+    /// as `-e status=successful`).
+    #[arg(short = 'z', conflicts_with = "failed_only")]
+    pub successful_only: bool,
+    /// Only calls that returned an error (`strace -Z`, `-e status=failed`).
+    #[arg(short = 'Z')]
+    pub failed_only: bool,
+    /// Quieter, as strace's `-q`: no "attached to process" note (`attach`);
+    /// given twice (`-qq`), no `+++ exited with N +++` lines either.
+    #[arg(short = 'q', action = clap::ArgAction::Count)]
+    pub quiet: u8,
+}
+
+impl LineArgs {
+    /// The `-e status=` set in force, as written: `-z` and `-Z` win over
+    /// the expression's `status` (each replaces the set, as in strace).
+    pub fn status_spec(&self, status: Option<String>) -> Option<String> {
+        if self.successful_only {
+            Some("successful".into())
+        } else if self.failed_only {
+            Some("failed".into())
+        } else {
+            status
+        }
+    }
+}
+
 impl StampArgs {
     /// The renderer's stamp these options ask for, with the host's local
     /// time offset.

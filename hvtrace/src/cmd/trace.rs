@@ -12,7 +12,7 @@ use clap::Args;
 use super::parse_string_limit;
 use guest_introspect::image::KernelInfo;
 use utrace::hv::{EngineSpec, Tracer};
-use utrace::strace::select::{CallSet, CallStatus, SignalSet, StatusSet};
+use utrace::strace::select::{CallSet, SignalSet, StatusSet};
 use utrace::strace::tamper::Tamper;
 use utrace::strace::{Strace, StraceOptions, STRACE_EVENTS};
 use vmm::session::Session;
@@ -40,7 +40,8 @@ pub struct TraceArgs {
     /// `%file`/`%process`/`%network`/`%signal`/`%desc`/`%memory`/..., `/REGEX`,
     /// `?` before an item that may match nothing, `!` in front to invert
     /// (or just `openat,read`); `signal=SET` the signals shown (`!SIGCHLD`,
-    /// `none`); `inject=SET:error=ERRNO|retval=N[:signal=SIG][:when=EXPR]` and
+    /// `none`); `status=SET` the call endings shown (`failed`, `!successful`,
+    /// `unfinished`); `inject=SET:error=ERRNO|retval=N[:signal=SIG][:when=EXPR]` and
     /// `fault=SET[:error=ERRNO][:when=EXPR]` make the chosen invocations
     /// fail or return N without running, and/or send the thread SIG at
     /// their entry, as strace's do (`when=` is `first[..last][+[step]]`).
@@ -52,22 +53,8 @@ pub struct TraceArgs {
     /// Show the time spent in each call (`strace -T`).
     #[arg(short = 'T')]
     pub timing: bool,
-    /// Quieter, as strace's `-q`: hvtrace prints no attach or detach notes
-    /// anyway; given twice (`-qq`), no `+++ exited with N +++` lines.
-    #[arg(short = 'q', action = clap::ArgAction::Count)]
-    pub quiet: u8,
-    /// Only calls that returned without an error (`strace -z`, the same
-    /// as `-e status=successful`).
-    #[arg(short = 'z', conflicts_with = "failed_only")]
-    pub successful_only: bool,
-    /// Only calls that returned an error (`strace -Z`, `-e status=failed`).
-    #[arg(short = 'Z')]
-    pub failed_only: bool,
-    /// Show each file descriptor with the path of its file
-    /// (`3</etc/hostname>`, `1<pipe:[1234]>`), read from the guest
-    /// kernel's file table of the thread (`strace -y`).
-    #[arg(short = 'y')]
-    pub decode_fds: bool,
+    #[command(flatten)]
+    pub lines: super::LineArgs,
     /// Count calls, errors and time per system call and print strace's
     /// table at the end instead of the trace (`strace -c`; the time is
     /// wall-clock, as strace's `-w`).
@@ -181,9 +168,8 @@ pub struct Exprs {
     pub only: Option<CallSet>,
     /// `signal=`: the signals shown (None: all).
     pub signals: Option<SignalSet>,
-    /// `status=` (the spec as written, for the control socket, and the
-    /// set): the call endings shown (None: all).
-    pub status: Option<(String, StatusSet)>,
+    /// `status=`: the call endings shown, as written (checked; None: all).
+    pub status: Option<String>,
     /// `inject=` and `fault=`: calls to tamper with.
     pub tamper: Vec<Tamper>,
 }
@@ -203,8 +189,8 @@ pub fn parse_exprs(exprs: &[String]) -> Result<Exprs> {
                 continue;
             }
             Some(("status", set)) => {
-                let parsed = StatusSet::parse(set).map_err(|m| anyhow!("-e {e}: {m}"))?;
-                out.status = Some((set.to_string(), parsed));
+                StatusSet::parse(set).map_err(|m| anyhow!("-e {e}: {m}"))?;
+                out.status = Some(set.to_string());
                 continue;
             }
             Some((q @ ("inject" | "fault"), spec)) => {
@@ -220,18 +206,6 @@ pub fn parse_exprs(exprs: &[String]) -> Result<Exprs> {
         out.only = Some(CallSet::parse(set).map_err(|m| anyhow!("-e {e}: {m}"))?);
     }
     Ok(out)
-}
-
-/// The call endings shown: `-z` and `-Z` win over `-e status=`, as in
-/// strace (each replaces the set).
-pub fn status_option(expr: Option<StatusSet>, successful: bool, failed: bool) -> Option<StatusSet> {
-    if successful {
-        Some(StatusSet::only(CallStatus::Successful))
-    } else if failed {
-        Some(StatusSet::only(CallStatus::Failed))
-    } else {
-        expr
-    }
 }
 
 /// Refuses tampering with a call the guest kernel does not have.
@@ -296,11 +270,12 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
         status,
         tamper,
     } = parse_exprs(&args.expr)?;
-    let status = status_option(
-        status.map(|(_, set)| set),
-        args.successful_only,
-        args.failed_only,
-    );
+    let status = args
+        .lines
+        .status_spec(status)
+        .map(|spec| StatusSet::parse(&spec))
+        .transpose()
+        .map_err(|m| anyhow!("-e status: {m}"))?;
     // Written by a thread of its own: a slow reader must not stall the guest.
     // With -ff, -o names the threads' files; what is not one thread's
     // (the steps engine's lines, -C's table) goes to stderr.
@@ -335,8 +310,8 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
             status,
             json: args.json,
             timing: args.timing,
-            decode_fds: args.decode_fds,
-            quiet_exits: args.quiet >= 2,
+            decode_fds: args.lines.decode_fds,
+            quiet_exits: args.lines.quiet >= 2,
             entries: false,
             tamper,
             stamp: args.stamps.stamp(),

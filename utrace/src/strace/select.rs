@@ -25,6 +25,19 @@ use crate::syscalls::SyscallTable;
 /// hostile control request from costing much).
 const MAX_TOKENS: usize = 1024;
 
+/// The part of a set before its items: each leading `!` inverts the set,
+/// and `none` and `all` are whole sets. The inversion, and the items
+/// (None for `none` and `all`).
+fn head(spec: &str) -> (bool, Option<&str>) {
+    let rest = spec.trim_start_matches('!');
+    let inverted = (spec.len() - rest.len()) % 2 == 1;
+    match rest {
+        "none" => (inverted, None),
+        "all" => (!inverted, None),
+        _ => (inverted, Some(rest)),
+    }
+}
+
 /// A parsed system-call set, not yet checked against a kernel.
 #[derive(Debug, Clone)]
 pub struct CallSet {
@@ -77,26 +90,16 @@ impl CallFilter {
 impl CallSet {
     /// Parses a set (the part after `trace=`).
     pub fn parse(spec: &str) -> Result<Self, String> {
-        let mut inverted = false;
-        let mut rest = spec;
-        while let Some(r) = rest.strip_prefix('!') {
-            inverted = !inverted;
-            rest = r;
-        }
+        let (inverted, items) = head(spec);
         let mut set = Self {
             inverted,
             tokens: Vec::new(),
             spec: spec.to_string(),
         };
-        match rest {
-            "none" => return Ok(set),
-            "all" => {
-                set.inverted = !set.inverted;
-                return Ok(set);
-            }
-            _ => {}
-        }
-        for text in rest.split(',').filter(|t| !t.is_empty()) {
+        let Some(items) = items else {
+            return Ok(set);
+        };
+        for text in items.split(',').filter(|t| !t.is_empty()) {
             if set.tokens.len() == MAX_TOKENS {
                 return Err(format!("trace={spec}: more than {MAX_TOKENS} items"));
             }
@@ -222,25 +225,15 @@ impl StatusSet {
     /// Parses a set (the part after `status=`): `successful`, `failed`,
     /// `unfinished`, `unavailable`, `detached`, `all`, `none`, `!`.
     pub fn parse(spec: &str) -> Result<Self, String> {
-        let mut inverted = false;
-        let mut rest = spec;
-        while let Some(r) = rest.strip_prefix('!') {
-            inverted = !inverted;
-            rest = r;
-        }
+        let (inverted, items) = head(spec);
         let mut set = Self {
             statuses: HashSet::new(),
             inverted,
         };
-        match rest {
-            "none" => return Ok(set),
-            "all" => {
-                set.inverted = !set.inverted;
-                return Ok(set);
-            }
-            _ => {}
-        }
-        for token in rest.split(',').filter(|t| !t.is_empty()) {
+        let Some(items) = items else {
+            return Ok(set);
+        };
+        for token in items.split(',').filter(|t| !t.is_empty()) {
             set.statuses.insert(match token {
                 "successful" => CallStatus::Successful,
                 "failed" => CallStatus::Failed,
@@ -287,26 +280,16 @@ const MAX_SIGNAL: i32 = 64;
 impl SignalSet {
     /// Parses a set (the part after `signal=`).
     pub fn parse(spec: &str) -> Result<Self, String> {
-        let mut inverted = false;
-        let mut rest = spec;
-        while let Some(r) = rest.strip_prefix('!') {
-            inverted = !inverted;
-            rest = r;
-        }
+        let (inverted, items) = head(spec);
         let mut set = Self {
             numbers: HashSet::new(),
             inverted,
             spec: spec.to_string(),
         };
-        match rest {
-            "none" => return Ok(set),
-            "all" => {
-                set.inverted = !set.inverted;
-                return Ok(set);
-            }
-            _ => {}
-        }
-        for token in rest.split(',').filter(|t| !t.is_empty()) {
+        let Some(items) = items else {
+            return Ok(set);
+        };
+        for token in items.split(',').filter(|t| !t.is_empty()) {
             set.numbers.insert(signal_number(token).ok_or_else(|| {
                 format!(
                     "invalid signal '{token}' (a name such as SIGCHLD or CHLD, or 1..{MAX_SIGNAL})"
