@@ -27,6 +27,8 @@ const PID_RETURNS: &[&str] = &[
     "gettid",
     "getppid",
     "set_tid_address",
+    // The value of the call its signal interrupted (a wait4's child pid).
+    "rt_sigreturn",
 ];
 
 fn quoted_strings(args: &str) -> Vec<String> {

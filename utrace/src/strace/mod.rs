@@ -451,7 +451,7 @@ impl EngineOps for Strace {
             return ResumeAction::Resume;
         }
         let args = self.fmt.finish_args(&p, ret, thread);
-        let mut line = self.fmt.exit_line(&p.name, &args, ret, thread);
+        let mut line = self.fmt.exit_line(&p, &args, ret, thread);
         let spent = started.elapsed();
         if injected {
             line.push_str(" (INJECTED)");

@@ -64,6 +64,8 @@ pub struct Pending {
     pub args: [u64; 6],
     /// How each argument is shown (empty for an unknown call).
     pub kinds: Vec<Arg>,
+    /// How the return value is shown (None for an unknown call).
+    pub ret: Option<Ret>,
     /// Rendered arguments.
     pub shown: Vec<Option<String>>,
 }
@@ -86,7 +88,7 @@ impl Pending {
 impl Formatter {
     /// Renders the arguments known at entry.
     pub fn enter(&self, name: &str, args: [u64; 6], mem: &dyn UserMemory) -> Pending {
-        let kinds = kinds_for(name, &args).map(|k| k.0).unwrap_or_default();
+        let (kinds, ret) = kinds_for(name, &args).map_or((Vec::new(), None), |(k, r)| (k, Some(r)));
         let shown = if name == "clone" {
             clone_args(args)
         } else if signature(name).is_some() {
@@ -102,6 +104,7 @@ impl Formatter {
             name: name.to_string(),
             args,
             kinds,
+            ret,
             shown,
         }
     }
@@ -115,17 +118,23 @@ impl Formatter {
     /// Renders the remaining arguments and the return value: the whole
     /// line without a trailing newline.
     pub fn finish(&self, p: &Pending, ret: i64, mem: &dyn UserMemory) -> String {
-        self.exit_line(&p.name, &self.finish_args(p, ret, mem), ret, mem)
+        self.exit_line(p, &self.finish_args(p, ret, mem), ret, mem)
     }
 
-    /// [`Formatter::line`] at the call's exit, where a returned descriptor
-    /// can still be named (`-y`).
-    pub fn exit_line(&self, name: &str, args: &[String], ret: i64, mem: &dyn UserMemory) -> String {
-        let shown = match signature(name).map(|s| s.1) {
+    /// The line of call `p` with arguments `args` at its exit, where a
+    /// returned descriptor can still be named (`-y`).
+    pub fn exit_line(
+        &self,
+        p: &Pending,
+        args: &[String],
+        ret: i64,
+        mem: &dyn UserMemory,
+    ) -> String {
+        let shown = match p.ret {
             Some(Ret::Fd) if errno_of(ret).is_none() => self.fd(ret as u64, mem),
-            _ => self.ret(name, ret),
+            _ => self.ret(&p.name, ret),
         };
-        format!("{name}({}) = {shown}", args.join(", "))
+        format!("{}({}) = {shown}", p.name, args.join(", "))
     }
 
     /// Descriptor `v` (an `int`), with `-y` its file's path as strace
@@ -209,6 +218,7 @@ impl Formatter {
             },
             Arg::Int => (v as i32).to_string(),
             Arg::Fd => self.fd(v, mem),
+            Arg::FcntlCmd => fcntl_cmd(v),
             Arg::Uint => v.to_string(),
             Arg::Hex if v == 0 => "0".into(),
             Arg::Hex => format!("{v:#x}"),
@@ -547,6 +557,31 @@ pub fn quote(bytes: &[u8]) -> String {
     }
     s.push('"');
     s
+}
+
+/// An `fcntl` command by its name, as strace shows the common ones.
+fn fcntl_cmd(v: u64) -> String {
+    const NAMES: &[(u64, &str)] = &[
+        (0, "F_DUPFD"),
+        (1, "F_GETFD"),
+        (2, "F_SETFD"),
+        (3, "F_GETFL"),
+        (4, "F_SETFL"),
+        (5, "F_GETLK"),
+        (6, "F_SETLK"),
+        (7, "F_SETLKW"),
+        (8, "F_SETOWN"),
+        (9, "F_GETOWN"),
+        (1024, "F_SETLEASE"),
+        (1025, "F_GETLEASE"),
+        (1030, "F_DUPFD_CLOEXEC"),
+        (1031, "F_SETPIPE_SZ"),
+        (1032, "F_GETPIPE_SZ"),
+    ];
+    NAMES
+        .iter()
+        .find(|(n, _)| *n == v & 0xffff_ffff)
+        .map_or_else(|| format!("{v:#x}"), |(_, name)| name.to_string())
 }
 
 /// A path inside strace's `<...>`: bytes that are not printable, `<`, `>`
@@ -935,6 +970,12 @@ mod tests {
         );
         let p = y.enter("mmap", [0, 4096, 3, 0x22, u64::MAX, 0], &m);
         assert!(y.finish(&p, 0x7000, &m).contains(", -1, 0) = 0x7000"));
+        let p = y.enter("fcntl", [3, 1030, 10, 0, 0, 0], &m);
+        assert_eq!(
+            y.finish(&p, 10, &m),
+            "fcntl(3</etc/host\\x3ename\\x0a>, F_DUPFD_CLOEXEC, 10) = 10",
+            "fd 10 is not open in this table"
+        );
         // Without -y, the numbers alone.
         let f = Formatter::default();
         let p = f.enter("write", [1, 0x2000, 3, 0, 0, 0], &m);

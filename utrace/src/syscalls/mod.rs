@@ -63,6 +63,8 @@ pub enum Arg {
     PrctlOption,
     /// A thread name the call fills (`prctl(PR_GET_NAME)`): shown at exit.
     NameOut,
+    /// `fcntl` command (`F_DUPFD_CLOEXEC`, `F_GETFL`).
+    FcntlCmd,
     /// `getrandom` flags (`GRND_NONBLOCK`).
     GrndFlags,
     /// A `struct utsname` the call fills (`uname`): shown at exit as
@@ -137,7 +139,8 @@ pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
         "set_tid_address" => (&[Ptr], Ret::Int),
         "set_robust_list" => (&[Ptr, Uint], Ret::Int),
         "arch_prctl" => (&[Hex, Hex], Ret::Int),
-        "ioctl" | "fcntl" => (&[Fd, Hex, Hex], Ret::Int),
+        "ioctl" => (&[Fd, Hex, Hex], Ret::Int),
+        "fcntl" => (&[Fd, FcntlCmd, Hex], Ret::Int),
         "chroot" | "acct" | "swapoff" => (&[Str], Ret::Int),
         "sethostname" => (&[BufIn(1), Uint], Ret::Int),
         "rseq" => (&[Ptr, Uint, Hex, Hex], Ret::Int),
@@ -167,6 +170,10 @@ pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
     })
 }
 
+/// `fcntl`'s commands that return a new descriptor.
+const F_DUPFD: u64 = 0;
+const F_DUPFD_CLOEXEC: u64 = 1030;
+
 /// Whether the call's line is completed at exit with data it wrote
 /// (strace prints such calls whole at exit).
 pub fn has_out_args(args: &[Arg]) -> bool {
@@ -190,6 +197,12 @@ pub fn kinds_for(name: &str, args: &[u64; 6]) -> Option<(Vec<Arg>, Ret)> {
             16 => vec![Arg::PrctlOption, Arg::NameOut],
             _ => kinds,
         };
+    }
+    let mut ret = ret;
+    if name == "fcntl" && matches!(args[1], F_DUPFD | F_DUPFD_CLOEXEC) {
+        // A new descriptor numbered at least the third argument.
+        kinds = vec![Arg::Fd, Arg::FcntlCmd, Arg::Int];
+        ret = Ret::Fd;
     }
     if let Some(fi) = kinds.iter().position(|k| *k == Arg::OpenFlags) {
         const O_CREAT: u64 = 0o100;
