@@ -417,7 +417,8 @@ fn ff_writes_each_process_to_its_own_file_as_the_guests_strace_does() {
             .collect::<Vec<_>>()
             .join("\n======\n")
     };
-    assert_eq!(theirs.len(), 3, "sh, cat and ls: {}", show(&theirs));
+    // sh and cat (busybox's sh runs `ls` in itself, as a no-fork applet).
+    assert!(theirs.len() >= 2, "one file per process: {}", show(&theirs));
     assert_eq!(
         ours.iter().map(|(c, _)| c).collect::<Vec<_>>(),
         theirs.iter().map(|(c, _)| c).collect::<Vec<_>>(),
