@@ -290,7 +290,7 @@ fn trace_signal_and_status_sets_choose_what_the_guests_strace_chooses() {
         let (hv_out, hv_log) = traced_with("minimal", options, program);
         let (st_out, st_log) = guest_strace_with("minimal", options, program);
         let what = format!(
-            "-e {expr} {program:?}\n--- hvtrace ---\n{hv_log}\n--- strace ---\n{st_log}\n{}",
+            "{expr} {program:?}\n--- hvtrace ---\n{hv_log}\n--- strace ---\n{st_log}\n{}",
             stderr(&hv_out)
         );
         assert!(hv_out.status.success() && st_out.status.success(), "{what}");

@@ -124,17 +124,15 @@ pub struct ThreadContext {
 }
 
 /// A thread's open files as the kernel holds them: its `task_struct`,
-/// read through the kernel's own address space on demand (`strace -y`).
+/// read on demand (`strace -y`) through the guest memory and address
+/// space of the [`ThreadContext`] that carries it (the trap's space maps
+/// the kernel as well as the thread's user half).
 #[derive(Clone)]
 pub struct OpenFiles {
-    /// Guest memory.
-    pub ram: GuestRam,
     /// The kernel's symbols and types.
     pub info: Arc<KernelInfo>,
     /// Where the kernel lies.
     pub placement: KernelPlacement,
-    /// An address space that maps the kernel (the trap's).
-    pub space: AddressSpace,
     /// The thread's `task_struct`.
     pub task: u64,
 }
@@ -151,10 +149,10 @@ impl OpenFiles {
     /// The path of descriptor `fd` as /proc's fd links show it (None if
     /// it is not open, or the guest's structures cannot be followed: they
     /// are untrusted data, and a bad one only costs the annotation).
-    pub fn path(&self, fd: u64) -> Option<String> {
+    pub fn path(&self, ram: &GuestRam, space: AddressSpace, fd: u64) -> Option<String> {
         let k = RunningKernel::assume(
-            &self.ram,
-            self.space,
+            ram,
+            space,
             &self.info.symbols,
             &self.info.types,
             self.placement,
@@ -375,6 +373,7 @@ impl UserMemory for ThreadContext {
     }
 
     fn fd_path(&self, fd: u64) -> Option<String> {
-        self.files.as_ref()?.path(fd)
+        let (ram, space) = self.memory.as_ref()?;
+        self.files.as_ref()?.path(ram, *space, fd)
     }
 }

@@ -368,10 +368,8 @@ impl Dispatcher {
     pub fn thread_context(&self, t: &Trap<'_>) -> ThreadContext {
         ThreadContext::new(t.tid, t.tgid, self.ram.clone(), t.space()).with_files(
             crate::context::OpenFiles {
-                ram: self.ram.clone(),
                 info: self.info.clone(),
                 placement: self.placement,
-                space: t.space(),
                 task: t.current,
             },
         )

@@ -186,6 +186,11 @@ pub struct Strace {
     observers: Vec<Arc<dyn RecordObserver>>,
 }
 
+/// The text renderer `opts` ask for (None: JSON records).
+fn renderer(opts: &StraceOptions) -> Option<text::TextRenderer> {
+    (!opts.json).then(|| text::TextRenderer::new(opts.stamp).with_quiet_exits(opts.quiet_exits))
+}
+
 impl Strace {
     /// An engine printing to `out` with the guest kernel's call names.
     pub fn new(
@@ -197,8 +202,7 @@ impl Strace {
             string_limit: opts.string_limit.unwrap_or(32),
             decode_fds: opts.decode_fds,
         };
-        let text = (!opts.json)
-            .then(|| text::TextRenderer::new(opts.stamp).with_quiet_exits(opts.quiet_exits));
+        let text = renderer(&opts);
         Self {
             opts,
             fmt,
@@ -269,10 +273,7 @@ impl Strace {
                 if !files.contains_key(&pid) && !failed.contains(&pid) {
                     match open(pid) {
                         Ok(out) => {
-                            let text = (!self.opts.json).then(|| {
-                                text::TextRenderer::new(self.opts.stamp)
-                                    .with_quiet_exits(self.opts.quiet_exits)
-                            });
+                            let text = renderer(&self.opts);
                             files.insert(pid, Output { out, text });
                         }
                         Err(e) => {
