@@ -20,7 +20,7 @@ pub enum KvmKind {
 /// The features every PVM guest kernel goes without (see [`PVM_GUEST_CMDLINE`]).
 macro_rules! pvm_cleared_features {
     () => {
-        "clearcpuid=cx16,smap,popcnt,rdrand,rdseed,fsgsbase,pcid,invpcid,ssse3,pclmulqdq,aes,xsaveopt,xsavec,xsaves,xgetbv1,pku,avx2"
+        "clearcpuid=cx16,smap,popcnt,rdrand,rdseed,fsgsbase,pcid,invpcid,ssse3,pclmulqdq,aes,xsaveopt,xsavec,xsaves,xgetbv1,pku,avx2,avx512f,amx_tile"
     };
 }
 
@@ -35,7 +35,12 @@ macro_rules! pvm_cleared_features {
 /// AVX registers of its tasks: `xsaveopt`, `xsavec`, `xsaves` and
 /// `xgetbv1` are hidden so that it uses only the standard `xsave64` and
 /// `xrstor64`, which the VMM performs (`trap/pvm_xsave.rs`); `pku` so that
-/// it never runs `wrpkru` in ring 0. `erms` and `fsrm` for speed: the
+/// it never runs `wrpkru` in ring 0. `avx512f` (with every AVX-512 feature
+/// that depends on it) and `amx_tile` keep the guest's XCR0 at x87, SSE
+/// and AVX on hosts that have more: AVX-512's state would make every
+/// context switch's emulated `xsave`/`xrstor` move 2.7 KiB instead of 832
+/// bytes, and AMX's tile data (8 KiB) does not fit `KVM_GET_XSAVE`; glibc
+/// in the guest reads XCR0 and keeps to AVX2. `erms` and `fsrm` for speed: the
 /// emulator runs a `rep` string instruction one iteration per pass, so the
 /// kernel's ERMS copies and clears (`rep movsb`, `rep stosb`) cost a pass
 /// per byte, its REP_GOOD ones (`rep movsq`, `rep stosq`) a pass per eight

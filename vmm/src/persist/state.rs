@@ -127,10 +127,9 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), (&'static str, kvm
         for (dst, src) in x.region.iter_mut().zip(words) {
             *dst = *src;
         }
-        // SAFETY: KVM reads the guest's uabi XSAVE size from `x`; the area
-        // was captured by KVM_GET_XSAVE, which fails for guests whose size
-        // exceeds the 4096 bytes of `struct kvm_xsave`, on a host with the
-        // same XSAVE layout (hvtrace's snapshot cache key includes it).
+        // SAFETY: KVM reads the guest's uabi XSAVE size from `x`, which
+        // `create_vm` checked (KVM_CAP_XSAVE2) to be at most the 4096 bytes
+        // of `struct kvm_xsave`.
         unsafe { fd.set_xsave(&x) }.map_err(|e| ("KVM_SET_XSAVE", e))?;
     }
     fd.set_debug_regs(&s.debugregs)

@@ -136,12 +136,6 @@ pub fn emulate(
         return Ok(XsaveOutcome::NotXsave);
     }
     let layout = layout();
-    if layout.max_size() > KVM_XSAVE_SIZE {
-        return Err(format!(
-            "this CPU's XSAVE area ({} bytes) does not fit KVM_GET_XSAVE's {KVM_XSAVE_SIZE}",
-            layout.max_size()
-        ));
-    }
     let fault = |vector: u32, code: u32, cr2: Option<u64>| {
         inject(vcpu, vector, code, cr2)
             .map(|()| XsaveOutcome::Faulted)
@@ -155,6 +149,15 @@ pub fn emulate(
     let xcr0 = xcr0(vcpu)?;
     let rfbm = xcr0 & ((at.regs.rdx << 32) | (at.regs.rax & 0xffff_ffff));
     let len = layout.size(rfbm);
+    // The host CPU's largest area may exceed KVM_GET_XSAVE's (AMX), but
+    // what the guest enabled in XCR0 is what KVM offers it, checked at
+    // `create_vm` to fit.
+    if layout.size(xcr0) > KVM_XSAVE_SIZE {
+        return Err(format!(
+            "the guest's XSAVE area ({} bytes for XCR0 {xcr0:#x}) does not fit KVM_GET_XSAVE's {KVM_XSAVE_SIZE}",
+            layout.size(xcr0)
+        ));
+    }
     let pieces = match map_operand(ram, at, ea, len, save) {
         Ok(p) => p,
         Err((code, cr2)) => return fault(PAGE_FAULT, code, Some(cr2)),
@@ -187,8 +190,8 @@ pub fn emulate(
             *w = u32::from_le_bytes(b.try_into().expect("4 bytes"));
         }
         // SAFETY: KVM_SET_XSAVE reads the guest's uabi XSAVE size from
-        // `kvm`; that size is at most this CPU's largest area, checked
-        // above to fit the 4096 bytes of `struct kvm_xsave`.
+        // `kvm`, which `create_vm` checked (KVM_CAP_XSAVE2) to be at most
+        // the 4096 bytes of `struct kvm_xsave`.
         unsafe { vcpu.set_xsave(&kvm) }.map_err(|e| format!("KVM_SET_XSAVE: {e}"))?;
     }
     let mut regs = at.regs;

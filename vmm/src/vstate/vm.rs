@@ -20,6 +20,9 @@ pub enum VmError {
     /// The KVM API version is not 12.
     #[error("unsupported KVM API version {0} (need 12)")]
     ApiVersion(i32),
+    /// A vCPU's extended state is larger than `struct kvm_xsave`.
+    #[error("KVM reports a vCPU XSAVE area of {0} bytes, more than the 4096 of KVM_GET_XSAVE/KVM_SET_XSAVE, which hvtrace uses")]
+    XsaveTooLarge(i32),
     /// A KVM ioctl failed.
     #[error("{what}: {source}")]
     Kvm {
@@ -58,8 +61,22 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 
 /// Creates a VM with `ram` registered, an in-kernel irqchip (PIC, IOAPIC,
 /// LAPICs) and PIT.
+///
+/// Refuses a KVM whose vCPUs' XSAVE area (`KVM_CAP_XSAVE2`: the features
+/// this process may give a guest) exceeds the 4096 bytes of `struct
+/// kvm_xsave`: then `KVM_GET_XSAVE` would cut it short and `KVM_SET_XSAVE`
+/// would read past the struct. The host CPU's own largest area may be
+/// larger (AMX tile data alone is 8 KiB), but KVM offers a guest the
+/// dynamically enabled AMX state only after `ARCH_REQ_XCOMP_GUEST_PERM`,
+/// which hvtrace never asks for. Every XSAVE transfer in the VMM relies
+/// on this check.
 pub fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    // 0: a KVM without XSAVE2, whose areas are at most 4096 bytes.
+    let xsave = vm.check_extension_int(kvm_ioctls::Cap::Xsave2);
+    if xsave > crate::arch::x86_64::xsave::KVM_XSAVE_SIZE as i32 {
+        return Err(VmError::XsaveTooLarge(xsave));
+    }
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     for (slot, (guest, host, len)) in ram.regions().into_iter().enumerate() {
