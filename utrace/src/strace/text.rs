@@ -71,6 +71,13 @@ impl TextRenderer {
         self
     }
 
+    /// Counts `tids` among the threads traced before any of them prints a
+    /// line (the threads of a process attached to), so lines carry
+    /// `[pid N]` from the start when there are several, as strace's do.
+    pub fn note_threads(&mut self, tids: impl IntoIterator<Item = Tid>) {
+        self.live.extend(tids);
+    }
+
     /// [`TextRenderer::render`] as of time `now`.
     pub fn render_at(&mut self, r: &Record, now: SystemTime) -> String {
         let pid = r.pid();
