@@ -17,10 +17,12 @@ pub enum KvmKind {
     Pvm,
 }
 
-/// The features every PVM guest kernel goes without (see [`PVM_GUEST_CMDLINE`]).
+/// The features every PVM guest kernel goes without (see [`PVM_GUEST_CMDLINE`]);
+/// with `erms,fsrm` at most 127 bytes after `clearcpuid=` (Linux 6.1
+/// parses it in a 128-byte buffer and silently drops the rest).
 macro_rules! pvm_cleared_features {
     () => {
-        "clearcpuid=cx16,smap,popcnt,rdrand,rdseed,fsgsbase,pcid,invpcid,ssse3,pclmulqdq,aes,xsaveopt,xsavec,xsaves,xgetbv1,pku,avx2,avx512f,amx_tile"
+        "clearcpuid=cx16,smap,popcnt,rdrand,rdseed,fsgsbase,pcid,invpcid,ssse3,pclmulqdq,aes,xsaveopt,xsavec,xsaves,xgetbv1,pku,avx2,600"
     };
 }
 
@@ -35,12 +37,13 @@ macro_rules! pvm_cleared_features {
 /// AVX registers of its tasks: `xsaveopt`, `xsavec`, `xsaves` and
 /// `xgetbv1` are hidden so that it uses only the standard `xsave64` and
 /// `xrstor64`, which the VMM performs (`trap/pvm_xsave.rs`); `pku` so that
-/// it never runs `wrpkru` in ring 0. `avx512f` (with every AVX-512 feature
-/// that depends on it) and `amx_tile` keep the guest's XCR0 at x87, SSE
-/// and AVX on hosts that have more: AVX-512's state would make every
-/// context switch's emulated `xsave`/`xrstor` move 2.7 KiB instead of 832
-/// bytes, and AMX's tile data (8 KiB) does not fit `KVM_GET_XSAVE`; glibc
-/// in the guest reads XCR0 and keeps to AVX2. `erms` and `fsrm` for speed: the
+/// it never runs `wrpkru` in ring 0. On PVM, user mode runs with the
+/// host's XCR0, not the one the guest kernel set (a guest program's
+/// `xgetbv` reads the host's), so the guest kernel must save every state
+/// component the host enables: AVX-512 stays (its 2.7 KiB area fits
+/// `KVM_GET_XSAVE`); bit 600 is AMX-TILE (named by number: the kernel
+/// reads at most 127 bytes of `clearcpuid=`), whose 8 KiB of tile data
+/// would not fit, and which Linux hands a process only on request. `erms` and `fsrm` for speed: the
 /// emulator runs a `rep` string instruction one iteration per pass, so the
 /// kernel's ERMS copies and clears (`rep movsb`, `rep stosb`) cost a pass
 /// per byte, its REP_GOOD ones (`rep movsq`, `rep stosq`) a pass per eight
@@ -133,6 +136,18 @@ impl KvmKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Linux copies `clearcpuid=`'s value into a 128-byte buffer: a longer
+    /// list loses its last features without an error (seen: `amx_tile`
+    /// cut to `amx_ti`, and `erms,fsrm` dropped).
+    #[test]
+    fn the_cleared_features_fit_the_kernels_buffer() {
+        for cmdline in [PVM_GUEST_CMDLINE, PVM_GUEST_CMDLINE_WITH_ERMS] {
+            let value = cmdline.strip_prefix("clearcpuid=").unwrap();
+            assert!(value.len() <= 127, "{} bytes: {value}", value.len());
+            assert!(!value.contains(' '), "{value}");
+        }
+    }
 
     #[test]
     fn detects_pvm_module_and_hardware_flags() {
