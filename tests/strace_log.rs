@@ -79,7 +79,7 @@ fn normalise_ret(name: &str, ret: &str) -> String {
 /// strace's `strace: Process N attached` notes go to the same stderr as
 /// the trace and can land in the middle of a line; removing each with its
 /// newline puts the line back together.
-fn without_attach_notes(log: &str) -> String {
+pub fn without_attach_notes(log: &str) -> String {
     const HEAD: &str = "strace: Process ";
     let mut out = String::with_capacity(log.len());
     let mut rest = log;
@@ -116,7 +116,15 @@ pub fn parse(log: &str, ignore: &[&str]) -> Vec<Vec<Call>> {
     let mut main_alias: Option<u32> = None;
     const MAIN: u32 = 0;
     for raw in log.lines() {
+        // strace's leader in a file with -f: the id in a column, every line.
+        let column = raw
+            .split_once(' ')
+            .filter(|(p, _)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
         let (pid, text) = match raw.strip_prefix("[pid ") {
+            _ if column.is_some() => {
+                let (p, t) = column.expect("checked");
+                (p.parse().unwrap_or(MAIN), t.trim_start())
+            }
             Some(rest) => match rest.split_once("] ") {
                 Some((p, t)) => {
                     let p: u32 = p.trim().parse().unwrap_or(MAIN);
@@ -231,5 +239,24 @@ mod tests {
         assert_eq!(parent[2].ret, "<pid>");
         assert_eq!(parent[3].ret, "-1 ENOENT");
         assert_eq!(parent[4].ret, "<address>");
+    }
+
+    /// strace's `-o FILE -f` leader (`41    read(...)`) parses as the
+    /// `[pid N]` form does.
+    #[test]
+    fn the_pid_column_parses_as_the_brackets_do() {
+        let brackets = "clone(child_stack=NULL, flags=SIGCHLD) = 42\n\
+                        [pid    42] write(1, \"hi\\n\", 3) = 3\n\
+                        [pid    41] wait4(-1,  <unfinished ...>\n\
+                        [pid    42] +++ exited with 0 +++\n\
+                        <... wait4 resumed>NULL, 0, NULL) = 42\n";
+        let column = "41    clone(child_stack=NULL, flags=SIGCHLD) = 42\n\
+                      42    write(1, \"hi\\n\", 3) = 3\n\
+                      41    wait4(-1,  <unfinished ...>\n\
+                      42    +++ exited with 0 +++\n\
+                      41    <... wait4 resumed>NULL, 0, NULL) = 42\n";
+        let seqs = parse(column, &[]);
+        assert_eq!(seqs.len(), 2);
+        assert_eq!(seqs, parse(brackets, &[]));
     }
 }

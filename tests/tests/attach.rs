@@ -31,6 +31,12 @@ fn start_on(kernel: &str, calls: u32) -> LoopGuest {
 /// [`start_on`] with more `hvtrace run` options and the guest command
 /// `command` (which runs hv-getpid-loop).
 fn start_with(kernel: &str, options: &[&str], command: &[&str]) -> LoopGuest {
+    start_running(kernel, options, command, "hv-getpid-loop")
+}
+
+/// [`start_with`] for a command that runs `comm` (its first process's pid
+/// is the guest's `pid`).
+fn start_running(kernel: &str, options: &[&str], command: &[&str], comm: &str) -> LoopGuest {
     require_kvm();
     let sock = temp_path("attach.sock");
     let child = Command::new(hvtrace_bin())
@@ -59,7 +65,7 @@ fn start_with(kernel: &str, options: &[&str], command: &[&str]) -> LoopGuest {
         if let Ok(v) = api_call(&g.sock, r#"{"v":1,"op":"ps"}"#) {
             if let Some(t) = v["tasks"]
                 .as_array()
-                .and_then(|ts| ts.iter().find(|t| t["comm"] == "hv-getpid-loop"))
+                .and_then(|ts| ts.iter().find(|t| t["comm"] == comm))
             {
                 g.pid = t["pid"].as_i64().unwrap();
                 return g;
@@ -67,7 +73,7 @@ fn start_with(kernel: &str, options: &[&str], command: &[&str]) -> LoopGuest {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    panic!("hv-getpid-loop did not show up in ps");
+    panic!("{comm} did not show up in ps");
 }
 
 /// Waits for the VM's command to end; its stdout and exit status.
@@ -269,6 +275,111 @@ fn attach_runs_until_the_process_exits_and_bad_requests_get_errors() {
     let (out, code) = finish(g);
     assert_eq!(code, Some(0));
     assert!(out.contains("getpid x 1500 done"), "{out}");
+}
+
+/// Several `-p` (repeated, or a comma list, as strace takes them): both
+/// processes traced in one stream with `[pid N]` on every line from the
+/// start (strace prefixes lines as soon as it traces two), each to its
+/// end, the client exiting when the last has; a pid that is not there is
+/// reported and the others are traced; when none can be, hvtrace fails.
+#[test]
+fn several_processes_are_traced_together_to_their_ends() {
+    let sleep = "20";
+    let script = format!("hv-sleeper {sleep} & hv-sleeper {sleep}; wait");
+    let g = start_running("minimal", &[], &["/bin/sh", "-c", &script], "hv-sleeper");
+    // Both sleepers (the second starts a fork+exec after the first).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pids = loop {
+        let v = api_call(&g.sock, r#"{"v":1,"op":"ps"}"#).unwrap();
+        let pids: Vec<i64> = v["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["comm"] == "hv-sleeper")
+            .filter_map(|t| t["pid"].as_i64())
+            .collect();
+        if pids.len() == 2 {
+            break pids;
+        }
+        assert!(Instant::now() < deadline, "two hv-sleepers never ran: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let trace = temp_path("several.txt");
+    let both = format!("{},{}", pids[0], pids[1]);
+    let out = hvtrace(&[
+        "attach",
+        "--api-sock",
+        g.sock.to_str().unwrap(),
+        "-p",
+        &both,
+        "-p",
+        "999999",
+        "-o",
+        trace.to_str().unwrap(),
+    ]);
+    let log = std::fs::read_to_string(&trace).unwrap_or_default();
+    let _ = std::fs::remove_file(&trace);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}\n{log}");
+    for pid in &pids {
+        assert!(
+            err.contains(&format!("attached to process {pid} ")),
+            "{err}"
+        );
+    }
+    // While both are traced every line names its process; once one has
+    // exited the other's lines are bare again, as strace's are.
+    let lines: Vec<&str> = log.lines().collect();
+    let first_exit = lines
+        .iter()
+        .position(|l| l.ends_with("+++ exited with 0 +++"))
+        .unwrap_or_else(|| panic!("no exit line:\n{log}"));
+    assert!(
+        lines[..=first_exit].iter().all(|l| l.starts_with("[pid ")),
+        "lines before the first exit without [pid N]:\n{log}"
+    );
+    assert!(
+        pids.iter()
+            .any(|pid| lines[first_exit] == format!("[pid {pid:>5}] +++ exited with 0 +++")),
+        "the first exit is one of theirs:\n{log}"
+    );
+    assert!(
+        lines[first_exit + 1..]
+            .iter()
+            .all(|l| !l.starts_with("[pid ")),
+        "lines after the first exit with [pid N]:\n{log}"
+    );
+    assert_eq!(
+        lines.last().copied(),
+        Some("+++ exited with 0 +++"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches(r#"write(1, "woke after "#).count(),
+        2,
+        "each one's wake-up write:\n{log}"
+    );
+    assert!(
+        err.contains("cannot attach to 999999: no process 999999"),
+        "{err}"
+    );
+    // Nothing to trace at all: hvtrace's failure status.
+    let out = hvtrace(&[
+        "attach",
+        "--api-sock",
+        g.sock.to_str().unwrap(),
+        "-p",
+        "999998,999999",
+    ]);
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no process 999998"),
+        "{}",
+        stderr(&out)
+    );
+    let (out, code) = finish(g);
+    assert_eq!(code, Some(0));
+    assert_eq!(out.matches("woke after").count(), 2, "{out}");
 }
 
 /// The attach/detach soak's failure, as a test: a static program starting

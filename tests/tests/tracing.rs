@@ -428,6 +428,66 @@ fn ff_writes_each_process_to_its_own_file_as_the_guests_strace_does() {
     );
 }
 
+/// Where a `-f` trace's `[pid N]` prefixes start and end: (lines before
+/// the first clone with a prefix, whether the line after the first clone
+/// returning a child has one, whether the last line has one).
+fn prefix_span(log: &str) -> (usize, bool, bool) {
+    let log = hvtrace_tests::strace_log::without_attach_notes(log);
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    let is_clone = |l: &str| {
+        let call = l.split_once("] ").map_or(l, |(_, r)| r);
+        let call = call.strip_prefix("<... ").unwrap_or(call);
+        ["clone", "clone3", "fork", "vfork"].iter().any(|c| {
+            call.starts_with(&format!("{c}(")) || call.starts_with(&format!("{c} resumed>"))
+        })
+    };
+    let first_clone = lines
+        .iter()
+        .position(|l| is_clone(l))
+        .unwrap_or(lines.len());
+    let before = lines[..first_clone]
+        .iter()
+        .filter(|l| l.starts_with("[pid "))
+        .count();
+    // The clone's line that returns the child's id (its whole line or its
+    // resumption).
+    let returned = lines.iter().position(|l| {
+        is_clone(l)
+            && l.rsplit_once(" = ")
+                .is_some_and(|(_, r)| r.trim().parse::<u32>().is_ok_and(|n| n > 0))
+    });
+    let after = returned
+        .and_then(|i| lines.get(i + 1))
+        .is_some_and(|l| l.starts_with("[pid "));
+    let last = lines.last().is_some_and(|l| l.starts_with("[pid "));
+    (before, after, last)
+}
+
+/// `[pid N]` prefixes start at the clone, as the guest's `strace -f`
+/// (writing to stderr) starts them: none before the first fork, the line
+/// after the fork returns the child's id has one even when the parent
+/// prints it before the child has printed anything, and once the child has
+/// exited the parent's lines are bare again.
+#[test]
+fn pid_prefixes_start_at_the_clone_as_the_guests_strace_starts_them() {
+    require_kvm();
+    let program = ["/bin/sh", "-c", "/bin/true; echo hi"];
+    let mut args = vec!["trace", "-f", "--"];
+    args.extend_from_slice(&program);
+    let hv = hvtrace(&args);
+    assert!(hv.status.success(), "{}", stderr(&hv));
+    let hv_log: String = stderr(&hv)
+        .lines()
+        .filter(|l| !l.starts_with("[hvtrace]"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let (st, st_log) = guest_strace_output("minimal", &program);
+    assert!(st.status.success(), "{}", stderr(&st));
+    let what = format!("--- hvtrace ---\n{hv_log}\n--- strace ---\n{st_log}");
+    assert_eq!(prefix_span(&st_log), (0, true, false), "the oracle: {what}");
+    assert_eq!(prefix_span(&hv_log), prefix_span(&st_log), "{what}");
+}
+
 #[test]
 fn the_trace_names_the_exec_and_a_failing_open_as_strace_would() {
     require_kvm();

@@ -824,6 +824,8 @@ impl Handler {
                 entries,
                 tamper: Vec::new(),
                 stamp: None,
+                // A clone's record names the child the connection follows.
+                follow,
             },
             tracer.syscalls(),
             Box::new(ConnSink::new(conn)),

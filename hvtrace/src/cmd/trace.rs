@@ -315,6 +315,7 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
             entries: false,
             tamper,
             stamp: args.stamps.stamp(),
+            follow: args.follow > 0,
         },
         tracer.syscalls(),
         engine_out,

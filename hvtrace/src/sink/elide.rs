@@ -193,6 +193,7 @@ mod tests {
                             seconds: None,
                             rest: whole.then(|| "x) = 0".to_string()),
                             injected: false,
+                            child: None,
                         }));
                     }
                     (_, 7 | 8) => recs.push(Record::Signal {
@@ -241,6 +242,7 @@ mod tests {
                 seconds: None,
                 rest: Some("\"\", 1) = 0".into()),
                 injected: false,
+                child: None,
             })
         };
         assert_eq!(elided(&[entry(1), end(1)]), [end(1)]);

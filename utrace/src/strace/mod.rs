@@ -62,6 +62,9 @@ pub struct StraceOptions {
     /// `-t`/`-tt`/`-ttt`/`-r` in text mode, with the local time's offset
     /// from UTC in seconds.
     pub stamp: Option<(text::Stamp, i64)>,
+    /// `-f`: the children and threads are traced, so a clone's record
+    /// names its new thread ([`CallEnd::child`]).
+    pub follow: bool,
 }
 
 /// The events this engine asks for.
@@ -186,9 +189,17 @@ pub struct Strace {
     observers: Vec<Arc<dyn RecordObserver>>,
 }
 
-/// The text renderer `opts` ask for (None: JSON records).
-fn renderer(opts: &StraceOptions) -> Option<text::TextRenderer> {
-    (!opts.json).then(|| text::TextRenderer::new(opts.stamp).with_quiet_exits(opts.quiet_exits))
+/// The calls that create a thread or process and return its id.
+const CLONES: [&str; 4] = ["clone", "clone3", "fork", "vfork"];
+
+/// The text renderer `opts` ask for (None: JSON records); for one
+/// thread's own output (`-ff`) when not `shared`: no thread ids there.
+fn renderer(opts: &StraceOptions, shared: bool) -> Option<text::TextRenderer> {
+    (!opts.json).then(|| {
+        text::TextRenderer::new(opts.stamp)
+            .with_quiet_exits(opts.quiet_exits)
+            .with_one_thread(!shared)
+    })
 }
 
 impl Strace {
@@ -202,7 +213,7 @@ impl Strace {
             string_limit: opts.string_limit.unwrap_or(32),
             decode_fds: opts.decode_fds,
         };
-        let text = renderer(&opts);
+        let text = renderer(&opts, true);
         Self {
             opts,
             fmt,
@@ -273,7 +284,7 @@ impl Strace {
                 if !files.contains_key(&pid) && !failed.contains(&pid) {
                     match open(pid) {
                         Ok(out) => {
-                            let text = renderer(&self.opts);
+                            let text = renderer(&self.opts, false);
                             files.insert(pid, Output { out, text });
                         }
                         Err(e) => {
@@ -418,9 +429,7 @@ impl EngineOps for Strace {
             Some(f) if f.call.name == name => f,
             // A new child's or thread's first report is its return from
             // the clone in its parent; strace shows nothing for it.
-            _ if ret == 0 && matches!(name.as_str(), "clone" | "clone3" | "fork" | "vfork") => {
-                return ResumeAction::Resume
-            }
+            _ if ret == 0 && CLONES.contains(&name.as_str()) => return ResumeAction::Resume,
             // Attached in the middle of a call: its entry was not seen.
             _ => {
                 if self.shown(&name) && self.status_shown(Some(ret)) {
@@ -436,6 +445,7 @@ impl EngineOps for Strace {
                         seconds: None,
                         rest: None,
                         injected: false,
+                        child: None,
                     };
                     self.emit(thread, Record::Call(end), None);
                 }
@@ -461,6 +471,10 @@ impl EngineOps for Strace {
             line.push_str(&format!(" <{:.6}>", spent.as_secs_f64()));
         }
         let rest = self.rest_after(&line, &prefix);
+        // A parent's clone returning its new thread, which -f traces.
+        let child = (self.opts.follow && CLONES.contains(&p.name.as_str()))
+            .then(|| Tid::try_from(ret).ok().filter(|&t| t > 0))
+            .flatten();
         let end = CallEnd {
             pid: tid,
             syscall: p.name.clone(),
@@ -472,6 +486,7 @@ impl EngineOps for Strace {
             seconds: Some(spent.as_secs_f64()),
             rest,
             injected,
+            child,
         };
         self.emit(thread, Record::Call(end), Some(args));
         ResumeAction::Resume
@@ -599,6 +614,7 @@ impl EngineOps for Strace {
                     seconds: None,
                     rest,
                     injected: false,
+                    child: None,
                 };
                 self.emit(thread, Record::Call(end), Some(args));
             }
@@ -676,6 +692,7 @@ mod tests {
                 seconds: Some(0.5),
                 rest: None,
                 injected: false,
+                child: None,
             }),
             tgid: 5,
             args: Some(vec!["3".into(), "\"x\"".into(), "9".into()]),

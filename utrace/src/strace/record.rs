@@ -83,6 +83,10 @@ pub struct CallEnd {
     /// The call was tampered with (`-e inject=`): not run, its result
     /// chosen by the tracer.
     pub injected: bool,
+    /// The thread a clone, fork or vfork created, when the trace follows
+    /// it (`-f`): a text renderer counts it from here (`[pid N]`), as
+    /// strace does.
+    pub child: Option<Tid>,
 }
 
 impl Record {
@@ -124,6 +128,9 @@ impl Record {
                 }
                 if c.injected {
                     v["injected"] = true.into();
+                }
+                if let Some(child) = c.child {
+                    v["child"] = child.into();
                 }
                 v
             }
@@ -192,6 +199,7 @@ impl Record {
             seconds: v["seconds"].as_f64(),
             rest: text("rest"),
             injected: v["injected"].as_bool().unwrap_or(false),
+            child: int("child").filter(|c| *c > 0),
         }))
     }
 }
@@ -220,6 +228,7 @@ mod tests {
                 seconds: Some(0.25),
                 rest: Some("\"/x\", O_RDONLY) = -1 ENOENT (No such file or directory)".into()),
                 injected: true,
+                child: None,
             }),
             Record::Call(CallEnd {
                 pid: 6,
@@ -232,6 +241,7 @@ mod tests {
                 seconds: None,
                 rest: None,
                 injected: false,
+                child: None,
             }),
             Record::Signal {
                 pid: 7,

@@ -154,6 +154,7 @@ mod tests {
                 seconds: Some(seconds),
                 rest: None,
                 injected: false,
+                child: None,
             }),
             tgid: 7,
             args: None,

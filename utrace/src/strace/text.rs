@@ -13,7 +13,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::record::Record;
+use super::record::{CallEnd, Record};
 use crate::event::Tid;
 
 /// strace's `-t`, `-tt`, `-ttt` and `-r`: the time that starts each line
@@ -46,6 +46,8 @@ pub struct TextRenderer {
     unfinished: HashMap<Tid, String>,
     /// `-qq`: no `+++ exited with N +++` lines.
     quiet_exits: bool,
+    /// The output holds one thread's lines (`-ff`): never a thread id.
+    one_thread: bool,
 }
 
 impl TextRenderer {
@@ -68,6 +70,13 @@ impl TextRenderer {
     /// `-qq`; `+++ killed by ... +++` stays, as there).
     pub fn with_quiet_exits(mut self, quiet: bool) -> Self {
         self.quiet_exits = quiet;
+        self
+    }
+
+    /// The same renderer for an output that holds one thread's lines
+    /// (`-ff -o PREFIX`): no thread ids, whatever else is traced.
+    pub fn with_one_thread(mut self, one: bool) -> Self {
+        self.one_thread = one;
         self
     }
 
@@ -98,7 +107,9 @@ impl TextRenderer {
         } else {
             self.stamp(now)
         };
-        let tag = if self.live.len() > 1 {
+        let tag = if self.one_thread {
+            stamp
+        } else if self.live.len() > 1 {
             format!("[pid {pid:>5}] {stamp}")
         } else {
             stamp
@@ -149,6 +160,14 @@ impl TextRenderer {
             self.live.remove(&pid);
             self.unfinished.remove(&pid);
         }
+        // A followed clone's new thread counts from its parent's clone
+        // (strace's `[pid N]` starts there, before the child prints).
+        if let Record::Call(CallEnd {
+            child: Some(child), ..
+        }) = r
+        {
+            self.live.insert(*child);
+        }
         out
     }
 
@@ -189,7 +208,6 @@ impl TextRenderer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::strace::record::CallEnd;
 
     fn render(records: &[Record]) -> String {
         let mut r = TextRenderer::default();
@@ -216,6 +234,7 @@ mod tests {
             seconds: None,
             rest: rest.map(str::to_string),
             injected: false,
+            child: None,
         })
     }
 
@@ -353,5 +372,71 @@ mod tests {
              <... pause resumed>) = ? ERESTARTNOHAND\n\
              <... read resumed>) = 0\n"
         );
+    }
+
+    /// A followed clone-family call's end: `ret`, naming `child` if any.
+    fn returning(
+        pid: Tid,
+        syscall: &str,
+        line: &str,
+        rest: &str,
+        ret: i64,
+        child: Option<Tid>,
+    ) -> Record {
+        let Record::Call(c) = end(pid, syscall, line, Some(rest)) else {
+            unreachable!()
+        };
+        Record::Call(CallEnd {
+            ret: Some(ret),
+            child,
+            ..c
+        })
+    }
+
+    /// The clone of a `sh -c '/bin/true; echo hi'` under the guest's
+    /// `strace -f` (written to stderr): the clone's own line is unprefixed,
+    /// every line after it has `[pid N]`, the parent's next call included,
+    /// even before the child has printed anything.
+    #[test]
+    fn a_followed_clone_starts_the_prefixes() {
+        let records = [
+            entry(41, "clone", "clone(child_stack=NULL, "),
+            returning(
+                41,
+                "clone",
+                "clone(child_stack=NULL, ...) = 42",
+                "...) = 42",
+                42,
+                Some(42),
+            ),
+            entry(41, "wait4", "wait4(-1, "),
+            end(
+                42,
+                "set_robust_list",
+                "set_robust_list(0x1, 24) = 0",
+                Some("0x1, 24) = 0"),
+            ),
+        ];
+        let mut r = TextRenderer::default();
+        let text: String = records.iter().map(|e| r.render(e)).collect();
+        assert_eq!(
+            text,
+            "clone(child_stack=NULL, ...) = 42\n\
+             [pid    41] wait4(-1,  <unfinished ...>\n\
+             [pid    42] set_robust_list(0x1, 24) = 0\n"
+        );
+        // Without -f the child is not traced (the record names none): no
+        // prefix for the parent.
+        let mut r = TextRenderer::default();
+        let unfollowed = returning(41, "clone", "clone(...) = 42", "...) = 42", 42, None);
+        let text: String = [unfollowed, entry(41, "wait4", "wait4(-1, ")]
+            .iter()
+            .map(|e| r.render(e))
+            .collect();
+        assert_eq!(text, "clone(...) = 42\nwait4(-1, ");
+        // One thread's own file (-ff): never a thread id.
+        let mut r = TextRenderer::default().with_one_thread(true);
+        let text: String = records.iter().map(|e| r.render(e)).collect();
+        assert!(!text.contains("[pid"), "{text}");
     }
 }
