@@ -209,7 +209,7 @@ enum News {
     Event(Value),
     /// The connection ended: Ok once the process exited, else why it
     /// ended first (the request refused, the VM gone).
-    Ended { pid: i32, outcome: Result<()> },
+    Ended(Result<()>),
 }
 
 /// Sends the attach requests, one connection each, and prints the events
@@ -225,7 +225,7 @@ fn follow(args: &AttachArgs, requests: Vec<(i32, Request)>, printer: &mut Printe
             .name(format!("attach-{pid}"))
             .spawn(move || {
                 let outcome = read_connection(sock, pid, &req, &tx);
-                let _ = tx.send(News::Ended { pid, outcome });
+                let _ = tx.send(News::Ended(outcome));
             })
             .context("cannot start a connection thread")?;
     }
@@ -250,24 +250,19 @@ fn follow(args: &AttachArgs, requests: Vec<(i32, Request)>, printer: &mut Printe
                 }
             }
             News::Event(e) => printer.event(&e)?,
-            News::Ended {
-                outcome: Ok(()), ..
-            } => {}
-            News::Ended {
-                pid,
-                outcome: Err(e),
-            } => {
+            News::Ended(Ok(())) => {}
+            News::Ended(Err(e)) => {
                 if several {
                     // The others go on: say so now, fail at the end only if
                     // nothing could be traced.
                     eprintln!("hvtrace: {e:#}");
                 }
-                failures.push((pid, e));
+                failures.push(e);
             }
         }
     }
     match failures.into_iter().next() {
-        Some((_, e)) if !several || attached == 0 => Err(e),
+        Some(e) if !several || attached == 0 => Err(e),
         _ => Ok(0),
     }
 }
@@ -284,13 +279,13 @@ fn read_connection(
     let mut attached = false;
     for line in BufReader::new(&sock).lines() {
         let line = line.context("reading the control socket")?;
-        let v: Value = serde_json::from_str(&line)
+        let mut v: Value = serde_json::from_str(&line)
             .with_context(|| format!("bad line from the VM: {line:?}"))?;
-        if let Some(e) = v.get("event") {
+        if let Some(e) = v.get_mut("event").map(Value::take) {
             let leader_gone = e["pid"].as_i64() == Some(i64::from(pid))
                 && matches!(e["event"].as_str(), Some("exit" | "killed"));
             // A printer that has gone (it failed writing) ends this reader.
-            if tx.send(News::Event(e.clone())).is_err() || leader_gone {
+            if tx.send(News::Event(e)).is_err() || leader_gone {
                 return Ok(());
             }
             continue;

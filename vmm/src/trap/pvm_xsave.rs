@@ -152,10 +152,10 @@ pub fn emulate(
     // The host CPU's largest area may exceed KVM_GET_XSAVE's (AMX), but
     // what the guest enabled in XCR0 is what KVM offers it, checked at
     // `create_vm` to fit.
-    if layout.size(xcr0) > KVM_XSAVE_SIZE {
+    let enabled = layout.size(xcr0);
+    if enabled > KVM_XSAVE_SIZE {
         return Err(format!(
-            "the guest's XSAVE area ({} bytes for XCR0 {xcr0:#x}) does not fit KVM_GET_XSAVE's {KVM_XSAVE_SIZE}",
-            layout.size(xcr0)
+            "the guest's XSAVE area ({enabled} bytes for XCR0 {xcr0:#x}) does not fit KVM_GET_XSAVE's {KVM_XSAVE_SIZE}"
         ));
     }
     let pieces = match map_operand(ram, at, ea, len, save) {
