@@ -1,8 +1,9 @@
 //! Reading strace-format logs (Debian's strace in the guest, and `hvtrace
 //! trace`) into comparable per-thread sequences of system calls: name,
-//! return value and the quoted strings among the arguments.
+//! return value and the quoted strings among the arguments, and each
+//! call's whole line with only addresses and thread ids normalised.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// One call as the oracle comparison sees it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -104,8 +105,19 @@ pub fn without_attach_notes(log: &str) -> String {
 /// thread's lines appear), ignoring signal lines, strace's own messages
 /// and the calls named in `ignore`.
 pub fn parse(log: &str, ignore: &[&str]) -> Vec<Vec<Call>> {
+    parse_lines(log, ignore)
+        .into_iter()
+        .map(|seq| seq.into_iter().map(|(call, _)| call).collect())
+        .collect()
+}
+
+/// [`parse`], each call with its whole line (reassembled if strace split
+/// it, without its `[pid N]` leader) as [`normalise_line`] leaves it; the
+/// threads in the same order as `parse` gives them.
+pub fn parse_lines(log: &str, ignore: &[&str]) -> Vec<Vec<(Call, String)>> {
     let log = &without_attach_notes(log);
-    let mut seqs: HashMap<u32, Vec<Call>> = HashMap::new();
+    let tids = thread_ids(log);
+    let mut seqs: HashMap<u32, Vec<(Call, String)>> = HashMap::new();
     let mut order: Vec<u32> = Vec::new();
     let mut live: Vec<u32> = Vec::new();
     let mut unfinished: HashMap<u32, String> = HashMap::new();
@@ -158,16 +170,20 @@ pub fn parse(log: &str, ignore: &[&str]) -> Vec<Vec<Call>> {
             live.push(pid);
         }
         if text.starts_with("+++") {
-            seqs.entry(pid).or_default().push(Call {
+            let call = Call {
                 name: "+++".into(),
                 ret: text.to_string(),
                 strings: vec![],
-            });
+            };
+            seqs.entry(pid)
+                .or_default()
+                .push((call, normalise_line(text, &tids)));
             live.retain(|p| *p != pid);
             continue;
         }
         if let Some(head) = text.strip_suffix("<unfinished ...>") {
-            unfinished.insert(pid, head.to_string());
+            // Without the space both put before `<unfinished ...>`.
+            unfinished.insert(pid, head.strip_suffix(' ').unwrap_or(head).to_string());
             continue;
         }
         let full = if let Some(rest) = text.strip_prefix("<... ") {
@@ -196,15 +212,181 @@ pub fn parse(log: &str, ignore: &[&str]) -> Vec<Vec<Call>> {
             }
         }
         let ret = normalise_ret(&name, ret);
-        seqs.entry(pid).or_default().push(Call {
+        let line = normalise_line(&full, &tids);
+        let call = Call {
             name,
             ret,
             strings: quoted_strings(args),
-        });
+        };
+        seqs.entry(pid).or_default().push((call, line));
     }
-    let mut out: Vec<Vec<Call>> = order.into_iter().filter_map(|p| seqs.remove(&p)).collect();
-    out.sort();
+    let mut out: Vec<Vec<(Call, String)>> =
+        order.into_iter().filter_map(|p| seqs.remove(&p)).collect();
+    // By the calls alone, so that two logs' threads pair up as `parse`'s do.
+    out.sort_by(|a, b| a.iter().map(|c| &c.0).cmp(b.iter().map(|c| &c.0)));
     out
+}
+
+/// Every thread id a log shows: `[pid N]` leaders and the `-o` column,
+/// and the values of the calls that return one.
+fn thread_ids(log: &str) -> HashSet<String> {
+    let mut tids = HashSet::new();
+    for raw in log.lines() {
+        let leader = raw
+            .strip_prefix("[pid ")
+            .and_then(|r| r.split_once(']'))
+            .map(|(p, _)| p.trim())
+            .or_else(|| raw.split_once(' ').map(|(p, _)| p));
+        if let Some(p) = leader.filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
+            tids.insert(p.to_string());
+        }
+        let text = raw.split_once("] ").map_or(raw, |(_, t)| t);
+        let name = text.split('(').next().unwrap_or("");
+        let name = name
+            .strip_prefix("<... ")
+            .map_or(name, |n| n.trim_end_matches(" resumed>"));
+        if PID_RETURNS.contains(&name.split_whitespace().next().unwrap_or("")) {
+            if let Some((_, ret)) = text.rsplit_once(" = ") {
+                let ret = ret.split_whitespace().next().unwrap_or("");
+                if ret.parse::<u32>().is_ok_and(|n| n > 1) {
+                    tids.insert(ret.to_string());
+                }
+            }
+        }
+    }
+    tids
+}
+
+/// The arguments (by position) that are process or thread ids.
+fn pid_args(name: &str) -> &'static [usize] {
+    match name {
+        "kill" | "tkill" | "wait4" | "setpgid" | "getpgid" | "getsid" | "prlimit64"
+        | "sched_setaffinity" | "sched_getaffinity" | "sched_getparam" | "sched_setparam"
+        | "sched_getscheduler" | "sched_setscheduler" | "pidfd_open" => &[0],
+        "tgkill" => &[0, 1],
+        "waitid" | "ptrace" => &[1],
+        _ => &[],
+    }
+}
+
+/// Structure fields that hold a process or thread id.
+const PID_FIELDS: &[&str] = &["si_pid=", "parent_tid=[", "child_tid=["];
+
+/// One call's line as the whole-line comparison sees it: addresses (hex
+/// numbers of five digits or more, where the guest's layout puts things)
+/// outside strings become `0x?`; thread ids (those of `tids`) become
+/// `<pid>` where a pid goes (the arguments of [`pid_args`], the fields of
+/// [`PID_FIELDS`], the value of a call that returns one) and inside
+/// strings (a program prints its pid); then a string that held one
+/// changes length with it, so the call's length and value become `<len>`.
+/// strace's padding before ` = ` is one space. Nothing else changes.
+pub fn normalise_line(line: &str, tids: &HashSet<String>) -> String {
+    let (body, ret) = match line.rfind(" = ") {
+        Some(i) => (line[..i].trim_end(), Some(&line[i + 3..])),
+        None => (line, None),
+    };
+    let name = body.split('(').next().unwrap_or("");
+    let pid_positions = pid_args(name);
+    let mut out = String::with_capacity(line.len());
+    let b = body.as_bytes();
+    let (mut i, mut depth, mut arg) = (0, 0usize, 0usize);
+    let (mut in_string, mut pid_in_string) = (false, false);
+    while i < b.len() {
+        let c = b[i];
+        if in_string && c == b'\\' {
+            // An escape, copied as it is (`\177` is no thread id).
+            let n = 1 + body[i + 1..].chars().next().map_or(0, char::len_utf8);
+            out.push_str(&body[i..i + n]);
+            i += n;
+            continue;
+        }
+        if c == b'"' {
+            in_string = !in_string;
+        } else if !in_string {
+            match c {
+                b'(' | b'[' | b'{' => depth += 1,
+                b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+                b',' if depth == 1 => arg += 1,
+                _ => {}
+            }
+        }
+        let word_start = i == 0 || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_');
+        if !(word_start && c.is_ascii_digit()) {
+            let n = body[i..].chars().next().map_or(1, char::len_utf8);
+            out.push_str(&body[i..i + n]);
+            i += n;
+            continue;
+        }
+        let end = i + b[i..]
+            .iter()
+            .take_while(|d| d.is_ascii_alphanumeric() || **d == b'_')
+            .count();
+        let word = &body[i..end];
+        let hex = word
+            .strip_prefix("0x")
+            .filter(|h| h.bytes().all(|d| d.is_ascii_hexdigit()));
+        let pid_place = in_string
+            || (depth == 1 && pid_positions.contains(&arg))
+            || PID_FIELDS.iter().any(|f| out.ends_with(f));
+        if !in_string && hex.is_some_and(|h| h.len() >= 5) {
+            out.push_str("0x?");
+        } else if pid_place && tids.contains(word) {
+            out.push_str("<pid>");
+            pid_in_string |= in_string;
+        } else {
+            out.push_str(word);
+        }
+        i = end;
+    }
+    let Some(ret) = ret else { return out };
+    let value = ret.split_whitespace().next().unwrap_or("");
+    let ret = if PID_RETURNS.contains(&name) && value.parse::<u32>().is_ok_and(|n| n > 0) {
+        ret.replacen(value, "<pid>", 1)
+    } else if pid_in_string && value.parse::<u32>().is_ok() {
+        // The length argument too: the last one equal to the value.
+        if let Some(at) = out.rfind(&format!(", {value}")) {
+            out.replace_range(at + 2..at + 2 + value.len(), "<len>");
+        }
+        ret.replacen(value, "<len>", 1)
+    } else {
+        let addr = value
+            .strip_prefix("0x")
+            .is_some_and(|h| h.len() >= 5 && h.bytes().all(|d| d.is_ascii_hexdigit()));
+        if addr {
+            ret.replacen(value, "0x?", 1)
+        } else {
+            ret.to_string()
+        }
+    };
+    format!("{out} = {ret}")
+}
+
+/// How many lines of the oracle's log `hv`'s equal, thread by thread in
+/// the order [`parse_lines`] pairs them: (identical, the oracle's lines,
+/// the pairs that differ as `(hvtrace's, the oracle's)`). Lines past the
+/// shorter of two threads count as different, paired with an empty line.
+pub fn line_share(
+    hv: &[Vec<(Call, String)>],
+    oracle: &[Vec<(Call, String)>],
+) -> (usize, usize, Vec<(String, String)>) {
+    let (mut same, mut total, mut diffs) = (0, 0, Vec::new());
+    let empty = Vec::new();
+    for t in 0..hv.len().max(oracle.len()) {
+        let (h, o) = (hv.get(t).unwrap_or(&empty), oracle.get(t).unwrap_or(&empty));
+        for i in 0..h.len().max(o.len()) {
+            let hl = h.get(i).map_or("", |c| c.1.as_str());
+            let ol = o.get(i).map_or("", |c| c.1.as_str());
+            if i < o.len() {
+                total += 1;
+            }
+            if hl == ol {
+                same += 1;
+            } else {
+                diffs.push((hl.to_string(), ol.to_string()));
+            }
+        }
+    }
+    (same, total, diffs)
 }
 
 #[cfg(test)]
@@ -239,6 +421,35 @@ mod tests {
         assert_eq!(parent[2].ret, "<pid>");
         assert_eq!(parent[3].ret, "-1 ENOENT");
         assert_eq!(parent[4].ret, "<address>");
+    }
+
+    #[test]
+    fn whole_lines_normalise_addresses_ids_and_padding_only() {
+        let log = "clone(child_stack=NULL, flags=SIGCHLD) = 42\n\
+                   [pid    42] write(1, \"pid 42\\n\\42\", 9) = 9\n\
+                   [pid    42] +++ exited with 0 +++\n\
+                   mmap(NULL, 8192, PROT_READ, MAP_PRIVATE, 3, 0) = 0x7f12345000\n\
+                   newfstatat(1, \"\", 0x7ffc1000, 0x1000)   = 0\n\
+                   kill(42, SIGTERM) = 0\n\
+                   prlimit64(0, 42, NULL, 0x7ffc1000) = 0\n";
+        let seqs = parse_lines(log, &[]);
+        let lines: Vec<&str> = seqs.iter().flatten().map(|c| c.1.as_str()).collect();
+        assert_eq!(
+            lines,
+            [
+                "clone(child_stack=NULL, flags=SIGCHLD) = <pid>",
+                "mmap(NULL, 8192, PROT_READ, MAP_PRIVATE, 3, 0) = 0x?",
+                "newfstatat(1, \"\", 0x?, 0x1000) = 0",
+                "kill(<pid>, SIGTERM) = 0",
+                "prlimit64(0, 42, NULL, 0x?) = 0",
+                "write(1, \"pid <pid>\\n\\42\", <len>) = <len>",
+                "+++ exited with 0 +++",
+            ]
+        );
+        let other = parse_lines(&log.replace("0x1000)", "AT_EMPTY_PATH)"), &[]);
+        let (same, total, diffs) = line_share(&seqs, &other);
+        assert_eq!((same, total), (6, 7));
+        assert_eq!(diffs[0].1, "newfstatat(1, \"\", 0x?, AT_EMPTY_PATH) = 0");
     }
 
     /// strace's `-o FILE -f` leader (`41    read(...)`) parses as the

@@ -1,7 +1,7 @@
 //! `hvtrace trace` against the oracle the guest itself has: Debian's
 //! strace, run inside the same guest on the same program.
 
-use hvtrace_tests::strace_log::{parse, Call};
+use hvtrace_tests::strace_log::{line_share, parse, parse_lines, Call};
 use hvtrace_tests::*;
 
 /// Calls whose presence depends on timing (a futex wait happens only if
@@ -116,12 +116,8 @@ fn show(seqs: &[Vec<Call>]) -> String {
         .join("\n  ----\n")
 }
 
-/// Asserts that both traces have the same calls; returns both logs.
-fn assert_same_calls(program: &[&str]) -> (String, String) {
-    assert_same_calls_on("minimal", program)
-}
-
-/// [`assert_same_calls`] on guest kernel `kernel`.
+/// Asserts that hvtrace and the guest's strace see the same calls of
+/// `program` on guest kernel `kernel`; returns both logs.
 fn assert_same_calls_on(kernel: &str, program: &[&str]) -> (String, String) {
     let (hv_out, hv_log) = hvtrace_trace(kernel, program);
     let (st_out, st_log) = guest_strace(kernel, program);
@@ -155,32 +151,130 @@ fn signal_lines(log: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn file_io_calls_equal_guest_strace() {
-    require_kvm();
-    let _ = assert_same_calls(&["hv-fileio"]);
+/// What the whole-line comparison runs, each under `hvtrace trace -f` and
+/// the guest's `strace -f`: every test program that does not print
+/// timings, and a busybox shell pipeline with redirections (stdout to a
+/// file, stderr to /dev/null, a pipe, stdin from a file).
+const LINE_PROGRAMS: &[&[&str]] = &[
+    &["hv-fileio"],
+    &["hv-forkexec-loop", "2"],
+    &["hv-threads"],
+    &["hv-signals"],
+    &["hv-cpus"],
+    &[
+        "/bin/sh",
+        "-c",
+        "cat /etc/hostname > /tmp/h; ls -l /etc | wc -l; ls /nope 2>/dev/null; cat < /tmp/h",
+    ],
+];
+
+/// The least share of identical lines (in per mille) the whole-line
+/// comparison accepts, per kernel. On the minimal kernel every line is
+/// identical (443 of 443 when it was raised to 1000); Debian's kernels
+/// are held to 900 until the hardware-KVM lane has measured them (each
+/// difference that remains is listed in docs/limitations.md).
+fn line_floor(kernel: &str) -> usize {
+    match kernel {
+        "minimal" => 1000,
+        _ => 900,
+    }
 }
 
-#[test]
-fn fork_exec_wait_calls_equal_guest_strace() {
-    require_kvm();
-    let _ = assert_same_calls(&["hv-forkexec-loop", "2"]);
+/// Every program of [`LINE_PROGRAMS`] traced by hvtrace and by the
+/// guest's strace: the same calls (`assert_same_calls_on`), and the share
+/// of whole lines that are identical, addresses and thread ids aside,
+/// printed (with each differing pair) and held to [`line_floor`].
+fn lines_equal_guest_strace_on(kernel: &str) {
+    let (mut same, mut total, mut report) = (0, 0, String::new());
+    for program in LINE_PROGRAMS {
+        let (hv_log, st_log) = assert_same_calls_on(kernel, program);
+        if program[0] == "hv-signals" {
+            // Signals delivered to the program's handlers, number and code.
+            let (hv, st) = (signal_lines(&hv_log), signal_lines(&st_log));
+            assert_eq!(hv.len(), 3, "{hv:?}");
+            assert_eq!(hv, st);
+        }
+        let (hv, st) = (whole_lines(&hv_log), whole_lines(&st_log));
+        let (s, t, diffs) = line_share(&hv, &st);
+        report += &format!("{program:?}: {s} of {t} lines identical\n");
+        for (h, o) in diffs {
+            report += &format!("  hvtrace: {h}\n  strace:  {o}\n");
+        }
+        same += s;
+        total += t;
+    }
+    let per_mille = same * 1000 / total.max(1);
+    let figure = format!(
+        "{kernel}: {same} of {total} lines identical to the guest's strace ({}.{}%)",
+        per_mille / 10,
+        per_mille % 10
+    );
+    eprintln!("{figure}\n{report}");
+    assert!(
+        per_mille >= line_floor(kernel),
+        "{figure}, below the floor of {} per mille\n{report}",
+        line_floor(kernel)
+    );
 }
 
-#[test]
-fn thread_calls_equal_guest_strace() {
-    require_kvm();
-    let _ = assert_same_calls(&["hv-threads"]);
+/// A trace's whole lines per thread, as the calls' comparison pairs them,
+/// with what differs between any two runs blanked: random bytes, clock
+/// readings, and the lines a program prints with a duration in them
+/// (hv-forkexec-loop's "... ns"; their digits and length).
+fn whole_lines(log: &str) -> Vec<Vec<(Call, String)>> {
+    let mut seqs = parse_lines(log, TIMING_DEPENDENT);
+    for (c, line) in seqs.iter_mut().flatten() {
+        if RANDOM_CONTENT.contains(&c.name.as_str()) {
+            if let Some(at) = line.find('"') {
+                line.truncate(at);
+            }
+        }
+        *line = without_clock_values(line);
+        if c.name == "write" && c.strings.iter().any(|s| s.contains(" ns")) {
+            let mut blank: String = line
+                .chars()
+                .map(|ch| if ch.is_ascii_digit() { '#' } else { ch })
+                .collect();
+            if let Some(at) = blank.rfind(", #") {
+                blank.truncate(at);
+            }
+            *line = format!("{blank}, <len>) = <len>");
+        }
+    }
+    seqs
 }
 
+/// `tv_sec=N, tv_nsec=N` as `tv_sec=?, tv_nsec=?`: a clock's reading.
+fn without_clock_values(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(at) = rest.find("tv_sec=") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + "tv_sec=".len()..];
+        let secs = after.bytes().take_while(u8::is_ascii_digit).count();
+        let tail = &after[secs..];
+        match tail.strip_prefix(", tv_nsec=") {
+            Some(ns) if secs > 0 => {
+                let n = ns.bytes().take_while(u8::is_ascii_digit).count();
+                out.push_str("tv_sec=?, tv_nsec=?");
+                rest = &ns[n..];
+            }
+            _ => {
+                out.push_str("tv_sec=");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// hvtrace's trace of every program against the guest's strace: the same
+/// calls, and (the figure the README quotes) the share of identical lines.
 #[test]
-fn signal_calls_equal_guest_strace() {
+fn every_line_matches_the_guests_strace() {
     require_kvm();
-    let (hv, st) = assert_same_calls(&["hv-signals"]);
-    // Signals delivered to the program's handlers, with number and code.
-    let (hv, st) = (signal_lines(&hv), signal_lines(&st));
-    assert_eq!(hv.len(), 3, "{hv:?}");
-    assert_eq!(hv, st);
+    lines_equal_guest_strace_on("minimal");
 }
 
 /// A shell that signals itself with a signal whose default action kills
@@ -256,14 +350,7 @@ fn debian_6_12_calls_equal_guest_strace() {
 
 fn calls_equal_guest_strace_on(kernel: &str) {
     require_kvm();
-    for program in [
-        &["hv-fileio"][..],
-        &["hv-forkexec-loop", "2"],
-        &["hv-threads"],
-        &["hv-signals"],
-    ] {
-        let _ = assert_same_calls_on(kernel, program);
-    }
+    lines_equal_guest_strace_on(kernel);
     fatal_signals_equal_guest_strace_on(kernel);
 }
 

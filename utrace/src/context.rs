@@ -376,4 +376,8 @@ impl UserMemory for ThreadContext {
         let (ram, space) = self.memory.as_ref()?;
         self.files.as_ref()?.path(ram, *space, fd)
     }
+
+    fn user_sp(&self) -> Option<u64> {
+        self.regs().map(|r| r.get(Reg::Sp))
+    }
 }

@@ -2,7 +2,7 @@
 //! "/etc/hostname", O_RDONLY) = 3`, `-1 ENOENT (No such file or
 //! directory)`, strings quoted and cut at `-s` bytes as strace does.
 
-use super::{has_out_args, kinds_for, signature, Arg, Ret};
+use super::{has_out_args, kinds_for, names, signature, structs, Arg, Ret};
 
 /// Reads the traced thread's user memory (the guest is untrusted: a read
 /// may fail, and then the pointer is shown instead).
@@ -13,6 +13,12 @@ pub trait UserMemory {
     /// The path of the thread's open descriptor `fd` (`strace -y`), if
     /// known.
     fn fd_path(&self, _fd: u64) -> Option<String> {
+        None
+    }
+
+    /// The thread's user stack pointer at this stop, if known
+    /// (`rt_sigreturn` shows the mask of the signal frame there).
+    fn user_sp(&self) -> Option<u64> {
         None
     }
 }
@@ -159,7 +165,7 @@ impl Formatter {
                 Some(s) => s.clone(),
                 None => match kinds.get(i) {
                     Some(Arg::BufIn(n)) => self.buffer(p.args[i], p.args[*n], mem),
-                    Some(k) => self.exit_arg(*k, p.args[i], ret, mem),
+                    Some(k) => self.exit_arg(*k, p.args[i], &p.args, ret, mem),
                     None => format!("{:#x}", p.args[i]),
                 },
             })
@@ -208,9 +214,34 @@ impl Formatter {
 
     fn entry_arg(&self, kind: Arg, v: u64, all: &[u64; 6], mem: &dyn UserMemory) -> Option<String> {
         Some(match kind {
-            Arg::BufOut | Arg::BufOutHex | Arg::WaitStatus | Arg::NameOut | Arg::Utsname => {
-                return None
-            }
+            Arg::BufOut
+            | Arg::BufOutHex
+            | Arg::WaitStatus
+            | Arg::NameOut
+            | Arg::Utsname
+            | Arg::PipeFds
+            | Arg::SigSetOut(_)
+            | Arg::SigActionOut
+            | Arg::StatOut
+            | Arg::TimespecOut
+            | Arg::RlimitOut
+            | Arg::CpuSetOut
+            | Arg::Dirents
+            | Arg::Clone3 => return None,
+            Arg::ArchPrctlCode => names::arch_prctl_code(v),
+            Arg::Resource => names::resource(v),
+            Arg::ClockId => names::clock(v),
+            Arg::Advice => names::advice(v),
+            Arg::WaitOptions => flags(v, names::WAIT_OPTIONS, "0"),
+            Arg::AtFlags => flags(v, names::AT_FLAGS, "0"),
+            Arg::IoctlRequest => names::ioctl_request(v),
+            Arg::PipeFlags => flags(v, names::PIPE_FLAGS, "0"),
+            Arg::SigSetIn(len) => structs::sigset_at(v, all[len], mem),
+            Arg::SigActionIn => structs::sigaction_at(v, mem),
+            Arg::TimespecIn => structs::timespec_at(v, mem),
+            Arg::RlimitIn => structs::rlimit_at(v, mem),
+            Arg::CpuSetIn(len) => structs::cpu_set_at(v, all[len], mem),
+            Arg::SigreturnMask => return structs::sigreturn_mask(mem),
             Arg::PrctlOption => match v {
                 15 => "PR_SET_NAME".into(),
                 16 => "PR_GET_NAME".into(),
@@ -288,8 +319,42 @@ impl Formatter {
         })
     }
 
-    fn exit_arg(&self, kind: Arg, v: u64, ret: i64, mem: &dyn UserMemory) -> String {
+    fn exit_arg(
+        &self,
+        kind: Arg,
+        v: u64,
+        all: &[u64; 6],
+        ret: i64,
+        mem: &dyn UserMemory,
+    ) -> String {
+        let out_struct = matches!(
+            kind,
+            Arg::PipeFds
+                | Arg::SigSetOut(_)
+                | Arg::SigActionOut
+                | Arg::StatOut
+                | Arg::TimespecOut
+                | Arg::RlimitOut
+                | Arg::CpuSetOut
+                | Arg::Dirents
+        );
+        if out_struct && (v == 0 || ret < 0) {
+            // Nothing filled in: NULL or the address, as strace shows it.
+            return if v == 0 { "NULL".into() } else { ptr(v) };
+        }
         match kind {
+            Arg::PipeFds => match structs::pipe_fds_at(v, mem) {
+                Some([r, w]) => format!("[{}, {}]", self.fd(r, mem), self.fd(w, mem)),
+                None => ptr(v),
+            },
+            Arg::SigSetOut(len) => structs::sigset_at(v, all[len], mem),
+            Arg::SigActionOut => structs::sigaction_at(v, mem),
+            Arg::StatOut => structs::stat_at(v, mem),
+            Arg::TimespecOut => structs::timespec_at(v, mem),
+            Arg::RlimitOut => structs::rlimit_at(v, mem),
+            Arg::CpuSetOut => structs::cpu_set_at(v, ret as u64, mem),
+            Arg::Dirents => structs::dirents_at(v, ret as u64, mem),
+            Arg::Clone3 => structs::clone3_at(v, all[1], ret, mem),
             Arg::BufOut => {
                 if ret < 0 {
                     ptr(v)
@@ -510,7 +575,7 @@ fn count_pointers(addr: u64, mem: &dyn UserMemory) -> Option<u64> {
     None
 }
 
-fn ptr(v: u64) -> String {
+pub(crate) fn ptr(v: u64) -> String {
     if v == 0 {
         "NULL".into()
     } else {
@@ -706,6 +771,15 @@ pub fn signal_number(name: &str) -> Option<i32> {
     } else {
         format!("SIG{name}")
     };
+    if full == "SIGRTMIN" {
+        return Some(32);
+    }
+    if let Some(n) = full
+        .strip_prefix("SIGRT_")
+        .and_then(|n| n.parse::<i32>().ok())
+    {
+        return (0..=32).contains(&n).then_some(32 + n);
+    }
     SIGNALS
         .iter()
         .position(|s| *s == full)
@@ -717,13 +791,18 @@ pub fn signal_number(name: &str) -> Option<i32> {
 pub fn signal_name(sig: i32) -> String {
     match sig {
         1..=31 => SIGNALS[sig as usize].to_string(),
-        32..=64 => format!("SIGRT_{}", sig - 32),
+        // strace's signal table ends with SIGRTMIN (32).
+        32 => "SIGRTMIN".to_string(),
+        33..=64 => format!("SIGRT_{}", sig - 32),
         _ => sig.to_string(),
     }
 }
 
 const AT_FDCWD: i32 = -100;
 
+/// `open` flags in strace 6.1's order (src/xlat/open_mode_flags.in),
+/// each multi-bit flag before the flag its bits include (O_SYNC before
+/// O_DSYNC, O_TMPFILE before O_DIRECTORY).
 const OPEN: &[(u64, &str)] = &[
     (0o100, "O_CREAT"),
     (0o200, "O_EXCL"),
@@ -733,15 +812,15 @@ const OPEN: &[(u64, &str)] = &[
     (0o4000, "O_NONBLOCK"),
     (0o4_010_000, "O_SYNC"),
     (0o10_000, "O_DSYNC"),
-    (0o20_000, "O_ASYNC"),
     (0o40_000, "O_DIRECT"),
     (0o100_000, "O_LARGEFILE"),
-    (0o20_200_000, "O_TMPFILE"),
-    (0o200_000, "O_DIRECTORY"),
     (0o400_000, "O_NOFOLLOW"),
     (0o1_000_000, "O_NOATIME"),
     (0o2_000_000, "O_CLOEXEC"),
     (0o10_000_000, "O_PATH"),
+    (0o20_200_000, "O_TMPFILE"),
+    (0o200_000, "O_DIRECTORY"),
+    (0o20_000, "FASYNC"),
 ];
 
 const PROT: &[(u64, &str)] = &[(1, "PROT_READ"), (2, "PROT_WRITE"), (4, "PROT_EXEC")];
@@ -793,7 +872,7 @@ const GRND: &[(u64, &str)] = &[
 
 /// `A|B|0x40` for the set bits of `v` (multi-bit flags first when listed
 /// so), or `none` for 0.
-fn flags(v: u64, table: &[(u64, &str)], none: &str) -> String {
+pub(crate) fn flags(v: u64, table: &[(u64, &str)], none: &str) -> String {
     if v == 0 {
         return none.to_string();
     }
@@ -811,6 +890,11 @@ fn flags(v: u64, table: &[(u64, &str)], none: &str) -> String {
     parts.join("|")
 }
 
+/// `clone` flags without an exit signal: `CLONE_VM|CLONE_FS`, `0`.
+pub(crate) fn clone_flag_names(v: u64) -> String {
+    flags(v, CLONE, "0")
+}
+
 /// `open` flags: the access mode, then the flags (strace's order).
 pub fn open_flags(v: u64) -> String {
     let mode = match v & 3 {
@@ -819,25 +903,10 @@ pub fn open_flags(v: u64) -> String {
         2 => "O_RDWR",
         _ => "O_ACCMODE",
     };
-    let rest = v & !3;
-    // O_TMPFILE includes O_DIRECTORY, O_SYNC includes O_DSYNC: shown once.
-    let mut ordered: Vec<(u64, &str)> = OPEN.to_vec();
-    ordered.sort_by_key(|(bit, _)| std::cmp::Reverse(bit.count_ones()));
-    let mut left = rest;
-    let mut found: Vec<(u64, &str)> = Vec::new();
-    for (bit, name) in ordered {
-        if left & bit == bit {
-            found.push((bit, name));
-            left &= !bit;
-        }
+    match flags(v & !3, OPEN, "") {
+        rest if rest.is_empty() => mode.to_string(),
+        rest => format!("{mode}|{rest}"),
     }
-    found.sort_by_key(|(bit, _)| bit.trailing_zeros());
-    let mut parts = vec![mode.to_string()];
-    parts.extend(found.iter().map(|(_, n)| n.to_string()));
-    if left != 0 {
-        parts.push(format!("{left:#x}"));
-    }
-    parts.join("|")
 }
 
 /// A wait status as strace shows it.

@@ -3,6 +3,8 @@
 //! strace-style rendering ([`format`]).
 
 pub mod format;
+pub mod names;
+pub mod structs;
 pub mod table;
 
 pub use format::{Formatter, UserMemory};
@@ -70,6 +72,53 @@ pub enum Arg {
     /// A `struct utsname` the call fills (`uname`): shown at exit as
     /// strace does without `-v`, `{sysname="Linux", nodename="...", ...}`.
     Utsname,
+    /// `arch_prctl` code (`ARCH_SET_FS`).
+    ArchPrctlCode,
+    /// A resource limit (`RLIMIT_STACK`).
+    Resource,
+    /// A clock id (`CLOCK_MONOTONIC`).
+    ClockId,
+    /// `madvise` advice (`MADV_DONTNEED`).
+    Advice,
+    /// `wait4` options (`WNOHANG`).
+    WaitOptions,
+    /// The `*at` calls' flags (`AT_EMPTY_PATH`).
+    AtFlags,
+    /// An `ioctl` request (`TIOCGWINSZ`).
+    IoctlRequest,
+    /// `pipe2` flags (`O_CLOEXEC`, `0`).
+    PipeFlags,
+    /// The two descriptors `pipe` fills: `[3, 4]` at exit.
+    PipeFds,
+    /// A signal set the call reads, of the size in argument N: `[USR1]`.
+    SigSetIn(usize),
+    /// A signal set the call fills, of the size in argument N: at exit.
+    SigSetOut(usize),
+    /// A `struct sigaction` the call reads.
+    SigActionIn,
+    /// A `struct sigaction` the call fills: at exit.
+    SigActionOut,
+    /// A `struct stat` the call fills: at exit.
+    StatOut,
+    /// A `struct timespec` the call reads.
+    TimespecIn,
+    /// A `struct timespec` the call fills: at exit.
+    TimespecOut,
+    /// A `struct rlimit` the call reads.
+    RlimitIn,
+    /// A `struct rlimit` the call fills: at exit.
+    RlimitOut,
+    /// A CPU set the call reads, of the size in argument N: `[0 1]`.
+    CpuSetIn(usize),
+    /// A CPU set the call fills (as many bytes as it returns): at exit.
+    CpuSetOut,
+    /// A `getdents64` buffer: its address and entry count, at exit.
+    Dirents,
+    /// `clone3`'s `struct clone_args` (its size in the next argument):
+    /// shown at exit with the thread id the kernel stored.
+    Clone3,
+    /// `rt_sigreturn`'s mask, read from the signal frame on the stack.
+    SigreturnMask,
 }
 
 /// How the return value is shown.
@@ -104,15 +153,15 @@ pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
         "dup3" => (&[Fd, Fd, OpenFlags], Ret::Fd),
         "lseek" => (&[Fd, Int, Whence], Ret::Int),
         "unlink" | "rmdir" | "chdir" => (&[Str], Ret::Int),
-        "unlinkat" => (&[DirFd, Str, Hex], Ret::Int),
+        "unlinkat" => (&[DirFd, Str, AtFlags], Ret::Int),
         "mkdir" => (&[Str, Mode], Ret::Int),
         "mkdirat" => (&[DirFd, Str, Mode], Ret::Int),
         "access" => (&[Str, AccessMode], Ret::Int),
         "faccessat" | "faccessat2" => (&[DirFd, Str, AccessMode], Ret::Int),
-        "stat" | "lstat" => (&[Str, Ptr], Ret::Int),
-        "fstat" => (&[Fd, Ptr], Ret::Int),
+        "stat" | "lstat" => (&[Str, StatOut], Ret::Int),
+        "fstat" => (&[Fd, StatOut], Ret::Int),
         "uname" => (&[Utsname], Ret::Int),
-        "newfstatat" => (&[DirFd, Str, Ptr, Hex], Ret::Int),
+        "newfstatat" => (&[DirFd, Str, StatOut, AtFlags], Ret::Int),
         "readlink" => (&[Str, BufOut, Uint], Ret::Int),
         "readlinkat" => (&[DirFd, Str, BufOut, Uint], Ret::Int),
         "rename" => (&[Str, Str], Ret::Int),
@@ -126,44 +175,49 @@ pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
         "clone" => (&[CloneFlags, Ptr, Ptr, Ptr, Hex], Ret::Int),
         "fork" | "vfork" | "getpid" | "getppid" | "gettid" | "getuid" | "geteuid" | "getgid"
         | "getegid" | "sched_yield" | "pause" | "setsid" | "getpgrp" => (&[], Ret::Int),
-        "wait4" => (&[Int, WaitStatus, Hex, Ptr], Ret::Int),
+        "wait4" => (&[Int, WaitStatus, WaitOptions, Ptr], Ret::Int),
         "kill" => (&[Int, Signal], Ret::Int),
         "tkill" => (&[Int, Signal], Ret::Int),
         "tgkill" => (&[Int, Int, Signal], Ret::Int),
-        "rt_sigaction" => (&[Signal, Ptr, Ptr, Uint], Ret::Int),
-        "rt_sigprocmask" => (&[SigHow, Ptr, Ptr, Uint], Ret::Int),
-        "rt_sigreturn" => (&[], Ret::Int),
-        "pipe" => (&[Ptr], Ret::Int),
-        "pipe2" => (&[Ptr, OpenFlags], Ret::Int),
-        "nanosleep" => (&[Ptr, Ptr], Ret::Int),
+        "rt_sigaction" => (&[Signal, SigActionIn, SigActionOut, Uint], Ret::Int),
+        "rt_sigprocmask" => (&[SigHow, SigSetIn(3), SigSetOut(3), Uint], Ret::Int),
+        "rt_sigreturn" => (&[SigreturnMask], Ret::Int),
+        "rt_sigpending" => (&[SigSetOut(1), Uint], Ret::Int),
+        "pipe" => (&[PipeFds], Ret::Int),
+        "pipe2" => (&[PipeFds, PipeFlags], Ret::Int),
+        "nanosleep" => (&[TimespecIn, Ptr], Ret::Int),
         "set_tid_address" => (&[Ptr], Ret::Int),
         "set_robust_list" => (&[Ptr, Uint], Ret::Int),
-        "arch_prctl" => (&[Hex, Hex], Ret::Int),
-        "ioctl" => (&[Fd, Hex, Hex], Ret::Int),
+        "arch_prctl" => (&[ArchPrctlCode, Hex], Ret::Int),
+        "ioctl" => (&[Fd, IoctlRequest, Hex], Ret::Int),
         "fcntl" => (&[Fd, FcntlCmd, Hex], Ret::Int),
         "chroot" | "acct" | "swapoff" => (&[Str], Ret::Int),
         "sethostname" => (&[BufIn(1), Uint], Ret::Int),
-        "rseq" => (&[Ptr, Uint, Hex, Hex], Ret::Int),
-        "prlimit64" => (&[Int, Int, Ptr, Ptr], Ret::Int),
-        "clock_gettime" | "clock_getres" => (&[Int, Ptr], Ret::Int),
-        "clock_nanosleep" => (&[Int, Hex, Ptr, Ptr], Ret::Int),
-        "madvise" => (&[Ptr, Uint, Int], Ret::Int),
+        "rseq" => (&[Ptr, Hex, Hex, Hex], Ret::Int),
+        "prlimit64" => (&[Int, Resource, RlimitIn, RlimitOut], Ret::Int),
+        "getrlimit" => (&[Resource, RlimitOut], Ret::Int),
+        "setrlimit" => (&[Resource, RlimitIn], Ret::Int),
+        "clock_gettime" | "clock_getres" => (&[ClockId, TimespecOut], Ret::Int),
+        "clock_nanosleep" => (&[ClockId, Hex, TimespecIn, Ptr], Ret::Int),
+        "madvise" => (&[Ptr, Uint, Advice], Ret::Int),
         "futex" => (&[Ptr, Hex, Int, Ptr], Ret::Int),
         "prctl" => (&[PrctlOption, Hex, Hex, Hex, Hex], Ret::Int),
-        "clone3" => (&[Ptr, Uint], Ret::Int),
+        "clone3" => (&[Clone3, Uint], Ret::Int),
         "getcwd" => (&[BufOut, Uint], Ret::Int),
         "getrandom" => (&[BufOutHex, Uint, GrndFlags], Ret::Int),
         "chmod" => (&[Str, Mode], Ret::Int),
         "fchmodat" => (&[DirFd, Str, Mode], Ret::Int),
         "symlink" | "link" => (&[Str, Str], Ret::Int),
-        "getdents64" => (&[Fd, Ptr, Uint], Ret::Int),
+        "getdents64" => (&[Fd, Dirents, Uint], Ret::Int),
+        "sched_getaffinity" => (&[Int, Uint, CpuSetOut], Ret::Int),
+        "sched_setaffinity" => (&[Int, Uint, CpuSetIn(1)], Ret::Int),
         "poll" => (&[Ptr, Uint, Int], Ret::Int),
         "sysinfo" | "times" => (&[Ptr], Ret::Int),
         "umask" => (&[Mode], Ret::Int),
         "setpgid" => (&[Int, Int], Ret::Int),
         "getpgid" | "getsid" => (&[Int], Ret::Int),
         "sigaltstack" => (&[Ptr, Ptr], Ret::Int),
-        "rt_sigsuspend" => (&[Ptr, Uint], Ret::Int),
+        "rt_sigsuspend" => (&[SigSetIn(1), Uint], Ret::Int),
         "statfs" => (&[Str, Ptr], Ret::Int),
         "fstatfs" => (&[Fd, Ptr], Ret::Int),
         _ => return None,
@@ -180,7 +234,20 @@ pub fn has_out_args(args: &[Arg]) -> bool {
     args.iter().any(|a| {
         matches!(
             a,
-            Arg::BufOut | Arg::BufOutHex | Arg::WaitStatus | Arg::NameOut
+            Arg::BufOut
+                | Arg::BufOutHex
+                | Arg::WaitStatus
+                | Arg::NameOut
+                | Arg::Utsname
+                | Arg::PipeFds
+                | Arg::SigSetOut(_)
+                | Arg::SigActionOut
+                | Arg::StatOut
+                | Arg::TimespecOut
+                | Arg::RlimitOut
+                | Arg::CpuSetOut
+                | Arg::Dirents
+                | Arg::Clone3
         )
     })
 }
@@ -207,7 +274,9 @@ pub fn kinds_for(name: &str, args: &[u64; 6]) -> Option<(Vec<Arg>, Ret)> {
     if let Some(fi) = kinds.iter().position(|k| *k == Arg::OpenFlags) {
         const O_CREAT: u64 = 0o100;
         const O_TMPFILE: u64 = 0o20_200_000;
-        if kinds.get(fi + 1) == Some(&Arg::Mode) && args[fi] & (O_CREAT | O_TMPFILE) == 0 {
+        // O_TMPFILE holds O_DIRECTORY's bit: only both bits make it.
+        let creates = args[fi] & O_CREAT != 0 || args[fi] & O_TMPFILE == O_TMPFILE;
+        if kinds.get(fi + 1) == Some(&Arg::Mode) && !creates {
             kinds.truncate(fi + 1);
         }
     }
