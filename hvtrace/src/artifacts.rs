@@ -12,8 +12,29 @@ pub fn project_root() -> PathBuf {
     root.canonicalize().unwrap_or(root)
 }
 
-/// Runs a build script that prints one path on stdout; its progress goes
-/// to our stderr.
+/// Where a build script's whole stderr (apt's and make's output among
+/// it) is kept while it runs: `<cache>/logs/<dir>-<script>-<pid>.log`
+/// (one per hvtrace process: tests run many at once), removed when the
+/// script succeeds.
+fn script_log(script: &Path) -> PathBuf {
+    let dir = script
+        .parent()
+        .and_then(Path::file_name)
+        .map(|d| d.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = script
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    crate::snapcache::cache_root()
+        .join("logs")
+        .join(format!("{dir}-{stem}-{}.log", std::process::id()))
+}
+
+/// Runs a build script that prints one path on stdout. Its `[hvtrace]
+/// ...` lines are progress phases (printed as before when no progress
+/// display runs); everything it writes to stderr goes to its log file
+/// ([`script_log`]), which a failure names, with its last lines.
 fn run_script(script: &Path, args: &[&str]) -> Result<PathBuf> {
     if !script.exists() {
         bail!(
@@ -21,16 +42,38 @@ fn run_script(script: &Path, args: &[&str]) -> Result<PathBuf> {
             script.display()
         );
     }
-    let out = Command::new("bash")
+    let log_path = script_log(script);
+    let log = log_path
+        .parent()
+        .and_then(|d| std::fs::create_dir_all(d).ok())
+        .and_then(|()| std::fs::File::create(&log_path).ok());
+    let mut child = Command::new("bash")
         .arg(script)
         .args(args)
         .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .with_context(|| format!("cannot run {}", script.display()))?;
+    let stderr = child.stderr.take().context("the script's stderr")?;
+    let forward_all = log.is_none();
+    let relay = std::thread::spawn(move || relay_script_stderr(stderr, log, forward_all));
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("cannot run {}", script.display()))?;
+    let _ = relay.join();
     if !out.status.success() {
-        bail!("{} failed ({})", script.display(), out.status);
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+        bail!(
+            "{} failed ({}); its whole output is in {}; it ended with:\n{tail}",
+            script.display(),
+            out.status,
+            log_path.display()
+        );
     }
+    let _ = std::fs::remove_file(&log_path);
     let path = String::from_utf8_lossy(&out.stdout)
         .lines()
         .last()
@@ -41,6 +84,29 @@ fn run_script(script: &Path, args: &[&str]) -> Result<PathBuf> {
         bail!("{} printed no path", script.display());
     }
     Ok(PathBuf::from(path))
+}
+
+/// Copies a build script's stderr into `log` (to our stderr when there is
+/// no log), its `[hvtrace] ...` lines to the progress display.
+fn relay_script_stderr(
+    stderr: impl std::io::Read,
+    mut log: Option<std::fs::File>,
+    forward_all: bool,
+) {
+    use std::io::{BufRead, Write};
+    for line in std::io::BufReader::new(stderr).split(b'\n') {
+        let Ok(line) = line else { break };
+        let line = String::from_utf8_lossy(&line);
+        if let Some(log) = &mut log {
+            let _ = writeln!(log, "{line}");
+        }
+        match (line.strip_prefix("[hvtrace] "), crate::progress::current()) {
+            (Some(what), Some(p)) => p.set_phase(what),
+            (Some(_), None) => eprintln!("{line}"),
+            (None, _) if forward_all => eprintln!("{line}"),
+            (None, _) => {}
+        }
+    }
 }
 
 /// A guest kernel a user can name with `--kernel`.

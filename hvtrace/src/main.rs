@@ -7,6 +7,7 @@ mod gdb;
 mod guestfiles;
 mod introspect;
 mod output;
+mod progress;
 mod sink;
 mod snapcache;
 mod stacks;
@@ -112,6 +113,7 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
+            progress::finish();
             eprintln!("hvtrace: {e:#}");
             std::process::exit(failure_status(&e));
         }

@@ -2,7 +2,7 @@
 //! command, exit with its status.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::Args;
@@ -15,7 +15,7 @@ use crate::api::server::ApiServer;
 use crate::api::Op;
 use crate::introspect::KernelSource;
 use crate::sink::SinkArgs;
-use crate::{artifacts, snapcache};
+use crate::{artifacts, progress, snapcache};
 
 /// Default kernel command line; the VMM adds what the KVM kind needs.
 pub const DEFAULT_CMDLINE: &str =
@@ -115,7 +115,9 @@ impl GuestArgs {
         }
     }
 
-    /// Outputs wired to the host's stdout and stderr.
+    /// Outputs wired to the host's stdout and stderr; the console goes to
+    /// stderr with `-v`, else to the progress display (its last line and
+    /// boot phases), if one runs.
     pub fn outputs(&self) -> Outputs {
         Outputs {
             stdout: Box::new(std::io::stdout()),
@@ -123,9 +125,15 @@ impl GuestArgs {
             console_echo: if self.verbose {
                 Some(Box::new(std::io::stderr()))
             } else {
-                None
+                progress::current().map(|p| p.console_sink())
             },
         }
+    }
+
+    /// Starts the progress display for a command that waits on this
+    /// guest: silenced by `quiet`, whole lines with `-v`.
+    pub fn start_progress(&self, quiet: bool) {
+        progress::start(progress::Mode::for_stderr(quiet, self.verbose));
     }
 }
 
@@ -147,6 +155,9 @@ pub struct RunArgs {
     /// resent, spilled and dropped) as one JSON line on stderr at the end.
     #[arg(long)]
     pub report: bool,
+    /// No progress (status line or phase lines) while the guest is prepared.
+    #[arg(short, long)]
+    pub quiet: bool,
     /// Serve a control socket (as `hvtrace boot` does) while the command
     /// runs, so `hvtrace ps`/`inspect`/`snapshot` can look at the guest.
     #[arg(long)]
@@ -162,14 +173,17 @@ pub struct RunArgs {
 
 /// Opens the guest a command runs in: `restore` if given, else the cached
 /// snapshot of `guest` (unless `no_cache`), else a fresh boot that caches
-/// one. Returns the session and whether it was restored.
+/// one. Returns the session and whether it was restored. The progress
+/// display, if one runs, ends here: what follows is the command's.
 pub fn open_guest(
     guest: &GuestArgs,
     no_cache: bool,
     restore: Option<&std::path::Path>,
     sample_rip: Option<u64>,
 ) -> Result<(Session, bool)> {
-    let (mut session, restored) = open_guest_session(guest, no_cache, restore, sample_rip)?;
+    let opened = open_guest_session(guest, no_cache, restore, sample_rip);
+    progress::finish();
+    let (mut session, restored) = opened?;
     if let Some(after) = guest.stall_report() {
         let kernel = match restore {
             Some(_) => None,
@@ -188,12 +202,14 @@ fn open_guest_session(
 ) -> Result<(Session, bool)> {
     let stall = guest.stall();
     if let Some(snap) = restore {
+        progress::phase("restoring the snapshot");
         return Ok((Session::restore(snap, None, guest.outputs(), stall)?, true));
     }
     let config = guest.config()?;
     let key = snapcache::key(&config, KvmKind::detect())?;
     let cached = snapcache::path(&key);
     if !no_cache && cached.exists() {
+        progress::phase("restoring the cached snapshot");
         match Session::restore(&cached, Some(&key), guest.outputs(), stall) {
             Ok(s) => return Ok((s, true)),
             Err(e) => {
@@ -202,7 +218,16 @@ fn open_guest_session(
             }
         }
     }
+    let started = Instant::now();
     let session = boot_and_cache(guest, sample_rip, &config, &key, &cached, stall)?;
+    if let Some(p) = progress::current() {
+        // The status line ends here; the note stays above what follows.
+        p.end();
+        p.note(&format!(
+            "guest booted in {:.1}s; its snapshot makes the next run start in seconds",
+            started.elapsed().as_secs_f64()
+        ));
+    }
     Ok((session, false))
 }
 
@@ -216,6 +241,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         anyhow::bail!("--sink on `hvtrace run` publishes what is traced through its control socket: give --api-sock too (or use `hvtrace trace --sink`)");
     }
     let sink = args.sink.start()?;
+    args.guest.start_progress(args.quiet);
     let (mut session, restored) = open_guest(
         &args.guest,
         args.no_cache,
@@ -307,11 +333,13 @@ fn boot_and_cache(
     cached: &std::path::Path,
     stall: Duration,
 ) -> Result<Session> {
+    progress::phase("starting the guest (cold boot: minutes on PVM KVM, once)");
     let mut session = Session::boot(config, guest.outputs(), stall)?;
     if let Some(secs) = sample_rip {
         session.sample_rip_every(Duration::from_secs(secs));
     }
     session.wait_ready()?;
+    progress::phase("saving a snapshot of the booted guest");
     if let Some(dir) = cached.parent() {
         std::fs::create_dir_all(dir)?;
     }

@@ -294,6 +294,8 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
     };
     // Before booting: an unreachable sink is an error, with nothing traced.
     let sink = args.sink.start()?;
+    // strace's -q silences its messages; hvtrace's progress goes with them.
+    args.guest.start_progress(args.lines.quiet > 0);
     let (mut session, _) = open_guest(&args.guest, args.no_cache, args.restore.as_deref(), None)?;
     let info = Arc::new(kernel_info(&session, &args.guest, args.restore.is_some())?);
     let tracer = Tracer::install(session.vm(), info).context("installing the tracer")?;
