@@ -214,20 +214,6 @@ impl Formatter {
 
     fn entry_arg(&self, kind: Arg, v: u64, all: &[u64; 6], mem: &dyn UserMemory) -> Option<String> {
         Some(match kind {
-            Arg::BufOut
-            | Arg::BufOutHex
-            | Arg::WaitStatus
-            | Arg::NameOut
-            | Arg::Utsname
-            | Arg::PipeFds
-            | Arg::SigSetOut(_)
-            | Arg::SigActionOut
-            | Arg::StatOut
-            | Arg::TimespecOut
-            | Arg::RlimitOut
-            | Arg::CpuSetOut
-            | Arg::Dirents
-            | Arg::Clone3 => return None,
             Arg::ArchPrctlCode => names::arch_prctl_code(v),
             Arg::Resource => names::resource(v),
             Arg::ClockId => names::clock(v),
@@ -316,6 +302,11 @@ impl Formatter {
                     flags(v, ACCESS, "F_OK")
                 }
             }
+            // Filled by the call: shown at exit.
+            _ => {
+                debug_assert!(kind.is_out(), "{kind:?} has no entry form");
+                return None;
+            }
         })
     }
 
@@ -327,17 +318,18 @@ impl Formatter {
         ret: i64,
         mem: &dyn UserMemory,
     ) -> String {
-        let out_struct = matches!(
-            kind,
-            Arg::PipeFds
-                | Arg::SigSetOut(_)
-                | Arg::SigActionOut
-                | Arg::StatOut
-                | Arg::TimespecOut
-                | Arg::RlimitOut
-                | Arg::CpuSetOut
-                | Arg::Dirents
-        );
+        // The structures a failed call did not fill (the buffers, the wait
+        // status, the name, utsname and clone3 show themselves).
+        let out_struct = kind.is_out()
+            && !matches!(
+                kind,
+                Arg::BufOut
+                    | Arg::BufOutHex
+                    | Arg::WaitStatus
+                    | Arg::NameOut
+                    | Arg::Utsname
+                    | Arg::Clone3
+            );
         if out_struct && (v == 0 || ret < 0) {
             // Nothing filled in: NULL or the address, as strace shows it.
             return if v == 0 { "NULL".into() } else { ptr(v) };

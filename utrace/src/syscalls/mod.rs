@@ -228,12 +228,11 @@ pub fn signature(name: &str) -> Option<(&'static [Arg], Ret)> {
 const F_DUPFD: u64 = 0;
 const F_DUPFD_CLOEXEC: u64 = 1030;
 
-/// Whether the call's line is completed at exit with data it wrote
-/// (strace prints such calls whole at exit).
-pub fn has_out_args(args: &[Arg]) -> bool {
-    args.iter().any(|a| {
+impl Arg {
+    /// Whether the call fills this argument: it is shown at exit.
+    pub fn is_out(self) -> bool {
         matches!(
-            a,
+            self,
             Arg::BufOut
                 | Arg::BufOutHex
                 | Arg::WaitStatus
@@ -249,7 +248,13 @@ pub fn has_out_args(args: &[Arg]) -> bool {
                 | Arg::Dirents
                 | Arg::Clone3
         )
-    })
+    }
+}
+
+/// Whether the call's line is completed at exit with data it wrote
+/// (strace prints such calls whole at exit).
+pub fn has_out_args(args: &[Arg]) -> bool {
+    args.iter().any(|a| a.is_out())
 }
 
 /// The argument kinds of one call with these arguments: [`signature`],

@@ -174,19 +174,23 @@ pub fn pipe_fds_at(addr: u64, mem: &dyn UserMemory) -> Option<[u64; 2]> {
     Some([fd(0), fd(4)])
 }
 
-/// A `struct timespec` at `addr`: `{tv_sec=1, tv_nsec=500000000}`.
-pub fn timespec_at(addr: u64, mem: &dyn UserMemory) -> String {
+/// A structure of two 64-bit words at `addr`, shown by `show`: `NULL`,
+/// or the address when it cannot be read.
+fn two_words_at(addr: u64, mem: &dyn UserMemory, show: impl Fn(u64, u64) -> String) -> String {
     if addr == 0 {
         return "NULL".into();
     }
     match read_array::<16>(addr, mem) {
-        Some(b) => format!(
-            "{{tv_sec={}, tv_nsec={}}}",
-            u64_at(&b, 0) as i64,
-            u64_at(&b, 8) as i64
-        ),
+        Some(b) => show(u64_at(&b, 0), u64_at(&b, 8)),
         None => ptr(addr),
     }
+}
+
+/// A `struct timespec` at `addr`: `{tv_sec=1, tv_nsec=500000000}`.
+pub fn timespec_at(addr: u64, mem: &dyn UserMemory) -> String {
+    two_words_at(addr, mem, |sec, nsec| {
+        format!("{{tv_sec={}, tv_nsec={}}}", sec as i64, nsec as i64)
+    })
 }
 
 /// A resource limit value: `RLIM64_INFINITY`, `8192*1024`, or decimal.
@@ -203,17 +207,9 @@ fn rlim(v: u64) -> String {
 /// A `struct rlimit` at `addr`: `{rlim_cur=8192*1024,
 /// rlim_max=RLIM64_INFINITY}`.
 pub fn rlimit_at(addr: u64, mem: &dyn UserMemory) -> String {
-    if addr == 0 {
-        return "NULL".into();
-    }
-    match read_array::<16>(addr, mem) {
-        Some(b) => format!(
-            "{{rlim_cur={}, rlim_max={}}}",
-            rlim(u64_at(&b, 0)),
-            rlim(u64_at(&b, 8))
-        ),
-        None => ptr(addr),
-    }
+    two_words_at(addr, mem, |cur, max| {
+        format!("{{rlim_cur={}, rlim_max={}}}", rlim(cur), rlim(max))
+    })
 }
 
 /// The CPU set of `len` bytes at `addr`: the CPUs in it, `[0 1]`. Sets
