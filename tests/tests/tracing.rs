@@ -184,14 +184,11 @@ const LINE_PROGRAMS: &[(&[&str], &[&str])] = &[
 
 /// The least share of identical lines (in per mille) the whole-line
 /// comparison accepts, per kernel. On the minimal kernel every line is
-/// identical (439 of 439 when it was raised to 1000); Debian's kernels
-/// are held to 850 until the hardware-KVM lane has measured them (each
-/// difference that remains is listed in docs/limitations.md).
-fn line_floor(kernel: &str) -> usize {
-    match kernel {
-        "minimal" => 1000,
-        _ => 850,
-    }
+/// identical (439 of 439 when it was raised to 1000), and on Debian's
+/// 6.1 in the hardware-KVM lane (421 of 421); each difference that
+/// remains elsewhere is listed in docs/limitations.md.
+fn line_floor(_kernel: &str) -> usize {
+    1000
 }
 
 /// Every program of [`LINE_PROGRAMS`] traced by hvtrace and by the
