@@ -237,8 +237,7 @@ impl Formatter {
             Arg::Fd => self.fd(v, mem),
             Arg::FcntlCmd => fcntl_cmd(v),
             Arg::Uint => v.to_string(),
-            Arg::Hex if v == 0 => "0".into(),
-            Arg::Hex => format!("{v:#x}"),
+            Arg::Hex => hex(v),
             Arg::Ptr => ptr(v),
             Arg::DirFd => {
                 if v as i32 == AT_FDCWD {
@@ -565,6 +564,15 @@ fn count_pointers(addr: u64, mem: &dyn UserMemory) -> Option<u64> {
         }
     }
     None
+}
+
+/// Hexadecimal as C's `%#x` prints it: `0` for zero, else `0x..`.
+pub(crate) fn hex(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
 }
 
 pub(crate) fn ptr(v: u64) -> String {

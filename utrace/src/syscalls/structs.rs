@@ -8,7 +8,7 @@
 //! structure that cannot be read (or makes no sense, as a signal set of
 //! 300 bytes) is shown as its address, as strace does.
 
-use super::format::{flags, ptr, signal_name, UserMemory};
+use super::format::{flags, hex, ptr, signal_name, UserMemory};
 use super::names::SA_FLAGS;
 
 /// Reads `N` bytes at `addr`, if they are all mapped.
@@ -39,12 +39,8 @@ pub fn sigset(bytes: &[u8]) -> String {
             out.push(' ');
         }
         first = false;
-        let sig = i as i32 + 1;
-        match sig {
-            1..=31 => out.push_str(signal_name(sig).trim_start_matches("SIG")),
-            32 => out.push_str("RTMIN"),
-            _ => out.push_str(&format!("RT_{}", sig - 32)),
-        }
+        // `SIGRTMIN` and `SIGRT_n` above 31, as `signal_name` has them.
+        out.push_str(signal_name(i as i32 + 1).trim_start_matches("SIG"));
     }
     out.push(']');
     out
@@ -142,13 +138,6 @@ fn symbolic_mode(mode: u32) -> String {
 fn makedev(dev: u64) -> String {
     let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
     let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
-    let hex = |v: u64| {
-        if v == 0 {
-            "0".to_string()
-        } else {
-            format!("{v:#x}")
-        }
-    };
     format!("makedev({}, {})", hex(major), hex(minor))
 }
 
@@ -286,10 +275,7 @@ pub fn clone3_at(addr: u64, size: u64, ret: i64, mem: &dyn UserMemory) -> String
     }
     let exit_signal = field(4);
     let exit_signal = if exit_signal < i32::MAX as u64 {
-        match exit_signal {
-            0 => "0".to_string(),
-            n => signal_name(n as i32),
-        }
+        signal_name(exit_signal as i32)
     } else {
         exit_signal.to_string()
     };
@@ -297,15 +283,7 @@ pub fn clone3_at(addr: u64, size: u64, ret: i64, mem: &dyn UserMemory) -> String
         ", exit_signal={exit_signal}, stack={}",
         ptr(field(5))
     ));
-    let stack_size = field(6);
-    s.push_str(&format!(
-        ", stack_size={}",
-        if stack_size == 0 {
-            "0".to_string()
-        } else {
-            format!("{stack_size:#x}")
-        }
-    ));
+    s.push_str(&format!(", stack_size={}", hex(field(6))));
     if fl & CLONE_SETTLS != 0 {
         s.push_str(&format!(", tls={}", ptr(field(7))));
     }
