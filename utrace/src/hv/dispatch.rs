@@ -482,9 +482,6 @@ impl Dispatcher {
     ) -> Result<(), String> {
         let va = p.va;
         match p.kind {
-            TrapKind::Int3(
-                d @ (Displaced::Skip { .. } | Displaced::Jcc { .. } | Displaced::Jmp { .. }),
-            ) => regs.rip = d.next_rip(va, regs.rflags),
             TrapKind::Int3(Displaced::Call { len, target }) => {
                 let sp = regs.rsp.wrapping_sub(8);
                 let pa = translate(&self.ram, space, VirtAddr(sp)).map_err(|e| e.to_string())?;
@@ -496,6 +493,9 @@ impl Dispatcher {
                     .map_err(|e| e.to_string())?;
                 regs.rsp = sp;
                 regs.rip = target;
+            }
+            TrapKind::Int3(d) => {
+                d.execute_on_registers(va, regs);
             }
             TrapKind::DebugRegister => {}
         }

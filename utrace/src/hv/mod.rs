@@ -4,6 +4,8 @@
 //!
 //! * [`placement`]: each site's trap address and kind (int3 or debug
 //!   register), found once at install from symbols and disassembly.
+//! * [`displaced`]: the instructions the VMM executes in place of the one
+//!   under an `int3`.
 //! * [`tracer`]: installing the traps; the client's operations (trace the
 //!   next exec, attach, control, detach); removing it all.
 //! * [`dispatch`]: the trap handler: which site, which thread, which event
@@ -26,6 +28,7 @@
 //! * [`memory`]: a stopped thread's registers and memory, read and written.
 
 pub mod dispatch;
+pub mod displaced;
 pub mod doorbell;
 pub mod events;
 pub mod kcall;

@@ -29,10 +29,10 @@ use guest_introspect::kernel::RunningKernel;
 use guest_introspect::memory::PhysMemory;
 use guest_introspect::symbols::SymbolMap;
 use iced_x86::{
-    Code, ConditionCode, Decoder, DecoderOptions, Instruction, MemorySize, Mnemonic, OpKind,
-    Register,
+    Code, Decoder, DecoderOptions, Instruction, MemorySize, Mnemonic, OpKind, Register,
 };
 
+pub use crate::hv::displaced::{displaced, Cond, Displaced};
 use crate::hv::layout::TraceLayout;
 use crate::sites::Site;
 use crate::sites::{resolve, At, Reach, SITES};
@@ -51,127 +51,6 @@ const LOOP_SCAN_BYTES: usize = 1024;
 /// since the flag exists; a kernel that moved it would have no locked
 /// `and` clearing bit 1 in its loop, and the site would not be placed.
 pub const TIF_NOTIFY_RESUME: u32 = 1;
-
-/// How the VMM continues past an `int3` it planted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub enum Displaced {
-    /// A NOP or `endbr64` of `len` bytes: advance RIP.
-    Skip {
-        /// Instruction length.
-        len: u8,
-    },
-    /// `call rel32` to `target`: push the return address, jump.
-    Call {
-        /// Instruction length (5).
-        len: u8,
-        /// Call target.
-        target: u64,
-    },
-    /// A conditional near jump: to `target` if `cond` holds in RFLAGS,
-    /// else to the next instruction.
-    Jcc {
-        /// Instruction length.
-        len: u8,
-        /// The condition.
-        cond: Cond,
-        /// Where it jumps when taken.
-        target: u64,
-    },
-    /// An unconditional near jump to `target`.
-    Jmp {
-        /// Where it jumps.
-        target: u64,
-    },
-}
-
-impl Displaced {
-    /// Where the instruction at `va` sends a vCPU whose RFLAGS are
-    /// `rflags` (for a call, where it jumps; the VMM also pushes).
-    pub fn next_rip(self, va: u64, rflags: u64) -> u64 {
-        match self {
-            Displaced::Skip { len } => va + u64::from(len),
-            Displaced::Call { target, .. } | Displaced::Jmp { target } => target,
-            Displaced::Jcc { len, cond, target } => {
-                if cond.holds(rflags) {
-                    target
-                } else {
-                    va + u64::from(len)
-                }
-            }
-        }
-    }
-}
-
-/// The condition of a `jcc` (its `cc` field), evaluated as the CPU does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[allow(missing_docs)] // the x86 condition names are their documentation
-pub enum Cond {
-    O,
-    No,
-    B,
-    Ae,
-    E,
-    Ne,
-    Be,
-    A,
-    S,
-    Ns,
-    P,
-    Np,
-    L,
-    Ge,
-    Le,
-    G,
-}
-
-impl Cond {
-    /// The condition of iced's `cc`, if it is one of the sixteen.
-    fn of(cc: ConditionCode) -> Option<Cond> {
-        Some(match cc {
-            ConditionCode::o => Cond::O,
-            ConditionCode::no => Cond::No,
-            ConditionCode::b => Cond::B,
-            ConditionCode::ae => Cond::Ae,
-            ConditionCode::e => Cond::E,
-            ConditionCode::ne => Cond::Ne,
-            ConditionCode::be => Cond::Be,
-            ConditionCode::a => Cond::A,
-            ConditionCode::s => Cond::S,
-            ConditionCode::ns => Cond::Ns,
-            ConditionCode::p => Cond::P,
-            ConditionCode::np => Cond::Np,
-            ConditionCode::l => Cond::L,
-            ConditionCode::ge => Cond::Ge,
-            ConditionCode::le => Cond::Le,
-            ConditionCode::g => Cond::G,
-            ConditionCode::None => return None,
-        })
-    }
-
-    /// Whether the condition holds in `rflags` (Intel SDM, Jcc).
-    pub fn holds(self, rflags: u64) -> bool {
-        let flag = |bit: u32| rflags >> bit & 1 == 1;
-        let (cf, pf, zf, sf, of) = (flag(0), flag(2), flag(6), flag(7), flag(11));
-        match self {
-            Cond::O => of,
-            Cond::No => !of,
-            Cond::B => cf,
-            Cond::Ae => !cf,
-            Cond::E => zf,
-            Cond::Ne => !zf,
-            Cond::Be => cf || zf,
-            Cond::A => !cf && !zf,
-            Cond::S => sf,
-            Cond::Ns => !sf,
-            Cond::P => pf,
-            Cond::Np => !pf,
-            Cond::L => sf != of,
-            Cond::Ge => sf == of,
-            Cond::Le => zf || sf != of,
-            Cond::G => !zf && sf == of,
-        }
-    }
-}
 
 /// The kind of trap a site gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -215,29 +94,6 @@ fn instruction_at<M: PhysMemory + ?Sized>(
         )));
     }
     Ok(insn)
-}
-
-/// What the VMM can do in place of `insn`, if anything.
-pub fn displaced(insn: &Instruction) -> Option<Displaced> {
-    let len = insn.len() as u8;
-    match insn.mnemonic() {
-        Mnemonic::Nop | Mnemonic::Endbr64 => Some(Displaced::Skip { len }),
-        Mnemonic::Call if insn.code() == Code::Call_rel32_64 => Some(Displaced::Call {
-            len,
-            target: insn.near_branch_target(),
-        }),
-        Mnemonic::Jmp if matches!(insn.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64) => {
-            Some(Displaced::Jmp {
-                target: insn.near_branch_target(),
-            })
-        }
-        _ if insn.is_jcc_short_or_near() => Some(Displaced::Jcc {
-            len,
-            cond: Cond::of(insn.condition_code())?,
-            target: insn.near_branch_target(),
-        }),
-        _ => None,
-    }
 }
 
 /// Finds the inlined exit work in the function at `start`: the address of
@@ -558,37 +414,6 @@ pub fn find_signal_taken<M: PhysMemory + ?Sized>(
 mod tests {
     use super::*;
 
-    fn decode(bytes: &[u8]) -> Instruction {
-        Decoder::with_ip(64, bytes, 0x1000, DecoderOptions::NONE).decode()
-    }
-
-    #[test]
-    fn nops_endbr_and_calls_are_executed_by_the_vmm_others_are_not() {
-        // nopl 0x0(%rax,%rax,1): the patched ftrace slot.
-        assert_eq!(
-            displaced(&decode(&[0x0f, 0x1f, 0x44, 0x00, 0x00])),
-            Some(Displaced::Skip { len: 5 })
-        );
-        assert_eq!(
-            displaced(&decode(&[0xf3, 0x0f, 0x1e, 0xfa])),
-            Some(Displaced::Skip { len: 4 })
-        );
-        // call -0x55f85 (an unpatched __fentry__ call)
-        assert_eq!(
-            displaced(&decode(&[0xe8, 0x7b, 0x2a, 0xfa, 0xff])),
-            Some(Displaced::Call {
-                len: 5,
-                target: 0x1005u64.wrapping_add(0xfffa_2a7b_u32 as i32 as i64 as u64)
-            })
-        );
-        assert_eq!(
-            displaced(&decode(&[0x48, 0x89, 0xfd])),
-            None,
-            "mov %rdi,%rbp"
-        );
-        assert_eq!(displaced(&decode(&[0x41, 0x54])), None, "push %r12");
-    }
-
     /// The exit path of the minimal 6.1 kernel (`test $0x76,%bl; je out`)
     /// and of Debian's (`test $0x76,%bl; jne slow`), as objdump shows them.
     #[test]
@@ -692,25 +517,5 @@ mod tests {
         let mut falls = jne;
         falls[9] = 0x90;
         assert!(signal_taken(&falls, 0x1000, 0x1005).unwrap().fall_through);
-    }
-
-    /// Conditional jumps run by the VMM go where the CPU would.
-    #[test]
-    fn jcc_conditions_follow_the_flags() {
-        const CF: u64 = 1;
-        const ZF: u64 = 1 << 6;
-        const SF: u64 = 1 << 7;
-        const OF: u64 = 1 << 11;
-        let je = displaced(&decode(&[0x74, 0x10])).unwrap();
-        assert_eq!(je.next_rip(0x1000, ZF), 0x1012);
-        assert_eq!(je.next_rip(0x1000, 0), 0x1002);
-        let jne = displaced(&decode(&[0x0f, 0x85, 0x00, 0x01, 0x00, 0x00])).unwrap();
-        assert_eq!(jne.next_rip(0x1000, 0), 0x1106);
-        assert_eq!(jne.next_rip(0x1000, ZF), 0x1006);
-        assert!(Cond::L.holds(SF) && !Cond::L.holds(SF | OF));
-        assert!(Cond::Be.holds(CF) && Cond::A.holds(0) && !Cond::A.holds(ZF));
-        assert!(Cond::G.holds(SF | OF) && !Cond::G.holds(SF));
-        let jmp = displaced(&decode(&[0xeb, 0xfe])).unwrap();
-        assert_eq!(jmp.next_rip(0x1000, 0), 0x1000);
     }
 }

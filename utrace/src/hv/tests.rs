@@ -194,10 +194,15 @@ fn dispatcher(ram: GuestRam) -> Arc<Dispatcher> {
     let layout = layout();
     let plans = HashMap::from([
         plan(Site::SyscallEntry, ENTRY_VA, TrapKind::DebugRegister),
+        // The minimal kernel's exit site: `mov %rdi,%rbp` under the int3.
         plan(
             Site::SyscallExit,
             EXIT_VA,
-            TrapKind::Int3(Displaced::Skip { len: 4 }),
+            TrapKind::Int3(Displaced::MovReg {
+                len: 3,
+                dst: iced_x86::Register::RBP,
+                src: iced_x86::Register::RDI,
+            }),
         ),
         plan(Site::Quiesce, QUIESCE_VA, TrapKind::DebugRegister),
         plan(
@@ -409,11 +414,7 @@ fn a_system_call_is_reported_from_the_saved_registers_with_its_context() {
     let probe = trace(&d, Probe::default(), SYSCALLS);
     assert_eq!(hit(&d, ENTRY_VA, TrapHit::DebugRegister), None);
     let after = hit(&d, EXIT_VA, TrapHit::Int3 { original: 0xf3 }).expect("rip moved");
-    assert_eq!(
-        after.rip,
-        EXIT_VA + 4,
-        "the displaced 4-byte instruction ran"
-    );
+    assert_eq!(after.rip, EXIT_VA + 3, "the displaced `mov` ran");
     assert_eq!(
         *probe.seen.lock().unwrap(),
         [
@@ -643,7 +644,8 @@ fn a_stop_vote_parks_the_thread_in_the_kernel_until_released_through_the_doorbel
     assert_eq!(
         after,
         GuestRegs {
-            rip: EXIT_VA + 4,
+            rip: EXIT_VA + 3,
+            rbp: at.rdi,
             ..at
         }
     );
@@ -680,7 +682,8 @@ fn sigkill_breaks_a_stop_and_an_untraced_or_killed_thread_is_never_parked() {
     assert_eq!(
         after,
         GuestRegs {
-            rip: EXIT_VA + 4,
+            rip: EXIT_VA + 3,
+            rbp: at.rdi,
             ..at
         }
     );
@@ -691,7 +694,7 @@ fn sigkill_breaks_a_stop_and_an_untraced_or_killed_thread_is_never_parked() {
     );
     // Still voting STOP, but dying: not parked again.
     let after = hit_with(&d, at, int3).unwrap();
-    assert_eq!(after.rip, EXIT_VA + 4);
+    assert_eq!((after.rip, after.rbp), (EXIT_VA + 3, at.rdi));
     // A doorbell with nothing queued changes nothing but runs the handler.
     let irq = GuestRegs {
         rip: DOORBELL_VA,
