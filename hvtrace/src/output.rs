@@ -8,8 +8,9 @@
 //! reader, as a traced process waits for strace, so nothing is lost.
 
 use std::io::{self, Write};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// Records (flushes) the queue holds before a writer waits.
 pub const QUEUE_RECORDS: usize = 1 << 16;
@@ -97,29 +98,60 @@ pub fn queued(out: Box<dyn Write + Send>) -> io::Result<(QueuedWriter, WriterThr
     ))
 }
 
+/// How often the writer looks at its queue while a trace is busy.
+const POLL: Duration = Duration::from_millis(2);
+/// Empty looks (50 ms of quiet) before the writer sleeps until woken.
+const POLLS_BEFORE_BLOCKING: u32 = 25;
+
 /// The writer thread: writes each record, flushing whenever the queue runs
 /// empty (so a burst costs one flush, and a quiet trace shows every line at
-/// once).
+/// once). While records keep coming it polls the queue every [`POLL`]
+/// instead of blocking on it: a blocked receiver makes every send a futex
+/// wake-up of this thread on the vCPU thread that traced the call
+/// (measured with perf: 7 % of a traced getpid loop's host time was that
+/// wake-up). A line reaches its reader at most 2 ms later for it.
 fn write_all(mut out: Box<dyn Write + Send>, rx: Receiver<Msg>) {
     let mut ok = true;
-    while let Ok(msg) = rx.recv() {
-        let mut next = Some(msg);
-        while let Some(msg) = next.take() {
-            match msg {
-                Msg::Data(d) if ok => ok = out.write_all(&d).is_ok(),
-                Msg::Data(_) => {}
-                Msg::Finish => {
-                    let _ = out.flush();
-                    return;
+    let mut unflushed = false;
+    loop {
+        let msg = match rx.try_recv() {
+            Ok(msg) => msg,
+            Err(TryRecvError::Disconnected) => break,
+            Err(TryRecvError::Empty) => {
+                if ok && unflushed {
+                    ok = out.flush().is_ok();
+                }
+                unflushed = false;
+                match next_after_quiet(&rx) {
+                    Some(msg) => msg,
+                    None => break,
                 }
             }
-            next = rx.try_recv().ok();
-        }
-        if ok {
-            ok = out.flush().is_ok();
+        };
+        match msg {
+            Msg::Data(d) if ok => {
+                ok = out.write_all(&d).is_ok();
+                unflushed = true;
+            }
+            Msg::Data(_) => {}
+            Msg::Finish => break,
         }
     }
     let _ = out.flush();
+}
+
+/// The next message of an empty queue: polled for a while, then waited
+/// for. None once every sender is gone.
+fn next_after_quiet(rx: &Receiver<Msg>) -> Option<Msg> {
+    for _ in 0..POLLS_BEFORE_BLOCKING {
+        std::thread::sleep(POLL);
+        match rx.try_recv() {
+            Ok(msg) => return Some(msg),
+            Err(TryRecvError::Empty) => {}
+            Err(TryRecvError::Disconnected) => return None,
+        }
+    }
+    rx.recv().ok()
 }
 
 #[cfg(test)]
