@@ -12,11 +12,17 @@ hv_log() {
 }
 
 # Install Debian packages that are not installed yet (idempotent, quiet).
+# One dpkg-query for all of them: these checks run on every `hvtrace run`
+# (through the cached build scripts), where each process costs the user.
 hv_apt_install() {
     local missing=()
-    local p
+    local p status installed=$'\n'
+    # dpkg-query fails on a package it has never heard of: that one is missing.
+    while read -r p status; do
+        [ "$status" = "install ok installed" ] && installed+="$p"$'\n'
+    done < <(dpkg-query -W -f='${Package} ${Status}\n' "$@" 2>/dev/null || true)
     for p in "$@"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+        case $installed in *$'\n'"$p"$'\n'*) ;; *) missing+=("$p") ;; esac
     done
     [ ${#missing[@]} -eq 0 ] && return 0
     hv_log "installing Debian packages: ${missing[*]}"
@@ -29,12 +35,40 @@ hv_apt_install() {
     fi
 }
 
-# sha256 of the given strings and files, as one hex digest.
+# sha256 of the given strings and files, as one hex digest: the digest of
+# one line per argument (a string as itself, a file as sha256sum prints
+# it). Runs of files are hashed by one sha256sum, which prints the same
+# lines as one call per file: the keys of existing caches stay valid.
 hv_hash() {
+    local digest
+    digest=$(hv_hash_lines "$@" | sha256sum)
+    echo "${digest:0:16}"
+}
+
+# The lines hv_hash digests.
+hv_hash_lines() {
     local x
+    local -a run=()
     for x in "$@"; do
-        if [ -f "$x" ]; then sha256sum "$x"; else printf '%s\n' "$x"; fi
-    done | sha256sum | cut -c1-16
+        if [ -f "$x" ]; then
+            run+=("$x")
+            continue
+        fi
+        [ ${#run[@]} -eq 0 ] || sha256sum -- "${run[@]}"
+        run=()
+        printf '%s\n' "$x"
+    done
+    [ ${#run[@]} -eq 0 ] || sha256sum -- "${run[@]}"
+}
+
+# The installed version of each given package, read with one dpkg-query,
+# into the associative array hv_version (package name -> version).
+hv_versions() {
+    declare -gA hv_version=()
+    local name version
+    while read -r name version; do
+        hv_version[$name]=$version
+    done < <(dpkg-query -W -f='${Package} ${Version}\n' "$@")
 }
 
 # Make bookworm-backports (Debian's 6.12 kernels, newer QEMU) known to apt,

@@ -1,8 +1,10 @@
 //! The default guest kernel and image: built by the project's scripts on
 //! first use and cached by content hash (see kernel-config/ and images/).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 
@@ -31,11 +33,38 @@ fn script_log(script: &Path) -> PathBuf {
         .join(format!("{dir}-{stem}-{}.log", std::process::id()))
 }
 
+/// The path a build script printed, remembered for the rest of the
+/// process: one `hvtrace run` asks for its kernel and image several times
+/// (the snapshot key, the stall reporter, the tracer's symbols), and each
+/// run of a script, even one that only finds its cached result, costs a
+/// few dozen milliseconds of processes (measured: 2 runs of each script in
+/// `run`, 3 in `trace`, before this). Scripts are deterministic for one
+/// process: their inputs are the checkout and the installed packages.
+fn run_script(script: &Path, args: &[&str]) -> Result<PathBuf> {
+    type Key = (PathBuf, Vec<String>);
+    static DONE: Mutex<BTreeMap<Key, PathBuf>> = Mutex::new(BTreeMap::new());
+    let key = (
+        script.to_path_buf(),
+        args.iter().map(|a| a.to_string()).collect(),
+    );
+    if let Some(path) = DONE.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(path.clone());
+    }
+    // Not held while the script runs: a build takes minutes, and two
+    // threads asking at once at worst both run it (the scripts are
+    // idempotent and publish their results atomically).
+    let path = run_script_now(script, args)?;
+    DONE.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, path.clone());
+    Ok(path)
+}
+
 /// Runs a build script that prints one path on stdout. Its `[hvtrace]
 /// ...` lines are progress phases (printed as before when no progress
 /// display runs); everything it writes to stderr goes to its log file
 /// ([`script_log`]), which a failure names, with its last lines.
-fn run_script(script: &Path, args: &[&str]) -> Result<PathBuf> {
+fn run_script_now(script: &Path, args: &[&str]) -> Result<PathBuf> {
     if !script.exists() {
         bail!(
             "{} is missing: hvtrace builds its default guest from its source tree",
