@@ -27,6 +27,7 @@ use vmm::vstate::memory::GuestRam;
 
 use crate::context::ThreadContext;
 use crate::event::{Event, Tid};
+pub(crate) use crate::hv::displaced::{gpr, gpr_mut};
 use crate::hv::kcall::{Calls, Purpose};
 use crate::hv::layout::TraceLayout;
 use crate::hv::placement::{Displaced, PlannedTrap, TrapKind};
@@ -501,33 +502,4 @@ impl Dispatcher {
         }
         Ok(())
     }
-}
-
-/// The 64-bit register of `regs` that `reg` (any width) is part of.
-pub(crate) fn gpr_mut(regs: &mut GuestRegs, reg: iced_x86::Register) -> Option<&mut u64> {
-    use iced_x86::Register as R;
-    Some(match reg.full_register() {
-        R::RAX => &mut regs.rax,
-        R::RBX => &mut regs.rbx,
-        R::RCX => &mut regs.rcx,
-        R::RDX => &mut regs.rdx,
-        R::RSI => &mut regs.rsi,
-        R::RDI => &mut regs.rdi,
-        R::RBP => &mut regs.rbp,
-        R::R8 => &mut regs.r8,
-        R::R9 => &mut regs.r9,
-        R::R10 => &mut regs.r10,
-        R::R11 => &mut regs.r11,
-        R::R12 => &mut regs.r12,
-        R::R13 => &mut regs.r13,
-        R::R14 => &mut regs.r14,
-        R::R15 => &mut regs.r15,
-        _ => return None,
-    })
-}
-
-/// The value of the register `reg` is part of, in `regs`.
-pub(crate) fn gpr(regs: &GuestRegs, reg: iced_x86::Register) -> Option<u64> {
-    let mut copy = *regs;
-    gpr_mut(&mut copy, reg).map(|r| *r)
 }

@@ -135,10 +135,11 @@ impl Displaced {
     }
 }
 
-/// The sixteen general registers' 64-bit slots in `regs`, RSP included.
-fn slot(regs: &mut GuestRegs, full: Register) -> &mut u64 {
+/// The 64-bit register of `regs` that `reg` (any width) is part of, if it
+/// is one of the sixteen general registers.
+pub(crate) fn gpr_mut(regs: &mut GuestRegs, reg: Register) -> Option<&mut u64> {
     use Register as R;
-    match full {
+    Some(match reg.full_register() {
         R::RAX => &mut regs.rax,
         R::RBX => &mut regs.rbx,
         R::RCX => &mut regs.rcx,
@@ -155,12 +156,17 @@ fn slot(regs: &mut GuestRegs, full: Register) -> &mut u64 {
         R::R13 => &mut regs.r13,
         R::R14 => &mut regs.r14,
         R::R15 => &mut regs.r15,
-        // `general` below admits only the registers above.
-        other => unreachable!("{other:?} is not a general register"),
-    }
+        _ => return None,
+    })
 }
 
-/// Whether `reg` is a general register [`slot`] knows, at any width.
+/// The value of the register `reg` is part of, in `regs`.
+pub(crate) fn gpr(regs: &GuestRegs, reg: Register) -> Option<u64> {
+    let mut copy = *regs;
+    gpr_mut(&mut copy, reg).map(|r| *r)
+}
+
+/// Whether `reg` is a general register [`gpr_mut`] knows, at any width.
 fn general(reg: Register) -> bool {
     reg.is_gpr()
 }
@@ -175,8 +181,8 @@ fn high_byte(reg: Register) -> bool {
 
 /// The value of `reg` (its width's bits, zero-extended).
 fn read(regs: &GuestRegs, reg: Register) -> u64 {
-    let mut copy = *regs;
-    let whole = *slot(&mut copy, reg.full_register());
+    // `displaced` admits general registers only, which `gpr` knows.
+    let whole = gpr(regs, reg).unwrap_or(0);
     let shifted = if high_byte(reg) { whole >> 8 } else { whole };
     shifted & width_mask(reg.size())
 }
@@ -184,7 +190,9 @@ fn read(regs: &GuestRegs, reg: Register) -> u64 {
 /// Writes `value` to a 32- or 64-bit `reg` as `mov` does: a 32-bit
 /// destination zero-extends into the whole register.
 fn write(regs: &mut GuestRegs, reg: Register, value: u64) {
-    *slot(regs, reg.full_register()) = value & width_mask(reg.size());
+    if let Some(slot) = gpr_mut(regs, reg) {
+        *slot = value & width_mask(reg.size());
+    }
 }
 
 /// All ones in the low `bytes` bytes.
