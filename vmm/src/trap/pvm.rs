@@ -162,27 +162,13 @@ pub enum FixupError {
     Msrs,
 }
 
-/// What the page-fault trap decided, and the registers the vCPU resumes
-/// with (the caller writes them: general registers through `kvm_run`
-/// where KVM syncs registers, saving an ioctl on the path every guest
-/// syscall takes).
-#[derive(Debug, Clone, Copy)]
-pub struct PageFaultFix {
-    /// Which case it was.
-    pub outcome: PageFaultOutcome,
-    /// The general registers to resume with.
-    pub regs: kvm_regs,
-    /// The special registers to resume with, if they changed.
-    pub sregs: Option<kvm_sregs>,
-}
-
 /// Handles the trap on the page-fault entry's `cld` (vCPU stopped there).
 pub fn handle_page_fault_entry(
     vcpu: &VcpuFd,
     ram: &GuestRam,
     msrs: &mut Option<SyscallMsrs>,
     at: &Stopped,
-) -> Result<PageFaultFix, FixupError> {
+) -> Result<PageFaultOutcome, FixupError> {
     let (mut regs, sregs) = (at.regs, at.sregs);
     let mut frame = [0u8; 48];
     read_virt(ram, address_space(&sregs), VirtAddr(regs.rsp), &mut frame).map_err(|e| {
@@ -199,40 +185,36 @@ pub fn handle_page_fault_entry(
         }
         let m = msrs.expect("just set");
         if fault_rip == m.lstar {
-            let sregs = complete_syscall(&mut regs, sregs, m, fault_rflags, fault_rsp);
-            return Ok(PageFaultFix {
-                outcome: PageFaultOutcome::SyscallCompleted,
-                regs,
-                sregs: Some(sregs),
-            });
+            complete_syscall(vcpu, &mut regs, sregs, m, fault_rflags, fault_rsp)?;
+            return Ok(PageFaultOutcome::SyscallCompleted);
         }
     }
     regs.rflags &= !RFLAGS_DF;
     regs.rip += 1;
-    Ok(PageFaultFix {
-        outcome: PageFaultOutcome::GenuineFault,
-        regs,
-        sregs: None,
-    })
+    vcpu.set_regs(&regs)?;
+    Ok(PageFaultOutcome::GenuineFault)
 }
 
 /// Finishes a `syscall` whose privilege switch failed: RCX and R11 already
 /// hold the user RIP and RFLAGS; load the kernel selectors from MSR_STAR,
 /// drop the page-fault frame and enter at LSTAR with masked flags.
 fn complete_syscall(
+    vcpu: &VcpuFd,
     regs: &mut kvm_regs,
     mut sregs: kvm_sregs,
     m: SyscallMsrs,
     user_rflags: u64,
     user_rsp: u64,
-) -> kvm_sregs {
+) -> Result<(), FixupError> {
     let kernel_cs = ((m.star >> 32) & 0xfffc) as u16;
     sregs.cs = kernel_segment(kernel_cs, 0xb, true);
     sregs.ss = kernel_segment(kernel_cs + 8, 0x3, false);
     regs.rip = m.lstar;
     regs.rsp = user_rsp;
     regs.rflags = (user_rflags & !m.sfmask) | RFLAGS_FIXED;
-    sregs
+    vcpu.set_sregs(&sregs)?;
+    vcpu.set_regs(regs)?;
+    Ok(())
 }
 
 fn kernel_segment(selector: u16, type_: u8, code: bool) -> kvm_segment {

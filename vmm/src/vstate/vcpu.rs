@@ -166,10 +166,6 @@ pub struct VcpuThread {
     /// Whether `kvm_run`'s register copy is this exit's and unread (see
     /// [`VcpuThread::stopped`]).
     exit_regs_fresh: bool,
-    /// General registers written into `kvm_run` for the next `KVM_RUN` to
-    /// load (see [`VcpuThread::write_exit_regs`]), kept here too, with
-    /// whether a `KVM_RUN` returned since.
-    regs_deferred: Option<(kvm_bindings::kvm_regs, bool)>,
     /// When the last KVM_RUN returned (for the time split in VcpuStats).
     left_guest_at: Option<std::time::Instant>,
     /// Whether KVM accepts `KVM_GUESTDBG_BLOCKIRQ` (no interrupt is
@@ -206,7 +202,6 @@ impl VcpuThread {
             applied_hw_generation: 0,
             stepping_over: false,
             exit_regs_fresh: false,
-            regs_deferred: None,
             left_guest_at: None,
             block_irq: None,
         }
@@ -246,7 +241,6 @@ impl VcpuThread {
                     }
                 }
             }
-            self.settle_deferred_regs();
             let entered = std::time::Instant::now();
             if let Some(left) = self.left_guest_at.take() {
                 let ns = entered.duration_since(left).as_nanos() as u64;
@@ -257,9 +251,6 @@ impl VcpuThread {
             let ran = self.fd.run();
             let left = std::time::Instant::now();
             self.exit_regs_fresh = self.shared.sync_regs;
-            if let Some((_, ran)) = &mut self.regs_deferred {
-                *ran = true;
-            }
             self.left_guest_at = Some(left);
             let stats = &self.shared.stats[self.id as usize];
             stats.exits.fetch_add(1, Ordering::Relaxed);
@@ -341,10 +332,6 @@ impl VcpuThread {
             }
         }
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
-        // Whoever gets the fd back reads registers by ioctl.
-        if let Err(e) = self.flush_deferred_regs() {
-            log::warn!("vCPU {}: cannot write its last registers: {e}", self.id);
-        }
         let _ = self.events.send(VcpuEvent::Finished(self.id));
         self.fd
     }
@@ -357,11 +344,6 @@ impl VcpuThread {
 
     /// Drains commands after a kick.
     fn on_kick(&mut self) -> Next {
-        // A command may read or write registers by ioctl (a snapshot, a
-        // debugger): it must see what this vCPU will resume with.
-        if let Err(e) = self.flush_deferred_regs() {
-            return self.fail(format!("cannot write the vCPU registers: {e}"));
-        }
         while let Ok(cmd) = self.commands.try_recv() {
             match cmd {
                 VcpuCommand::Pause => {
@@ -379,10 +361,6 @@ impl VcpuThread {
 
     /// Parks the vCPU until resumed or finished, serving `Exec` requests.
     fn paused_loop(&mut self) -> Next {
-        // Paused, the vCPU's registers are read and written by ioctl.
-        if let Err(e) = self.flush_deferred_regs() {
-            log::warn!("vCPU {}: cannot write its registers: {e}", self.id);
-        }
         // Tell the guest's kvmclock the vCPU was stopped by the host, so its
         // soft-lockup watchdog does not fire; not every KVM kind supports it.
         let _ = self.fd.kvmclock_ctrl();
@@ -465,8 +443,6 @@ impl VcpuThread {
     /// single-steps one instruction instead (with interrupts held off where
     /// KVM can do that), so the instruction under it runs exactly once.
     fn apply_debug_registers(&mut self, step_over: Option<u64>) -> Result<(), kvm_ioctls::Error> {
-        // KVM_SET_GUEST_DEBUG reads RIP and RFLAGS for a single-step.
-        self.flush_deferred_regs()?;
         let generation = self.shared.traps.hw_generation();
         let mut dbg = kvm_bindings::kvm_guest_debug::default();
         let mut control = 0;
@@ -559,26 +535,22 @@ impl VcpuThread {
                             return self.fail(format!("PVM page-fault trap at {rip:#x}: {e}"))
                         }
                     };
-                    let fixed = pvm::handle_page_fault_entry(
+                    match pvm::handle_page_fault_entry(
                         &self.fd,
                         &self.shared.ram,
                         &mut self.msrs,
                         &at,
-                    )
-                    .map_err(|e| e.to_string())
-                    .and_then(|fix| {
-                        self.write_exit_regs(&fix.regs, fix.sregs.as_ref())
-                            .map(|()| fix.outcome)
-                            .map_err(|e| format!("vCPU register access failed: {e}"))
-                    });
-                    let stats = &self.shared.stats[self.id as usize];
-                    match fixed {
+                    ) {
                         Ok(PageFaultOutcome::SyscallCompleted) => {
-                            stats.syscall_fixups.fetch_add(1, Ordering::Relaxed);
+                            self.shared.stats[self.id as usize]
+                                .syscall_fixups
+                                .fetch_add(1, Ordering::Relaxed);
                             Next::Run
                         }
                         Ok(PageFaultOutcome::GenuineFault) => {
-                            stats.page_faults.fetch_add(1, Ordering::Relaxed);
+                            self.shared.stats[self.id as usize]
+                                .page_faults
+                                .fetch_add(1, Ordering::Relaxed);
                             Next::Run
                         }
                         Err(e) => self.fail(format!("PVM page-fault trap at {rip:#x}: {e}")),
@@ -614,8 +586,17 @@ impl VcpuThread {
     /// two of the three to four register ioctls of every syscall fix-up
     /// and tracer trap). The copy stops being this exit's once the VMM
     /// sets a register, so any later read in the same exit uses the ioctls.
+    ///
+    /// Writes still go by ioctl. Writing them into `kvm_run` for the next
+    /// `KVM_RUN` to load (`kvm_dirty_regs`) was tried and measured faster
+    /// (a traced getpid +40 us instead of +61, an untraced one 198 us
+    /// instead of 232), but on this host's PVM KVM the guest kernel then
+    /// double-faulted in `exc_page_fault` on a user stack in 2-10 % of
+    /// `hvtrace trace -- true` runs, whichever exits (syscall fix-ups or
+    /// tracer traps) deferred their writes, and KVM had loaded every
+    /// deferred write (its dirty bit was clear after each `KVM_RUN`). Not
+    /// understood, so not done.
     fn stopped(&mut self) -> Result<pvm::Stopped, kvm_ioctls::Error> {
-        self.settle_deferred_regs();
         if std::mem::take(&mut self.exit_regs_fresh) {
             let synced = self.fd.sync_regs();
             return Ok(pvm::Stopped {
@@ -623,67 +604,7 @@ impl VcpuThread {
                 sregs: synced.sregs,
             });
         }
-        self.flush_deferred_regs()?;
         pvm::Stopped::read(&self.fd)
-    }
-
-    /// Writes the registers this exit resumes with. Where KVM syncs
-    /// registers, the general ones go into `kvm_run` and KVM loads them at
-    /// the next `KVM_RUN` (no ioctl, no `vcpu_load`); until then anything
-    /// that reads or writes registers by ioctl calls
-    /// [`VcpuThread::flush_deferred_regs`] first. Special registers are
-    /// written by ioctl, and first, as before: KVM's sync would load them
-    /// after the general ones, and the PVM syscall fix-up has always
-    /// loaded CS and SS before RSP.
-    fn write_exit_regs(
-        &mut self,
-        regs: &kvm_bindings::kvm_regs,
-        sregs: Option<&kvm_bindings::kvm_sregs>,
-    ) -> Result<(), kvm_ioctls::Error> {
-        if let Some(sregs) = sregs {
-            self.flush_deferred_regs()?;
-            self.fd.set_sregs(sregs)?;
-        }
-        if !self.shared.sync_regs {
-            return self.fd.set_regs(regs);
-        }
-        self.settle_deferred_regs();
-        self.fd.sync_regs_mut().regs = *regs;
-        self.fd.set_sync_dirty_reg(SyncReg::Register);
-        self.regs_deferred = Some((*regs, false));
-        Ok(())
-    }
-
-    /// After a `KVM_RUN` (checked before anything looks at registers or
-    /// runs the vCPU again): KVM clears the dirty bit of registers it
-    /// loaded. A `KVM_RUN` that returned without loading them (none seen
-    /// on this host's KVM, which loads them before it looks at a kick)
-    /// would have overwritten `kvm_run`'s copy with the registers the VMM
-    /// did not change: they are written again, still pending, and this
-    /// exit's copy is not fresh.
-    fn settle_deferred_regs(&mut self) {
-        let Some((regs, true)) = self.regs_deferred else {
-            return;
-        };
-        let dirty = self.fd.get_kvm_run().kvm_dirty_regs;
-        if dirty & u64::from(kvm_bindings::KVM_SYNC_X86_REGS) == 0 {
-            self.regs_deferred = None;
-        } else {
-            self.fd.sync_regs_mut().regs = regs;
-            self.regs_deferred = Some((regs, false));
-            self.exit_regs_fresh = false;
-        }
-    }
-
-    /// Writes general registers waiting in `kvm_run` by ioctl now (before
-    /// another ioctl that reads or writes registers).
-    fn flush_deferred_regs(&mut self) -> Result<(), kvm_ioctls::Error> {
-        self.settle_deferred_regs();
-        let Some((regs, _)) = self.regs_deferred.take() else {
-            return Ok(());
-        };
-        self.fd.clear_sync_dirty_reg(SyncReg::Register);
-        self.fd.set_regs(&regs)
     }
 
     fn count_tracer_trap_exit(&self) {
@@ -714,14 +635,7 @@ impl VcpuThread {
         );
         handler.on_trap(&mut ctx, va, hit);
         if let Some(changed) = ctx.changed_regs() {
-            let regs = changed.into();
-            match hit {
-                // The vCPU runs on at once.
-                TrapHit::Int3 { .. } => self.write_exit_regs(&regs, None)?,
-                // A single-step follows, set up from RIP and RFLAGS as they
-                // are now: written by ioctl.
-                TrapHit::DebugRegister => self.fd.set_regs(&regs)?,
-            }
+            self.fd.set_regs(&changed.into())?;
         }
         Ok(())
     }
@@ -779,9 +693,6 @@ impl VcpuThread {
             return;
         }
         self.last_entry_check = Some(Instant::now());
-        if self.flush_deferred_regs().is_err() {
-            return;
-        }
         let Ok(sregs) = self.fd.get_sregs() else {
             return;
         };
