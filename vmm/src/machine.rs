@@ -65,14 +65,6 @@ pub struct Machine {
     cmdline: String,
 }
 
-/// Whether KVM keeps general and special registers in `kvm_run` at every
-/// exit (`KVM_CAP_SYNC_REGS` reports the register sets it can keep).
-fn sync_regs_supported(vm: &VmFd) -> bool {
-    let sets = vm.check_extension_int(kvm_ioctls::Cap::SyncRegs);
-    let wanted = (kvm_bindings::KVM_SYNC_X86_REGS | kvm_bindings::KVM_SYNC_X86_SREGS) as i32;
-    sets > 0 && sets & wanted == wanted
-}
-
 impl Machine {
     /// Wraps the parts the builder (or snapshot restore) made.
     #[allow(clippy::too_many_arguments)]
@@ -130,7 +122,6 @@ impl Machine {
             pvm_trap_ready: ready.clone(),
             stats: stats.clone(),
             started,
-            sync_regs: sync_regs_supported(&self.vm),
         };
         let (event_tx, event_rx) = unbounded();
         let (ack_tx, ack_rx) = unbounded();

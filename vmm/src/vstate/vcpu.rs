@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use kvm_bindings::kvm_run;
-use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
+use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::devices::bus::PortIoBus;
 use crate::kvm_kind::KvmKind;
@@ -128,10 +128,6 @@ pub struct VcpuShared {
     pub stats: Arc<Vec<VcpuStats>>,
     /// When the VM was started (for first-instruction timing).
     pub started: Instant,
-    /// Whether KVM copies the registers into `kvm_run` at every exit
-    /// (`KVM_CAP_SYNC_REGS`), so that an exit's handler reads them without
-    /// an ioctl.
-    pub sync_regs: bool,
 }
 
 /// A device exit: counts it in the `counter` of vCPU `id` and hands the
@@ -163,9 +159,6 @@ pub struct VcpuThread {
     /// Single-stepping the instruction under a debug-register trap (with
     /// that breakpoint off on this vCPU only).
     stepping_over: bool,
-    /// Whether `kvm_run`'s register copy is this exit's and unread (see
-    /// [`VcpuThread::stopped`]).
-    exit_regs_fresh: bool,
     /// When the last KVM_RUN returned (for the time split in VcpuStats).
     left_guest_at: Option<std::time::Instant>,
     /// Whether KVM accepts `KVM_GUESTDBG_BLOCKIRQ` (no interrupt is
@@ -201,7 +194,6 @@ impl VcpuThread {
             entry_unrecognised_reported: false,
             applied_hw_generation: 0,
             stepping_over: false,
-            exit_regs_fresh: false,
             left_guest_at: None,
             block_irq: None,
         }
@@ -211,10 +203,6 @@ impl VcpuThread {
     pub fn run(mut self) -> VcpuFd {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(run_ptr));
-        if self.shared.sync_regs {
-            self.fd.set_sync_valid_reg(SyncReg::Register);
-            self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
-        }
         let mut first = true;
         loop {
             if first && self.id == 0 {
@@ -250,7 +238,6 @@ impl VcpuThread {
             }
             let ran = self.fd.run();
             let left = std::time::Instant::now();
-            self.exit_regs_fresh = self.shared.sync_regs;
             self.left_guest_at = Some(left);
             let stats = &self.shared.stats[self.id as usize];
             stats.exits.fetch_add(1, Ordering::Relaxed);
@@ -382,7 +369,7 @@ impl VcpuThread {
     fn on_internal_error(&mut self) -> Next {
         // Registers are read once here and handed to whatever handles the
         // exit (this path carries every failed syscall on PVM KVM).
-        let Ok(at) = self.stopped() else {
+        let Ok(at) = pvm::Stopped::read(&self.fd) else {
             return self.fail("KVM internal error and the vCPU registers cannot be read".into());
         };
         let rip = at.regs.rip;
@@ -529,7 +516,7 @@ impl VcpuThread {
         match self.shared.traps.classify(rip) {
             Breakpoint::Ours(trap) => match trap.owner {
                 TrapOwner::PvmPageFaultEntry => {
-                    let at = match at.map_or_else(|| self.stopped(), Ok) {
+                    let at = match at.map(Ok).unwrap_or_else(|| pvm::Stopped::read(&self.fd)) {
                         Ok(at) => at,
                         Err(e) => {
                             return self.fail(format!("PVM page-fault trap at {rip:#x}: {e}"))
@@ -579,34 +566,6 @@ impl VcpuThread {
         }
     }
 
-    /// The registers of the exit this vCPU just took. Where KVM keeps a
-    /// copy in `kvm_run` (`KVM_CAP_SYNC_REGS`), the first read after an
-    /// exit takes it from there: no ioctl, and each register ioctl costs a
-    /// `vcpu_load` (several MSR reads on PVM KVM; measured: the reads were
-    /// two of the three to four register ioctls of every syscall fix-up
-    /// and tracer trap). The copy stops being this exit's once the VMM
-    /// sets a register, so any later read in the same exit uses the ioctls.
-    ///
-    /// Writes still go by ioctl. Writing them into `kvm_run` for the next
-    /// `KVM_RUN` to load (`kvm_dirty_regs`) was tried and measured faster
-    /// (a traced getpid +40 us instead of +61, an untraced one 198 us
-    /// instead of 232), but on this host's PVM KVM the guest kernel then
-    /// double-faulted in `exc_page_fault` on a user stack in 2-10 % of
-    /// `hvtrace trace -- true` runs, whichever exits (syscall fix-ups or
-    /// tracer traps) deferred their writes, and KVM had loaded every
-    /// deferred write (its dirty bit was clear after each `KVM_RUN`). Not
-    /// understood, so not done.
-    fn stopped(&mut self) -> Result<pvm::Stopped, kvm_ioctls::Error> {
-        if std::mem::take(&mut self.exit_regs_fresh) {
-            let synced = self.fd.sync_regs();
-            return Ok(pvm::Stopped {
-                regs: synced.regs,
-                sregs: synced.sregs,
-            });
-        }
-        pvm::Stopped::read(&self.fd)
-    }
-
     fn count_tracer_trap_exit(&self) {
         self.shared.stats[self.id as usize]
             .tracer_trap_exits
@@ -616,7 +575,7 @@ impl VcpuThread {
     /// Calls a tracer's handler with this vCPU's state read once, and writes
     /// the registers back only if the handler changed them.
     fn call_trap_handler(
-        &mut self,
+        &self,
         handler: &dyn TrapHandler,
         va: u64,
         hit: TrapHit,
@@ -625,7 +584,7 @@ impl VcpuThread {
         self.count_tracer_trap_exit();
         let at = match at {
             Some(at) => at,
-            None => self.stopped()?,
+            None => pvm::Stopped::read(&self.fd)?,
         };
         let mut ctx = TrapContext::new(
             self.id,
