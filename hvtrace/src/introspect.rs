@@ -42,6 +42,47 @@ pub fn info_from_files(kernel: &Path, system_map: Option<&Path>) -> Result<Kerne
     KernelInfo::from_files(&elf, map.as_deref()).with_context(|| format!("{}", kernel.display()))
 }
 
+/// A kernel file's information being loaded on a thread of its own
+/// (decompressing the image, its symbols, its BTF: ~70 ms for the minimal
+/// kernel), so that the work overlaps what the caller does meanwhile: a
+/// restore before tracing, or the wait for a control socket's first
+/// `ps`.
+pub struct InfoPreload {
+    source: KernelSource,
+    loading: std::thread::JoinHandle<Result<KernelInfo>>,
+}
+
+impl InfoPreload {
+    /// Starts loading `source` if it is a kernel file (guest memory is
+    /// read with the VM paused, on request).
+    pub fn start(source: &KernelSource) -> Option<Self> {
+        let KernelSource::Files { kernel, system_map } = source else {
+            return None;
+        };
+        let (kernel, system_map) = (kernel.clone(), system_map.clone());
+        let loading = std::thread::Builder::new()
+            .name("kernel-info".into())
+            .spawn(move || info_from_files(&kernel, system_map.as_deref()))
+            .ok()?;
+        Some(Self {
+            source: source.clone(),
+            loading,
+        })
+    }
+
+    /// What is being loaded.
+    pub fn source(&self) -> &KernelSource {
+        &self.source
+    }
+
+    /// The loaded information (waiting for it if need be).
+    pub fn wait(self) -> Result<KernelInfo> {
+        self.loading
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("loading the kernel information panicked")))
+    }
+}
+
 /// Loads kernel information from `source`, reading guest memory if asked.
 pub fn load_info(
     source: &KernelSource,

@@ -20,7 +20,7 @@ use vmm::vstate::memory::GuestRam;
 use super::debugger::{Debugger, DEBUGGER_EVENTS};
 use super::server::Conn;
 use super::{Op, PROTOCOL_VERSION};
-use crate::introspect::{self, KernelSource};
+use crate::introspect::{self, InfoPreload, KernelSource};
 use crate::stacks::CpuState;
 
 /// State kept between requests.
@@ -29,6 +29,9 @@ pub struct Handler {
     /// Kernel information loaded so far, per source (loading a Debian
     /// kernel's takes a second; a VM's kernel does not change).
     infos: HashMap<KernelSource, Arc<KernelInfo>>,
+    /// The default kernel file's information, loading since the handler
+    /// was made: the first `ps` then does not wait for it.
+    preload: Option<InfoPreload>,
     /// The tracer, while any client has engines attached.
     tracer: Option<Tracer>,
     /// Each attached connection's engine data (engines are found by it).
@@ -195,6 +198,7 @@ impl Handler {
     /// names a kernel file.
     pub fn new(default_source: KernelSource) -> Self {
         Self {
+            preload: InfoPreload::start(&default_source),
             default_source,
             infos: HashMap::new(),
             tracer: None,
@@ -983,6 +987,7 @@ impl Handler {
         session: &Session,
         source: &KernelSource,
     ) -> Result<Arc<KernelInfo>, String> {
+        self.adopt_preload();
         if let Some(i) = self.infos.get(source) {
             return Ok(i.clone());
         }
@@ -991,6 +996,21 @@ impl Handler {
             .get(source)
             .cloned()
             .ok_or_else(|| "kernel information unavailable".to_string())
+    }
+
+    /// Keeps the preloaded kernel information (waiting for it if it is
+    /// still loading). A failed load is forgotten: the request that needs
+    /// it loads again and reports the error.
+    fn adopt_preload(&mut self) {
+        if let Some(loading) = self.preload.take() {
+            let source = loading.source().clone();
+            match loading.wait() {
+                Ok(info) => {
+                    self.infos.insert(source, Arc::new(info));
+                }
+                Err(e) => log::debug!("preloading the kernel information: {e:#}"),
+            }
+        }
     }
 
     fn text_hash(&mut self, session: &Session) -> Result<Value, String> {
@@ -1190,6 +1210,7 @@ impl Handler {
         f: impl FnOnce(&GuestRam, &[C], &KernelInfo) -> anyhow::Result<Value>,
     ) -> Result<Value, String> {
         let vm = session.vm();
+        self.adopt_preload();
         if let KernelSource::Files { kernel, system_map } = source {
             if !self.infos.contains_key(source) {
                 let info = introspect::info_from_files(kernel, system_map.as_deref())

@@ -18,7 +18,7 @@ use utrace::strace::{Strace, StraceOptions, STRACE_EVENTS};
 use vmm::session::Session;
 
 use crate::cmd::run::{open_guest, GuestArgs};
-use crate::introspect;
+use crate::introspect::{self, InfoPreload};
 use crate::sink::SinkArgs;
 
 /// Arguments of `hvtrace trace`.
@@ -246,11 +246,19 @@ pub fn open_output(path: Option<&std::path::Path>) -> Result<Box<dyn Write + Sen
 }
 
 /// The traced guest's kernel information: from the kernel file hvtrace
-/// booted, or (for a snapshot of unknown origin) from guest memory.
-fn kernel_info(session: &Session, guest: &GuestArgs, from_memory: bool) -> Result<KernelInfo> {
+/// booted (loading since `preload` started), or (for a snapshot of unknown
+/// origin) from guest memory.
+fn kernel_info(
+    session: &Session,
+    guest: &GuestArgs,
+    preload: Option<InfoPreload>,
+    from_memory: bool,
+) -> Result<KernelInfo> {
+    if let Some(loading) = preload {
+        return loading.wait();
+    }
     if !from_memory {
-        let kernel = crate::artifacts::kernel(guest.kernel.as_deref())?;
-        return introspect::info_from_files(&kernel, None);
+        return introspect::info_from_files(&guest.config()?.kernel, None);
     }
     let vm = session.vm();
     vm.pause_all()?;
@@ -296,8 +304,21 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
     let sink = args.sink.start()?;
     // strace's -q silences its messages; hvtrace's progress goes with them.
     args.guest.start_progress(args.lines.quiet > 0);
+    // The kernel's symbols and types load while the guest is restored.
+    let preload = match args.restore {
+        Some(_) => None,
+        None => InfoPreload::start(&introspect::KernelSource::Files {
+            kernel: args.guest.config()?.kernel,
+            system_map: None,
+        }),
+    };
     let (mut session, _) = open_guest(&args.guest, args.no_cache, args.restore.as_deref(), None)?;
-    let info = Arc::new(kernel_info(&session, &args.guest, args.restore.is_some())?);
+    let info = Arc::new(kernel_info(
+        &session,
+        &args.guest,
+        preload,
+        args.restore.is_some(),
+    )?);
     let tracer = Tracer::install(session.vm(), info).context("installing the tracer")?;
     check_tampered_calls(&tamper, &tracer.syscalls())?;
     let only = only
