@@ -61,16 +61,6 @@ hv_hash_lines() {
     [ ${#run[@]} -eq 0 ] || sha256sum -- "${run[@]}"
 }
 
-# The installed version of each given package, read with one dpkg-query,
-# into the associative array hv_version (package name -> version).
-hv_versions() {
-    declare -gA hv_version=()
-    local name version
-    while read -r name version; do
-        hv_version[$name]=$version
-    done < <(dpkg-query -W -f='${Package} ${Version}\n' "$@")
-}
-
 # Make bookworm-backports (Debian's 6.12 kernels, newer QEMU) known to apt,
 # idempotently. A fresh Debian 12 machine lists only bookworm and its
 # updates; the suite is added in a file of its own, with the archive URI

@@ -27,7 +27,7 @@ use vmm::vstate::memory::GuestRam;
 
 use crate::context::ThreadContext;
 use crate::event::{Event, Tid};
-pub(crate) use crate::hv::displaced::{gpr, gpr_mut};
+use crate::hv::displaced::gpr_mut;
 use crate::hv::kcall::{Calls, Purpose};
 use crate::hv::layout::TraceLayout;
 use crate::hv::placement::{Displaced, PlannedTrap, TrapKind};

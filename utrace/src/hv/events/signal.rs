@@ -24,7 +24,8 @@ use guest_introspect::error::IntrospectError;
 
 use crate::context::{SignalAction, SignalDetails};
 use crate::event::{Event, EventMask, CLD_CONTINUED, CLD_STOPPED};
-use crate::hv::dispatch::{gpr, Dispatcher, Trap};
+use crate::hv::dispatch::{Dispatcher, Trap};
+use crate::hv::displaced::gpr;
 use crate::hv::placement::TrapKind;
 use crate::hv::signals;
 
