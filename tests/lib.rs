@@ -7,7 +7,7 @@
 
 pub mod strace_log;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -62,13 +62,108 @@ pub fn loop_count(pvm_count: u32) -> u32 {
     }
 }
 
-/// Runs hvtrace with `args`, capturing stdout and stderr.
+/// Runs hvtrace with `args`, capturing stdout and stderr, within
+/// [`command_limit`]: a command that hangs fails its test (see
+/// [`output_within`]) instead of holding the whole run until CI's limit.
 pub fn hvtrace(args: &[&str]) -> Output {
-    Command::new(hvtrace_bin())
-        .args(args)
+    let mut cmd = Command::new(hvtrace_bin());
+    cmd.args(args);
+    output_within(&mut cmd, command_limit(), &format!("hvtrace {args:?}"))
+}
+
+/// How long one hvtrace command of a test may take: `$HVTRACE_TEST_TIMEOUT`
+/// seconds, else 15 minutes. The longest a test's command takes is a cold
+/// boot of the minimal kernel beside another (~3 minutes on PVM KVM); in
+/// the hardware-KVM lane the guests are booted before any test.
+pub fn command_limit() -> Duration {
+    let secs = std::env::var("HVTRACE_TEST_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(15 * 60);
+    Duration::from_secs(secs)
+}
+
+/// `cmd.output()` (stdin null) that gives up after `limit`: the command's
+/// threads are shown with gdb (where each waits: a vCPU in the guest or a
+/// lock in the VMM), it is killed, and the test fails with `what`, that
+/// and the end of what the command wrote so far.
+pub fn output_within(cmd: &mut Command, limit: Duration, what: &str) -> Output {
+    let mut child = cmd
         .stdin(Stdio::null())
-        .output()
-        .expect("run hvtrace")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    // Each pipe is read on a thread into a buffer the hang report can look
+    // at without waiting for the pipe's end (a grandchild may hold it).
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let buffer = seen.clone();
+        let thread = std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            if let Some(mut pipe) = pipe {
+                while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                    buffer.lock().unwrap().extend_from_slice(&chunk[..n]);
+                }
+            }
+        });
+        (seen, thread)
+    };
+    let out = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let err = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the command") {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let Some(status) = status else {
+        let threads = Command::new("gdb")
+            .args([
+                "-p",
+                &child.id().to_string(),
+                "-batch",
+                "-ex",
+                "thread apply all bt",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| format!("(gdb: {e})"));
+        let _ = child.kill();
+        let _ = child.wait();
+        std::thread::sleep(Duration::from_millis(200));
+        let tail = |seen: &std::sync::Mutex<Vec<u8>>| {
+            let data = seen.lock().unwrap();
+            let text = String::from_utf8_lossy(&data);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        panic!(
+            "{what} HUNG: still running after {} s; killed.\n\
+             --- its threads (gdb) ---\n{threads}\n\
+             --- the end of its stdout ---\n{}\n--- the end of its stderr ---\n{}",
+            limit.as_secs(),
+            tail(&out.0),
+            tail(&err.0)
+        );
+    };
+    let collect = |(seen, thread): (
+        std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+        std::thread::JoinHandle<()>,
+    )| {
+        let _ = thread.join();
+        std::mem::take(&mut *seen.lock().unwrap())
+    };
+    Output {
+        status,
+        stdout: collect(out),
+        stderr: collect(err),
+    }
 }
 
 /// stdout as text.
@@ -412,5 +507,44 @@ impl InProcessGuest {
     /// What the guest command printed so far.
     pub fn stdout(&self) -> String {
         String::from_utf8_lossy(&self.stdout.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A command past its limit fails the caller, saying what it wrote
+    /// before it hung; one within it returns its output.
+    #[test]
+    fn a_hanging_command_fails_with_what_it_wrote() {
+        let quick = output_within(
+            Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]),
+            Duration::from_secs(30),
+            "quick",
+        );
+        assert_eq!(quick.status.code(), Some(3));
+        assert_eq!(
+            (stdout(&quick), stderr(&quick)),
+            ("out\n".into(), "err\n".into())
+        );
+        let started = Instant::now();
+        let hung = std::panic::catch_unwind(|| {
+            output_within(
+                Command::new("sh").args(["-c", "echo before the hang; exec sleep 60"]),
+                Duration::from_millis(500),
+                "the sleeper",
+            )
+        });
+        let message = *hung
+            .expect_err("a command past its limit fails")
+            .downcast::<String>()
+            .expect("a message");
+        assert!(message.contains("the sleeper HUNG"), "{message}");
+        assert!(message.contains("before the hang"), "{message}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "killed, not waited for"
+        );
     }
 }

@@ -365,14 +365,24 @@ pub fn normalise_line(line: &str, tids: &HashSet<String>) -> String {
 /// the order [`parse_lines`] pairs them: (identical, the oracle's lines,
 /// the pairs that differ as `(hvtrace's, the oracle's)`). Lines past the
 /// shorter of two threads count as different, paired with an empty line.
+///
+/// Threads whose calls are alike (`parse_lines` pairs by calls, digits
+/// blanked) are paired by their whole lines too: two threads of one
+/// program that make the same calls and write "thread 1" and "thread 2"
+/// start in either order from run to run, and each must meet the thread
+/// that wrote the same, not the one that happened to start first.
 pub fn line_share(
     hv: &[Vec<(Call, String)>],
     oracle: &[Vec<(Call, String)>],
 ) -> (usize, usize, Vec<(String, String)>) {
+    let (hv, oracle) = (by_content(hv), by_content(oracle));
     let (mut same, mut total, mut diffs) = (0, 0, Vec::new());
     let empty = Vec::new();
     for t in 0..hv.len().max(oracle.len()) {
-        let (h, o) = (hv.get(t).unwrap_or(&empty), oracle.get(t).unwrap_or(&empty));
+        let (h, o) = (
+            hv.get(t).copied().unwrap_or(&empty),
+            oracle.get(t).copied().unwrap_or(&empty),
+        );
         for i in 0..h.len().max(o.len()) {
             let hl = h.get(i).map_or("", |c| c.1.as_str());
             let ol = o.get(i).map_or("", |c| c.1.as_str());
@@ -387,6 +397,16 @@ pub fn line_share(
         }
     }
     (same, total, diffs)
+}
+
+/// `threads` ordered by their calls, then by their whole lines.
+fn by_content(threads: &[Vec<(Call, String)>]) -> Vec<&Vec<(Call, String)>> {
+    let mut sorted: Vec<&Vec<(Call, String)>> = threads.iter().collect();
+    sorted.sort_by(|a, b| {
+        let calls = a.iter().map(|c| &c.0).cmp(b.iter().map(|c| &c.0));
+        calls.then_with(|| a.iter().map(|c| &c.1).cmp(b.iter().map(|c| &c.1)))
+    });
+    sorted
 }
 
 #[cfg(test)]
@@ -450,6 +470,37 @@ mod tests {
         let (same, total, diffs) = line_share(&seqs, &other);
         assert_eq!((same, total), (6, 7));
         assert_eq!(diffs[0].1, "newfstatat(1, \"\", 0x?, AT_EMPTY_PATH) = 0");
+    }
+
+    /// Two threads alike in their calls but not in what they write pair
+    /// with the oracle's threads that wrote the same, whichever started
+    /// first in either log; a thread that wrote something else still
+    /// counts as different.
+    #[test]
+    fn alike_threads_pair_by_what_they_wrote() {
+        let log = |first: u32, second: u32| {
+            format!(
+                "clone(child_stack=NULL, flags=CLONE_VM) = 42\n\
+                 clone(child_stack=NULL, flags=CLONE_VM) = 43\n\
+                 [pid    42] write(1, \"thread {first}\\n\", 9) = 9\n\
+                 [pid    43] write(1, \"thread {second}\\n\", 9) = 9\n\
+                 [pid    42] +++ exited with 0 +++\n\
+                 [pid    43] +++ exited with 0 +++\n"
+            )
+        };
+        let one_first = parse_lines(&log(1, 2), &[]);
+        let two_first = parse_lines(&log(2, 1), &[]);
+        assert_eq!(line_share(&one_first, &two_first), (6, 6, vec![]));
+        let wrong = parse_lines(&log(1, 3), &[]);
+        let (same, total, diffs) = line_share(&wrong, &two_first);
+        assert_eq!((same, total), (5, 6));
+        assert_eq!(
+            diffs,
+            [(
+                "write(1, \"thread 3\\n\", 9) = 9".to_string(),
+                "write(1, \"thread 2\\n\", 9) = 9".to_string()
+            )]
+        );
     }
 
     /// strace's `-o FILE -f` leader (`41    read(...)`) parses as the
