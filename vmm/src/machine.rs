@@ -65,6 +65,13 @@ pub struct Machine {
     cmdline: String,
 }
 
+/// Whether KVM keeps the general registers in `kvm_run` at every exit
+/// (`KVM_CAP_SYNC_REGS` reports the register sets it can keep).
+fn sync_gprs_supported(vm: &VmFd) -> bool {
+    let sets = vm.check_extension_int(kvm_ioctls::Cap::SyncRegs);
+    sets > 0 && sets & kvm_bindings::KVM_SYNC_X86_REGS as i32 != 0
+}
+
 impl Machine {
     /// Wraps the parts the builder (or snapshot restore) made.
     #[allow(clippy::too_many_arguments)]
@@ -122,6 +129,7 @@ impl Machine {
             pvm_trap_ready: ready.clone(),
             stats: stats.clone(),
             started,
+            sync_gprs: sync_gprs_supported(&self.vm),
         };
         let (event_tx, event_rx) = unbounded();
         let (ack_tx, ack_rx) = unbounded();

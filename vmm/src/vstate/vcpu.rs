@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use kvm_bindings::kvm_run;
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 
 use crate::devices::bus::PortIoBus;
 use crate::kvm_kind::KvmKind;
@@ -128,6 +128,13 @@ pub struct VcpuShared {
     pub stats: Arc<Vec<VcpuStats>>,
     /// When the VM was started (for first-instruction timing).
     pub started: Instant,
+    /// Whether KVM copies the general registers into `kvm_run` at every
+    /// exit (`KVM_CAP_SYNC_REGS` with `KVM_SYNC_X86_REGS`), so that an
+    /// exit's handler reads them without an ioctl. Special registers are
+    /// always read by ioctl (docs/limitations.md: a `kvm_run` copy of them,
+    /// written back by the PVM syscall fix-up, is the suspect of a guest
+    /// double fault).
+    pub sync_gprs: bool,
 }
 
 /// A device exit: counts it in the `counter` of vCPU `id` and hands the
@@ -159,6 +166,9 @@ pub struct VcpuThread {
     /// Single-stepping the instruction under a debug-register trap (with
     /// that breakpoint off on this vCPU only).
     stepping_over: bool,
+    /// Whether `kvm_run`'s copy of the general registers is this exit's
+    /// and unread (see [`VcpuThread::stopped`]).
+    exit_regs_fresh: bool,
     /// When the last KVM_RUN returned (for the time split in VcpuStats).
     left_guest_at: Option<std::time::Instant>,
     /// Whether KVM accepts `KVM_GUESTDBG_BLOCKIRQ` (no interrupt is
@@ -194,6 +204,7 @@ impl VcpuThread {
             entry_unrecognised_reported: false,
             applied_hw_generation: 0,
             stepping_over: false,
+            exit_regs_fresh: false,
             left_guest_at: None,
             block_irq: None,
         }
@@ -203,6 +214,9 @@ impl VcpuThread {
     pub fn run(mut self) -> VcpuFd {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(run_ptr));
+        if self.shared.sync_gprs {
+            self.fd.set_sync_valid_reg(SyncReg::Register);
+        }
         let mut first = true;
         loop {
             if first && self.id == 0 {
@@ -238,6 +252,7 @@ impl VcpuThread {
             }
             let ran = self.fd.run();
             let left = std::time::Instant::now();
+            self.exit_regs_fresh = self.shared.sync_gprs;
             self.left_guest_at = Some(left);
             let stats = &self.shared.stats[self.id as usize];
             stats.exits.fetch_add(1, Ordering::Relaxed);
@@ -339,7 +354,10 @@ impl VcpuThread {
                     }
                 }
                 VcpuCommand::Resume => {}
-                VcpuCommand::Exec(f) => f(&mut self.fd),
+                VcpuCommand::Exec(f) => {
+                    self.exit_regs_fresh = false;
+                    f(&mut self.fd)
+                }
                 VcpuCommand::Finish => return Next::Stop,
             }
         }
@@ -358,7 +376,11 @@ impl VcpuThread {
                 Ok(VcpuCommand::Pause) => {
                     let _ = self.paused_acks.send(self.id);
                 }
-                Ok(VcpuCommand::Exec(f)) => f(&mut self.fd),
+                Ok(VcpuCommand::Exec(f)) => {
+                    // It may set registers: kvm_run's copy is no longer theirs.
+                    self.exit_regs_fresh = false;
+                    f(&mut self.fd)
+                }
                 Ok(VcpuCommand::Finish) | Err(_) => return Next::Stop,
             }
         }
@@ -369,7 +391,7 @@ impl VcpuThread {
     fn on_internal_error(&mut self) -> Next {
         // Registers are read once here and handed to whatever handles the
         // exit (this path carries every failed syscall on PVM KVM).
-        let Ok(at) = pvm::Stopped::read(&self.fd) else {
+        let Ok(at) = self.stopped() else {
             return self.fail("KVM internal error and the vCPU registers cannot be read".into());
         };
         let rip = at.regs.rip;
@@ -516,7 +538,7 @@ impl VcpuThread {
         match self.shared.traps.classify(rip) {
             Breakpoint::Ours(trap) => match trap.owner {
                 TrapOwner::PvmPageFaultEntry => {
-                    let at = match at.map(Ok).unwrap_or_else(|| pvm::Stopped::read(&self.fd)) {
+                    let at = match at.map_or_else(|| self.stopped(), Ok) {
                         Ok(at) => at,
                         Err(e) => {
                             return self.fail(format!("PVM page-fault trap at {rip:#x}: {e}"))
@@ -572,10 +594,26 @@ impl VcpuThread {
             .fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The registers of the exit this vCPU just took: the general ones
+    /// from `kvm_run`'s copy when it is this exit's and unread (no ioctl:
+    /// each register ioctl is a `vcpu_load`, several MSR reads on PVM KVM),
+    /// else by `KVM_GET_REGS`; the special ones by `KVM_GET_SREGS`. The copy
+    /// is taken once: after it the VMM may have set registers.
+    fn stopped(&mut self) -> Result<pvm::Stopped, kvm_ioctls::Error> {
+        if std::mem::take(&mut self.exit_regs_fresh) {
+            let regs = self.fd.sync_regs().regs;
+            return Ok(pvm::Stopped {
+                regs,
+                sregs: self.fd.get_sregs()?,
+            });
+        }
+        pvm::Stopped::read(&self.fd)
+    }
+
     /// Calls a tracer's handler with this vCPU's state read once, and writes
     /// the registers back only if the handler changed them.
     fn call_trap_handler(
-        &self,
+        &mut self,
         handler: &dyn TrapHandler,
         va: u64,
         hit: TrapHit,
@@ -584,7 +622,7 @@ impl VcpuThread {
         self.count_tracer_trap_exit();
         let at = match at {
             Some(at) => at,
-            None => pvm::Stopped::read(&self.fd)?,
+            None => self.stopped()?,
         };
         let mut ctx = TrapContext::new(
             self.id,
