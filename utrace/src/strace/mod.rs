@@ -387,7 +387,8 @@ impl EngineOps for Strace {
         args: &[u64; 6],
     ) -> ResumeAction {
         let name = self.name(nr);
-        let p = self.fmt.enter(&name, *args, thread);
+        let described = self.syscalls.described(nr);
+        let p = self.fmt.enter_described(&name, *args, thread, described);
         let prefix = p.entry_prefix();
         let tid = engine.tid();
         let injected = self.tamper(tid, &name, thread);

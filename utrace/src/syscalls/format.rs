@@ -94,17 +94,36 @@ impl Pending {
 impl Formatter {
     /// Renders the arguments known at entry.
     pub fn enter(&self, name: &str, args: [u64; 6], mem: &dyn UserMemory) -> Pending {
-        let (kinds, ret) = kinds_for(name, &args).map_or((Vec::new(), None), |(k, r)| (k, Some(r)));
+        self.enter_described(name, args, mem, None)
+    }
+
+    /// [`Formatter::enter`] with the argument kinds the running kernel
+    /// describes for a call without a hand-written signature
+    /// (`SyscallTable::described`): its arguments shown by kind, its
+    /// return value in decimal, instead of six hex words.
+    pub fn enter_described(
+        &self,
+        name: &str,
+        args: [u64; 6],
+        mem: &dyn UserMemory,
+        described: Option<&[Arg]>,
+    ) -> Pending {
+        let (kinds, ret) = match (kinds_for(name, &args), described) {
+            (Some((kinds, ret)), _) => (kinds, Some(ret)),
+            (None, Some(kinds)) => (kinds.to_vec(), Some(Ret::Int)),
+            (None, None) => (Vec::new(), None),
+        };
         let shown = if name == "clone" {
             clone_args(args)
-        } else if signature(name).is_some() {
+        } else if ret.is_some() {
             kinds
                 .iter()
                 .zip(args)
                 .map(|(k, v)| self.entry_arg(*k, v, &args, mem))
                 .collect()
         } else {
-            args.iter().map(|a| Some(format!("{a:#x}"))).collect()
+            // strace's printargs: C's `%#lx`, so 0 is `0`.
+            args.iter().map(|a| Some(hex(*a))).collect()
         };
         Pending {
             name: name.to_string(),
@@ -166,7 +185,7 @@ impl Formatter {
                 None => match kinds.get(i) {
                     Some(Arg::BufIn(n)) => self.buffer(p.args[i], p.args[*n], mem),
                     Some(k) => self.exit_arg(*k, p.args[i], &p.args, ret, mem),
-                    None => format!("{:#x}", p.args[i]),
+                    None => hex(p.args[i]),
                 },
             })
             .collect()
@@ -192,7 +211,7 @@ impl Formatter {
         p.shown
             .iter()
             .zip(p.args)
-            .map(|(s, a)| s.clone().unwrap_or_else(|| format!("{a:#x}")))
+            .map(|(s, a)| s.clone().unwrap_or_else(|| hex(a)))
             .collect()
     }
 

@@ -1,8 +1,10 @@
 //! x86-64 system calls: names (from the running kernel's own
-//! `sys_call_table`), argument kinds for the common calls, and
-//! strace-style rendering ([`format`]).
+//! `sys_call_table`), argument kinds for the common calls (by hand) and
+//! for the rest from the kernel's own metadata where it has some
+//! ([`meta`]), and strace-style rendering ([`format`]).
 
 pub mod format;
+pub mod meta;
 pub mod names;
 pub mod structs;
 pub mod table;
