@@ -1,23 +1,32 @@
-//! Fuzz targets for everything in guest-introspect that reads untrusted
-//! bytes: the kallsyms decoder, the BTF reader, the page-table walker and the
-//! task walker over arbitrary guest memory.
+//! Fuzz targets for hvtrace's code that reads untrusted bytes: in
+//! guest-introspect the kallsyms decoder, the BTF reader, the page-table
+//! walker and the task walker over arbitrary guest memory; in vmm the
+//! kernel-file loader (bzImage, the seven decompressors, ELF, relocations)
+//! and the snapshot reader; in utrace the syscall-argument formatter over
+//! hostile user memory.
 //!
 //! cargo-fuzz needs a nightly toolchain, which these machines cannot fetch,
 //! so the targets run under a small mutation fuzzer of our own
-//! ([`Mutator`], [`run`]): seeds from the real minimal kernel (its kallsyms
-//! region and its `.BTF`), mutated by bit flips, interesting integers,
-//! copied chunks, truncation and growth. A target fails by panicking or by
-//! taking longer than its time limit on one input; [`run`] reports the
-//! input (saved to a file) and the iteration. Each target is a closure over
-//! `&[u8]`, so it also drops into a `libfuzzer_sys::fuzz_target!` body
-//! unchanged where nightly exists.
+//! ([`Mutator`], [`run`]): seeds from real structures (the minimal kernel's
+//! kallsyms region, `.BTF` and bzImage, a snapshot written by vmm's own
+//! writer), mutated by bit flips, interesting integers, copied chunks,
+//! truncation and growth. A target fails by panicking or by taking longer
+//! than its time limit on one input (a [`watchdog`] stops waiting for an
+//! input that never returns); [`run`] reports the input (saved to a file)
+//! and the iteration. Each target is a function of `&[u8]`, so it also
+//! drops into an AFL++ harness (`src/bin/afl_harness.rs`, feature `afl`)
+//! or a `libfuzzer_sys::fuzz_target!` body unchanged.
 
+pub mod catalog;
 pub mod seeds;
 pub mod targets;
+pub mod watchdog;
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
+
+use watchdog::{Outcome, Worker};
 
 /// A fast deterministic PRNG (xorshift64*).
 #[derive(Debug, Clone)]
@@ -132,18 +141,22 @@ impl Mutator {
 pub struct Finding {
     /// Iteration at which it happened.
     pub iteration: u64,
-    /// Panic message, or "took N ms".
+    /// Panic message, "took N ms", or "hung: ..." for an input that did
+    /// not finish before the deadline.
     pub what: String,
     /// Where the offending input was saved.
     pub input: PathBuf,
 }
 
 /// Runs `target` on `iterations` mutants of `seeds` (round robin), with
-/// PRNG `seed`; each call must finish within `per_input`. Returns the
-/// number of inputs run, or the first finding.
+/// PRNG `seed`; each call must finish within `per_input`. The target runs
+/// on a worker thread ([`watchdog`]) and this thread waits at most
+/// `per_input` for each input, so one that loops forever ends the run with
+/// a "hung" finding (its worker is left behind). Returns the number of
+/// inputs run, or the first finding.
 pub fn run(
     name: &str,
-    target: &dyn Fn(&[u8]),
+    target: impl Fn(&[u8]) + Send + Sync + 'static,
     seeds: &[Vec<u8>],
     iterations: u64,
     seed: u64,
@@ -151,6 +164,7 @@ pub fn run(
 ) -> Result<u64, Finding> {
     let max_len = seeds.iter().map(Vec::len).max().unwrap_or(0) * 2 + 4096;
     let mut m = Mutator::new(seed, max_len);
+    let mut worker = Worker::spawn(name, target);
     let save = |i: u64, input: &[u8], what: String| {
         let path = std::env::temp_dir().join(format!("hvtrace-fuzz-{name}-{seed}-{i}.bin"));
         let _ = std::fs::write(&path, input);
@@ -165,18 +179,20 @@ pub fn run(
         if i >= seeds.len() as u64 {
             m.mutate(&mut input);
         }
-        let t = Instant::now();
-        if let Err(p) = catch_unwind(AssertUnwindSafe(|| target(&input))) {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".into());
-            return Err(save(i, &input, format!("panicked: {msg}")));
-        }
-        let took = t.elapsed();
-        if took > per_input {
-            return Err(save(i, &input, format!("took {} ms", took.as_millis())));
+        let input = Arc::new(input);
+        match worker.run(Arc::clone(&input), per_input) {
+            Outcome::Done(took) if took <= per_input => {}
+            Outcome::Done(took) => {
+                return Err(save(i, &input, format!("took {} ms", took.as_millis())));
+            }
+            Outcome::Panicked(msg) => return Err(save(i, &input, format!("panicked: {msg}"))),
+            Outcome::Hung => {
+                let what = format!(
+                    "hung: no result within {} ms (still running)",
+                    per_input.as_millis()
+                );
+                return Err(save(i, &input, what));
+            }
         }
     }
     Ok(iterations)
@@ -206,7 +222,7 @@ mod tests {
         }
         let f = run(
             "boom",
-            &boom,
+            boom,
             &[vec![0; 8]],
             1_000_000,
             1,

@@ -1,5 +1,11 @@
 //! The fuzz targets. Each takes arbitrary bytes, runs a decoder over them
-//! and ignores its `Result`: only a panic or a hang is a failure.
+//! and ignores its `Result`: only a panic or a hang is a failure. The
+//! guest-introspect targets are here; those of vmm and utrace are in the
+//! submodules.
+
+pub mod loader;
+pub mod snapshot;
+pub mod syscalls;
 
 use guest_introspect::btf::KernelTypes;
 use guest_introspect::kallsyms::find_kallsyms;

@@ -397,7 +397,8 @@ impl Formatter {
                 const FIELD: u64 = 65;
                 let field = |i: u64| {
                     let mut b = [0u8; FIELD as usize];
-                    mem.read(v + i * FIELD, &mut b).then(|| {
+                    // A guest pointer near the top must not overflow.
+                    mem.read(v.wrapping_add(i * FIELD), &mut b).then(|| {
                         let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
                         self.quoted(&String::from_utf8_lossy(&b[..end]))
                     })
@@ -685,7 +686,8 @@ fn escape_path(path: &str) -> String {
 
 /// The errno of a raw return value, if it is an error (-4095..-1).
 pub fn errno_of(ret: i64) -> Option<i64> {
-    (-4095..0).contains(&ret).then_some(-ret)
+    // `then`, not `then_some`: `-i64::MIN` overflows (found by fuzzing).
+    (-4095..0).contains(&ret).then(|| -ret)
 }
 
 /// Name and message of an errno (glibc's `strerror` text), including the
@@ -974,6 +976,20 @@ mod tests {
 
     fn mem(runs: &[(u64, &[u8])]) -> Mem {
         Mem(runs.iter().map(|(a, b)| (*a, b.to_vec())).collect())
+    }
+
+    /// Hostile words found by fuzzing: the lowest return value and a
+    /// `uname` buffer at the top of the address space (each overflowed,
+    /// a panic in a build with overflow checks, `cargo test` without
+    /// `--release`).
+    #[test]
+    fn extreme_words_render_without_overflow() {
+        assert_eq!(errno_of(i64::MIN), None);
+        assert_eq!(errno_of(-2), Some(2));
+        let f = Formatter::default();
+        let m = mem(&[]);
+        let p = f.enter("uname", [u64::MAX - 10, 0, 0, 0, 0, 0], &m);
+        assert_eq!(f.finish(&p, 0, &m), "uname(0xfffffffffffffff5) = 0");
     }
 
     #[test]
