@@ -42,7 +42,7 @@ pub mod threads;
 pub mod tracer;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use dispatch::TracerStats;
 pub use memory::StoppedRegs;

@@ -138,7 +138,7 @@ fn layout() -> TraceLayout {
 }
 
 /// An empty but valid BTF blob: a header and an empty string table.
-fn empty_types() -> KernelTypes {
+pub(crate) fn empty_types() -> KernelTypes {
     let mut b = Vec::new();
     b.extend_from_slice(&0xeb9fu16.to_le_bytes());
     b.extend_from_slice(&[1, 0]);

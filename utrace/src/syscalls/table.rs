@@ -143,7 +143,6 @@ impl SyscallTable {
 mod tests {
     use super::*;
     use crate::syscalls::format::{Formatter, UserMemory};
-    use guest_introspect::btf::KernelTypes;
     use guest_introspect::kernel::KernelPlacement;
     use guest_introspect::paging::{AddressSpace, PagingLevels};
     use guest_introspect::symbols::{Symbol, SymbolMap};
@@ -246,7 +245,8 @@ mod tests {
             symbol(0x70000, "__syscall_meta__hostile"),
             symbol(0x80000, "__syscall_meta__getpid"),
         ]);
-        let types = empty_types();
+        // No `struct syscall_metadata` in it: the record's fixed layout.
+        let types = crate::hv::tests::empty_types();
         let k = RunningKernel::assume(
             g.0.as_slice(),
             AddressSpace {
@@ -289,19 +289,6 @@ mod tests {
             f.finish(&unknown, 0, &user),
             "hostile(0x10000, 0x10005, 0x1000a, 0, 0, 0xbeef) = 0"
         );
-    }
-
-    /// An empty but valid BTF blob (no `struct syscall_metadata`: the
-    /// record's fixed layout is used).
-    fn empty_types() -> KernelTypes {
-        let mut b = Vec::new();
-        b.extend_from_slice(&0xeb9fu16.to_le_bytes());
-        b.extend_from_slice(&[1, 0]);
-        for w in [24u32, 0, 0, 0, 1] {
-            b.extend_from_slice(&w.to_le_bytes());
-        }
-        b.push(0);
-        KernelTypes::from_btf_bytes(&b).expect("an empty BTF")
     }
 
     #[test]
