@@ -11,8 +11,9 @@
 //! for the calls without a hand-written signature (`super::signature`):
 //! `sendfile(1, 3, NULL, 16777216)` rather than six hex words.
 //!
-//! Kernels without the records (the minimal kernel, built without
-//! tracepoints) leave such calls in hex, as before.
+//! The minimal kernel is built with the option for this
+//! (kernel-config/minimal.config); a kernel without the records leaves
+//! such calls in hex, as strace's `printargs` shows an unknown call.
 
 use guest_introspect::kernel::RunningKernel;
 use guest_introspect::memory::PhysMemory;
