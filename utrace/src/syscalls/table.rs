@@ -37,13 +37,15 @@ const ABI_NAMES: [(&str, &str); 6] = [
 /// `__x64_sys_newuname` -> `uname`); None for `sys_ni_syscall` and
 /// anything that is not a handler.
 pub fn call_name(symbol: &str) -> Option<&str> {
-    let name = handler_name(symbol)?;
-    Some(
-        ABI_NAMES
-            .iter()
-            .find(|(handler, _)| *handler == name)
-            .map_or(name, |(_, abi)| abi),
-    )
+    handler_name(symbol).map(abi_name)
+}
+
+/// The call name of handler `sys_HANDLER` (`newuname` -> `uname`).
+fn abi_name(handler: &str) -> &str {
+    ABI_NAMES
+        .iter()
+        .find(|(h, _)| *h == handler)
+        .map_or(handler, |(_, abi)| abi)
 }
 
 /// The handler's own name in a handler symbol (`__x64_sys_sendfile64` ->
@@ -95,14 +97,14 @@ impl SyscallTable {
                 let Some(handler) = syms.at(link).iter().find_map(|s| handler_name(&s.name)) else {
                     return (None, None);
                 };
-                let name = call_name(&format!("__x64_sys_{handler}")).map(str::to_string);
+                let name = abi_name(handler);
                 // Only calls without a hand-written signature need them.
-                let described = name
-                    .as_deref()
-                    .filter(|n| signature(n).is_none())
-                    .and_then(|_| read_params(k, &layout, handler))
+                let described = signature(name)
+                    .is_none()
+                    .then(|| read_params(k, &layout, handler))
+                    .flatten()
                     .map(|params| params.iter().map(kind_of).collect());
-                (name, described)
+                (Some(name.to_string()), described)
             })
             .unzip();
         Ok(Self { names, described })
