@@ -738,6 +738,7 @@ impl Session {
             "xsave_emulations": sum(&|s| s.xsave_emulations.load(Relaxed)),
             "vm_exits": sum(&|s| s.exits.load(Relaxed)),
             "tracer_trap_exits": sum(&|s| s.tracer_trap_exits.load(Relaxed)),
+            "tracer_sregs_reads": sum(&|s| s.tracer_sregs_reads.load(Relaxed)),
             "in_guest_ms": sum(&|s| s.in_guest_ns.load(Relaxed)) as f64 / 1e6,
             "in_vmm_ms": sum(&|s| s.in_vmm_ns.load(Relaxed)) as f64 / 1e6,
             "vmm_rss_kib": rss_kib,

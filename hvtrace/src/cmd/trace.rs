@@ -412,6 +412,8 @@ pub fn trace(args: TraceArgs) -> Result<i32> {
         r["tracer_traps_untraced"] = untraced.into();
         r["tracer_handler_errors"] = errors.into();
         r["vm_exits_per_trap"] = per_trap(r["tracer_trap_exits"].as_f64().unwrap_or(0.0)).into();
+        r["sregs_reads_per_trap"] =
+            per_trap(r["tracer_sregs_reads"].as_f64().unwrap_or(0.0)).into();
         r["handler_us_per_trap"] = per_trap(handler_ns as f64 / 1e3).into();
         if let Some(s) = &sunk {
             s.add_to(&mut r);

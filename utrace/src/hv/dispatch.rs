@@ -32,6 +32,7 @@ use crate::hv::kcall::{Calls, Purpose};
 use crate::hv::layout::TraceLayout;
 use crate::hv::placement::{Displaced, PlannedTrap, TrapKind};
 use crate::hv::threads::Threads;
+use crate::hv::trap_space::{Derived, TrapFrame, TrapSpaces};
 use crate::sites::Site;
 use crate::syscalls::SyscallTable;
 use crate::thread::ThreadUtrace;
@@ -93,6 +94,9 @@ pub(crate) struct Dispatcher {
     /// trap: every process's tables map the kernel the same way, but a
     /// process's may be freed with it.
     pub kernel_space: AddressSpace,
+    /// Each vCPU's per-CPU area, learned, and whether a trap's space may
+    /// come from guest memory instead of `KVM_GET_SREGS`.
+    pub trap_spaces: TrapSpaces,
     pub threads: Mutex<Threads>,
     pub stats: TracerStats,
     /// Kernel functions called from traps; None if the kernel lacks one
@@ -170,7 +174,15 @@ impl TrapHandler for Dispatcher {
             log::error!("tracer: a trap at {va:#x} has no plan");
             return;
         };
-        let space = ctx.sregs.view.kernel_space();
+        let frame = match self.trap_spaces.frame(ctx, |gs| self.derive_space(gs)) {
+            Ok(frame) => frame,
+            Err(e) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                log::error!("tracer: a trap at {va:#x} cannot be read: {e}");
+                return;
+            }
+        };
+        let space = frame.space;
         // Whether the vCPU now runs a kernel function the tracer called
         // (the trap goes on when it returns here). Registers are changed
         // on a copy, written back only if they differ.
@@ -197,7 +209,7 @@ impl TrapHandler for Dispatcher {
             let saved = regs;
             self.on_doorbell(va, saved, &mut regs, space)
         } else {
-            match self.handle(&p, ctx, space) {
+            match self.handle(&p, ctx, frame) {
                 Ok(who) => {
                     regs = *ctx.regs();
                     if let Some((reg, value)) = who.reg {
@@ -261,16 +273,37 @@ impl Dispatcher {
         )
     }
 
+    /// What guest memory says of the thread trapped on the CPU whose
+    /// per-CPU area is at `gs_base`: the space of its `mm`, or the
+    /// kernel's own tables when it has none ([`crate::hv::trap_space`]).
+    fn derive_space(&self, gs_base: u64) -> Result<Derived, IntrospectError> {
+        let k = self.kernel(self.kernel_space);
+        let current = k.read_u64(
+            gs_base.wrapping_add(self.layout.current_task),
+            "current task",
+        )?;
+        let mm = self
+            .layout
+            .tasks
+            .task
+            .mm
+            .read(&k, current, "task_struct.mm")?;
+        if mm == 0 {
+            return Ok(Derived::NoMm(self.kernel_space));
+        }
+        Ok(Derived::Mm(self.mm_space(&k, mm)?))
+    }
+
     /// Reads who hit the trap and hands it to its event's handler.
     fn handle(
         &self,
         plan: &PlannedTrap,
         ctx: &TrapContext<'_>,
-        space: AddressSpace,
+        frame: TrapFrame,
     ) -> Result<Who, IntrospectError> {
-        let k = self.kernel(space);
+        let k = self.kernel(frame.space);
         let l = &self.layout;
-        let current_at = ctx.sregs.gs_base.wrapping_add(l.current_task);
+        let current_at = frame.gs_base.wrapping_add(l.current_task);
         let current = k.read_u64(current_at, "current task")?;
         let t = Trap {
             regs: ctx.regs(),

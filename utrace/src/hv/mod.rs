@@ -8,6 +8,8 @@
 //!   under an `int3`.
 //! * [`tracer`]: installing the traps; the client's operations (trace the
 //!   next exec, attach, control, detach); removing it all.
+//! * [`trap_space`]: the trapped thread's address space and per-CPU area,
+//!   from guest memory once checked against the special registers.
 //! * [`dispatch`]: the trap handler: which site, which thread, which event
 //!   module; engines called with no lock held; the displaced instruction.
 //! * [`events`]: one module per event family (system calls, exec, clone,
@@ -40,6 +42,7 @@ pub mod signals;
 pub mod task_bits;
 pub mod threads;
 pub mod tracer;
+pub mod trap_space;
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -242,6 +242,7 @@ fn dispatcher(ram: GuestRam) -> Arc<Dispatcher> {
             cr3: PML4,
             levels: guest_introspect::paging::PagingLevels::Four,
         },
+        trap_spaces: Default::default(),
         threads: Mutex::new(Threads::default()),
         stats: TracerStats::default(),
         kfuncs: Some(KernelFunctions {
@@ -788,4 +789,80 @@ fn control_stop_reports_quiesce_then_parks_at_the_quiesce_site() {
     drop(seen);
     // Already stopped: STOP again is Ok at once.
     assert!(d.control(TID, &engine, ResumeAction::Stop).is_ok());
+}
+
+/// A trap delivered as the vCPU loop delivers it: the special registers
+/// (CR3 = `cr3`) read only if the handler asks; returns whether it did.
+fn hit_lazily(d: &Dispatcher, va: u64, cr3: u64) -> bool {
+    let regs = GuestRegs {
+        rip: va,
+        rsp: kva(STACK + 0x3000),
+        ..Default::default()
+    };
+    let mut read = || {
+        Ok(GuestSregs {
+            view: VcpuView {
+                cr3,
+                cr4: 0,
+                idt_base: 0,
+                idt_limit: 0,
+            },
+            gs_base: kva(PERCPU),
+            cs: 0x10,
+        })
+    };
+    let mut ctx = TrapContext::with_lazy_sregs(0, regs, &d.ram, &mut read);
+    d.on_trap(&mut ctx, va, TrapHit::DebugRegister);
+    ctx.sregs_read()
+}
+
+/// The thread's `mm_struct`, whose `pgd` is the page tables at `pgd_pa`.
+const MM: u64 = 0x60000;
+
+#[test]
+fn once_learned_a_trap_reads_its_space_from_guest_memory_not_the_registers() {
+    let d = dispatcher(guest());
+    let l = layout();
+    d.ram
+        .write(TASK + l.tasks.task.mm.offset(), &kva(MM).to_le_bytes())
+        .unwrap();
+    d.ram.write(MM, &kva(PML4).to_le_bytes()).unwrap();
+    let probe = trace(&d, Probe::default(), SYSCALLS);
+    let rounds = crate::hv::trap_space::CHECKS as usize;
+    for _ in 0..rounds {
+        assert!(hit_lazily(&d, ENTRY_VA, PML4), "learning: registers read");
+    }
+    assert!(!hit_lazily(&d, ENTRY_VA, PML4), "learned: no register read");
+    assert_eq!(probe.seen.lock().unwrap().len(), rounds + 1);
+    assert!(probe
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|s| s == &format!("entry:{TID}:{TID}:{GETPID}:0x1111:0x9999:Some({GETPID})")));
+    assert!(!d.trap_spaces.disagreed());
+}
+
+#[test]
+fn a_cr3_that_is_not_the_threads_mm_keeps_the_registers_in_charge() {
+    let d = dispatcher(guest());
+    let l = layout();
+    d.ram
+        .write(TASK + l.tasks.task.mm.offset(), &kva(MM).to_le_bytes())
+        .unwrap();
+    // mm->pgd names other page tables (a copy of the kernel's) than CR3.
+    let other = 0x70000;
+    let mut pml4 = vec![0u8; 4096];
+    d.ram.read(PML4, &mut pml4).unwrap();
+    d.ram.write(other, &pml4).unwrap();
+    d.ram.write(MM, &kva(other).to_le_bytes()).unwrap();
+    let probe = trace(&d, Probe::default(), SYSCALLS);
+    for _ in 0..3 * crate::hv::trap_space::CHECKS {
+        assert!(hit_lazily(&d, ENTRY_VA, PML4));
+    }
+    assert!(d.trap_spaces.disagreed());
+    assert_eq!(
+        probe.seen.lock().unwrap().len(),
+        3 * crate::hv::trap_space::CHECKS as usize
+    );
 }

@@ -48,6 +48,7 @@ use crate::hv::memory::{AccessOp, StoppedRegs};
 use crate::hv::park::{StopHolder, TASK_INTERRUPTIBLE};
 use crate::hv::placement::{find_signal_taken, plan, PlannedTrap, SignalTaken, TrapKind};
 use crate::hv::threads::{Armed, EngineSpec, Threads, Traced, SYSCALL_EVENTS};
+use crate::hv::trap_space::TrapSpaces;
 use crate::sites::Site;
 use crate::syscalls::SyscallTable;
 use crate::ResumeAction;
@@ -175,6 +176,7 @@ impl Tracer {
             syscalls: Arc::new(SyscallTable::read(&k)?),
             tracepoint_refcount: k.symbol("sys_tracepoint_refcount").ok(),
             kernel_space,
+            trap_spaces: TrapSpaces::default(),
             threads: Mutex::new(Threads::default()),
             stats: TracerStats::default(),
             signal_taken: std::sync::OnceLock::new(),

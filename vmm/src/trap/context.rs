@@ -1,6 +1,7 @@
 //! What a trap handler receives: the stopped vCPU's registers (read once,
 //! written back only if the handler changed them), the special-register
-//! facts introspection needs, and guest memory. No KVM type crosses this
+//! facts introspection needs (read only if the handler asks), and guest
+//! memory. No KVM type crosses this
 //! seam, so a tracer built on it needs neither kvm-ioctls nor a VM to be
 //! tested: a test builds a [`TrapContext`] over a [`GuestRam`] it filled.
 
@@ -104,28 +105,76 @@ pub fn vcpu_view(sregs: &kvm_sregs) -> VcpuView {
     }
 }
 
+/// Reads a stopped vCPU's special registers on demand (a `KVM_GET_SREGS`
+/// in the VMM, anything in a test).
+pub type SregsReader<'a> = dyn FnMut() -> Result<GuestSregs, String> + 'a;
+
 /// A vCPU stopped at a trap, as its handler sees it.
+///
+/// The special registers are read only when the handler asks for them
+/// ([`TrapContext::sregs`]): on PVM KVM each register ioctl loads the
+/// vCPU anew (several MSR reads), and a handler that knows this CPU's
+/// per-CPU base and finds the address space in guest memory needs none.
 pub struct TrapContext<'a> {
     /// Which vCPU.
     pub vcpu_id: u8,
-    /// Its special registers (read-only to handlers).
-    pub sregs: GuestSregs,
     /// Guest memory.
     pub ram: &'a GuestRam,
     regs: GuestRegs,
     changed: bool,
+    sregs: Option<GuestSregs>,
+    read_sregs: Option<&'a mut SregsReader<'a>>,
 }
 
 impl<'a> TrapContext<'a> {
-    /// A context over registers already read.
+    /// A context over registers already read, special ones included.
     pub fn new(vcpu_id: u8, regs: GuestRegs, sregs: GuestSregs, ram: &'a GuestRam) -> Self {
         Self {
             vcpu_id,
-            sregs,
             ram,
             regs,
             changed: false,
+            sregs: Some(sregs),
+            read_sregs: None,
         }
+    }
+
+    /// A context whose special registers are read by `read` the first
+    /// time a handler asks for them (at most once).
+    pub fn with_lazy_sregs(
+        vcpu_id: u8,
+        regs: GuestRegs,
+        ram: &'a GuestRam,
+        read: &'a mut SregsReader<'a>,
+    ) -> Self {
+        Self {
+            vcpu_id,
+            ram,
+            regs,
+            changed: false,
+            sregs: None,
+            read_sregs: Some(read),
+        }
+    }
+
+    /// The vCPU's special registers (read-only to handlers), read now if
+    /// they were not yet.
+    pub fn sregs(&mut self) -> Result<GuestSregs, String> {
+        if let Some(s) = self.sregs {
+            return Ok(s);
+        }
+        let read = self
+            .read_sregs
+            .as_mut()
+            .ok_or_else(|| "no special registers for this trap".to_string())?;
+        let s = read()?;
+        self.sregs = Some(s);
+        Ok(s)
+    }
+
+    /// Whether the special registers have been read for this trap.
+    pub fn sregs_read(&self) -> bool {
+        self.sregs.is_some()
     }
 
     /// The vCPU's registers.
@@ -169,5 +218,29 @@ mod tests {
         assert!(ctx.changed_regs().is_none());
         ctx.regs_mut().rip += 1;
         assert_eq!(ctx.changed_regs().unwrap().rip, k.rip + 1);
+    }
+
+    #[test]
+    fn special_registers_are_read_once_and_only_when_asked() {
+        let ram = GuestRam::new(1 << 20).unwrap();
+        let mut reads = 0;
+        let mut read = || {
+            reads += 1;
+            Ok(GuestSregs {
+                gs_base: 0x1234,
+                ..GuestSregs::from(&kvm_sregs::default())
+            })
+        };
+        {
+            let mut ctx = TrapContext::with_lazy_sregs(0, GuestRegs::default(), &ram, &mut read);
+            assert!(!ctx.sregs_read());
+            assert_eq!(ctx.sregs().unwrap().gs_base, 0x1234);
+            assert_eq!(ctx.sregs().unwrap().gs_base, 0x1234);
+            assert!(ctx.sregs_read());
+        }
+        assert_eq!(reads, 1);
+        let mut failing = || Err("KVM_GET_SREGS: EIO".to_string());
+        let mut ctx = TrapContext::with_lazy_sregs(0, GuestRegs::default(), &ram, &mut failing);
+        assert!(ctx.sregs().unwrap_err().contains("EIO"));
     }
 }

@@ -28,7 +28,7 @@ pub mod context;
 pub mod pvm;
 pub mod pvm_xsave;
 
-pub use context::{vcpu_view, GuestRegs, GuestSregs, TrapContext};
+pub use context::{vcpu_view, GuestRegs, GuestSregs, SregsReader, TrapContext};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -20,7 +20,9 @@ use crate::devices::bus::PortIoBus;
 use crate::kvm_kind::KvmKind;
 use crate::trap::pvm::{self, EntrySearch, PageFaultOutcome, SyscallMsrs};
 use crate::trap::pvm_xsave::{self, XsaveOutcome};
-use crate::trap::{Breakpoint, TrapContext, TrapHandler, TrapHit, TrapOwner, TrapTable, INT3};
+use crate::trap::{
+    Breakpoint, GuestSregs, TrapContext, TrapHandler, TrapHit, TrapOwner, TrapTable, INT3,
+};
 use crate::vstate::memory::GuestRam;
 
 /// Work another thread asks a vCPU thread to do.
@@ -69,6 +71,9 @@ pub struct VcpuStats {
     pub first_run_at_ns: std::sync::atomic::AtomicU64,
     /// Every exit from KVM_RUN to this VMM (kicks included).
     pub exits: std::sync::atomic::AtomicU64,
+    /// `KVM_GET_SREGS` a tracer trap's handler asked for (each one a
+    /// `vcpu_load` on PVM KVM).
+    pub tracer_sregs_reads: std::sync::atomic::AtomicU64,
     /// Exits spent on tracer traps: the trap itself, and for a
     /// debug-register trap the single-step over its instruction.
     pub tracer_trap_exits: std::sync::atomic::AtomicU64,
@@ -167,7 +172,7 @@ pub struct VcpuThread {
     /// that breakpoint off on this vCPU only).
     stepping_over: bool,
     /// Whether `kvm_run`'s copy of the general registers is this exit's
-    /// and unread (see [`VcpuThread::stopped`]).
+    /// and unread (see [`VcpuThread::exit_regs`]).
     exit_regs_fresh: bool,
     /// When the last KVM_RUN returned (for the time split in VcpuStats).
     left_guest_at: Option<std::time::Instant>,
@@ -252,6 +257,8 @@ impl VcpuThread {
             }
             let ran = self.fd.run();
             let left = std::time::Instant::now();
+            // KVM applied (and cleared) a dirty copy of the registers
+            // first thing, and stored this exit's over it.
             self.exit_regs_fresh = self.shared.sync_gprs;
             self.left_guest_at = Some(left);
             let stats = &self.shared.stats[self.id as usize];
@@ -346,6 +353,11 @@ impl VcpuThread {
 
     /// Drains commands after a kick.
     fn on_kick(&mut self) -> Next {
+        // A command reads and writes registers by ioctl: it must see the
+        // registers the last exit's handler wrote.
+        if let Err(e) = self.flush_pending_regs() {
+            return self.fail(format!("cannot write the vCPU registers: {e}"));
+        }
         while let Ok(cmd) = self.commands.try_recv() {
             match cmd {
                 VcpuCommand::Pause => {
@@ -379,6 +391,9 @@ impl VcpuThread {
                 Ok(VcpuCommand::Exec(f)) => {
                     // It may set registers: kvm_run's copy is no longer theirs.
                     self.exit_regs_fresh = false;
+                    if let Err(e) = self.flush_pending_regs() {
+                        log::error!("vCPU {}: cannot write its registers: {e}", self.id);
+                    }
                     f(&mut self.fd)
                 }
                 Ok(VcpuCommand::Finish) | Err(_) => return Next::Stop,
@@ -391,13 +406,26 @@ impl VcpuThread {
     fn on_internal_error(&mut self) -> Next {
         // Registers are read once here and handed to whatever handles the
         // exit (this path carries every failed syscall on PVM KVM).
-        let Ok(at) = self.stopped() else {
+        let Ok(regs) = self.exit_regs() else {
             return self.fail("KVM internal error and the vCPU registers cannot be read".into());
         };
-        let rip = at.regs.rip;
+        let rip = regs.rip;
+        // One of our int3s, found by its address and checked at its
+        // physical byte: no page walk, so no special registers needed.
+        if self.planted_int3_at(rip) {
+            return self.on_breakpoint(rip, Some(regs));
+        }
+        let at = match self.read_sregs() {
+            Ok(sregs) => pvm::Stopped { regs, sregs },
+            Err(e) => {
+                return self.fail(format!(
+                    "KVM internal error at {rip:#x} and KVM_GET_SREGS failed: {e}"
+                ))
+            }
+        };
         let bytes = pvm::instruction_bytes(&self.shared.ram, &at);
         if bytes.first() == Some(&INT3) {
-            return self.on_breakpoint(rip, Some(at));
+            return self.on_breakpoint(rip, Some(regs));
         }
         if let Some(len) = pvm::skippable_instruction(&bytes) {
             self.shared.stats[self.id as usize]
@@ -533,12 +561,29 @@ impl VcpuThread {
         ))
     }
 
-    /// An `int3` at `rip`, with the registers if the exit already read them.
-    fn on_breakpoint(&mut self, rip: u64, at: Option<pvm::Stopped>) -> Next {
+    /// Whether `rip` holds an `int3` this VMM planted: an address in the
+    /// trap table whose byte, read at the trap's physical address, is still
+    /// `int3` (kernel text is mapped alike in every address space).
+    fn planted_int3_at(&self, rip: u64) -> bool {
+        let Breakpoint::Ours(trap) = self.shared.traps.classify(rip) else {
+            return false;
+        };
+        let mut byte = [0u8];
+        self.shared.ram.read(trap.pa, &mut byte).is_ok() && byte[0] == INT3
+    }
+
+    /// An `int3` at `rip`, with the general registers if the exit already
+    /// read them.
+    fn on_breakpoint(&mut self, rip: u64, regs: Option<kvm_bindings::kvm_regs>) -> Next {
         match self.shared.traps.classify(rip) {
             Breakpoint::Ours(trap) => match trap.owner {
                 TrapOwner::PvmPageFaultEntry => {
-                    let at = match at.map_or_else(|| self.stopped(), Ok) {
+                    let at = match regs.map_or_else(|| self.exit_regs(), Ok).and_then(|regs| {
+                        Ok(pvm::Stopped {
+                            regs,
+                            sregs: self.read_sregs()?,
+                        })
+                    }) {
                         Ok(at) => at,
                         Err(e) => {
                             return self.fail(format!("PVM page-fault trap at {rip:#x}: {e}"))
@@ -569,7 +614,7 @@ impl VcpuThread {
                     let hit = TrapHit::Int3 {
                         original: trap.original,
                     };
-                    match self.call_trap_handler(handler.as_ref(), trap.va, hit, at) {
+                    match self.call_trap_handler(handler.as_ref(), trap.va, hit, regs) {
                         Ok(()) => Next::Run,
                         Err(e) => self.fail(format!("tracer trap at {:#x}: {e}", trap.va)),
                     }
@@ -594,47 +639,91 @@ impl VcpuThread {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The registers of the exit this vCPU just took: the general ones
-    /// from `kvm_run`'s copy when it is this exit's and unread (no ioctl:
-    /// each register ioctl is a `vcpu_load`, several MSR reads on PVM KVM),
-    /// else by `KVM_GET_REGS`; the special ones by `KVM_GET_SREGS`. The copy
-    /// is taken once: after it the VMM may have set registers.
-    fn stopped(&mut self) -> Result<pvm::Stopped, kvm_ioctls::Error> {
-        if std::mem::take(&mut self.exit_regs_fresh) {
-            let regs = self.fd.sync_regs().regs;
-            return Ok(pvm::Stopped {
-                regs,
-                sregs: self.fd.get_sregs()?,
-            });
+    /// The general registers of the exit this vCPU just took: from
+    /// `kvm_run`'s copy when it is this exit's and unread (no ioctl: each
+    /// register ioctl is a `vcpu_load`, several MSR reads on PVM KVM),
+    /// else by `KVM_GET_REGS`. The copy is taken once: after it the VMM may
+    /// have set registers.
+    fn exit_regs(&mut self) -> Result<kvm_bindings::kvm_regs, kvm_ioctls::Error> {
+        if std::mem::take(&mut self.exit_regs_fresh) || self.dirty_regs_unapplied() {
+            // This exit's registers, or the ones written for the next run.
+            return Ok(self.fd.sync_regs().regs);
         }
-        pvm::Stopped::read(&self.fd)
+        self.fd.get_regs()
     }
 
-    /// Calls a tracer's handler with this vCPU's state read once, and writes
-    /// the registers back only if the handler changed them.
+    /// Writes the general registers for the next `KVM_RUN`: into
+    /// `kvm_run`'s copy, marked dirty, where KVM has one (KVM applies it
+    /// with the vCPU already loaded: no `vcpu_load`, whose MSR reads are
+    /// most of a register ioctl on PVM KVM), else by `KVM_SET_REGS`.
+    /// Anything else that touches registers before that run goes through
+    /// [`VcpuThread::flush_pending_regs`] first.
+    fn write_regs(&mut self, regs: &kvm_bindings::kvm_regs) -> Result<(), kvm_ioctls::Error> {
+        if !self.shared.sync_gprs {
+            return self.fd.set_regs(regs);
+        }
+        self.fd.sync_regs_mut().regs = *regs;
+        self.fd.set_sync_dirty_reg(SyncReg::Register);
+        self.exit_regs_fresh = false;
+        Ok(())
+    }
+
+    /// Applies registers [`VcpuThread::write_regs`] left in `kvm_run` now,
+    /// by `KVM_SET_REGS`, so that an ioctl reads them and the next
+    /// `KVM_RUN` does not apply them over a later write.
+    fn flush_pending_regs(&mut self) -> Result<(), kvm_ioctls::Error> {
+        if !self.dirty_regs_unapplied() {
+            return Ok(());
+        }
+        let regs = self.fd.sync_regs().regs;
+        self.fd.clear_sync_dirty_reg(SyncReg::Register);
+        self.fd.set_regs(&regs)
+    }
+
+    /// Whether `kvm_run` carries general registers for KVM to apply.
+    fn dirty_regs_unapplied(&mut self) -> bool {
+        let run: &kvm_run = self.fd.get_kvm_run();
+        run.kvm_dirty_regs & SyncReg::Register as u64 != 0
+    }
+
+    /// The special registers, by `KVM_GET_SREGS` (never from `kvm_run`'s
+    /// copy: see docs/limitations.md, "A race not understood").
+    fn read_sregs(&self) -> Result<kvm_bindings::kvm_sregs, kvm_ioctls::Error> {
+        self.fd.get_sregs()
+    }
+
+    /// Calls a tracer's handler with this vCPU's general registers read
+    /// once (the special ones only if the handler asks), and writes the
+    /// registers back only if the handler changed them.
     fn call_trap_handler(
         &mut self,
         handler: &dyn TrapHandler,
         va: u64,
         hit: TrapHit,
-        at: Option<pvm::Stopped>,
+        regs: Option<kvm_bindings::kvm_regs>,
     ) -> Result<(), kvm_ioctls::Error> {
         self.count_tracer_trap_exit();
-        let at = match at {
-            Some(at) => at,
-            None => self.stopped()?,
+        let regs = match regs {
+            Some(regs) => regs,
+            None => self.exit_regs()?,
         };
-        let mut ctx = TrapContext::new(
-            self.id,
-            (&at.regs).into(),
-            (&at.sregs).into(),
-            &self.shared.ram,
-        );
+        let this = &*self;
+        let mut read = || {
+            this.shared.stats[this.id as usize]
+                .tracer_sregs_reads
+                .fetch_add(1, Ordering::Relaxed);
+            this.read_sregs()
+                .map(|s| GuestSregs::from(&s))
+                .map_err(|e| format!("KVM_GET_SREGS: {e}"))
+        };
+        let mut ctx =
+            TrapContext::with_lazy_sregs(this.id, (&regs).into(), &this.shared.ram, &mut read);
         handler.on_trap(&mut ctx, va, hit);
-        if let Some(changed) = ctx.changed_regs() {
-            self.fd.set_regs(&changed.into())?;
+        let changed = ctx.changed_regs().copied();
+        match changed {
+            Some(changed) => self.write_regs(&(&changed).into()),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Delivers a guest-owned `int3` to the guest as the CPU would: #BP
@@ -652,8 +741,11 @@ impl VcpuThread {
         let advance_rip = self.shared.kind != KvmKind::Hardware;
         let result = (|| -> Result<(), kvm_ioctls::Error> {
             if advance_rip {
-                let mut regs = self.fd.get_regs()?;
+                // By ioctl, before the event: KVM_SET_REGS drops a pending
+                // exception, so it must not be applied after this one.
+                let mut regs = self.exit_regs()?;
                 regs.rip += 1;
+                self.flush_pending_regs()?;
                 self.fd.set_regs(&regs)?;
             }
             let mut events = self.fd.get_vcpu_events()?;
@@ -670,9 +762,9 @@ impl VcpuThread {
     }
 
     fn advance_rip(&mut self, len: u64) -> Next {
-        let result = self.fd.get_regs().and_then(|mut r| {
+        let result = self.exit_regs().and_then(|mut r| {
             r.rip += len;
-            self.fd.set_regs(&r)
+            self.write_regs(&r)
         });
         match result {
             Ok(()) => Next::Run,
