@@ -99,3 +99,64 @@ fn a_killed_output_relay_falls_back_to_the_uart() {
          and window); after it died, stdout is ttyS2"
     );
 }
+
+/// One `--report` figure of a run's stderr.
+fn report_figure(out: &std::process::Output, name: &str) -> u64 {
+    let err = stderr(out);
+    let line = err
+        .lines()
+        .find_map(|l| l.strip_prefix("hvtrace-report "))
+        .unwrap_or_else(|| panic!("no report in: {err}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    v[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {name} in {v}"))
+}
+
+/// On PVM KVM the VMM performs the guest kernel's user copies (its
+/// `rep movsb`, vmm/src/trap/pvm_copy.rs). What programs read and write
+/// is the same as with the guest's own copies
+/// (`HVTRACE_PVM_GUEST_COPIES=1`), and the host's md5sum of its busybox
+/// (the image's copy) is the oracle for bytes that crossed a pipe into a
+/// fresh 1 MiB buffer, whose every page is first touched by a copy: a
+/// fault the guest kernel handles before the VMM goes on.
+#[test]
+fn user_copies_done_by_the_vmm_match_the_guests_own() {
+    require_kvm();
+    let script = "dd if=/bin/busybox bs=1M 2>/dev/null | md5sum; md5sum </bin/busybox; \
+                  dd if=/bin/busybox bs=1000 count=3 skip=7 2>/dev/null | od -A x -t x1 | tail -4; \
+                  ls -l /bin | wc -l; wc -c /proc/self/maps /proc/cpuinfo | tail -1";
+    let run = |guest_copies: &str| {
+        let mut cmd = std::process::Command::new(hvtrace_bin());
+        cmd.env("HVTRACE_PVM_GUEST_COPIES", guest_copies)
+            .args(["run", "--report", "--", "/bin/sh", "-c", script]);
+        let out = output_within(&mut cmd, command_limit(), script);
+        assert!(out.status.success(), "stderr: {}", stderr(&out));
+        out
+    };
+    let by_vmm = run("0");
+    let by_guest = run("1");
+    let host = std::process::Command::new("md5sum")
+        .arg("/bin/busybox")
+        .output()
+        .expect("md5sum on the host");
+    let host_sum = stdout(&host).split_whitespace().next().unwrap().to_string();
+    let lines: Vec<String> = stdout(&by_vmm).lines().map(str::to_string).collect();
+    assert!(lines.len() > 4, "{lines:?}");
+    assert!(
+        lines[0].starts_with(&host_sum),
+        "{} vs {host_sum}",
+        lines[0]
+    );
+    assert!(
+        lines[1].starts_with(&host_sum),
+        "{} vs {host_sum}",
+        lines[1]
+    );
+    assert_eq!(stdout(&by_vmm), stdout(&by_guest));
+    if vmm::kvm_kind::KvmKind::detect() == vmm::kvm_kind::KvmKind::Pvm {
+        assert!(report_figure(&by_vmm, "kernel_copy_bytes") > 2 * 1024 * 1024);
+        assert!(report_figure(&by_vmm, "kernel_copy_faults") > 0);
+        assert_eq!(report_figure(&by_guest, "kernel_copies"), 0);
+    }
+}

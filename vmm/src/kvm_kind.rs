@@ -53,11 +53,12 @@ macro_rules! pvm_cleared_features {
 /// guest's `hv-forkexec-loop 3` had not finished after 5 min with them
 /// hidden, and took 0.42 s per fork+exec with them kept. Robustness
 /// across hosts wins; `HVTRACE_BENCH_PVM_NO_ERMS=1` hides them again for
-/// the benchmark's comparison.
+/// a comparison. The user copies themselves are done by the VMM since
+/// (`crate::trap::pvm_copy`), which needs the `rep movsb` form.
 pub const PVM_GUEST_CMDLINE: &str = pvm_cleared_features!();
 
-/// [`PVM_GUEST_CMDLINE`] hiding ERMS and FSRM as well: the comparison of
-/// `benches/output-figures.sh`, chosen by `HVTRACE_BENCH_PVM_NO_ERMS=1`.
+/// [`PVM_GUEST_CMDLINE`] hiding ERMS and FSRM as well, for comparisons:
+/// chosen by `HVTRACE_BENCH_PVM_NO_ERMS=1`.
 pub const PVM_GUEST_CMDLINE_WITHOUT_ERMS: &str = concat!(pvm_cleared_features!(), ",erms,fsrm");
 
 /// Defaults that save emulated time on PVM, where every ring-0 instruction

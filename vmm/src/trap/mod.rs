@@ -26,6 +26,7 @@
 
 pub mod context;
 pub mod pvm;
+pub mod pvm_copy;
 pub mod pvm_xsave;
 
 pub use context::{vcpu_view, GuestRegs, GuestSregs, SregsReader, TrapContext};
@@ -45,6 +46,9 @@ pub enum TrapOwner {
     /// The PVM syscall fix-up on the page-fault entry; the displaced
     /// instruction is `cld`.
     PvmPageFaultEntry,
+    /// PVM: the `rep movsb` of the kernel's user copies, performed by the
+    /// VMM ([`pvm_copy`]).
+    PvmStringCopy,
     /// A tracer site, handled by the registered handler.
     Tracer(Arc<dyn TrapHandler>),
 }
@@ -53,6 +57,7 @@ impl std::fmt::Debug for TrapOwner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::PvmPageFaultEntry => f.write_str("PvmPageFaultEntry"),
+            Self::PvmStringCopy => f.write_str("PvmStringCopy"),
             Self::Tracer(_) => f.write_str("Tracer"),
         }
     }

@@ -245,16 +245,6 @@ pub struct Stopped {
     pub sregs: kvm_sregs,
 }
 
-impl Stopped {
-    /// Reads both register sets of `vcpu`.
-    pub fn read(vcpu: &VcpuFd) -> Result<Self, kvm_ioctls::Error> {
-        Ok(Self {
-            regs: vcpu.get_regs()?,
-            sregs: vcpu.get_sregs()?,
-        })
-    }
-}
-
 /// Longest x86 instruction.
 const MAX_INSN_LEN: u64 = 15;
 

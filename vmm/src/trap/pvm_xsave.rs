@@ -84,7 +84,7 @@ fn map_operand(
 
 /// Injects exception `vector` (with `error_code`; CR2 = `cr2` for a #PF)
 /// into the stopped vCPU, RIP left on the faulting instruction.
-fn inject(
+pub(crate) fn inject(
     vcpu: &VcpuFd,
     vector: u32,
     error_code: u32,

@@ -109,6 +109,21 @@ impl GuestRam {
         self.atomic_u64(addr, |w| w.fetch_and(mask, Ordering::SeqCst))
     }
 
+    /// Atomically replaces the aligned 64-bit word at `addr` with `new` if
+    /// it still holds `current`; returns the value found (see
+    /// [`GuestRam::fetch_or_u64`]). What a processor does to set a
+    /// page-table entry's accessed and dirty bits.
+    pub fn compare_exchange_u64(
+        &self,
+        addr: u64,
+        current: u64,
+        new: u64,
+    ) -> Result<Result<u64, u64>, MemoryError> {
+        self.atomic_u64(addr, |w| {
+            w.compare_exchange(current, new, Ordering::SeqCst, Ordering::SeqCst)
+        })
+    }
+
     fn atomic_u64<R>(&self, addr: u64, f: impl FnOnce(&AtomicU64) -> R) -> Result<R, MemoryError> {
         if !addr.is_multiple_of(8) {
             return Err(MemoryError::Misaligned(addr));

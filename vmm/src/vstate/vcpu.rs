@@ -19,6 +19,7 @@ use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use crate::devices::bus::PortIoBus;
 use crate::kvm_kind::KvmKind;
 use crate::trap::pvm::{self, EntrySearch, PageFaultOutcome, SyscallMsrs};
+use crate::trap::pvm_copy::{self, CopyOutcome};
 use crate::trap::pvm_xsave::{self, XsaveOutcome};
 use crate::trap::{
     Breakpoint, GuestSregs, TrapContext, TrapHandler, TrapHit, TrapOwner, TrapTable, INT3,
@@ -74,6 +75,12 @@ pub struct VcpuStats {
     /// `KVM_GET_SREGS` a tracer trap's handler asked for (each one a
     /// `vcpu_load` on PVM KVM).
     pub tracer_sregs_reads: std::sync::atomic::AtomicU64,
+    /// The kernel's user copies the VMM performed (PVM), exits counted.
+    pub kernel_copies: std::sync::atomic::AtomicU64,
+    /// Bytes of them.
+    pub kernel_copy_bytes: std::sync::atomic::AtomicU64,
+    /// Page faults they raised in the guest.
+    pub kernel_copy_faults: std::sync::atomic::AtomicU64,
     /// Exits spent on tracer traps: the trap itself, and for a
     /// debug-register trap the single-step over its instruction.
     pub tracer_trap_exits: std::sync::atomic::AtomicU64,
@@ -174,6 +181,9 @@ pub struct VcpuThread {
     /// Whether `kvm_run`'s copy of the general registers is this exit's
     /// and unread (see [`VcpuThread::exit_regs`]).
     exit_regs_fresh: bool,
+    /// PVM, vCPU 0: whether the kernel's user-copy `rep movsb` has been
+    /// looked for ([`crate::trap::pvm_copy`]).
+    copy_site_searched: bool,
     /// When the last KVM_RUN returned (for the time split in VcpuStats).
     left_guest_at: Option<std::time::Instant>,
     /// Whether KVM accepts `KVM_GUESTDBG_BLOCKIRQ` (no interrupt is
@@ -210,6 +220,7 @@ impl VcpuThread {
             applied_hw_generation: 0,
             stepping_over: false,
             exit_regs_fresh: false,
+            copy_site_searched: false,
             left_guest_at: None,
             block_irq: None,
         }
@@ -333,11 +344,13 @@ impl VcpuThread {
             if let Next::Stop = next {
                 break;
             }
-            if self.id == 0
-                && self.shared.kind == KvmKind::Pvm
-                && !self.shared.pvm_trap_ready.load(Ordering::Relaxed)
-            {
-                self.try_plant_page_fault_trap();
+            if self.id == 0 && self.shared.kind == KvmKind::Pvm {
+                if !self.shared.pvm_trap_ready.load(Ordering::Relaxed) {
+                    self.try_plant_page_fault_trap();
+                } else if !self.copy_site_searched && self.user_space_reached() {
+                    self.copy_site_searched = true;
+                    self.try_plant_copy_trap();
+                }
             }
         }
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
@@ -610,6 +623,7 @@ impl VcpuThread {
                         Err(e) => self.fail(format!("PVM page-fault trap at {rip:#x}: {e}")),
                     }
                 }
+                TrapOwner::PvmStringCopy => self.on_string_copy(trap.va, regs),
                 TrapOwner::Tracer(ref handler) => {
                     let hit = TrapHit::Int3 {
                         original: trap.original,
@@ -769,6 +783,95 @@ impl VcpuThread {
         match result {
             Ok(()) => Next::Run,
             Err(e) => self.fail(format!("cannot advance RIP: {e}")),
+        }
+    }
+
+    /// Whether a system call has come from the guest's user space: the
+    /// kernel has then freed its init code (it does so before it runs
+    /// init) and applied its alternatives, so its text is final.
+    fn user_space_reached(&self) -> bool {
+        self.shared
+            .stats
+            .iter()
+            .any(|s| s.syscall_fixups.load(Ordering::Relaxed) > 0)
+    }
+
+    /// PVM: plants traps on the `rep movsb` of the kernel's user copies,
+    /// unless `HVTRACE_PVM_GUEST_COPIES=1` leaves the copies to the guest.
+    fn try_plant_copy_trap(&mut self) {
+        if std::env::var_os("HVTRACE_PVM_GUEST_COPIES").is_some_and(|v| v == "1") {
+            return;
+        }
+        let Ok(sregs) = self.fd.get_sregs() else {
+            return;
+        };
+        let started = Instant::now();
+        match pvm_copy::find_copy_sites(&self.shared.ram, pvm::address_space(&sregs)) {
+            Ok(sites) => {
+                for (va, pa) in sites {
+                    let owner = TrapOwner::PvmStringCopy;
+                    match self.shared.traps.plant(&self.shared.ram, va, pa, owner) {
+                        Ok(()) => log::debug!(
+                            "PVM user-copy trap planted at {va:#x} (search: {:?})",
+                            started.elapsed()
+                        ),
+                        Err(e) => log::warn!("cannot plant a PVM user-copy trap: {e}"),
+                    }
+                }
+            }
+            Err(why) => log::info!("PVM user copies left to the guest: {why}"),
+        }
+    }
+
+    /// PVM: performs the kernel's user-copy `rep movsb` at `va`
+    /// ([`crate::trap::pvm_copy`]).
+    fn on_string_copy(&mut self, va: u64, regs: Option<kvm_bindings::kvm_regs>) -> Next {
+        let result = (|| -> Result<Option<&'static str>, kvm_ioctls::Error> {
+            let mut regs = match regs {
+                Some(regs) => regs,
+                None => self.exit_regs()?,
+            };
+            let sregs = self.read_sregs()?;
+            let before = regs.rcx;
+            let outcome =
+                pvm_copy::perform(&self.shared.ram, pvm::address_space(&sregs), &mut regs);
+            let stats = &self.shared.stats[self.id as usize];
+            stats.kernel_copies.fetch_add(1, Ordering::Relaxed);
+            stats
+                .kernel_copy_bytes
+                .fetch_add(before - regs.rcx, Ordering::Relaxed);
+            if let CopyOutcome::Fault(_) = outcome {
+                stats.kernel_copy_faults.fetch_add(1, Ordering::Relaxed);
+            }
+            match outcome {
+                CopyOutcome::Done | CopyOutcome::More => {
+                    self.write_regs(&regs)?;
+                    Ok(None)
+                }
+                CopyOutcome::Fault(f) => {
+                    // By ioctl before the event (KVM_SET_REGS drops a
+                    // pending exception).
+                    self.flush_pending_regs()?;
+                    self.fd.set_regs(&regs)?;
+                    pvm_xsave::inject(&self.fd, 14, f.error_code, Some(f.address))?;
+                    Ok(None)
+                }
+                CopyOutcome::Unsupported(why) => {
+                    self.write_regs(&regs)?;
+                    Ok(Some(why))
+                }
+            }
+        })();
+        match result {
+            Ok(None) => Next::Run,
+            Ok(Some(why)) => {
+                log::warn!("PVM user copies left to the guest from now on: {why}");
+                match self.shared.traps.remove(&self.shared.ram, va) {
+                    Ok(_) => Next::Run,
+                    Err(e) => self.fail(format!("cannot remove the user-copy trap: {e}")),
+                }
+            }
+            Err(e) => self.fail(format!("PVM user copy at {va:#x}: {e}")),
         }
     }
 
