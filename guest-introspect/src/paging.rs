@@ -8,10 +8,13 @@
 use crate::memory::{PhysAddr, PhysMemory, PhysReadError, VirtAddr};
 
 /// Address bits 12..51 of a page-table entry.
-const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
-const PRESENT: u64 = 1;
-const WRITABLE: u64 = 1 << 1;
-const PAGE_SIZE_BIT: u64 = 1 << 7;
+pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// Page-table entry bit: the entry maps something.
+pub const PRESENT: u64 = 1;
+/// Page-table entry bit: writes allowed (with CR0.WP, for the kernel too).
+pub const WRITABLE: u64 = 1 << 1;
+/// Page-table entry bit: a 1 GiB or 2 MiB page (levels 3 and 2).
+pub const PAGE_SIZE_BIT: u64 = 1 << 7;
 /// CR4 bit that selects 5-level paging.
 pub const CR4_LA57: u64 = 1 << 12;
 

@@ -816,17 +816,22 @@ fn hit_lazily(d: &Dispatcher, va: u64, cr3: u64) -> bool {
     ctx.sregs_read()
 }
 
-/// The thread's `mm_struct`, whose `pgd` is the page tables at `pgd_pa`.
+/// The thread's `mm_struct`.
 const MM: u64 = 0x60000;
 
-#[test]
-fn once_learned_a_trap_reads_its_space_from_guest_memory_not_the_registers() {
-    let d = dispatcher(guest());
+/// Gives the thread an `mm` whose `pgd` is the page tables at `pgd_pa`.
+fn give_mm(d: &Dispatcher, pgd_pa: u64) {
     let l = layout();
     d.ram
         .write(TASK + l.tasks.task.mm.offset(), &kva(MM).to_le_bytes())
         .unwrap();
-    d.ram.write(MM, &kva(PML4).to_le_bytes()).unwrap();
+    d.ram.write(MM, &kva(pgd_pa).to_le_bytes()).unwrap();
+}
+
+#[test]
+fn once_learned_a_trap_reads_its_space_from_guest_memory_not_the_registers() {
+    let d = dispatcher(guest());
+    give_mm(&d, PML4);
     let probe = trace(&d, Probe::default(), SYSCALLS);
     let rounds = crate::hv::trap_space::CHECKS as usize;
     for _ in 0..rounds {
@@ -846,16 +851,12 @@ fn once_learned_a_trap_reads_its_space_from_guest_memory_not_the_registers() {
 #[test]
 fn a_cr3_that_is_not_the_threads_mm_keeps_the_registers_in_charge() {
     let d = dispatcher(guest());
-    let l = layout();
-    d.ram
-        .write(TASK + l.tasks.task.mm.offset(), &kva(MM).to_le_bytes())
-        .unwrap();
     // mm->pgd names other page tables (a copy of the kernel's) than CR3.
     let other = 0x70000;
     let mut pml4 = vec![0u8; 4096];
     d.ram.read(PML4, &mut pml4).unwrap();
     d.ram.write(other, &pml4).unwrap();
-    d.ram.write(MM, &kva(other).to_le_bytes()).unwrap();
+    give_mm(&d, other);
     let probe = trace(&d, Probe::default(), SYSCALLS);
     for _ in 0..3 * crate::hv::trap_space::CHECKS {
         assert!(hit_lazily(&d, ENTRY_VA, PML4));

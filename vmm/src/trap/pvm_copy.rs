@@ -24,7 +24,9 @@
 //! model (a page outside guest RAM, the direction flag set) removes the
 //! trap for good, and the guest runs the instruction itself as before.
 
-use guest_introspect::paging::{AddressSpace, PagingLevels};
+use guest_introspect::paging::{
+    AddressSpace, PagingLevels, ADDR_MASK, PAGE_SIZE_BIT, PRESENT, WRITABLE,
+};
 use kvm_bindings::kvm_regs;
 
 use crate::vstate::memory::GuestRam;
@@ -40,12 +42,8 @@ const REP_MOVSB_LEN: u64 = 2;
 /// Bytes copied per exit at most.
 pub const MAX_PER_EXIT: u64 = 1 << 20;
 
-const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
-const PRESENT: u64 = 1;
-const WRITABLE: u64 = 1 << 1;
 const ACCESSED: u64 = 1 << 5;
 const DIRTY: u64 = 1 << 6;
-const PAGE_SIZE_BIT: u64 = 1 << 7;
 const NO_EXECUTE: u64 = 1 << 63;
 const RFLAGS_DF: u64 = 1 << 10;
 /// #PF error code bits: the page was present; the access was a write.
