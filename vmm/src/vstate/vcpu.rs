@@ -493,6 +493,12 @@ impl VcpuThread {
     /// single-steps one instruction instead (with interrupts held off where
     /// KVM can do that), so the instruction under it runs exactly once.
     fn apply_debug_registers(&mut self, step_over: Option<u64>) -> Result<(), kvm_ioctls::Error> {
+        // KVM_SET_GUEST_DEBUG takes the single-step's RIP and sets TF in
+        // the RFLAGS it finds now: registers a trap handler left in
+        // kvm_run (a thread sent into a kernel function) must be in place
+        // first, or the step is armed at the old RIP and never taken (the
+        // breakpoint then stays off on this vCPU).
+        self.flush_pending_regs()?;
         let generation = self.shared.traps.hw_generation();
         let mut dbg = kvm_bindings::kvm_guest_debug::default();
         let mut control = 0;
