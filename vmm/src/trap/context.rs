@@ -1,9 +1,9 @@
 //! What a trap handler receives: the stopped vCPU's registers (read once,
 //! written back only if the handler changed them), the special-register
 //! facts introspection needs (read only if the handler asks), and guest
-//! memory. No KVM type crosses this
-//! seam, so a tracer built on it needs neither kvm-ioctls nor a VM to be
-//! tested: a test builds a [`TrapContext`] over a [`GuestRam`] it filled.
+//! memory. No KVM type crosses this seam, so a tracer built on it needs
+//! neither kvm-ioctls nor a VM to be tested: a test builds a
+//! [`TrapContext`] over a [`GuestRam`] it filled.
 
 use guest_introspect::kernel::VcpuView;
 use kvm_bindings::{kvm_regs, kvm_sregs};

@@ -26,6 +26,33 @@ const RFLAGS_DF: u64 = 1 << 10;
 const RFLAGS_FIXED: u64 = 1 << 1;
 const PAGE_FAULT_VECTOR: u64 = 14;
 
+/// The #PF vector, as [`inject`] takes it.
+pub(crate) const PAGE_FAULT: u32 = 14;
+/// #PF error code bit: the page was present (a protection fault).
+pub(crate) const PF_PRESENT: u32 = 1 << 0;
+/// #PF error code bit: the access was a write.
+pub(crate) const PF_WRITE: u32 = 1 << 1;
+/// Injects exception `vector` (with `error_code`; CR2 = `cr2` for a #PF)
+/// into the stopped vCPU, RIP left on the faulting instruction.
+pub(crate) fn inject(
+    vcpu: &VcpuFd,
+    vector: u32,
+    error_code: u32,
+    cr2: Option<u64>,
+) -> Result<(), kvm_ioctls::Error> {
+    if let Some(cr2) = cr2 {
+        let mut sregs = vcpu.get_sregs()?;
+        sregs.cr2 = cr2;
+        vcpu.set_sregs(&sregs)?;
+    }
+    let mut events = vcpu.get_vcpu_events()?;
+    events.exception.injected = 1;
+    events.exception.nr = vector as u8;
+    events.exception.has_error_code = 1;
+    events.exception.error_code = error_code;
+    vcpu.set_vcpu_events(&events)
+}
+
 /// The address space a vCPU currently runs in.
 pub fn address_space(sregs: &kvm_sregs) -> AddressSpace {
     AddressSpace {

@@ -29,6 +29,7 @@ use guest_introspect::paging::{
 };
 use kvm_bindings::kvm_regs;
 
+use super::pvm::{PF_PRESENT, PF_WRITE};
 use crate::vstate::memory::GuestRam;
 
 /// `movl %edx,%ecx; rep movsb; xorl %eax,%eax`: the count move, the copy
@@ -46,10 +47,6 @@ const ACCESSED: u64 = 1 << 5;
 const DIRTY: u64 = 1 << 6;
 const NO_EXECUTE: u64 = 1 << 63;
 const RFLAGS_DF: u64 = 1 << 10;
-/// #PF error code bits: the page was present; the access was a write.
-pub const PF_PRESENT: u32 = 1 << 0;
-/// See [`PF_PRESENT`].
-pub const PF_WRITE: u32 = 1 << 1;
 
 /// A page access that faults: CR2 and the #PF error code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

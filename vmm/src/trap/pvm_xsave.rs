@@ -21,15 +21,13 @@ use kvm_ioctls::VcpuFd;
 use guest_introspect::memory::VirtAddr;
 use guest_introspect::paging::{translate_access, TranslateError};
 
-use super::pvm::{address_space, effective_address, Stopped};
+use super::pvm::{
+    address_space, effective_address, inject, Stopped, PAGE_FAULT, PF_PRESENT, PF_WRITE,
+};
 use crate::arch::x86_64::xsave::{self, Layout, XsaveFault, KVM_XSAVE_SIZE};
 use crate::vstate::memory::GuestRam;
 
-const PAGE_FAULT: u32 = 14;
 const GENERAL_PROTECTION: u32 = 13;
-/// #PF error code bits: the page was present; the access was a write.
-const PF_PRESENT: u32 = 1 << 0;
-const PF_WRITE: u32 = 1 << 1;
 
 /// What became of an instruction the emulator could not run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,27 +78,6 @@ fn map_operand(
         done += n;
     }
     Ok(pieces)
-}
-
-/// Injects exception `vector` (with `error_code`; CR2 = `cr2` for a #PF)
-/// into the stopped vCPU, RIP left on the faulting instruction.
-pub(crate) fn inject(
-    vcpu: &VcpuFd,
-    vector: u32,
-    error_code: u32,
-    cr2: Option<u64>,
-) -> Result<(), kvm_ioctls::Error> {
-    if let Some(cr2) = cr2 {
-        let mut sregs = vcpu.get_sregs()?;
-        sregs.cr2 = cr2;
-        vcpu.set_sregs(&sregs)?;
-    }
-    let mut events = vcpu.get_vcpu_events()?;
-    events.exception.injected = 1;
-    events.exception.nr = vector as u8;
-    events.exception.has_error_code = 1;
-    events.exception.error_code = error_code;
-    vcpu.set_vcpu_events(&events)
 }
 
 /// The guest's XCR0.

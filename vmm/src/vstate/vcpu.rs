@@ -700,6 +700,19 @@ impl VcpuThread {
         self.fd.set_regs(&regs)
     }
 
+    /// Sets all general registers now, by `KVM_SET_REGS`, for an exception
+    /// about to be injected: KVM_SET_REGS drops a pending exception, so a
+    /// copy left in `kvm_run` must not be applied after the event. `regs`
+    /// replaces that copy (callers take it from [`VcpuThread::exit_regs`],
+    /// which returns it), so it is discarded rather than applied first.
+    fn set_regs_before_event(
+        &mut self,
+        regs: &kvm_bindings::kvm_regs,
+    ) -> Result<(), kvm_ioctls::Error> {
+        self.fd.clear_sync_dirty_reg(SyncReg::Register);
+        self.fd.set_regs(regs)
+    }
+
     /// Whether `kvm_run` carries general registers for KVM to apply.
     fn dirty_regs_unapplied(&mut self) -> bool {
         let run: &kvm_run = self.fd.get_kvm_run();
@@ -761,12 +774,9 @@ impl VcpuThread {
         let advance_rip = self.shared.kind != KvmKind::Hardware;
         let result = (|| -> Result<(), kvm_ioctls::Error> {
             if advance_rip {
-                // By ioctl, before the event: KVM_SET_REGS drops a pending
-                // exception, so it must not be applied after this one.
                 let mut regs = self.exit_regs()?;
                 regs.rip += 1;
-                self.flush_pending_regs()?;
-                self.fd.set_regs(&regs)?;
+                self.set_regs_before_event(&regs)?;
             }
             let mut events = self.fd.get_vcpu_events()?;
             events.exception.injected = 1;
@@ -855,11 +865,8 @@ impl VcpuThread {
                     Ok(None)
                 }
                 CopyOutcome::Fault(f) => {
-                    // By ioctl before the event (KVM_SET_REGS drops a
-                    // pending exception).
-                    self.flush_pending_regs()?;
-                    self.fd.set_regs(&regs)?;
-                    pvm_xsave::inject(&self.fd, 14, f.error_code, Some(f.address))?;
+                    self.set_regs_before_event(&regs)?;
+                    pvm::inject(&self.fd, pvm::PAGE_FAULT, f.error_code, Some(f.address))?;
                     Ok(None)
                 }
                 CopyOutcome::Unsupported(why) => {
